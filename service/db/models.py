@@ -1,0 +1,81 @@
+"""Database models. The schema itself exists only through Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    # The validated job body (service.schemas.JobCreate, JSON mode).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    # Progress: completed meta-iterations and the latest values.
+    iteration: Mapped[int] = mapped_column(Integer, default=0)
+    iterations: Mapped[int] = mapped_column(Integer)
+    meta_loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    momentum: Mapped[float | None] = mapped_column(Float)
+
+    # Engine state after the last committed chunk (JSON-serializable dict).
+    checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The settings body, once succeeded.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    # The claim: which worker task holds the job and when it last said so.
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Chunks started (claims that began work) and chunks committed: their difference is redone work.
+    chunks_started: Mapped[int] = mapped_column(Integer, default=0)
+    chunks_committed: Mapped[int] = mapped_column(Integer, default=0)
+    # Where the engine ran (e.g. "cpu", "cuda:0"), for the record.
+    device: Mapped[str | None] = mapped_column(String(32))
+
+    history: Mapped[list["JobIteration"]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobIteration.iteration"
+    )
+
+    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+
+
+class JobIteration(Base):
+    """One meta-iteration of one job; (job_id, iteration) is unique, so a redone chunk cannot duplicate."""
+
+    __tablename__ = "job_iterations"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    iteration: Mapped[int] = mapped_column(Integer, primary_key=True)
+    meta_loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float] = mapped_column(Float)
+    momentum: Mapped[float] = mapped_column(Float)
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    step_size: Mapped[float | None] = mapped_column(Float)
+    # Everything else the engine reported (hypergradient, candidate loss, ...).
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="history")

@@ -1,0 +1,39 @@
+"""Celery producer: the API names worker tasks by string and never imports the worker."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.settings import Settings
+
+RUN_CHUNK = "gradtune.run_chunk"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for gradtune's broker; the worker builds on the same function."""
+    settings.ensure_dirs()
+    app = Celery("gradtune", broker=settings.resolved_broker_url())
+    app.conf.update(
+        broker_transport_options=settings.broker_transport_options(),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue_name,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+    )
+    return app
+
+
+class Producer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = make_celery(settings)
+
+    def enqueue_chunk(self, job_id: str) -> None:
+        self.app.send_task(RUN_CHUNK, args=[job_id], queue=self.settings.queue_name)
+
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raise if the broker cannot be reached."""
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)

@@ -1,0 +1,164 @@
+"""The public contract: request and response bodies of the v1 API.
+
+These are plain pydantic models. The worker reads the stored job body through
+``JobCreate`` too, so this module must import nothing but pydantic and the
+standard library (no FastAPI, no SQLAlchemy, no torch).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
+LOSSES = ("cross_entropy", "mse")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+# Facts about the scikit-learn datasets a task can name, kept here so the API can
+# validate a job without importing scikit-learn. tests/worker checks them against
+# the real loaders.
+BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
+    "digits": {"n": 1797, "features": 64, "classes": 10, "task": "classification"},
+    "breast_cancer": {"n": 569, "features": 30, "classes": 2, "task": "classification"},
+    "wine": {"n": 178, "features": 13, "classes": 3, "task": "classification"},
+    "iris": {"n": 150, "features": 4, "classes": 3, "task": "classification"},
+    "diabetes": {"n": 442, "features": 10, "classes": None, "task": "regression"},
+}
+
+Activation = Literal["tanh", "relu", "sigmoid", "gelu"]
+Loss = Literal["cross_entropy", "mse"]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes"]
+
+# JSON has no NaN or Infinity, but Python's parser accepts them: refuse them here.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InlineData(_Strict):
+    """Arrays in the request body: rows of features and one target per row."""
+
+    source: Literal["inline"]
+    x_train: list[list[Finite]] = Field(min_length=1)
+    y_train: list[Finite] | list[list[Finite]] = Field(min_length=1)
+    x_val: list[list[Finite]] = Field(min_length=1)
+    y_val: list[Finite] | list[list[Finite]] = Field(min_length=1)
+
+
+class BuiltinData(_Strict):
+    """A scikit-learn dataset that ships offline, split by ``val_fraction`` and ``seed``."""
+
+    source: Literal["builtin"]
+    name: BuiltinName
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+TaskData = Annotated[Union[InlineData, BuiltinData], Field(discriminator="source")]
+
+
+class MLPModel(_Strict):
+    """``nn.Sequential(Linear, act, ..., Linear)``; ``hidden: []`` is a linear model."""
+
+    kind: Literal["mlp"]
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=list, max_length=16)
+    activation: Activation = "tanh"
+
+
+class TaskSpec(_Strict):
+    name: str | None = Field(None, max_length=200)
+    data: TaskData
+    model: MLPModel
+    loss: Loss
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+
+
+class Hyperparameters(_Strict):
+    """Starting values, and the bounds the learned values never leave."""
+
+    lr: Finite = Field(0.01, gt=0.0)
+    momentum: Finite = Field(0.9, ge=0.0, lt=1.0)
+    lr_bounds: tuple[Finite, Finite] = (1e-5, 10.0)
+    momentum_bounds: tuple[Finite, Finite] = (0.0, 0.999)
+
+
+class MetaOptions(_Strict):
+    iterations: int = Field(40, ge=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class JobCreate(_Strict):
+    name: str = Field("job", min_length=1, max_length=200)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    meta: MetaOptions = Field(default_factory=MetaOptions)
+
+
+class Progress(BaseModel):
+    iteration: int
+    iterations: int
+    meta_loss: float | None = None
+    lr: float | None = None
+    momentum: float | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str
+    status: Status
+    progress: Progress
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class JobsPublic(BaseModel):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class IterationPublic(BaseModel):
+    iteration: int
+    meta_loss: float | None
+    lr: float
+    momentum: float
+    accepted: bool
+    step_size: float | None = None
+
+
+class HistoryPublic(BaseModel):
+    job_id: str
+    items: list[IterationPublic]
+
+
+class TaskEvaluation(BaseModel):
+    name: str
+    initial_val_loss: float | None
+    learned_val_loss: float | None
+
+
+class Evaluation(BaseModel):
+    """Validation loss after each task's steps, trained with plain torch.optim.SGD."""
+
+    tasks: list[TaskEvaluation]
+    mean_initial_val_loss: float | None
+    mean_learned_val_loss: float | None
+    initial: dict[str, float]
+    draws: list[int]
+
+
+class SettingsPublic(BaseModel):
+    optimizer: Literal["SGD"] = "SGD"
+    lr: float
+    momentum: float
+    evaluation: Evaluation

@@ -1,0 +1,75 @@
+"""One validated settings object, read from GRADTUNE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADTUNE_", extra="ignore")
+
+    # Where the embedded defaults keep their files (SQLite database, broker folders).
+    data_dir: Path = Field(default=Path("./data"))
+    # SQLAlchemy URL. Empty means SQLite at <data_dir>/gradtune.db.
+    database_url: str = ""
+    # Celery broker URL. Empty means the filesystem transport under <data_dir>/broker (no server).
+    broker_url: str = ""
+
+    # Request limits (documented in README).
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_tasks: int = 16
+    max_steps: int = 10_000
+    max_iterations: int = 1_000
+    max_unroll_bytes: int = 2 * 1024**3  # reverse-mode memory the engine may hold per task
+
+    # Long-job profile.
+    chunk_iterations: int = 5  # meta-iterations per Celery task
+    heartbeat_seconds: float = 5.0  # a running chunk refreshes its claim this often
+    stale_after_seconds: float = 30.0  # a claim older than this belongs to a dead worker
+    sweep_seconds: float = 10.0  # how often each worker looks for stale or orphaned jobs
+    queue_name: str = "gradtune"
+
+    # Worker
+    device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int = 1
+
+    # API
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'gradtune.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_transport_options(self) -> dict:
+        if self.resolved_broker_url().startswith("filesystem://"):
+            folder = (self.data_dir / "broker").resolve()
+            return {
+                "data_folder_in": str(folder / "queue"),
+                "data_folder_out": str(folder / "queue"),
+                "processed_folder": str(folder / "processed"),
+                "store_processed": False,
+                "polling_interval": 0.2,
+            }
+        return {}
+
+    def ensure_dirs(self) -> None:
+        if not self.database_url or self.resolved_broker_url().startswith("filesystem://"):
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        opts = self.broker_transport_options()
+        for key in ("data_folder_in", "processed_folder"):
+            if key in opts:
+                Path(opts[key]).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
