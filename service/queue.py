@@ -30,8 +30,13 @@ class Producer:
         self.settings = settings
         self.app = make_celery(settings)
 
-    def enqueue_chunk(self, job_id: str) -> None:
-        self.app.send_task(RUN_CHUNK, args=[job_id], queue=self.settings.queue_name)
+    def enqueue_chunk(self, job_id: str, iteration: int = 0) -> None:
+        """Ask a worker to run the job's next chunk, starting at ``iteration``.
+
+        A message whose iteration no longer matches the job is dropped by the
+        worker, so duplicates (redelivery, the sweep) are harmless.
+        """
+        self.app.send_task(RUN_CHUNK, args=[job_id, iteration], queue=self.settings.queue_name)
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached."""

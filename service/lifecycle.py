@@ -1,0 +1,214 @@
+"""The job's life on the worker side: claim, heartbeat, commit a chunk, finish.
+
+Invariants (every function here keeps them; tests/worker checks them):
+- A job is worked on by at most one claim at a time: ``claim_job`` takes the row
+  lock (SELECT ... FOR UPDATE; BEGIN IMMEDIATE on SQLite) and refuses while another
+  owner's heartbeat is fresh.
+- A chunk message names the iteration it starts at; a message whose iteration is
+  not the job's current one is stale (a duplicate or a redelivery) and does nothing.
+- A chunk's history rows, checkpoint and progress are written in one transaction,
+  and only by the owner that still holds the claim, so history has no gap and no
+  duplicate iteration whatever crashes in between.
+- Finished jobs (succeeded, failed, cancelled) never change again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Job, JobIteration, utcnow
+from service.schemas import TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    owner: str
+    iteration: int
+    iterations: int
+    spec: dict[str, Any]
+    checkpoint: dict[str, Any] | None
+    cancel_requested: bool
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    if ts is not None and ts.tzinfo is None:
+        return ts.replace(tzinfo=timezone.utc)
+    return ts
+
+
+def _lock(session: Session, job_id: str) -> Job | None:
+    return session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def claim_job(
+    session: Session, *, job_id: str, owner: str, iteration: int | None, stale_after_s: float
+) -> Claim | None:
+    """Take the job for one chunk, or return None when the message has nothing to do."""
+    now = utcnow()
+    job = _lock(session, job_id)
+    if job is None or job.status in TERMINAL_STATUSES:
+        return None
+    if iteration is not None and iteration != job.iteration:
+        return None  # a stale or duplicate message
+    if job.lease_owner and job.lease_owner != owner:
+        beat = _aware(job.heartbeat_at)
+        if beat is not None and now - beat < timedelta(seconds=stale_after_s):
+            return None  # someone alive is on it
+    job.status = "running"
+    job.started_at = job.started_at or now
+    job.lease_owner = owner
+    job.heartbeat_at = now
+    job.updated_at = now
+    if not job.cancel_requested and job.iteration < job.iterations:
+        job.chunks_started += 1
+    session.flush()
+    return Claim(
+        job_id=job.id,
+        owner=owner,
+        iteration=job.iteration,
+        iterations=job.iterations,
+        spec=job.spec,
+        checkpoint=job.checkpoint,
+        cancel_requested=job.cancel_requested,
+    )
+
+
+def heartbeat(session: Session, *, job_id: str, owner: str) -> bool:
+    """Refresh the claim; False means it was lost (the chunk's work will be discarded)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+        .values(heartbeat_at=now)
+    )
+    return res.rowcount == 1
+
+
+def set_device(session: Session, *, job_id: str, owner: str, device: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(device=device))
+
+
+def commit_chunk(
+    session: Session,
+    *,
+    job_id: str,
+    owner: str,
+    start_iteration: int,
+    records: list[dict[str, Any]],
+    checkpoint: dict[str, Any],
+) -> bool:
+    """Write a chunk's history, checkpoint and progress at once, and release the claim.
+
+    Returns False (writing nothing) when the claim was lost meanwhile.
+    """
+    now = utcnow()
+    job = _lock(session, job_id)
+    if (
+        job is None
+        or job.status != "running"
+        or job.lease_owner != owner
+        or job.iteration != start_iteration
+    ):
+        return False
+    expected = list(range(start_iteration + 1, start_iteration + 1 + len(records)))
+    got = [int(r["iteration"]) for r in records]
+    if got != expected:
+        raise ValueError(f"chunk iterations {got} do not follow iteration {start_iteration}")
+    core = {"iteration", "meta_loss", "lr", "momentum", "accepted", "step_size"}
+    for r in records:
+        session.add(
+            JobIteration(
+                job_id=job_id,
+                iteration=int(r["iteration"]),
+                meta_loss=_finite(r.get("meta_loss")),
+                lr=float(r["lr"]),
+                momentum=float(r["momentum"]),
+                accepted=bool(r.get("accepted", True)),
+                step_size=_finite(r.get("step_size")),
+                extra={k: v for k, v in r.items() if k not in core} or None,
+                created_at=now,
+            )
+        )
+    if records:
+        last = records[-1]
+        job.iteration = int(last["iteration"])
+        job.meta_loss = _finite(last.get("meta_loss"))
+        job.lr = float(last["lr"])
+        job.momentum = float(last["momentum"])
+    job.checkpoint = checkpoint
+    job.chunks_committed += 1
+    job.lease_owner = None
+    job.heartbeat_at = now
+    job.updated_at = now
+    session.flush()
+    return True
+
+
+def _finish(session: Session, job_id: str, owner: str, **values: Any) -> bool:
+    job = _lock(session, job_id)
+    if job is None or job.status in TERMINAL_STATUSES or job.lease_owner != owner:
+        return False
+    now = utcnow()
+    for k, v in values.items():
+        setattr(job, k, v)
+    job.finished_at = now
+    job.updated_at = now
+    job.lease_owner = None
+    session.flush()
+    return True
+
+
+def finish_job(session: Session, *, job_id: str, owner: str, result: dict[str, Any]) -> bool:
+    return _finish(
+        session, job_id, owner, status="succeeded", result=result,
+        lr=result["lr"], momentum=result["momentum"],
+    )
+
+
+def fail_job(session: Session, *, job_id: str, owner: str, error: str) -> bool:
+    return _finish(session, job_id, owner, status="failed", error=error)
+
+
+def cancel_job(session: Session, *, job_id: str, owner: str) -> bool:
+    return _finish(session, job_id, owner, status="cancelled")
+
+
+def sweep(session: Session, *, stale_after_s: float) -> list[tuple[str, int]]:
+    """Jobs whose worker died (stale heartbeat) or whose message was lost (queued too long).
+
+    Marks each as just seen, so the next sweep waits another ``stale_after_s``,
+    and returns (job_id, iteration) pairs to enqueue once this transaction commits.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=stale_after_s)
+    stmt = (
+        select(Job)
+        .where(
+            ((Job.status == "running") & ((Job.heartbeat_at == None) | (Job.heartbeat_at < cutoff)))  # noqa: E711
+            | ((Job.status == "queued") & (Job.updated_at < cutoff))
+        )
+        .order_by(Job.created_at)
+        .limit(100)
+        .with_for_update(skip_locked=True)
+    )
+    out = []
+    for job in session.execute(stmt).scalars():
+        if job.status == "running":
+            job.lease_owner = None
+            job.heartbeat_at = now
+        job.updated_at = now
+        out.append((job.id, job.iteration))
+    session.flush()
+    return out

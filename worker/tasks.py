@@ -1,0 +1,31 @@
+"""Celery tasks: thin wrappers; the work happens in worker.runner."""
+
+from __future__ import annotations
+
+from celery import signals
+
+from service.queue import RUN_CHUNK
+from worker import runner
+from worker.celery_app import app
+
+
+@app.task(name=RUN_CHUNK, bind=True)
+def run_chunk(self, job_id: str, iteration: int | None = None) -> None:
+    runner.run_chunk(job_id, iteration, owner=self.request.id or f"local-{job_id}-{iteration}")
+
+
+@signals.worker_process_init.connect
+def _child_start(**_kwargs) -> None:
+    # A prefork child: choose its own device (CUDA never crosses a fork).
+    runner.configure_process()
+
+
+@signals.worker_ready.connect
+def _start(sender=None, **_kwargs) -> None:
+    runner.configure_process()
+    runner.start_sweeper()
+
+
+@signals.worker_shutdown.connect
+def _stop(sender=None, **_kwargs) -> None:
+    runner.stop_sweeper()
