@@ -1,4 +1,4 @@
-# Two images from one file: the slim API (no torch) and the worker (torch + engine).
+# Two images from one file: the slim API image and the worker image (adds the engine's ML stack).
 FROM python:3.11-slim AS api
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./

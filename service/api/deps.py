@@ -1,0 +1,58 @@
+"""Request dependencies as type aliases, so route handlers stay a few lines.
+
+Everything comes from ``request.app.state`` (set by ``service.main.create_app``), so two apps
+with different settings can live in one process (tests do this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from service.queue import Producer
+from service.settings import Settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """One session per request; whatever the handler did not commit is rolled back."""
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_producer(request: Request) -> Producer:
+    return request.app.state.producer
+
+
+def require_json(request: Request) -> None:
+    """Refuse bodies not declared as JSON with 415 and a sentence saying how to send them.
+
+    FastAPI parses a body as JSON only under a JSON Content-Type (accepting others would let
+    any web page post jobs to a local server with a plain HTML form).
+    """
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    raise HTTPException(
+        status_code=415,
+        detail=(
+            f"the request body must be JSON sent with Content-Type: application/json, got {got} "
+            "(with curl: --json @job.json, or -H 'Content-Type: application/json' -d @job.json)"
+        ),
+    )
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+ProducerDep = Annotated[Producer, Depends(get_producer)]

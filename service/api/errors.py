@@ -1,0 +1,158 @@
+"""Error bodies: every 4xx/5xx answers with a sentence (or a list of field errors), never a traceback.
+
+* Validation errors -> 422 ``{"detail": [{"loc", "field", "msg", "type"}]}``. The offending
+  input and pydantic's ``ctx`` are never echoed (a body can be megabytes of numbers).
+* Malformed JSON -> 400 ``{"detail": "the request body is not valid JSON: ... at line L column C"}``.
+* Database unreachable -> 503; anything unexpected -> 500 with a reference to the logged traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+logger = logging.getLogger("service.api")
+
+_LOC_ROOTS = ("body", "query", "path", "header", "cookie")
+# Discriminator values pydantic inserts into the loc of a tagged union (TaskSpec.data).
+_UNION_TAGS = {"data": {"inline", "builtin"}}
+_MESSAGES = {
+    "finite_number": "Input should be a finite number: NaN and Infinity are not allowed",
+}
+
+
+class Message(BaseModel):
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    field: str
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    detail: list[FieldError]
+
+
+def field_path(loc: list[Any] | tuple[Any, ...]) -> str:
+    """``["body", "tasks", 0, "steps"]`` -> ``"tasks[0].steps"``."""
+    parts = list(loc)
+    if parts and parts[0] in _LOC_ROOTS:
+        root, parts = parts[0], parts[1:]
+        if not parts:
+            return root
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _branch_index(loc: list[Any]) -> int | None:
+    """Position of a smart-union member label such as ``'list[float]'`` in a loc."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and "[" in part:
+            return i
+    return None
+
+
+def _clean_loc(loc: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for part in loc:
+        if isinstance(part, str) and "[" in part:
+            continue  # union member label
+        if out and isinstance(part, str) and part in _UNION_TAGS.get(str(out[-1]), ()):
+            continue  # discriminator tag
+        out.append(part)
+    return out
+
+
+def format_errors(errors: list[dict[str, Any]] | tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Public field errors: loc without union labels, a ``field`` path, no input or ctx.
+
+    When a value fails every member of a union (``y_train`` is ``list[float] | list[list[float]]``),
+    pydantic reports one error per member; only the member that matched deepest is kept.
+    """
+    errors = [dict(e) for e in errors]
+    best: dict[tuple, tuple[str, int]] = {}
+    for e in errors:
+        loc = list(e.get("loc", ()))
+        i = _branch_index(loc)
+        if i is None:
+            continue
+        key, branch, depth = tuple(loc[:i]), loc[i], len(loc)
+        if key not in best or depth > best[key][1]:
+            best[key] = (branch, depth)
+    out, seen = [], set()
+    for e in errors:
+        loc = list(e.get("loc", ()))
+        i = _branch_index(loc)
+        if i is not None and best[tuple(loc[:i])][0] != loc[i]:
+            continue
+        clean = _clean_loc(loc)
+        type_ = str(e.get("type", "value_error"))
+        msg = _MESSAGES.get(type_, str(e.get("msg", "")))
+        if (tuple(clean), msg) in seen:
+            continue
+        seen.add((tuple(clean), msg))
+        out.append({"loc": clean, "field": field_path(clean), "msg": msg, "type": type_})
+    return out
+
+
+def _json_error_sentence(exc: RequestValidationError, error: dict[str, Any]) -> str:
+    reason = (error.get("ctx") or {}).get("error") or "invalid JSON"
+    loc = error.get("loc") or ()
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    doc = exc.body if isinstance(exc.body, str) else None
+    if pos is None:
+        return f"the request body is not valid JSON: {reason}"
+    if doc is not None:
+        line = doc.count("\n", 0, pos) + 1
+        column = pos - doc.rfind("\n", 0, pos)
+        return f"the request body is not valid JSON: {reason} at line {line} column {column} (char {pos})"
+    return f"the request body is not valid JSON: {reason} at char {pos}"
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return JSONResponse(status_code=400, content={"detail": _json_error_sentence(exc, e)})
+    return JSONResponse(status_code=422, content={"detail": format_errors(errors)})
+
+
+async def database_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("database unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "the database is unavailable; try again later"},
+    )
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    ref = uuid.uuid4().hex[:12]
+    logger.error(
+        "unhandled error %s during %s %s", ref, request.method, request.url.path, exc_info=exc
+    )
+    return JSONResponse(
+        status_code=500,
+        content={"detail": f"internal server error; the details were logged under reference {ref}"},
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(OperationalError, database_error_handler)
+    app.add_exception_handler(InterfaceError, database_error_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)

@@ -1,0 +1,9 @@
+"""All routes of the API, one module per resource."""
+
+from fastapi import APIRouter
+
+from service.api.routes import health, jobs
+
+api_router = APIRouter()
+api_router.include_router(jobs.router)
+api_router.include_router(health.router)

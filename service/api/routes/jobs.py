@@ -1,0 +1,269 @@
+"""/v1/jobs: submit a tuning job, follow it, cancel it, fetch the learned settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from service import repository
+from service.api.deps import ProducerDep, SessionDep, SettingsDep, require_json
+from service.api.errors import Message, ValidationErrorBody
+from service.schemas import (
+    HistoryPublic,
+    IterationPublic,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    SettingsPublic,
+    Status,
+)
+from service.validation import check_job
+
+logger = logging.getLogger("service.api.jobs")
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(description="The job id returned by POST /v1/jobs.")]
+
+_NOT_FOUND = {
+    "model": Message,
+    "description": "No job with that id.",
+    "content": {"application/json": {"example": {"detail": "job 0b6f... not found"}}},
+}
+_INVALID = {
+    "model": ValidationErrorBody,
+    "description": "The body (or a query parameter) is invalid: one entry per problem, with its "
+    "field path and the reason. The offending values are not echoed.",
+    "content": {
+        "application/json": {
+            "example": {
+                "detail": [
+                    {
+                        "loc": ["body", "tasks", 0, "batch_size"],
+                        "field": "tasks[0].batch_size",
+                        "msg": "batch_size 64 is larger than the training set (40 rows); the last "
+                        "partial batch is dropped, so no step could run",
+                        "type": "batch_too_large",
+                    }
+                ]
+            }
+        }
+    },
+}
+
+JOB_EXAMPLES = {
+    "digits": {
+        "summary": "Builtin digits, four splits",
+        "description": "Learn lr and momentum for an MLP on scikit-learn's digits, averaged over "
+        "four train/validation splits.",
+        "value": {
+            "name": "digits-mlp",
+            "tasks": [
+                {
+                    "name": f"split{seed}",
+                    "data": {"source": "builtin", "name": "digits", "val_fraction": 0.2, "seed": seed},
+                    "model": {"kind": "mlp", "hidden": [32], "activation": "tanh"},
+                    "loss": "cross_entropy",
+                    "steps": 100,
+                    "batch_size": 32,
+                }
+                for seed in range(4)
+            ],
+            "hyperparameters": {"lr": 0.01, "momentum": 0.9},
+            "meta": {"iterations": 40, "seed": 0},
+        },
+    },
+    "inline": {
+        "summary": "Your own arrays",
+        "description": "Data inline in the body: rows of features, one integer label per row.",
+        "value": {
+            "name": "tiny-inline",
+            "tasks": [
+                {
+                    "name": "t0",
+                    "data": {
+                        "source": "inline",
+                        "x_train": [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]],
+                        "y_train": [1, 1, 0, 0],
+                        "x_val": [[0.9, 0.1], [0.1, 0.1]],
+                        "y_val": [1, 0],
+                    },
+                    "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
+                    "loss": "cross_entropy",
+                    "steps": 20,
+                    "batch_size": 2,
+                }
+            ],
+            "hyperparameters": {"lr": 0.05, "momentum": 0.5},
+            "meta": {"iterations": 10},
+        },
+    },
+}
+
+
+def _get_or_404(session, job_id: str):
+    job = repository.get_job(session, job_id=job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail=f"job {job_id} not found")
+    return job
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    summary="Submit a tuning job",
+    dependencies=[Depends(require_json)],
+    responses={
+        202: {
+            "description": "Queued. `Location` names the job's URL.",
+            "headers": {"Location": {"description": "/v1/jobs/<id>", "schema": {"type": "string"}}},
+        },
+        400: {"model": Message, "description": "The body is not valid JSON."},
+        413: {"model": Message, "description": "The body is larger than the configured limit."},
+        415: {"model": Message, "description": "The body is not sent as application/json."},
+        422: _INVALID,
+    },
+)
+def create_job(
+    job: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
+    session: SessionDep,
+    settings: SettingsDep,
+    producer: ProducerDep,
+    response: Response,
+) -> JobPublic:
+    """Validate the job, store it as `queued` and hand it to the workers.
+
+    The job is committed before it is enqueued; if the broker is down the job stays queued and
+    the workers' sweep picks it up later. Nothing is stored when the body is refused.
+    """
+    errors = check_job(job, settings)
+    if errors:
+        raise RequestValidationError(errors)
+    row = repository.create_job(
+        session, spec=job.model_dump(mode="json"), name=job.name, iterations=job.meta.iterations
+    )
+    session.commit()
+    try:
+        producer.enqueue_chunk(row.id)
+    except Exception as exc:  # the sweep re-enqueues queued jobs
+        logger.warning("job %s stored but not enqueued (%s: %s); the sweep will retry", row.id, type(exc).__name__, exc)
+    response.headers["Location"] = f"/v1/jobs/{row.id}"
+    return repository.to_public(row)
+
+
+@router.get(
+    "",
+    response_model=JobsPublic,
+    summary="List jobs, newest first",
+    responses={422: _INVALID},
+)
+def list_jobs(
+    session: SessionDep,
+    status: Annotated[Status | None, Query(description="Only jobs with this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+) -> JobsPublic:
+    items, total = repository.list_jobs(session, status=status, limit=limit, offset=offset)
+    return JobsPublic(
+        items=[repository.to_public(j) for j in items], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="A job's status and progress",
+    responses={404: _NOT_FOUND},
+)
+def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
+    return repository.to_public(_get_or_404(session, job_id))
+
+
+@router.get(
+    "/{job_id}/history",
+    response_model=HistoryPublic,
+    summary="Per-iteration meta-loss, lr and momentum",
+    responses={404: _NOT_FOUND},
+)
+def get_history(job_id: JobId, session: SessionDep) -> HistoryPublic:
+    _get_or_404(session, job_id)
+    items = [
+        IterationPublic(
+            iteration=it.iteration,
+            meta_loss=repository.finite_or_none(it.meta_loss),
+            lr=it.lr,
+            momentum=it.momentum,
+            accepted=it.accepted,
+            step_size=repository.finite_or_none(it.step_size),
+        )
+        for it in repository.list_history(session, job_id=job_id)
+    ]
+    return HistoryPublic(job_id=job_id, items=items)
+
+
+@router.get(
+    "/{job_id}/settings",
+    response_model=SettingsPublic,
+    summary="The learned optimizer settings",
+    responses={
+        404: _NOT_FOUND,
+        409: {
+            "model": Message,
+            "description": "The job has not succeeded (yet); the detail says its status.",
+            "content": {
+                "application/json": {
+                    "example": {
+                        "detail": "job 0b6f... is running (iteration 12 of 40); its settings are "
+                        "available once it has succeeded"
+                    }
+                }
+            },
+        },
+    },
+)
+def get_job_settings(job_id: JobId, session: SessionDep) -> SettingsPublic:
+    """`lr` and `momentum` go straight into `torch.optim.SGD(params, lr=..., momentum=...)`;
+    `evaluation` compares validation losses with the initial and the learned settings."""
+    job = _get_or_404(session, job_id)
+    if job.status == "succeeded" and job.result is not None:
+        return SettingsPublic.model_validate(job.result)
+    if job.status == "failed":
+        detail = f"job {job_id} failed: {job.error or 'no reason was recorded'}"
+    elif job.status == "cancelled":
+        detail = f"job {job_id} was cancelled; it has no settings"
+    elif job.status == "running":
+        detail = (
+            f"job {job_id} is running (iteration {job.iteration} of {job.iterations}); "
+            "its settings are available once it has succeeded"
+        )
+    elif job.status == "succeeded":
+        detail = f"job {job_id} succeeded but recorded no settings"
+    else:
+        detail = f"job {job_id} is {job.status}; its settings are available once it has succeeded"
+    raise HTTPException(status_code=409, detail=detail)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={
+        404: _NOT_FOUND,
+        409: {"model": Message, "description": "The job has already finished."},
+    },
+)
+def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
+    """A queued job reads `cancelled` at once; a running one when its current chunk ends."""
+    try:
+        job = repository.request_cancel(session, job_id=job_id)
+    except repository.NotFound as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+    except repository.Conflict as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    session.commit()
+    return repository.to_public(job)

@@ -1,0 +1,77 @@
+"""The API application: ``create_app(settings)``.
+
+Run it with ``uvicorn --factory service.main:create_app`` (settings from GRADTUNE_*), or
+``uvicorn service.main:app``: ``app`` is built on first access, so importing this module
+opens nothing and creates no files. The schema is not created here: run the migrations first
+(``service.db.migrate.upgrade(url)`` or ``alembic upgrade head``).
+
+This module, like all of ``service``, never imports torch, numpy or ``worker``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.orm import sessionmaker
+
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodySizeLimitMiddleware
+from service.api.router import api_router
+from service.db.session import make_engine
+from service.queue import Producer
+from service.settings import Settings, get_settings
+
+DESCRIPTION = """
+Self-hosted hyperparameter tuning: submit a job (tasks = data + model + loss + steps), and
+workers learn SGD's learning rate and momentum by differentiating the validation loss through
+the unrolled training. Poll the job, then fetch settings that go straight into
+`torch.optim.SGD(params, lr=..., momentum=...)`.
+
+Errors: 400 malformed JSON, 404 unknown job, 409 wrong status, 413 body too large,
+415 not JSON, 422 invalid job (`detail` lists `loc`, `field`, `msg`, `type` per problem).
+"""
+
+TAGS = [
+    {"name": "jobs", "description": "Submit, follow and cancel tuning jobs; fetch the learned settings."},
+    {"name": "health", "description": "Liveness and readiness probes."},
+]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A FastAPI app with its own engine, sessionmaker and queue producer on ``app.state``."""
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    engine = make_engine(settings.resolved_database_url())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="gradtune",
+        version="1",
+        summary="Hyperparameter tuning by hypergradients, as a service.",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.producer = Producer(settings)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(api_router)
+    return app
+
+
+def __getattr__(name: str):
+    # ``uvicorn service.main:app`` without building an app (and opening a database) at import.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,332 @@
+"""Checks on a job body that pydantic's field-by-field validation cannot make.
+
+``check_job`` returns a list of errors in the shape of FastAPI's validation errors,
+``{"loc": ["body", "tasks", 0, "data", "x_val"], "msg": "...", "type": "..."}``, so that the
+API answers them exactly like schema errors (422 with the field path and a sentence).
+Only the first offending row of an array is reported: bodies can hold megabytes of numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.schemas import BUILTIN_DATASETS, BuiltinData, InlineData, JobCreate, TaskSpec
+from service.settings import Settings
+
+FLOAT_BYTES = 4  # the engine unrolls in float32
+GIB = 1024**3
+
+
+def _err(loc: list[Any], msg: str, type_: str) -> dict[str, Any]:
+    return {"loc": ["body", *loc], "msg": msg, "type": type_}
+
+
+def builtin_split_sizes(data: BuiltinData) -> tuple[int, int]:
+    """(train rows, validation rows) of a builtin dataset split by ``val_fraction``."""
+    n = BUILTIN_DATASETS[data.name]["n"]
+    n_val = max(1, round(n * data.val_fraction))
+    return n - n_val, n_val
+
+
+def _is_2d(y: list) -> bool:
+    return bool(y) and isinstance(y[0], list)
+
+
+def _class_count(task: TaskSpec) -> int | None:
+    """C for cross_entropy: classes of a builtin, else max label + 1 (None if labels are bad)."""
+    data = task.data
+    if isinstance(data, BuiltinData):
+        return BUILTIN_DATASETS[data.name]["classes"]
+    labels = []
+    for y in (data.y_train, data.y_val):
+        if _is_2d(y):
+            return None
+        labels.extend(y)
+    if not labels or any(v < 0 or not float(v).is_integer() for v in labels):
+        return None
+    return int(max(labels)) + 1
+
+
+def layer_widths(task: TaskSpec) -> list[int]:
+    """[input width, *hidden, output width] of the task's MLP, as far as the body tells."""
+    data = task.data
+    if isinstance(data, BuiltinData):
+        facts = BUILTIN_DATASETS[data.name]
+        d_in = facts["features"]
+    else:
+        d_in = len(data.x_train[0]) if data.x_train else 0
+    if task.loss == "cross_entropy":
+        d_out = _class_count(task) or 1
+    elif isinstance(data, InlineData) and _is_2d(data.y_train):
+        d_out = len(data.y_train[0])
+    else:
+        d_out = 1  # one regression target, or class labels read as one float column
+    return [d_in, *task.model.hidden, d_out]
+
+
+def estimate_unroll_bytes(task: TaskSpec) -> int:
+    """Rough memory, in bytes, that reverse-mode differentiation through one task's unroll holds.
+
+    Differentiating the validation loss after ``steps`` SGD steps with respect to the
+    hyperparameters keeps every step's intermediate values alive until the backward pass.
+    Per step, in float32 (4 bytes):
+
+    * ``3 * P``: the step's new parameters, new momentum buffer and the (differentiable)
+      gradient, where ``P = sum((w_i + 1) * w_{i+1})`` counts weights and biases of the MLP
+      with layer widths ``w = [d_in, *hidden, d_out]``;
+    * ``2 * A``: the activations of one batch saved for the backward pass, and as much again
+      for the gradient's own graph (second-order terms), where
+      ``A = batch_size * (d_in + 2 * sum(hidden) + d_out)`` (input, pre- and post-activation of
+      each hidden layer, output).
+
+    Total: ``4 * (steps * (3P + 2A) + 2P)`` (plus the starting parameters and buffer). It
+    ignores allocator overhead and the data set itself, and errs on the small side for
+    small models where per-tensor overheads dominate; it is a guard against requests that
+    cannot fit, not a prediction.
+    """
+    widths = layer_widths(task)
+    params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    acts = task.batch_size * (widths[0] + 2 * sum(task.model.hidden) + widths[-1])
+    return FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params)
+
+
+def _check_matrix(loc: list[Any], name: str, rows: list[list[float]]) -> tuple[int | None, list[dict]]:
+    """Width of a feature matrix, or an error naming the first ragged row."""
+    width = len(rows[0])
+    if width == 0:
+        return None, [_err([*loc, name, 0], f"{name} rows must have at least one feature", "empty_row")]
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            return None, [
+                _err(
+                    [*loc, name, i],
+                    f"{name} is ragged: row {i} has {len(row)} values but row 0 has {width}",
+                    "ragged_rows",
+                )
+            ]
+    return width, []
+
+
+def _check_inline(loc: list[Any], task: TaskSpec, data: InlineData) -> list[dict]:
+    errors: list[dict] = []
+    widths: dict[str, int | None] = {}
+    for name in ("x_train", "x_val"):
+        widths[name], errs = _check_matrix(loc, name, getattr(data, name))
+        errors += errs
+    if widths["x_train"] and widths["x_val"] and widths["x_train"] != widths["x_val"]:
+        errors.append(
+            _err(
+                [*loc, "x_val"],
+                f"x_val rows have {widths['x_val']} features but x_train rows have "
+                f"{widths['x_train']}; train and validation data must have the same width",
+                "width_mismatch",
+            )
+        )
+    for split in ("train", "val"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if len(x) != len(y):
+            errors.append(
+                _err(
+                    [*loc, f"y_{split}"],
+                    f"y_{split} has {len(y)} rows but x_{split} has {len(x)}; "
+                    "each row of features needs exactly one target",
+                    "length_mismatch",
+                )
+            )
+    if task.loss == "cross_entropy":
+        for name in ("y_train", "y_val"):
+            y = getattr(data, name)
+            if _is_2d(y):
+                errors.append(
+                    _err(
+                        [*loc, name],
+                        f"cross_entropy needs one integer class label per row, but {name} has "
+                        "rows of targets; send a flat list of labels 0..C-1 (or use loss mse)",
+                        "labels_not_1d",
+                    )
+                )
+                continue
+            for i, v in enumerate(y):
+                if not float(v).is_integer() or v < 0:
+                    errors.append(
+                        _err(
+                            [*loc, name, i],
+                            f"{name}[{i}] is {v:g}: cross_entropy labels must be integers "
+                            "0..C-1 (C = number of classes)",
+                            "invalid_label",
+                        )
+                    )
+                    break
+    else:  # mse: one target per row, or rows of targets of one width in train and val
+        shapes = {}
+        for name in ("y_train", "y_val"):
+            y = getattr(data, name)
+            if not _is_2d(y):
+                shapes[name] = None
+                continue
+            w, errs = _check_matrix(loc, name, y)
+            errors += errs
+            shapes[name] = w if not errs else "bad"
+        a, b = shapes["y_train"], shapes["y_val"]
+        if "bad" not in (a, b) and a != b:
+            def describe(w):
+                return "one target per row" if w is None else f"rows of {w} targets"
+
+            errors.append(
+                _err(
+                    [*loc, "y_val"],
+                    f"y_val has {describe(b)} but y_train has {describe(a)}; "
+                    "mse targets must have the same width in train and validation data",
+                    "width_mismatch",
+                )
+            )
+    if not errors and task.batch_size > len(data.x_train):
+        errors.append(
+            _err(
+                [*loc[:-1], "batch_size"],
+                f"batch_size {task.batch_size} is larger than the training set "
+                f"({len(data.x_train)} rows); the last partial batch is dropped, so no step could run",
+                "batch_too_large",
+            )
+        )
+    return errors
+
+
+def _check_builtin(loc: list[Any], task: TaskSpec, data: BuiltinData) -> list[dict]:
+    errors: list[dict] = []
+    facts = BUILTIN_DATASETS[data.name]
+    if task.loss == "cross_entropy" and facts["task"] != "classification":
+        errors.append(
+            _err(
+                [*loc[:-1], "loss"],
+                f"builtin dataset {data.name!r} is a regression dataset with real-valued "
+                "targets; cross_entropy needs class labels, use loss mse",
+                "loss_mismatch",
+            )
+        )
+    n_train, n_val = builtin_split_sizes(data)
+    if task.batch_size > n_train:
+        errors.append(
+            _err(
+                [*loc[:-1], "batch_size"],
+                f"batch_size {task.batch_size} is larger than the training set of "
+                f"{data.name!r} ({n_train} of {facts['n']} rows at val_fraction "
+                f"{data.val_fraction:g}); the last partial batch is dropped, so no step could run",
+                "batch_too_large",
+            )
+        )
+    return errors
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3g} GiB"
+
+
+def check_job(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
+    """Errors in ``job`` beyond its schema; empty when the job can be queued."""
+    errors: list[dict[str, Any]] = []
+    if len(job.tasks) > settings.max_tasks:
+        errors.append(
+            _err(
+                ["tasks"],
+                f"a job may have at most {settings.max_tasks} tasks, this one has {len(job.tasks)}",
+                "too_many_tasks",
+            )
+        )
+    if job.meta.iterations > settings.max_iterations:
+        errors.append(
+            _err(
+                ["meta", "iterations"],
+                f"iterations {job.meta.iterations} is above the limit of {settings.max_iterations}",
+                "limit_exceeded",
+            )
+        )
+    for i, task in enumerate(job.tasks):
+        loc: list[Any] = ["tasks", i, "data"]
+        if task.steps > settings.max_steps:
+            errors.append(
+                _err(
+                    ["tasks", i, "steps"],
+                    f"steps {task.steps} is above the limit of {settings.max_steps}",
+                    "limit_exceeded",
+                )
+            )
+        if isinstance(task.data, InlineData):
+            task_errors = _check_inline(loc, task, task.data)
+        else:
+            task_errors = _check_builtin(loc, task, task.data)
+        errors += task_errors
+        if not task_errors:
+            need = estimate_unroll_bytes(task)
+            if need > settings.max_unroll_bytes:
+                errors.append(
+                    _err(
+                        ["tasks", i, "steps"],
+                        f"steps={task.steps} with batch_size={task.batch_size} and hidden="
+                        f"{task.model.hidden} needs about {_gib(need)} to differentiate through, "
+                        f"above the limit of {_gib(settings.max_unroll_bytes)}; "
+                        "lower steps or batch_size (or the model size)",
+                        "unroll_too_large",
+                    )
+                )
+    errors += _check_hyperparameters(job)
+    return errors
+
+
+def _check_hyperparameters(job: JobCreate) -> list[dict[str, Any]]:
+    h = job.hyperparameters
+    errors: list[dict[str, Any]] = []
+    lr_lo, lr_hi = h.lr_bounds
+    lr_ok = True
+    if lr_lo <= 0:
+        lr_ok = False
+        errors.append(
+            _err(["hyperparameters", "lr_bounds"], f"lr_bounds must be positive, got lower bound {lr_lo:g}", "bounds")
+        )
+    elif lr_lo >= lr_hi:
+        lr_ok = False
+        errors.append(
+            _err(
+                ["hyperparameters", "lr_bounds"],
+                f"lr_bounds must be [low, high] with low < high, got [{lr_lo:g}, {lr_hi:g}]",
+                "bounds",
+            )
+        )
+    if lr_ok and not (lr_lo <= h.lr <= lr_hi):
+        errors.append(
+            _err(
+                ["hyperparameters", "lr"],
+                f"lr {h.lr:g} is outside lr_bounds [{lr_lo:g}, {lr_hi:g}]",
+                "out_of_bounds",
+            )
+        )
+    m_lo, m_hi = h.momentum_bounds
+    m_ok = True
+    if not (0.0 <= m_lo < 1.0 and 0.0 <= m_hi < 1.0):
+        m_ok = False
+        errors.append(
+            _err(
+                ["hyperparameters", "momentum_bounds"],
+                f"momentum_bounds must lie within [0, 1), got [{m_lo:g}, {m_hi:g}]",
+                "bounds",
+            )
+        )
+    elif m_lo >= m_hi:
+        m_ok = False
+        errors.append(
+            _err(
+                ["hyperparameters", "momentum_bounds"],
+                f"momentum_bounds must be [low, high] with low < high, got [{m_lo:g}, {m_hi:g}]",
+                "bounds",
+            )
+        )
+    if m_ok and not (m_lo <= h.momentum <= m_hi):
+        errors.append(
+            _err(
+                ["hyperparameters", "momentum"],
+                f"momentum {h.momentum:g} is outside momentum_bounds [{m_lo:g}, {m_hi:g}]",
+                "out_of_bounds",
+            )
+        )
+    return errors
+

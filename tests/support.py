@@ -1,0 +1,61 @@
+"""Helpers shared by the test suite (importable as ``tests.support``; also served by conftest fixtures)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+# The PostgreSQL server the suite creates its throwaway databases on (an admin connection to
+# an existing database), and the Redis server it borrows one numbered database of.
+PG_ADMIN_URLS = (
+    [os.environ["GRADTUNE_TEST_PG_ADMIN_URL"]]
+    if os.environ.get("GRADTUNE_TEST_PG_ADMIN_URL")
+    else [
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        "postgresql+psycopg://root@127.0.0.1:5432/test",
+    ]
+)
+REDIS_SERVER_URL = os.environ.get("GRADTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_TEST_DB = int(os.environ.get("GRADTUNE_TEST_REDIS_DB", "13"))
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test: everything under ``tmp_path/"data"``, GRADTUNE_* environment ignored.
+
+    Unless overridden, the database is SQLite at ``<data_dir>/gradtune.db`` (not migrated: pass
+    ``database_url=sqlite_url`` for a migrated one) and the broker is the filesystem transport
+    under ``<data_dir>/broker``. Any Settings field can be overridden by keyword.
+    """
+    values: dict[str, Any] = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in Settings.model_fields.items()
+    }
+    values["data_dir"] = Path(tmp_path) / "data"
+    values.update(overrides)
+    # Explicit keyword arguments win over the environment in pydantic-settings.
+    return Settings(**values)
+
+
+def queued_messages(settings: Settings) -> list[dict[str, Any]]:
+    """Messages waiting in a filesystem broker's queue folder, decoded:
+    ``{"task": name, "args": [...], "kwargs": {...}}`` each, oldest first."""
+    opts = settings.broker_transport_options()
+    folder = Path(opts["data_folder_in"])
+    out = []
+    for path in sorted(folder.glob("*.msg")) if folder.is_dir() else []:
+        out.append(decode_message(json.loads(path.read_text())))
+    return out
+
+
+def decode_message(payload: dict[str, Any]) -> dict[str, Any]:
+    """A Celery (protocol 2) message as kombu stores it -> task name, args and kwargs."""
+    body = payload["body"]
+    if payload.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body).decode()
+    args, kwargs, _embed = json.loads(body)
+    return {"task": payload["headers"]["task"], "args": args, "kwargs": kwargs}
