@@ -1,11 +1,13 @@
-"""The ``gradtune`` command: serve (API + embedded worker), worker, migrate."""
+"""The ``gradtune`` command: run the service (serve, worker, migrate) and talk to it (submit, status, ...)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -76,6 +78,138 @@ def serve(
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+URL = typer.Option("http://localhost:8000", "--url", envvar="GRADTUNE_URL", help="The gradtune API.")
+
+
+def _client(url: str):
+    from gradtune.client import Client
+
+    return Client(url)
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def _job_line(job: dict) -> str:
+    p = job["progress"]
+    parts = [f"{job['id']}  {job['status']:<9}  {job['name']}  {p['iteration']}/{p['iterations']}"]
+    if p.get("meta_loss") is not None:
+        parts.append(f"meta-loss {p['meta_loss']:.4g}")
+    if p.get("lr") is not None:
+        parts.append(f"lr {p['lr']:.4g}  momentum {p['momentum']:.4g}")
+    if job.get("error"):
+        parts.append(f"error: {job['error']}")
+    return "  ".join(parts)
+
+
+def _wait(client, job_id: str) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=False) as bar:
+        task = bar.add_task(job_id[:8], total=None, info="")
+
+        def show(job: dict) -> None:
+            p = job["progress"]
+            info = job["status"]
+            if p.get("meta_loss") is not None:
+                info += f"  meta-loss {p['meta_loss']:.4g}"
+            if p.get("lr") is not None:
+                info += f"  lr {p['lr']:.4g}  momentum {p['momentum']:.4g}"
+            bar.update(task, total=p["iterations"], completed=p["iteration"], info=info)
+
+        return client.wait(job_id, on_progress=show)
+
+
+@cli.command()
+def submit(
+    job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A job body (JSON)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it ends."),
+    url: str = URL,
+) -> None:
+    """Submit a tuning job; prints its id (and, with --wait, follows it to the end)."""
+    from gradtune.client import GradtuneError
+
+    try:
+        body = json.loads(job_file.read_text())
+    except ValueError as exc:
+        _fail(ValueError(f"{job_file} is not valid JSON: {exc}"))
+    with _client(url) as client:
+        try:
+            job = client.submit(body)
+            typer.echo(job["id"])
+            if wait:
+                job = _wait(client, job["id"])
+                typer.echo(_job_line(job))
+                if job["status"] != "succeeded":
+                    raise typer.Exit(1)
+        except GradtuneError as exc:
+            _fail(exc)
+
+
+@cli.command()
+def status(job_id: str, url: str = URL) -> None:
+    """Status and progress of one job."""
+    from gradtune.client import GradtuneError
+
+    with _client(url) as client:
+        try:
+            typer.echo(_job_line(client.job(job_id)))
+        except GradtuneError as exc:
+            _fail(exc)
+
+
+@cli.command()
+def jobs(
+    status: Optional[str] = typer.Option(None, help="Only jobs with this status."),
+    limit: int = typer.Option(20, help="How many (1..100)."),
+    url: str = URL,
+) -> None:
+    """Jobs, newest first."""
+    from gradtune.client import GradtuneError
+
+    with _client(url) as client:
+        try:
+            page = client.jobs(status=status, limit=limit)
+        except GradtuneError as exc:
+            _fail(exc)
+        for job in page["items"]:
+            typer.echo(_job_line(job))
+
+
+@cli.command()
+def settings(
+    job_id: str,
+    format: str = typer.Option("json", "--format", help="json, or python: the torch code that builds the optimizer."),
+    url: str = URL,
+) -> None:
+    """The learned settings of a succeeded job."""
+    from gradtune.client import GradtuneError
+
+    if format not in ("json", "python"):
+        _fail(ValueError(f"--format must be json or python, not {format!r}"))
+    with _client(url) as client:
+        try:
+            s = client.settings(job_id)
+        except GradtuneError as exc:
+            _fail(exc)
+        typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
+
+
+@cli.command()
+def cancel(job_id: str, url: str = URL) -> None:
+    """Cancel a job (a running one stops at its next chunk boundary)."""
+    from gradtune.client import GradtuneError
+
+    with _client(url) as client:
+        try:
+            typer.echo(_job_line(client.cancel(job_id)))
+        except GradtuneError as exc:
+            _fail(exc)
 
 
 def _redact(url: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -47,9 +48,57 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         s = httpx.get(url + "/settings").json()
         assert s["optimizer"] == "SGD" and s["lr"] > 0
         assert (tmp_path / "data" / "gradtune.db").exists()
+        _cli_against_live_server(tmp_path, base, env, url.rsplit("/", 1)[1])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _gradtune(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gradtune.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+def _cli_against_live_server(tmp_path: Path, base: str, env: dict, done_id: str) -> None:
+    """The client commands, with their exit codes and output, against the running server."""
+    env = {**env, "GRADTUNE_URL": base}
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(small_job(iterations=2, tasks=1)))
+    r = _gradtune(env, "submit", str(job_file), "--wait")
+    assert r.returncode == 0, r.stderr
+    new_id = r.stdout.splitlines()[0].strip()
+    assert "succeeded" in r.stdout and "2/2" in r.stdout
+
+    r = _gradtune(env, "status", new_id)
+    assert r.returncode == 0 and r.stdout.startswith(f"{new_id}  succeeded")
+
+    r = _gradtune(env, "jobs", "--status", "succeeded")
+    assert r.returncode == 0 and {new_id, done_id} <= {line.split()[0] for line in r.stdout.splitlines()}
+
+    r = _gradtune(env, "settings", new_id)
+    assert r.returncode == 0
+    body = json.loads(r.stdout)
+    assert body == httpx.get(f"{base}/v1/jobs/{new_id}/settings").json()
+
+    r = _gradtune(env, "settings", new_id, "--format", "python")
+    assert r.returncode == 0
+    code = r.stdout
+    assert f"lr={body['lr']!r}" in code and f"momentum={body['momentum']!r}" in code
+    ns: dict = {}
+    import torch
+
+    exec(code, ns | {"model": torch.nn.Linear(2, 1)})  # the printed code runs as is
+
+    r = _gradtune(env, "cancel", new_id)  # already finished: the server's 409 becomes exit 1
+    assert r.returncode == 1 and "409" in r.stderr and "succeeded" in r.stderr
+
+    r = _gradtune(env, "status", "no-such-job")
+    assert r.returncode == 1 and "404" in r.stderr and "not found" in r.stderr
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "tasks": []}))
+    r = _gradtune(env, "submit", str(bad))
+    assert r.returncode == 1 and "tasks" in r.stderr
