@@ -1,0 +1,77 @@
+"""worker.engine is a pure library: torch and the standard library only, no CUDA at import."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+ENGINE = ROOT / "worker" / "engine"
+FORBIDDEN = ("numpy", "sklearn", "scipy", "celery", "sqlalchemy", "fastapi", "pydantic", "service")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_engine_sources_import_only_torch_and_the_standard_library():
+    for path in sorted(ENGINE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 0:
+                    continue
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top == "torch" or top in sys.stdlib_module_names or top == "__future__", (
+                    f"{path.name} imports {name}"
+                )
+
+
+def test_engine_works_with_forbidden_modules_blocked():
+    # torch itself imports numpy when it is installed, so block it (and the rest) outright: the
+    # engine must import and run without them.
+    result = _run(
+        f"""
+        import sys, warnings
+        warnings.simplefilter("ignore")
+        for name in {FORBIDDEN!r}:
+            sys.modules[name] = None
+        import torch
+        import worker.engine as e
+        assert not torch.cuda.is_initialized()
+        x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+        y = (x[:, 0] > 0).long()
+        t = e.Task("t", x[:30], y[:30], x[30:], y[30:], (4,), "tanh", "cross_entropy", 2, 5, 10, 0)
+        assert e.train_sgd(t, 0.1, 0.9) > 0
+        cfg = e.MetaConfig(iterations=2)
+        s = e.run_meta([t], cfg, e.init_state(cfg, 0.1, 0.9), 2)
+        assert e.state_iteration(s) == 2
+        loaded = [m for m in {FORBIDDEN!r} if sys.modules.get(m) is not None]
+        assert not loaded, loaded
+        assert not torch.cuda.is_initialized()
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_importing_the_engine_leaves_service_stack_out():
+    result = _run(
+        """
+        import sys
+        import worker.engine
+        print(sorted(m for m in ("sklearn", "celery", "sqlalchemy", "fastapi", "pydantic", "service") if m in sys.modules))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

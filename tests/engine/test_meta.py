@@ -1,0 +1,157 @@
+"""The meta-loop: improvement, backoff, errors, bounds, callbacks and resume through JSON."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from worker.engine import (
+    EngineError,
+    MetaConfig,
+    best_settings,
+    init_state,
+    run_meta,
+    state_iteration,
+    train_sgd,
+)
+from tests.engine.helpers import synthetic_task
+
+
+def _tasks(**kw):
+    return [synthetic_task(seed=s, n=64, steps=16, **kw) for s in range(2)]
+
+
+def _reference(tasks, lr, mom, draws):
+    runs = [train_sgd(t, lr, mom, d) for t in tasks for d in draws]
+    return sum(runs) / len(runs)
+
+
+@pytest.mark.parametrize("population", [True, False])
+@pytest.mark.parametrize("stencil", [True, False])
+def test_meta_loop_improves_on_a_small_problem(population, stencil):
+    tasks = _tasks()
+    config = MetaConfig(iterations=12, population=population, stencil=stencil)
+    records = []
+    state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 12, on_iteration=records.append)
+    best = best_settings(state)
+    start = _reference(tasks, 1e-3, 0.0, config.draws)
+    # the reported meta-loss is the reference's, and far below the start's
+    assert best["meta_loss"] == pytest.approx(_reference(tasks, best["lr"], best["momentum"], config.draws), rel=1e-9)
+    assert best["meta_loss"] < 0.7 * start
+    assert [r["iteration"] for r in records] == list(range(1, 13))
+    assert state_iteration(state) == 12
+    # the accepted loss never goes up, and the best is the minimum of everything accepted
+    losses = [r["meta_loss"] for r in records]
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert best["meta_loss"] <= min(losses)
+
+
+def test_records_and_state_are_plain_json():
+    tasks = _tasks()
+    config = MetaConfig(iterations=4)
+    records = []
+    state = run_meta(tasks, config, init_state(config, 0.01, 0.5), 4, on_iteration=records.append)
+    json.dumps(state, allow_nan=False)
+    for r in records:
+        json.dumps(r, allow_nan=False)
+        for key in ("iteration", "meta_loss", "lr", "momentum", "accepted", "step_size", "hypergradient", "candidate_loss"):
+            assert key in r
+        assert len(r["hypergradient"]) == 2
+
+
+@pytest.mark.parametrize("population", [True, False])
+def test_diverging_start_backs_off(population):
+    tasks = _tasks(loss="mse", hidden=(), out=2, dtype=torch.float32)
+    assert train_sgd(tasks[0], 500.0, 0.9) == math.inf
+    config = MetaConfig(iterations=3, population=population, lr_bounds=(1e-5, 1e3))
+    records = []
+    state = run_meta(tasks, config, init_state(config, 500.0, 0.9), 3, on_iteration=records.append)
+    first = records[0]
+    assert first["phase"] == "start" and first["meta_loss"] is not None
+    assert first["lr"] < 500.0
+    if not population:
+        assert first["backoffs"] >= 1
+    best = best_settings(state)
+    assert math.isfinite(_reference(tasks, best["lr"], best["momentum"], config.draws))
+
+
+@pytest.mark.parametrize("population", [True, False])
+def test_hopeless_start_raises_engine_error(population):
+    tasks = _tasks()
+    for t in tasks:
+        t.x_train[:, 0] = float("nan")  # every run sees NaN features
+    config = MetaConfig(iterations=3, population=population)
+    state = init_state(config, 0.1, 0.9)
+    with pytest.raises(EngineError, match="diverged") as err:
+        run_meta(tasks, config, state, 3)
+    assert str(err.value).endswith(".") and "\n" not in str(err.value)
+    assert state_iteration(state) == 0  # the caller's state is untouched
+
+
+def test_resume_through_json_gives_the_same_result():
+    tasks = _tasks()
+    config = MetaConfig(iterations=10, min_step=1e-3)
+    s0 = init_state(config, 0.003, 0.3)
+    full_records, split_records = [], []
+    full = run_meta(tasks, config, s0, 10, on_iteration=full_records.append)
+    half = run_meta(tasks, config, s0, 5, on_iteration=split_records.append)
+    assert state_iteration(half) == 5
+    half = json.loads(json.dumps(half))
+    rest = run_meta(tasks, config, half, 5, on_iteration=split_records.append)
+    assert rest == full
+    assert split_records == full_records
+    assert state_iteration(s0) == 0  # run_meta returns a new state
+
+
+def test_bounds_are_never_exceeded():
+    tasks = _tasks()
+    config = MetaConfig(iterations=10, lr_bounds=(1e-3, 0.02), momentum_bounds=(0.2, 0.6))
+    records = []
+    state = run_meta(tasks, config, init_state(config, 5.0, 0.95), 10, on_iteration=records.append)
+    assert state_iteration(state) == 10
+    for r in records:
+        for lr_key, mom_key in (("lr", "momentum"), ("candidate_lr", "candidate_momentum"), ("best_lr", "best_momentum")):
+            if r[lr_key] is not None:
+                assert 1e-3 <= r[lr_key] <= 0.02
+                assert 0.2 <= r[mom_key] <= 0.6
+    best = best_settings(state)
+    assert 1e-3 <= best["lr"] <= 0.02 and 0.2 <= best["momentum"] <= 0.6
+    # the optimum of this problem lies above 0.02: the loop should end on the upper lr bound
+    assert best["lr"] == pytest.approx(0.02)
+
+
+def test_max_iterations_and_should_stop():
+    tasks = _tasks()
+    config = MetaConfig(iterations=3)
+    state = run_meta(tasks, config, init_state(config, 0.01, 0.5), 100)
+    assert state_iteration(state) == 3
+    assert run_meta(tasks, config, state, 5) == state  # never past config.iterations
+    calls = []
+    stopped = run_meta(
+        tasks, MetaConfig(iterations=10), init_state(config, 0.01, 0.5), 10,
+        on_iteration=calls.append, should_stop=lambda: len(calls) >= 2,
+    )
+    assert state_iteration(stopped) == 2 and len(calls) == 2
+
+
+def test_best_settings_before_any_iteration_is_the_start():
+    config = MetaConfig()
+    best = best_settings(init_state(config, 0.02, 0.8))
+    assert best["lr"] == pytest.approx(0.02) and best["momentum"] == pytest.approx(0.8)
+    assert best["meta_loss"] is None
+
+
+@pytest.mark.parametrize(
+    "kwargs,lr,mom",
+    [
+        ({"draws": (0, 1001)}, 0.1, 0.5),
+        ({"lr_bounds": (0.1, 0.01)}, 0.1, 0.5),
+        ({"momentum_bounds": (0.0, 1.0)}, 0.1, 0.5),
+        ({}, -1.0, 0.5),
+        ({}, float("nan"), 0.5),
+    ],
+)
+def test_invalid_configuration_is_an_engine_error(kwargs, lr, mom):
+    with pytest.raises(EngineError):
+        init_state(MetaConfig(**kwargs), lr, mom)
