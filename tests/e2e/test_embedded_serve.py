@@ -48,6 +48,8 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         s = httpx.get(url + "/settings").json()
         assert s["optimizer"] == "SGD" and s["lr"] > 0
         assert (tmp_path / "data" / "gradtune.db").exists()
+        # Everything lives under the data dir; nothing is dropped into the working directory.
+        assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["data"]
         _cli_against_live_server(tmp_path, base, env, url.rsplit("/", 1)[1])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
