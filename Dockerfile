@@ -6,7 +6,8 @@ COPY gradtune ./gradtune
 COPY service ./service
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install --no-cache-dir .
+# [api]: numpy, pyarrow and boto3 to check and store uploaded datasets (no torch).
+RUN pip install --no-cache-dir ".[api]"
 EXPOSE 8000
 CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
 

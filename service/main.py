@@ -19,6 +19,7 @@ from sqlalchemy.orm import sessionmaker
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
 from service.api.router import api_router
+from service.api.routes.datasets import UPLOAD_PATH
 from service.db.session import make_engine
 from service.queue import Producer
 from service.settings import Settings, get_settings
@@ -29,12 +30,17 @@ workers learn SGD's learning rate and momentum by differentiating the validation
 the unrolled training. Poll the job, then fetch settings that go straight into
 `torch.optim.SGD(params, lr=..., momentum=...)`.
 
-Errors: 400 malformed JSON, 404 unknown job, 409 wrong status, 413 body too large,
-415 not JSON, 422 invalid job (`detail` lists `loc`, `field`, `msg`, `type` per problem).
+Datasets: upload a file (`POST /v1/datasets`, multipart field `file`) and name its id in a
+task's data (`{"source": "dataset", "train": {"dataset": id, "x": ..., "y": ...}}`).
+
+Errors: 400 malformed JSON, 404 unknown job or dataset, 409 wrong status (or a dataset in use),
+413 body or file too large, 415 not JSON (or not multipart for uploads), 422 invalid job or
+refused file (`detail` lists `loc`, `field`, `msg`, `type` per problem).
 """
 
 TAGS = [
     {"name": "jobs", "description": "Submit, follow and cancel tuning jobs; fetch the learned settings."},
+    {"name": "datasets", "description": "Upload dataset files (safetensors, npz, csv, parquet) that tasks can name."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
@@ -62,8 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.producer = Producer(settings)
+    app.state.store = settings.artifact_store()  # connects on first use only
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Dataset uploads stream past the body limit: their route enforces GRADTUNE_MAX_UPLOAD_BYTES.
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        passthrough=(("POST", UPLOAD_PATH),),
+    )
     app.include_router(api_router)
     return app
 

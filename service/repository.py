@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
-from service.db.models import Job, JobIteration, utcnow
-from service.schemas import TERMINAL_STATUSES, JobPublic, Progress
+from service.db.models import Dataset, Job, JobDataset, JobIteration, utcnow
+from service.schemas import TERMINAL_STATUSES, DatasetItem, DatasetPublic, JobPublic, Progress
 
 
 class NotFound(LookupError):
@@ -28,8 +28,16 @@ class NotFound(LookupError):
         self.job_id = job_id
 
 
+class DatasetNotFound(LookupError):
+    """No dataset with that id."""
+
+    def __init__(self, dataset_id: str) -> None:
+        super().__init__(f"dataset {dataset_id} not found")
+        self.dataset_id = dataset_id
+
+
 class Conflict(Exception):
-    """The request does not fit the job's current status."""
+    """The request does not fit the job's (or dataset's) current state."""
 
 
 # Columns a listing never needs: the body (inline arrays), engine state, the result.
@@ -61,7 +69,24 @@ def create_job(session: Session, *, spec: dict[str, Any], name: str, iterations:
     )
     session.add(job)
     session.flush()
+    for dataset_id in spec_dataset_ids(spec):
+        session.add(JobDataset(job_id=job.id, dataset_id=dataset_id))
+    session.flush()
     return job
+
+
+def spec_dataset_ids(spec: dict[str, Any]) -> list[str]:
+    """Ids of the uploaded datasets a stored job body names (``source: dataset`` tasks)."""
+    ids: list[str] = []
+    for task in spec.get("tasks") or []:
+        data = task.get("data") or {}
+        if data.get("source") != "dataset":
+            continue
+        for split in ("train", "val"):
+            ref = data.get(split)
+            if ref and ref.get("dataset") and ref["dataset"] not in ids:
+                ids.append(ref["dataset"])
+    return ids
 
 
 def get_job(session: Session, *, job_id: str) -> Job | None:
@@ -159,4 +184,104 @@ def to_public(job: Job) -> JobPublic:
         started_at=_aware(job.started_at),
         finished_at=_aware(job.finished_at),
         error=job.error,
+    )
+
+
+# ---------------------------------------------------------------- datasets
+
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def create_dataset(
+    session: Session, *, filename: str, format: str, sha256: str, size: int, facts: dict[str, Any]
+) -> Dataset:
+    """Insert a dataset row; ``facts`` is what ``service.dataset_files.inspect_file`` returned.
+    A second row with the same sha256 violates a unique index (IntegrityError at flush)."""
+    dataset = Dataset(
+        id=str(uuid.uuid4()),
+        filename=filename,
+        format=format,
+        sha256=sha256,
+        size=size,
+        rows=facts.get("rows"),
+        items=facts["items"],
+        created_at=utcnow(),
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, *, dataset_id: str, lock: bool = False) -> Dataset | None:
+    """The dataset, or None; ``lock`` takes its row lock until the transaction ends."""
+    query = select(Dataset).where(Dataset.id == dataset_id)
+    return session.scalar(query.with_for_update() if lock else query)
+
+
+def get_dataset_by_sha256(session: Session, *, sha256: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.sha256 == sha256))
+
+
+def datasets_by_id(session: Session, *, ids: list[str], lock: bool = False) -> dict[str, Dataset]:
+    """The datasets among ``ids`` that exist, by id. With ``lock``, their rows stay locked until
+    the transaction ends, so that a dataset a new job names cannot be deleted meanwhile."""
+    if not ids:
+        return {}
+    query = select(Dataset).where(Dataset.id.in_(ids)).order_by(Dataset.id)
+    rows = session.scalars(query.with_for_update() if lock else query).all()
+    return {d.id: d for d in rows}
+
+
+def list_datasets(session: Session, *, limit: int = 20, offset: int = 0) -> tuple[list[Dataset], int]:
+    """A page of datasets, newest first, and the total count."""
+    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
+    items = session.scalars(
+        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return list(items), total
+
+
+def active_jobs_using(session: Session, *, dataset_id: str) -> list[tuple[str, str]]:
+    """``(job id, status)`` of the queued or running jobs that name the dataset, oldest first."""
+    rows = session.execute(
+        select(Job.id, Job.status)
+        .join(JobDataset, JobDataset.job_id == Job.id)
+        .where(JobDataset.dataset_id == dataset_id, Job.status.in_(ACTIVE_STATUSES))
+        .order_by(Job.created_at, Job.id)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def delete_dataset(session: Session, *, dataset_id: str) -> Dataset:
+    """Delete the dataset's row under its row lock; the caller removes the stored object after
+    the commit. ``DatasetNotFound``, or ``Conflict`` while a queued or running job uses it."""
+    dataset = get_dataset(session, dataset_id=dataset_id, lock=True)
+    if dataset is None:
+        raise DatasetNotFound(dataset_id)
+    users = active_jobs_using(session, dataset_id=dataset_id)
+    if users:
+        job_id, status = users[0]
+        more = f" (and {len(users) - 1} more)" if len(users) > 1 else ""
+        raise Conflict(
+            f"dataset {dataset_id} is used by {status} job {job_id}{more}; cancel the job or wait "
+            "until it has finished, then delete the dataset"
+        )
+    session.delete(dataset)
+    session.flush()
+    return dataset
+
+
+def dataset_to_public(dataset: Dataset) -> DatasetPublic:
+    items = [DatasetItem.model_validate(item) for item in dataset.items or []]
+    tabular = dataset.format in ("csv", "parquet")
+    return DatasetPublic(
+        id=dataset.id,
+        filename=dataset.filename,
+        format=dataset.format,  # type: ignore[arg-type]
+        sha256=dataset.sha256,
+        size=dataset.size,
+        rows=dataset.rows,
+        created_at=_aware(dataset.created_at),
+        tensors=[] if tabular else items,
+        columns=items if tabular else [],
     )

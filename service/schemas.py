@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
 LOSSES = ("cross_entropy", "mse")
@@ -60,7 +60,62 @@ class BuiltinData(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-TaskData = Annotated[Union[InlineData, BuiltinData], Field(discriminator="source")]
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class DatasetRef(_Strict):
+    """Features and targets in an uploaded dataset (``POST /v1/datasets``).
+
+    ``x``: the name of one 2-D tensor ``(N, F)`` (safetensors, npz), or column names (csv,
+    parquet: a list of names, or one name for a single feature), read as ``(N, len(x))``.
+    ``y``: the name of one tensor or column of N targets (``(N,)``, or ``(N, K)`` for mse).
+    """
+
+    dataset: str = Field(min_length=1, max_length=64, description="A dataset id.")
+    x: Annotated[
+        Union[
+            Annotated[Name, Tag("name")],
+            Annotated[list[Name], Field(min_length=1, max_length=4096), Tag("names")],
+        ],
+        Discriminator(lambda v: "names" if isinstance(v, list) else "name"),
+    ]
+    y: Name
+
+
+class DatasetData(_Strict):
+    """Data from uploaded datasets: ``train``, and either ``val`` (another reference, possibly
+    to the same dataset) or a split of ``train`` by ``val_fraction`` and ``seed`` (0.2 and 0
+    when neither ``val`` nor they are given), split exactly like a builtin dataset."""
+
+    source: Literal["dataset"]
+    train: DatasetRef
+    val: DatasetRef | None = None
+    val_fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _one_way_to_validate(self) -> "DatasetData":
+        if self.val is None:
+            if self.val_fraction is None:
+                self.val_fraction = 0.2
+            if self.seed is None:
+                self.seed = 0
+        elif self.val_fraction is not None or self.seed is not None:
+            raise ValueError(
+                "give either val (a dataset reference) or val_fraction and seed (a split of "
+                "train), not both"
+            )
+        return self
+
+    def references(self) -> list[tuple[str, DatasetRef]]:
+        """``[("train", ref), ("val", ref)?]``."""
+        refs = [("train", self.train)]
+        if self.val is not None:
+            refs.append(("val", self.val))
+        return refs
+
+
+TaskData = Annotated[Union[InlineData, BuiltinData, DatasetData], Field(discriminator="source")]
 
 
 class MLPModel(_Strict):
@@ -99,6 +154,16 @@ class JobCreate(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     meta: MetaOptions = Field(default_factory=MetaOptions)
+
+    def dataset_ids(self) -> list[str]:
+        """The ids of the uploaded datasets the job's tasks name, each once, in order."""
+        ids: list[str] = []
+        for task in self.tasks:
+            if isinstance(task.data, DatasetData):
+                for _split, ref in task.data.references():
+                    if ref.dataset not in ids:
+                        ids.append(ref.dataset)
+        return ids
 
 
 class Progress(BaseModel):
@@ -162,3 +227,36 @@ class SettingsPublic(BaseModel):
     lr: float
     momentum: float
     evaluation: Evaluation
+
+
+DatasetFormat = Literal["safetensors", "npz", "csv", "parquet"]
+
+
+class DatasetItem(BaseModel):
+    """A tensor (safetensors, npz) or a column (csv, parquet: shape ``[rows]``) of a dataset."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    min: int | float | None = Field(description="Smallest value (None when empty).")
+    max: int | float | None = Field(description="Largest value (None when empty).")
+    integer: bool = Field(description="Every value is a whole number.")
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    filename: str
+    format: DatasetFormat
+    sha256: str
+    size: int = Field(description="Bytes of the uploaded file.")
+    rows: int | None = Field(None, description="Rows of a csv or parquet file; None for tensors.")
+    created_at: datetime
+    tensors: list[DatasetItem] = Field(default_factory=list, description="safetensors and npz.")
+    columns: list[DatasetItem] = Field(default_factory=list, description="csv and parquet.")
+
+
+class DatasetsPublic(BaseModel):
+    items: list[DatasetPublic]
+    total: int
+    limit: int
+    offset: int

@@ -25,6 +25,13 @@ class Settings(BaseSettings):
     max_steps: int = 10_000
     max_iterations: int = 1_000
     max_unroll_bytes: int = 2 * 1024**3  # reverse-mode memory the engine may hold per task
+    max_upload_bytes: int = 1024**3  # one dataset file; larger uploads get 413 while streaming
+    max_dataset_bytes: int = 4 * 1024**3  # a dataset's values once decoded (npz and parquet compress)
+
+    # Artifact store (uploaded datasets). Empty means file://<data_dir>/artifacts.
+    artifact_url: str = ""
+    # Endpoint of an S3-compatible service for s3:// artifact URLs (empty: AWS itself).
+    s3_endpoint_url: str = ""
 
     # Long-job profile.
     chunk_iterations: int = 5  # meta-iterations per Celery task
@@ -46,6 +53,21 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'gradtune.db').resolve()}"
 
+    def resolved_artifact_url(self) -> str:
+        if self.artifact_url:
+            return self.artifact_url
+        return (self.data_dir / "artifacts").resolve().as_uri()
+
+    def artifact_store(self):
+        """The store named by ``resolved_artifact_url()`` (service.storage; opens no connection)."""
+        from service.storage import open_store
+
+        return open_store(self.resolved_artifact_url(), s3_endpoint_url=self.s3_endpoint_url or None)
+
+    def tmp_dir(self) -> Path:
+        """Where uploads are spooled while they stream in (created on demand)."""
+        return (self.data_dir / "tmp").resolve()
+
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
 
@@ -56,6 +78,7 @@ class Settings(BaseSettings):
                 "data_folder_in": str(folder / "queue"),
                 "data_folder_out": str(folder / "queue"),
                 "processed_folder": str(folder / "processed"),
+                "control_folder": str(folder / "control"),
                 "store_processed": False,
                 "polling_interval": 0.2,
             }
@@ -65,7 +88,7 @@ class Settings(BaseSettings):
         if not self.database_url or self.resolved_broker_url().startswith("filesystem://"):
             self.data_dir.mkdir(parents=True, exist_ok=True)
         opts = self.broker_transport_options()
-        for key in ("data_folder_in", "processed_folder"):
+        for key in ("data_folder_in", "processed_folder", "control_folder"):
             if key in opts:
                 Path(opts[key]).mkdir(parents=True, exist_ok=True)
 

@@ -8,9 +8,20 @@ Only the first offending row of an array is reported: bodies can hold megabytes 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from service.schemas import BUILTIN_DATASETS, BuiltinData, InlineData, JobCreate, TaskSpec
+from service.schemas import (
+    BUILTIN_DATASETS,
+    BuiltinData,
+    DatasetData,
+    DatasetPublic,
+    DatasetRef,
+    InlineData,
+    JobCreate,
+    TaskSpec,
+)
 from service.settings import Settings
 
 FLOAT_BYTES = 4  # the engine unrolls in float32
@@ -47,9 +58,17 @@ def _class_count(task: TaskSpec) -> int | None:
     return int(max(labels)) + 1
 
 
-def layer_widths(task: TaskSpec) -> list[int]:
-    """[input width, *hidden, output width] of the task's MLP, as far as the body tells."""
+def layer_widths(task: TaskSpec, io: tuple[int, int] | None = None) -> list[int]:
+    """[input width, *hidden, output width] of the task's MLP, as far as the body tells.
+
+    ``io`` gives (input width, output width) where the body alone cannot: a ``source: dataset``
+    task's widths come from the datasets' stored metadata (see ``check_job``).
+    """
     data = task.data
+    if io is not None:
+        return [io[0], *task.model.hidden, io[1]]
+    if isinstance(data, DatasetData):
+        raise ValueError("the widths of a dataset task come from its datasets' metadata: pass io")
     if isinstance(data, BuiltinData):
         facts = BUILTIN_DATASETS[data.name]
         d_in = facts["features"]
@@ -64,7 +83,7 @@ def layer_widths(task: TaskSpec) -> list[int]:
     return [d_in, *task.model.hidden, d_out]
 
 
-def estimate_unroll_bytes(task: TaskSpec) -> int:
+def estimate_unroll_bytes(task: TaskSpec, io: tuple[int, int] | None = None) -> int:
     """Rough memory, in bytes, that reverse-mode differentiation through one task's unroll holds.
 
     Differentiating the validation loss after ``steps`` SGD steps with respect to the
@@ -84,7 +103,7 @@ def estimate_unroll_bytes(task: TaskSpec) -> int:
     small models where per-tensor overheads dominate; it is a guard against requests that
     cannot fit, not a prediction.
     """
-    widths = layer_widths(task)
+    widths = layer_widths(task, io)
     params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
     acts = task.batch_size * (widths[0] + 2 * sum(task.model.hidden) + widths[-1])
     return FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params)
@@ -218,12 +237,181 @@ def _check_builtin(loc: list[Any], task: TaskSpec, data: BuiltinData) -> list[di
     return errors
 
 
+@dataclass
+class _Side:
+    """What a dataset reference resolves to: rows, feature width, target width and labels."""
+
+    n: int
+    features: int
+    y_width: int | None  # None: one target per row
+    y_max: float | None
+
+
+def _names(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _resolve(
+    loc: list[Any], task: TaskSpec, ref: DatasetRef, datasets: Mapping[str, DatasetPublic]
+) -> tuple[_Side | None, list[dict]]:
+    """Check one ``{"dataset", "x", "y"}`` reference against the dataset's stored metadata."""
+    ds = datasets.get(ref.dataset)
+    if ds is None:
+        return None, [
+            _err([*loc, "dataset"], f"dataset {ref.dataset} not found; upload it with POST /v1/datasets "
+                 "and use the id it returns", "dataset_not_found")
+        ]
+    tabular = ds.format in ("csv", "parquet")
+    kind = "column" if tabular else "tensor"
+    items = {item.name: item for item in (ds.columns if tabular else ds.tensors)}
+    label = f"dataset {ds.id} ({ds.filename})"
+
+    def missing(field_loc: list[Any], name: str) -> dict:
+        return _err(
+            field_loc,
+            f"{label} has no {kind} {name!r}; its {kind}s are {_names(list(items))}",
+            f"unknown_{kind}",
+        )
+
+    errors: list[dict] = []
+    n: int | None = None
+    features: int | None = None
+    if tabular:
+        names = [ref.x] if isinstance(ref.x, str) else list(ref.x)
+        for j, name in enumerate(names):
+            field_loc = [*loc, "x"] if isinstance(ref.x, str) else [*loc, "x", j]
+            if name not in items:
+                errors.append(missing(field_loc, name))
+            elif names.index(name) != j:
+                errors.append(_err(field_loc, f"x names column {name!r} twice", "duplicate_column"))
+        n, features = ds.rows or 0, len(names)
+    elif not isinstance(ref.x, str):
+        errors.append(
+            _err([*loc, "x"], f"{label} is a {ds.format} file of tensors: x must be the name of one "
+                 "2-D tensor (rows, features), not a list (lists name columns of csv or parquet files)",
+                 "x_not_a_tensor_name")
+        )
+    elif ref.x not in items:
+        errors.append(missing([*loc, "x"], ref.x))
+    else:
+        shape = items[ref.x].shape
+        if len(shape) != 2:
+            errors.append(
+                _err([*loc, "x"], f"tensor {ref.x!r} of {label} has shape {shape}; x must be 2-D "
+                     "(rows, features) for an mlp", "x_not_2d")
+            )
+        elif shape[1] == 0:
+            errors.append(_err([*loc, "x"], f"tensor {ref.x!r} of {label} has no features (shape {shape})", "empty_row"))
+        else:
+            n, features = shape[0], shape[1]
+
+    y_width: int | None = None
+    y_max: float | None = None
+    y = items.get(ref.y)
+    if y is None:
+        errors.append(missing([*loc, "y"], ref.y))
+    else:
+        shape = y.shape
+        if task.loss == "cross_entropy" and len(shape) != 1:
+            errors.append(
+                _err([*loc, "y"], f"cross_entropy needs one integer class label per row, but {kind} "
+                     f"{ref.y!r} of {label} has shape {shape}; name a 1-D tensor of labels 0..C-1 "
+                     "(or use loss mse)", "labels_not_1d")
+            )
+        elif len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] == 0):
+            errors.append(
+                _err([*loc, "y"], f"{kind} {ref.y!r} of {label} has shape {shape}; y must be (rows,) "
+                     "or (rows, targets)", "y_bad_shape")
+            )
+        else:
+            y_width = shape[1] if len(shape) == 2 else None
+            if n is not None and shape[0] != n:
+                errors.append(
+                    _err([*loc, "y"], f"y ({kind} {ref.y!r}) has {shape[0]} rows but x has {n}; each "
+                         "row of features needs exactly one target", "length_mismatch")
+                )
+            if task.loss == "cross_entropy" and y.min is not None:
+                if not y.integer or y.min < 0:
+                    errors.append(
+                        _err([*loc, "y"], f"cross_entropy labels must be integers 0..C-1, but {kind} "
+                             f"{ref.y!r} of {label} holds values from {y.min:g} to {y.max:g}"
+                             + ("" if y.integer else " that are not all whole numbers"),
+                             "invalid_label")
+                    )
+            y_max = y.max
+    if n == 0 and not errors:
+        errors.append(_err([*loc, "x"], f"x of {label} has no rows", "empty"))
+    if errors or n is None or features is None:
+        return None, errors
+    return _Side(n=n, features=features, y_width=y_width, y_max=y_max), []
+
+
+def _check_dataset(
+    loc: list[Any], task: TaskSpec, data: DatasetData, datasets: Mapping[str, DatasetPublic]
+) -> tuple[list[dict], tuple[int, int] | None]:
+    """Errors of a ``source: dataset`` task, and its (input width, output width) when none."""
+    train, errors = _resolve([*loc, "train"], task, data.train, datasets)
+    val: _Side | None = None
+    if data.val is not None:
+        val, errs = _resolve([*loc, "val"], task, data.val, datasets)
+        errors += errs
+    if errors or train is None:
+        return errors, None
+    if val is None:
+        n_val = max(1, round(train.n * data.val_fraction))
+        n_train = train.n - n_val
+        if n_train < 1:
+            return [
+                _err([*loc, "val_fraction"], f"val_fraction {data.val_fraction:g} of {train.n} rows "
+                     "leaves no rows for training", "split_too_small")
+            ], None
+        val = train
+    else:
+        n_train = train.n
+        if val.features != train.features:
+            errors.append(
+                _err([*loc, "val", "x"], f"validation rows have {val.features} features but training "
+                     f"rows have {train.features}; train and validation data must have the same width",
+                     "width_mismatch")
+            )
+        if task.loss == "mse" and val.y_width != train.y_width:
+            def describe(w):
+                return "one target per row" if w is None else f"rows of {w} targets"
+
+            errors.append(
+                _err([*loc, "val", "y"], f"validation y has {describe(val.y_width)} but training y has "
+                     f"{describe(train.y_width)}; mse targets must have the same width", "width_mismatch")
+            )
+    if not errors and task.batch_size > n_train:
+        errors.append(
+            _err([*loc[:-1], "batch_size"], f"batch_size {task.batch_size} is larger than the training "
+                 f"set ({n_train} rows); the last partial batch is dropped, so no step could run",
+                 "batch_too_large")
+        )
+    if errors:
+        return errors, None
+    if task.loss == "cross_entropy":
+        top = max(v for v in (train.y_max, val.y_max) if v is not None)
+        d_out = int(top) + 1
+    else:
+        d_out = train.y_width or 1
+    return [], (train.features, d_out)
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.3g} GiB"
 
 
-def check_job(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
-    """Errors in ``job`` beyond its schema; empty when the job can be queued."""
+def check_job(
+    job: JobCreate, settings: Settings, datasets: Mapping[str, DatasetPublic] | None = None
+) -> list[dict[str, Any]]:
+    """Errors in ``job`` beyond its schema; empty when the job can be queued.
+
+    ``datasets`` maps dataset id to the stored description of each uploaded dataset the job
+    names (``JobCreate.dataset_ids()``); an id missing from it is reported as not found.
+    """
+    datasets = datasets or {}
     errors: list[dict[str, Any]] = []
     if len(job.tasks) > settings.max_tasks:
         errors.append(
@@ -251,13 +439,16 @@ def check_job(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
                     "limit_exceeded",
                 )
             )
+        io = None
         if isinstance(task.data, InlineData):
             task_errors = _check_inline(loc, task, task.data)
+        elif isinstance(task.data, DatasetData):
+            task_errors, io = _check_dataset(loc, task, task.data, datasets)
         else:
             task_errors = _check_builtin(loc, task, task.data)
         errors += task_errors
         if not task_errors:
-            need = estimate_unroll_bytes(task)
+            need = estimate_unroll_bytes(task, io)
             if need > settings.max_unroll_bytes:
                 errors.append(
                     _err(

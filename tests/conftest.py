@@ -3,8 +3,8 @@
 * ``sqlite_url``: a fresh SQLite file in the test's tmp_path, migrated to head (a copy of a
   database migrated once per session, so it costs a file copy).
 * ``pg_url``: a PostgreSQL database ``gradtune_t_<random>`` on 127.0.0.1:5432, created and
-  migrated once per session and dropped (WITH FORCE) at the end; each test gets it with both
-  tables emptied. Override the server with GRADTUNE_TEST_PG_ADMIN_URL (an admin URL to an
+  migrated once per session and dropped (WITH FORCE) at the end; each test gets it with every
+  table emptied. Override the server with GRADTUNE_TEST_PG_ADMIN_URL (an admin URL to an
   existing database).
 * ``empty_pg_url``: a fresh, *unmigrated* PostgreSQL database for this test only (migration tests).
 * ``redis_url``: ``redis://127.0.0.1:6379/13`` (GRADTUNE_TEST_REDIS_URL, GRADTUNE_TEST_REDIS_DB),
@@ -124,7 +124,9 @@ def pg_url(_pg_session_url) -> str:
             # DELETE rather than TRUNCATE: it does not wait for idle sessions that merely read.
             conn.execute(text("SET LOCAL lock_timeout = '15s'"))
             conn.execute(text("DELETE FROM job_iterations"))
+            conn.execute(text("DELETE FROM job_datasets"))
             conn.execute(text("DELETE FROM jobs"))
+            conn.execute(text("DELETE FROM datasets"))
     finally:
         engine.dispose()
     return _pg_session_url

@@ -20,6 +20,7 @@ from service.queue import RUN_CHUNK
 from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
 from service.settings import get_settings
 from worker import engine
+from worker.dataset_loader import DatasetUnavailable
 
 log = logging.getLogger("gradtune.worker")
 
@@ -65,6 +66,7 @@ def _targets(y: Any, loss: str, dev: torch.device) -> tuple[torch.Tensor, int | 
 
 def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[engine.Task]:
     """Engine tasks from a validated job body (the API has checked shapes and labels)."""
+    from worker.dataset_loader import load_dataset_task_data
     from worker.datasets import load_builtin
 
     dev = dev or device()
@@ -73,8 +75,10 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[engine.
         data = spec.data
         if data.source == "inline":
             xt, yt, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
-        else:
+        elif data.source == "builtin":
             xt, yt, xv, yv = load_builtin(data.name, val_fraction=data.val_fraction, seed=data.seed)
+        else:
+            xt, yt, xv, yv = load_dataset_task_data(data, get_settings())
         y_train, width = _targets(yt, spec.loss, dev)
         y_val, _ = _targets(yv, spec.loss, dev)
         if spec.loss == "cross_entropy":
@@ -218,7 +222,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
             state = engine.run_meta(tasks, config, state, n, on_iteration=records.append)
             if not records:
                 raise engine.EngineError("the meta-optimization made no progress in a chunk")
-    except engine.EngineError as exc:
+    except (engine.EngineError, DatasetUnavailable) as exc:
         with session_scope() as db:
             lifecycle.fail_job(db, job_id=job_id, owner=owner, error=str(exc))
         log.warning("job %s failed: %s", job_id, exc)

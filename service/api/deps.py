@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.queue import Producer
 from service.settings import Settings
+from service.storage import ArtifactStore
 
 
 def get_db(request: Request) -> Iterator[Session]:
@@ -31,6 +32,10 @@ def get_app_settings(request: Request) -> Settings:
 
 def get_producer(request: Request) -> Producer:
     return request.app.state.producer
+
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.store
 
 
 def require_json(request: Request) -> None:
@@ -56,3 +61,4 @@ def require_json(request: Request) -> None:
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ProducerDep = Annotated[Producer, Depends(get_producer)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]

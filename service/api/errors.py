@@ -21,8 +21,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 logger = logging.getLogger("service.api")
 
 _LOC_ROOTS = ("body", "query", "path", "header", "cookie")
-# Discriminator values pydantic inserts into the loc of a tagged union (TaskSpec.data).
-_UNION_TAGS = {"data": {"inline", "builtin"}}
+# Discriminator values pydantic inserts into the loc of a tagged union (TaskSpec.data, DatasetRef.x).
+_UNION_TAGS = {"data": {"inline", "builtin", "dataset"}, "x": {"name", "names"}}
 _MESSAGES = {
     "finite_number": "Input should be a finite number: NaN and Infinity are not allowed",
 }

@@ -4,6 +4,9 @@ A declared ``Content-Length`` over the limit is refused before any byte is read.
 the body is read here, counting bytes as they stream in (chunked uploads have no
 Content-Length), and refused as soon as the count passes the limit; a body within the limit
 is replayed to the application unchanged.
+
+``passthrough`` names (method, path) pairs whose bodies are not touched here: routes that
+stream their body and enforce their own limit (dataset uploads).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ def _mib(n: int) -> str:
 
 
 class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, passthrough: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.passthrough = {(m.upper(), p.rstrip("/") or "/") for m, p in passthrough}
 
     async def _refuse(self, send: Send, declared: int | None) -> None:
         size = f" of {declared} bytes" if declared is not None else ""
@@ -45,7 +51,9 @@ class BodySizeLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (
+            (scope.get("method", ""), scope.get("path", "").rstrip("/") or "/") in self.passthrough
+        ):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

@@ -2,8 +2,9 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import health, jobs
+from service.api.routes import datasets, health, jobs
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
+api_router.include_router(datasets.router)
 api_router.include_router(health.router)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -79,3 +79,42 @@ class JobIteration(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="history")
+
+
+class Dataset(Base):
+    """An uploaded dataset file: its stored object (key = ``sha256``) and what it holds.
+
+    ``sha256`` is unique: the same bytes uploaded twice are one dataset and one stored object.
+    """
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    # Rows of a csv/parquet file (None for tensor formats).
+    rows: Mapped[int | None] = mapped_column(BigInteger)
+    # One entry per tensor or column: name, shape, dtype, min, max, integer.
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_datasets_sha256", "sha256", unique=True),
+        Index("ix_datasets_created_at", "created_at"),
+    )
+
+
+class JobDataset(Base):
+    """A job uses a dataset (its spec names it); a dataset cannot be deleted while a queued or
+    running job uses it. No foreign key to datasets: a finished job may outlive its data."""
+
+    __tablename__ = "job_datasets"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    dataset_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+
+    __table_args__ = (Index("ix_job_datasets_dataset_id", "dataset_id"),)

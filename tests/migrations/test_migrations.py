@@ -18,6 +18,8 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
+HEAD = "0002"
+TABLES = {"jobs", "job_iterations", "datasets", "job_datasets", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -54,15 +56,15 @@ def version(url: str) -> str | None:
 
 
 def test_one_head():
-    assert current_heads() == ("0001",)
+    assert current_heads() == (HEAD,)
     assert (MIGRATIONS_DIR / "env.py").is_file()
 
 
 def test_upgrade_empty_database_matches_the_models_then_down_and_up(empty_url):
     assert tables(empty_url) == set()
     upgrade(empty_url)
-    assert tables(empty_url) == {"jobs", "job_iterations", "alembic_version"}
-    assert version(empty_url) == "0001"
+    assert tables(empty_url) == TABLES
+    assert version(empty_url) == HEAD
     assert diff(empty_url) == []
 
     downgrade(empty_url, "base")
@@ -72,6 +74,31 @@ def test_upgrade_empty_database_matches_the_models_then_down_and_up(empty_url):
     upgrade(empty_url)
     assert diff(empty_url) == []
     upgrade(empty_url)  # already at head: nothing to do, no error
+    assert version(empty_url) == HEAD
+
+
+def test_upgrade_from_0001_keeps_the_jobs_and_adds_the_dataset_tables(empty_url):
+    """A database created at 0001 (before datasets), with a job in it, upgrades to head."""
+    upgrade(empty_url, "0001")
+    assert tables(empty_url) == {"jobs", "job_iterations", "alembic_version"}
+    engine = create_engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, name, status, spec, created_at, updated_at, iteration, iterations, "
+            "cancel_requested, chunks_started, chunks_committed) VALUES ('j1', 'old', 'queued', '{}', "
+            "'2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00', 0, 5, false, 0, 0)"
+        ))
+    engine.dispose()
+    upgrade(empty_url)
+    assert version(empty_url) == HEAD and tables(empty_url) == TABLES
+    assert diff(empty_url) == []
+    engine = create_engine(empty_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name FROM jobs")).scalars().all() == ["old"]
+        assert conn.execute(text("SELECT count(*) FROM datasets")).scalar() == 0
+    engine.dispose()
+    downgrade(empty_url, "0001")  # and back: the dataset tables go, the job stays
+    assert tables(empty_url) == {"jobs", "job_iterations", "alembic_version"}
     assert version(empty_url) == "0001"
 
 
@@ -95,7 +122,8 @@ def test_alembic_command_line_from_another_directory(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "Running upgrade  -> 0001" in out.stderr
-    assert version(url) == "0001"
+    assert "Running upgrade 0001 -> 0002" in out.stderr
+    assert version(url) == HEAD
 
 
 def test_alembic_falls_back_to_the_settings(tmp_path):
@@ -107,7 +135,7 @@ def test_alembic_falls_back_to_the_settings(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert version(f"sqlite:///{tmp_path / 'data' / 'gradtune.db'}") == "0001"
+    assert version(f"sqlite:///{tmp_path / 'data' / 'gradtune.db'}") == HEAD
 
 
 def test_no_create_all_outside_tests():

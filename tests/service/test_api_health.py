@@ -106,6 +106,8 @@ def test_openapi_documents_the_endpoints(client):
         "/v1/jobs/{job_id}/history": {"get"},
         "/v1/jobs/{job_id}/settings": {"get"},
         "/v1/jobs/{job_id}/cancel": {"post"},
+        "/v1/datasets": {"get", "post"},
+        "/v1/datasets/{dataset_id}": {"get", "delete"},
         "/healthz": {"get"},
         "/readyz": {"get"},
     }
@@ -130,13 +132,13 @@ def test_the_documented_examples_are_accepted(client):
         assert r.status_code == 202, (name, r.text)
 
 
-def test_importing_the_api_leaves_torch_numpy_and_the_worker_out(tmp_path):
+def test_importing_the_api_leaves_torch_numpy_pyarrow_boto3_and_the_worker_out(tmp_path):
     code = (
         "import sys, json\n"
         "import service.main\n"
         "from service.settings import Settings\n"
         "app = service.main.create_app(Settings(data_dir='data'))\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'worker', 'sklearn'))))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'worker', 'sklearn', 'pyarrow', 'boto3', 'botocore', 'safetensors'))))\n"
     )
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,

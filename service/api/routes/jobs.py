@@ -140,7 +140,11 @@ def create_job(
     The job is committed before it is enqueued; if the broker is down the job stays queued and
     the workers' sweep picks it up later. Nothing is stored when the body is refused.
     """
-    errors = check_job(job, settings)
+    # The rows of the datasets the job names stay locked until the commit, so none of them
+    # can be deleted between this check and the job being stored.
+    rows = repository.datasets_by_id(session, ids=job.dataset_ids(), lock=True)
+    datasets = {i: repository.dataset_to_public(d) for i, d in rows.items()}
+    errors = check_job(job, settings, datasets)
     if errors:
         raise RequestValidationError(errors)
     row = repository.create_job(
