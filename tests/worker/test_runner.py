@@ -125,3 +125,36 @@ def test_inline_data_builds_the_tasks_the_user_described():
     assert t1.out_features == 2 and t1.y_train.shape == (2, 2) and t1.hidden == ()
     assert t2.out_features == 3 and t2.x_train.shape[1] == 13
     assert len({t.seed for t in (t0, t1, t2)}) == 3  # each task its own draws
+
+
+def test_a_job_on_an_uploaded_dataset_runs_to_settings(env):
+    """Upload safetensors through the API, name its tensors in a task, run the chunks."""
+    import numpy as np
+
+    from tests.dataset_files import safetensors_bytes
+
+    client, sent = env
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    r = client.post("/v1/datasets", files={"file": ("blobs.safetensors", safetensors_bytes({"x": x, "y": y}))})
+    assert r.status_code == 201, r.text
+    ds = r.json()["id"]
+    job = {"name": "own-data",
+           "tasks": [{"data": {"source": "dataset", "train": {"dataset": ds, "x": "x", "y": "y"},
+                               "val_fraction": 0.25, "seed": 1},
+                      "model": {"kind": "mlp", "hidden": [4]}, "loss": "cross_entropy",
+                      "steps": 10, "batch_size": 8}],
+           "meta": {"iterations": 2}}
+    r = client.post("/v1/jobs", json=job)
+    assert r.status_code == 202, r.text
+    jid = r.json()["id"]
+    sent.append((jid, 0))
+    assert _drain(sent) == ["committed", "succeeded"]
+    body = client.get(f"/v1/jobs/{jid}/settings").json()
+    assert body["evaluation"]["mean_learned_val_loss"] <= body["evaluation"]["mean_initial_val_loss"]
+    # The worker saw the split the user asked for: 15 validation rows, 45 for training.
+    from service.schemas import JobCreate
+
+    (task,) = runner.build_tasks(JobCreate.model_validate(job), None)
+    assert task.x_val.shape == (15, 4) and task.x_train.shape == (45, 4) and task.out_features == 2
