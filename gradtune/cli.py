@@ -107,21 +107,9 @@ def _job_line(job: dict) -> str:
 
 
 def _wait(client, job_id: str) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from gradtune.progress import job_progress
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"), transient=False) as bar:
-        task = bar.add_task(job_id[:8], total=None, info="")
-
-        def show(job: dict) -> None:
-            p = job["progress"]
-            info = job["status"]
-            if p.get("meta_loss") is not None:
-                info += f"  meta-loss {p['meta_loss']:.4g}"
-            if p.get("lr") is not None:
-                info += f"  lr {p['lr']:.4g}  momentum {p['momentum']:.4g}"
-            bar.update(task, total=p["iterations"], completed=p["iteration"], info=info)
-
+    with job_progress(job_id) as show:
         return client.wait(job_id, on_progress=show)
 
 
@@ -210,6 +198,43 @@ def cancel(job_id: str, url: str = URL) -> None:
             typer.echo(_job_line(client.cancel(job_id)))
         except GradtuneError as exc:
             _fail(exc)
+
+
+datasets_cli = typer.Typer(no_args_is_help=True, help="Upload and list datasets.")
+cli.add_typer(datasets_cli, name="datasets")
+
+
+@datasets_cli.command("upload")
+def datasets_upload(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                help="A .safetensors, .npz, .csv or .parquet file."),
+    url: str = URL,
+) -> None:
+    """Upload a dataset file; prints its id and the tensors or columns found."""
+    from gradtune.client import GradtuneError
+
+    with _client(url) as client:
+        try:
+            ds = client.upload_dataset(file)
+        except GradtuneError as exc:
+            _fail(exc)
+    typer.echo(ds["id"])
+    for item in ds.get("tensors") or ds.get("columns") or []:
+        typer.echo(f"  {item['name']}  {item['dtype']}  {tuple(item['shape'])}")
+
+
+@datasets_cli.command("list")
+def datasets_list(url: str = URL) -> None:
+    """Datasets, newest first."""
+    from gradtune.client import GradtuneError
+
+    with _client(url) as client:
+        try:
+            page = client.datasets()
+        except GradtuneError as exc:
+            _fail(exc)
+    for ds in page["items"]:
+        typer.echo(f"{ds['id']}  {ds['format']:<11}  {ds['size']:>10}  {ds['filename']}")
 
 
 def _redact(url: str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -100,6 +103,66 @@ class Client:
         body = self._call("GET", f"/v1/jobs/{job_id}/settings")
         return TunedSettings(lr=body["lr"], momentum=body["momentum"], evaluation=body.get("evaluation", {}), raw=body)
 
+    def upload_dataset(self, file: str | Path | bytes, filename: str | None = None) -> dict[str, Any]:
+        """Upload a .safetensors/.npz/.csv/.parquet file (a path, or bytes with a filename)."""
+        if isinstance(file, bytes):
+            if not filename:
+                raise ValueError("filename is needed with bytes (its extension names the format)")
+            return self._call("POST", "/v1/datasets", files={"file": (filename, file)})
+        path = Path(file)
+        with path.open("rb") as fh:
+            return self._call("POST", "/v1/datasets", files={"file": (filename or path.name, fh)})
+
+    def datasets(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        return self._call("GET", "/v1/datasets", params={"limit": limit, "offset": offset})
+
+    def tune(self, model, train, val, *, loss: str, steps: int, batch_size: int,
+             lr: float = 0.01, momentum: float = 0.9, iterations: int = 40, seed: int = 0,
+             name: str = "tune", progress: bool = True, timeout: float | None = None) -> TunedSettings:
+        """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
+
+        The model is described to the server by its architecture (today: an ``nn.Sequential`` of
+        ``Linear`` layers with Tanh/ReLU/Sigmoid/GELU between them); the server trains fresh
+        PyTorch-default initializations of it, so your model's current weights are not used. The
+        tensors are uploaded as safetensors. Blocks until the job ends (with a progress bar when
+        ``progress``); raises GradtuneError with the server's message if it fails.
+        """
+        spec = describe_model(model)
+        first, last = model[0], model[-1]
+        xs, ys = _as_float32(train[0]), _targets(train[1], loss)
+        want_out = int(max(ys.max(), _targets(val[1], loss).max())) + 1 if loss == "cross_entropy" else (
+            1 if ys.ndim == 1 else ys.shape[1])
+        if xs.ndim != 2 or xs.shape[1] != first.in_features:
+            raise ValueError(f"the model takes {first.in_features} features; x_train has shape {xs.shape}")
+        if last.out_features != want_out:
+            raise ValueError(f"the model has {last.out_features} outputs; the {loss} targets need {want_out}")
+        ids = []
+        for part, (x, y) in (("train", train), ("val", val)):
+            blob = safetensors_bytes({"x": _as_float32(x), "y": _targets(y, loss)})
+            ids.append(self.upload_dataset(blob, filename=f"{name}-{part}.safetensors")["id"])
+        job = {
+            "name": name,
+            "tasks": [{
+                "name": name,
+                "data": {"source": "dataset", "train": {"dataset": ids[0], "x": "x", "y": "y"},
+                         "val": {"dataset": ids[1], "x": "x", "y": "y"}},
+                "model": spec, "loss": loss, "steps": steps, "batch_size": batch_size,
+            }],
+            "hyperparameters": {"lr": lr, "momentum": momentum},
+            "meta": {"iterations": iterations, "seed": seed},
+        }
+        job_id = self.submit(job)["id"]
+        if progress:
+            from gradtune.progress import job_progress
+
+            with job_progress(job_id) as show:
+                final = self.wait(job_id, timeout=timeout, on_progress=show)
+        else:
+            final = self.wait(job_id, timeout=timeout)
+        if final["status"] != "succeeded":
+            raise GradtuneError(409, f"job {job_id} {final['status']}: {final.get('error') or ''}".strip())
+        return self.settings(job_id)
+
     def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Poll until the job finishes; returns the final job (whatever its status)."""
@@ -113,3 +176,63 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll)
+
+
+_ACTIVATIONS = {"Tanh": "tanh", "ReLU": "relu", "Sigmoid": "sigmoid", "GELU": "gelu"}
+
+
+def describe_model(model) -> dict[str, Any]:
+    """The job's ``model`` for an ``nn.Sequential(Linear, act, ..., Linear)``; ValueError otherwise."""
+    import torch.nn as nn
+
+    layers = list(model) if isinstance(model, nn.Sequential) else None
+    why = "gradtune can tune an nn.Sequential of Linear layers with one activation between them"
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        raise ValueError(f"{why}; got {type(model).__name__}")
+    hidden, acts = [], set()
+    for i, layer in enumerate(layers):
+        if i % 2 == 0:
+            if not isinstance(layer, nn.Linear) or layer.bias is None:
+                raise ValueError(f"{why}; layer {i} is {layer!r}")
+            if i < len(layers) - 1:
+                hidden.append(layer.out_features)
+        else:
+            kind = _ACTIVATIONS.get(type(layer).__name__)
+            if kind is None or (kind == "gelu" and getattr(layer, "approximate", "none") != "none"):
+                raise ValueError(f"{why}; layer {i} is {layer!r} (Tanh, ReLU, Sigmoid or GELU)")
+            acts.add(kind)
+    if len(acts) > 1:
+        raise ValueError(f"{why}; it mixes activations {sorted(acts)}")
+    return {"kind": "mlp", "hidden": hidden, "activation": acts.pop() if acts else "tanh"}
+
+
+def _as_float32(x):
+    import numpy as np
+
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _targets(y, loss: str):
+    import numpy as np
+
+    y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
+    return np.ascontiguousarray(y, dtype=np.int64 if loss == "cross_entropy" else np.float32)
+
+
+_ST_DTYPES = {"float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32"}
+
+
+def safetensors_bytes(arrays: dict[str, Any]) -> bytes:
+    """Serialize numpy arrays in the safetensors format (little-endian, no pickle)."""
+    header: dict[str, Any] = {}
+    chunks, offset = [], 0
+    for name, a in arrays.items():
+        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)

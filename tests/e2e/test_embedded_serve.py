@@ -51,6 +51,7 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         # Everything lives under the data dir; nothing is dropped into the working directory.
         assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["data"]
         _cli_against_live_server(tmp_path, base, env, url.rsplit("/", 1)[1])
+        _client_tune_against_live_server(tmp_path, base, env)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -104,3 +105,53 @@ def _cli_against_live_server(tmp_path: Path, base: str, env: dict, done_id: str)
     bad.write_text(json.dumps({"name": "x", "tasks": []}))
     r = _gradtune(env, "submit", str(bad))
     assert r.returncode == 1 and "tasks" in r.stderr
+
+
+def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> None:
+    """Client.tune from a training script, and `gradtune datasets upload`, on the live server."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_iris
+
+    from gradtune import Client, GradtuneError
+
+    x, y = load_iris(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(x))
+    xt, yt = torch.tensor(x[perm[:100]], dtype=torch.float32), torch.tensor(y[perm[:100]])
+    xv, yv = torch.tensor(x[perm[100:]], dtype=torch.float32), torch.tensor(y[perm[100:]])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with Client(base) as client:
+        s = client.tune(model, (xt, yt), (xv, yv), loss="cross_entropy", steps=30, batch_size=16,
+                        iterations=2, progress=False, timeout=120)
+        opt = s.sgd(model.parameters())
+        assert isinstance(opt, torch.optim.SGD)
+        assert opt.param_groups[0]["lr"] == s.lr and opt.param_groups[0]["momentum"] == s.momentum
+        ev = s.evaluation
+        assert ev["mean_learned_val_loss"] <= ev["mean_initial_val_loss"]
+        # Server errors surface as exceptions carrying the server's message.
+        try:
+            client.settings("nope")
+        except GradtuneError as exc:
+            assert exc.status_code == 404 and "not found" in str(exc)
+        else:
+            raise AssertionError("no error for an unknown job")
+        bad = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+        try:
+            client.tune(bad, (xt, yt), (xv, yv), loss="cross_entropy", steps=30, batch_size=16)
+        except ValueError as exc:
+            assert "5 outputs" in str(exc)
+        else:
+            raise AssertionError("a model with the wrong output width was accepted")
+
+    csv = tmp_path / "small.csv"
+    csv.write_text("a,b,label\n" + "\n".join(f"{i},{i * 2},{i % 2}" for i in range(10)) + "\n")
+    r = _gradtune({**env, "GRADTUNE_URL": base}, "datasets", "upload", str(csv))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines[0].strip()) >= 8 and any(line.split()[0] == "label" for line in lines[1:])
+    r = _gradtune({**env, "GRADTUNE_URL": base}, "datasets", "list")
+    assert r.returncode == 0 and lines[0].strip() in r.stdout and "small.csv" in r.stdout
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("a,b\n1,2\n3\n")
+    r = _gradtune({**env, "GRADTUNE_URL": base}, "datasets", "upload", str(bad_csv))
+    assert r.returncode == 1 and "422" in r.stderr and "bad.csv" in r.stderr
