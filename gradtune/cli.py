@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -83,10 +85,16 @@ def serve(
 URL = typer.Option("http://localhost:8000", "--url", envvar="GRADTUNE_URL", help="The gradtune API.")
 
 
-def _client(url: str):
-    from gradtune.client import Client
+@contextmanager
+def _api(url: str) -> Iterator:
+    """A client whose refused requests end the command: exit 1 with the server's message."""
+    from gradtune.client import Client, GradtuneError
 
-    return Client(url)
+    with Client(url) as client:
+        try:
+            yield client
+        except GradtuneError as exc:
+            _fail(exc)
 
 
 def _fail(exc: Exception) -> None:
@@ -120,35 +128,25 @@ def submit(
     url: str = URL,
 ) -> None:
     """Submit a tuning job; prints its id (and, with --wait, follows it to the end)."""
-    from gradtune.client import GradtuneError
-
     try:
         body = json.loads(job_file.read_text())
     except ValueError as exc:
         _fail(ValueError(f"{job_file} is not valid JSON: {exc}"))
-    with _client(url) as client:
-        try:
-            job = client.submit(body)
-            typer.echo(job["id"])
-            if wait:
-                job = _wait(client, job["id"])
-                typer.echo(_job_line(job))
-                if job["status"] != "succeeded":
-                    raise typer.Exit(1)
-        except GradtuneError as exc:
-            _fail(exc)
+    with _api(url) as client:
+        job = client.submit(body)
+        typer.echo(job["id"])
+        if wait:
+            job = _wait(client, job["id"])
+            typer.echo(_job_line(job))
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
 
 
 @cli.command()
 def status(job_id: str, url: str = URL) -> None:
     """Status and progress of one job."""
-    from gradtune.client import GradtuneError
-
-    with _client(url) as client:
-        try:
-            typer.echo(_job_line(client.job(job_id)))
-        except GradtuneError as exc:
-            _fail(exc)
+    with _api(url) as client:
+        typer.echo(_job_line(client.job(job_id)))
 
 
 @cli.command()
@@ -158,15 +156,10 @@ def jobs(
     url: str = URL,
 ) -> None:
     """Jobs, newest first."""
-    from gradtune.client import GradtuneError
-
-    with _client(url) as client:
-        try:
-            page = client.jobs(status=status, limit=limit)
-        except GradtuneError as exc:
-            _fail(exc)
-        for job in page["items"]:
-            typer.echo(_job_line(job))
+    with _api(url) as client:
+        page = client.jobs(status=status, limit=limit)
+    for job in page["items"]:
+        typer.echo(_job_line(job))
 
 
 @cli.command()
@@ -176,28 +169,18 @@ def settings(
     url: str = URL,
 ) -> None:
     """The learned settings of a succeeded job."""
-    from gradtune.client import GradtuneError
-
     if format not in ("json", "python"):
         _fail(ValueError(f"--format must be json or python, not {format!r}"))
-    with _client(url) as client:
-        try:
-            s = client.settings(job_id)
-        except GradtuneError as exc:
-            _fail(exc)
-        typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
+    with _api(url) as client:
+        s = client.settings(job_id)
+    typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
 
 
 @cli.command()
 def cancel(job_id: str, url: str = URL) -> None:
     """Cancel a job (a running one stops at its next chunk boundary)."""
-    from gradtune.client import GradtuneError
-
-    with _client(url) as client:
-        try:
-            typer.echo(_job_line(client.cancel(job_id)))
-        except GradtuneError as exc:
-            _fail(exc)
+    with _api(url) as client:
+        typer.echo(_job_line(client.cancel(job_id)))
 
 
 datasets_cli = typer.Typer(no_args_is_help=True, help="Upload and list datasets.")
@@ -211,13 +194,8 @@ def datasets_upload(
     url: str = URL,
 ) -> None:
     """Upload a dataset file; prints its id and the tensors or columns found."""
-    from gradtune.client import GradtuneError
-
-    with _client(url) as client:
-        try:
-            ds = client.upload_dataset(file)
-        except GradtuneError as exc:
-            _fail(exc)
+    with _api(url) as client:
+        ds = client.upload_dataset(file)
     typer.echo(ds["id"])
     for item in ds.get("tensors") or ds.get("columns") or []:
         typer.echo(f"  {item['name']}  {item['dtype']}  {tuple(item['shape'])}")
@@ -226,13 +204,8 @@ def datasets_upload(
 @datasets_cli.command("list")
 def datasets_list(url: str = URL) -> None:
     """Datasets, newest first."""
-    from gradtune.client import GradtuneError
-
-    with _client(url) as client:
-        try:
-            page = client.datasets()
-        except GradtuneError as exc:
-            _fail(exc)
+    with _api(url) as client:
+        page = client.datasets()
     for ds in page["items"]:
         typer.echo(f"{ds['id']}  {ds['format']:<11}  {ds['size']:>10}  {ds['filename']}")
 
