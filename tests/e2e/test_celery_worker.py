@@ -73,7 +73,12 @@ def test_job_runs_to_settings_on_postgres_and_redis(tmp_path, pg_url, redis_url,
 def test_kill_dash_nine_mid_chunk_then_another_worker_finishes(tmp_path, pg_url, redis_url, spawn_worker):
     iterations = 10
     env = worker_env(tmp_path, pg_url, redis_url, GRADTUNE_CHUNK_ITERATIONS="3")
-    job = small_job(iterations=iterations, steps=150)  # chunks of a few seconds
+    # Digits, 500 steps: a chunk of 3 meta-iterations computes for about a second, a wide
+    # enough window to kill the worker inside it.
+    job = small_job(iterations=iterations, steps=500)
+    for task in job["tasks"]:
+        task["data"] = {"source": "builtin", "name": "digits", "seed": 0}
+        task["batch_size"] = 32
     engine = make_engine(pg_url)
 
     def row(jid):
