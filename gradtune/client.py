@@ -121,8 +121,9 @@ class Client:
              name: str = "tune", progress: bool = True, timeout: float | None = None) -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
-        The model is described to the server by its architecture (today: an ``nn.Sequential`` of
-        ``Linear`` layers with Tanh/ReLU/Sigmoid/GELU between them); the server trains fresh
+        The model is described to the server by its architecture (``describe_model``: an
+        ``nn.Sequential`` of ``Linear`` layers with Tanh/ReLU/Sigmoid/GELU between them, or a CNN
+        of Conv2d/ReLU/Tanh/MaxPool2d/AvgPool2d/Flatten/Linear on images (N, C, H, W)); the server trains fresh
         PyTorch-default initializations of it, so your model's current weights are not used. The
         tensors are uploaded as safetensors. Blocks until the job ends (with a progress bar when
         ``progress``); raises GradtuneError with the server's message if it fails.
@@ -132,7 +133,19 @@ class Client:
         xs, ys = _as_float32(train[0]), _targets(train[1], loss)
         want_out = int(max(ys.max(), _targets(val[1], loss).max())) + 1 if loss == "cross_entropy" else (
             1 if ys.ndim == 1 else ys.shape[1])
-        if xs.ndim != 2 or xs.shape[1] != first.in_features:
+        if spec["kind"] == "cnn":
+            if xs.ndim != 4 or xs.shape[1] != first.in_channels:
+                raise ValueError(f"the model takes images (N, {first.in_channels}, H, W); x_train has shape {xs.shape}")
+            import torch
+
+            try:
+                with torch.no_grad():
+                    out = model(torch.as_tensor(xs[:1], dtype=next(model.parameters()).dtype))
+            except RuntimeError as exc:
+                raise ValueError(f"the model cannot run on x_train's images {xs.shape[1:]}: {exc}") from None
+            if tuple(out.shape) != (1, want_out):
+                raise ValueError(f"the model outputs {list(out.shape[1:])} per image; the {loss} targets need {want_out}")
+        elif xs.ndim != 2 or xs.shape[1] != first.in_features:
             raise ValueError(f"the model takes {first.in_features} features; x_train has shape {xs.shape}")
         if last.out_features != want_out:
             raise ValueError(f"the model has {last.out_features} outputs; the {loss} targets need {want_out}")
@@ -181,11 +194,74 @@ class Client:
 _ACTIVATIONS = {"Tanh": "tanh", "ReLU": "relu", "Sigmoid": "sigmoid", "GELU": "gelu"}
 
 
+_CNN_ONLY = ("Conv2d", "MaxPool2d", "AvgPool2d", "Flatten")
+
+
+def _square(value, what: str, i: int, layer) -> int:
+    """An int from an int or a square pair (3 or (3, 3)); ValueError otherwise."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1] and isinstance(value[0], int):
+        return int(value[0])
+    raise ValueError(f"layer {i} ({layer!r}): gradtune takes a square {what} (one integer), got {value!r}")
+
+
+def describe_cnn(model) -> dict[str, Any]:
+    """The job's ``cnn`` model for an ``nn.Sequential`` of Conv2d, ReLU, Tanh, MaxPool2d, AvgPool2d,
+    Flatten and Linear (ending with Linear); ValueError naming the layer otherwise."""
+    import torch.nn as nn
+
+    layers: list[dict[str, Any]] = []
+    for i, layer in enumerate(model):
+        kind = type(layer).__name__
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or _square(layer.dilation, "dilation", i, layer) != 1:
+                raise ValueError(f"layer {i} ({layer!r}): groups and dilation must be 1")
+            if layer.bias is None or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ValueError(f"layer {i} ({layer!r}): needs a bias and numeric zero padding")
+            layers.append({"type": "conv2d", "out_channels": layer.out_channels,
+                           "kernel_size": _square(layer.kernel_size, "kernel_size", i, layer),
+                           "stride": _square(layer.stride, "stride", i, layer),
+                           "padding": _square(layer.padding, "padding", i, layer)})
+        elif isinstance(layer, (nn.ReLU, nn.Tanh)) and type(layer) in (nn.ReLU, nn.Tanh):
+            layers.append({"type": kind.lower()})
+        elif type(layer) in (nn.MaxPool2d, nn.AvgPool2d):
+            k = _square(layer.kernel_size, "kernel_size", i, layer)
+            stride = _square(layer.stride if layer.stride is not None else k, "stride", i, layer)
+            plain = _square(layer.padding, "padding", i, layer) == 0 and not layer.ceil_mode
+            if isinstance(layer, nn.MaxPool2d):
+                plain = plain and _square(layer.dilation, "dilation", i, layer) == 1 and not layer.return_indices
+            else:
+                plain = plain and layer.divisor_override is None
+            if not plain:
+                raise ValueError(f"layer {i} ({layer!r}): pools need padding 0, ceil_mode False (and no "
+                                 "dilation, indices or divisor_override)")
+            layers.append({"type": "maxpool" if isinstance(layer, nn.MaxPool2d) else "avgpool",
+                           "kernel_size": k, "stride": stride})
+        elif type(layer) is nn.Flatten:
+            if layer.start_dim != 1 or layer.end_dim != -1:
+                raise ValueError(f"layer {i} ({layer!r}): Flatten must keep the batch dimension (start_dim=1)")
+            layers.append({"type": "flatten"})
+        elif type(layer) is nn.Linear:
+            if layer.bias is None:
+                raise ValueError(f"layer {i} ({layer!r}): Linear needs a bias")
+            layers.append({"type": "linear", "out_features": layer.out_features})
+        else:
+            raise ValueError(f"layer {i} is {layer!r}; a gradtune cnn takes Conv2d, ReLU, Tanh, MaxPool2d, "
+                             "AvgPool2d, Flatten and Linear")
+    if not layers or layers[-1]["type"] != "linear":
+        raise ValueError("a gradtune cnn must end with a Linear layer")
+    return {"kind": "cnn", "layers": layers}
+
+
 def describe_model(model) -> dict[str, Any]:
-    """The job's ``model`` for an ``nn.Sequential(Linear, act, ..., Linear)``; ValueError otherwise."""
+    """The job's ``model``: ``mlp`` for an ``nn.Sequential(Linear, act, ..., Linear)``, ``cnn`` for
+    an ``nn.Sequential`` with Conv2d, pools or Flatten (see describe_cnn); ValueError otherwise."""
     import torch.nn as nn
 
     layers = list(model) if isinstance(model, nn.Sequential) else None
+    if layers and any(type(layer).__name__ in _CNN_ONLY for layer in layers):
+        return describe_cnn(model)
     why = "gradtune can tune an nn.Sequential of Linear layers with one activation between them"
     if not layers or not isinstance(layers[-1], nn.Linear):
         raise ValueError(f"{why}; got {type(model).__name__}")

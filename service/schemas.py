@@ -41,13 +41,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _feature_rank(v: Any) -> str:
+    """"images" when the first example is itself a nested list (N, C, H, W), else "table"."""
+    if isinstance(v, list) and v and isinstance(v[0], list) and v[0] and isinstance(v[0][0], list):
+        return "images"
+    return "table"
+
+
+# x: rows of features (N, F) for an mlp, or images (N, C, H, W) for a cnn. The tag ("table",
+# "images") is dropped from error locations (service/api/errors.py).
+Features = Annotated[
+    Union[
+        Annotated[list[list[Finite]], Tag("table")],
+        Annotated[list[list[list[list[Finite]]]], Tag("images")],
+    ],
+    Discriminator(_feature_rank),
+    Field(min_length=1),
+]
+
+
 class InlineData(_Strict):
-    """Arrays in the request body: rows of features and one target per row."""
+    """Arrays in the request body: rows of features (or images (N, C, H, W) for a cnn) and one
+    target per row."""
 
     source: Literal["inline"]
-    x_train: list[list[Finite]] = Field(min_length=1)
+    x_train: Features
     y_train: list[Finite] | list[list[Finite]] = Field(min_length=1)
-    x_val: list[list[Finite]] = Field(min_length=1)
+    x_val: Features
     y_val: list[Finite] | list[list[Finite]] = Field(min_length=1)
 
 
@@ -66,7 +86,8 @@ Name = Annotated[str, Field(min_length=1, max_length=255)]
 class DatasetRef(_Strict):
     """Features and targets in an uploaded dataset (``POST /v1/datasets``).
 
-    ``x``: the name of one 2-D tensor ``(N, F)`` (safetensors, npz), or column names (csv,
+    ``x``: the name of one 2-D tensor ``(N, F)`` (safetensors, npz; 4-D ``(N, C, H, W)`` for a
+    cnn), or column names (csv,
     parquet: a list of names, or one name for a single feature), read as ``(N, len(x))``.
     ``y``: the name of one tensor or column of N targets (``(N,)``, or ``(N, K)`` for mse).
     """
@@ -126,10 +147,65 @@ class MLPModel(_Strict):
     activation: Activation = "tanh"
 
 
+Size = Annotated[int, Field(ge=1, le=4096)]
+
+
+class Conv2dLayer(_Strict):
+    """``nn.Conv2d(in, out_channels, kernel_size, stride, padding)`` (square kernel, with bias)."""
+
+    type: Literal["conv2d"]
+    out_channels: Size
+    kernel_size: Annotated[int, Field(ge=1, le=64)]
+    stride: Annotated[int, Field(ge=1, le=64)] = 1
+    padding: Annotated[int, Field(ge=0, le=64)] = 0
+
+
+class ActivationLayer(_Strict):
+    type: Literal["relu", "tanh"]
+
+
+class PoolLayer(_Strict):
+    """``nn.MaxPool2d`` / ``nn.AvgPool2d(kernel_size, stride)``; stride defaults to kernel_size."""
+
+    type: Literal["maxpool", "avgpool"]
+    kernel_size: Annotated[int, Field(ge=1, le=64)]
+    stride: Annotated[int, Field(ge=1, le=64)] | None = None
+
+
+class FlattenLayer(_Strict):
+    type: Literal["flatten"]
+
+
+class LinearLayer(_Strict):
+    """``nn.Linear(in, out_features)``; the input width comes from the layers before. The last
+    layer's out_features may be left out: it is then the number of classes (cross_entropy) or the
+    target width (mse); when given it must equal that."""
+
+    type: Literal["linear"]
+    out_features: Annotated[int, Field(ge=1, le=65536)] | None = None
+
+
+CNNLayer = Annotated[
+    Union[Conv2dLayer, ActivationLayer, PoolLayer, FlattenLayer, LinearLayer], Field(discriminator="type")
+]
+
+
+class CNNModel(_Strict):
+    """A stack of layers -> ``nn.Sequential`` in that order, for images (N, C, H, W): conv2d,
+    relu/tanh, maxpool/avgpool, then flatten, then linear (and activations), ending with linear.
+    Parameters are named by position like an mlp's: ``"0.weight", "0.bias", "4.weight", ...``."""
+
+    kind: Literal["cnn"]
+    layers: list[CNNLayer] = Field(min_length=1, max_length=64)
+
+
+Model = Annotated[Union[MLPModel, CNNModel], Field(discriminator="kind")]
+
+
 class TaskSpec(_Strict):
     name: str | None = Field(None, max_length=200)
     data: TaskData
-    model: MLPModel
+    model: Model
     loss: Loss
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)

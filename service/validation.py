@@ -15,6 +15,7 @@ from typing import Any
 from service.schemas import (
     BUILTIN_DATASETS,
     BuiltinData,
+    CNNModel,
     DatasetData,
     DatasetPublic,
     DatasetRef,
@@ -58,6 +59,20 @@ def _class_count(task: TaskSpec) -> int | None:
     return int(max(labels)) + 1
 
 
+def _is_cnn(task: TaskSpec) -> bool:
+    return isinstance(task.model, CNNModel)
+
+
+def _inline_out_width(task: TaskSpec) -> int:
+    """Output width of an inline or builtin task: classes for cross_entropy, else target width."""
+    data = task.data
+    if task.loss == "cross_entropy":
+        return _class_count(task) or 1
+    if isinstance(data, InlineData) and _is_2d(data.y_train):
+        return len(data.y_train[0])
+    return 1  # one regression target, or class labels read as one float column
+
+
 def layer_widths(task: TaskSpec, io: tuple[int, int] | None = None) -> list[int]:
     """[input width, *hidden, output width] of the task's MLP, as far as the body tells.
 
@@ -74,13 +89,7 @@ def layer_widths(task: TaskSpec, io: tuple[int, int] | None = None) -> list[int]
         d_in = facts["features"]
     else:
         d_in = len(data.x_train[0]) if data.x_train else 0
-    if task.loss == "cross_entropy":
-        d_out = _class_count(task) or 1
-    elif isinstance(data, InlineData) and _is_2d(data.y_train):
-        d_out = len(data.y_train[0])
-    else:
-        d_out = 1  # one regression target, or class labels read as one float column
-    return [d_in, *task.model.hidden, d_out]
+    return [d_in, *task.model.hidden, _inline_out_width(task)]
 
 
 def estimate_unroll_bytes(task: TaskSpec, io: tuple[int, int] | None = None) -> int:
@@ -109,6 +118,90 @@ def estimate_unroll_bytes(task: TaskSpec, io: tuple[int, int] | None = None) -> 
     return FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params)
 
 
+def cnn_layer_shapes(
+    loc: list[Any], layers: list[Any], in_shape: tuple[int, int, int], d_out: int
+) -> tuple[list[tuple[int, ...]], list[dict]]:
+    """Output shape of each cnn layer (per example), or errors naming the layer (``loc`` is the
+    model's). The same arithmetic as worker/engine/cnn.py: out = (size + 2 padding - kernel) //
+    stride + 1; pools have no padding and stride kernel_size unless given."""
+    errors: list[dict] = []
+    shapes: list[tuple[int, ...]] = []
+    shape: tuple[int, ...] = tuple(in_shape)
+    last = len(layers) - 1
+    if layers[last].type != "linear":
+        return [], [_err([*loc, "layers", last, "type"], f"the last layer is {layers[last].type}; a cnn must end "
+                         "with a linear layer (its outputs are the class scores or the regression targets)",
+                         "cnn_structure")]
+    for j, layer in enumerate(layers):
+        here = [*loc, "layers", j]
+        kind = layer.type
+        if kind in ("conv2d", "maxpool", "avgpool"):
+            if len(shape) != 3:
+                errors.append(_err([*here, "type"], f"layer {j} ({kind}) comes after flatten; conv2d and pool "
+                                   "layers need images and must come before flatten", "cnn_structure"))
+                break
+            k = layer.kernel_size
+            if kind == "conv2d":
+                s, p, c = layer.stride, layer.padding, layer.out_channels
+            else:
+                s, p, c = layer.stride or k, 0, shape[0]
+            h, w = (shape[1] + 2 * p - k) // s + 1, (shape[2] + 2 * p - k) // s + 1
+            if h < 1 or w < 1:
+                errors.append(_err([*here, "kernel_size"], f"layer {j} ({kind}) gets {shape[1]}x{shape[2]} images "
+                                   f"and a kernel of {k} (padding {p}) does not fit: its output would be empty; "
+                                   "use a smaller kernel, more padding, or fewer layers before it", "cnn_shape"))
+                break
+            shape = (c, h, w)
+        elif kind == "flatten":
+            if len(shape) != 3:
+                errors.append(_err([*here, "type"], f"layer {j} is a second flatten", "cnn_structure"))
+                break
+            shape = (shape[0] * shape[1] * shape[2],)
+        elif kind == "linear":
+            if len(shape) != 1:
+                errors.append(_err([*here, "type"], f"layer {j} (linear) gets {_shape_text(shape)} images: put a "
+                                   "flatten layer before the first linear layer", "cnn_structure"))
+                break
+            o = layer.out_features
+            if j == last:
+                if o is not None and o != d_out:
+                    errors.append(_err([*here, "out_features"], f"the last linear layer has {o} outputs but the "
+                                       f"targets need {d_out}; leave out_features out to use {d_out}",
+                                       "cnn_outputs"))
+                    break
+                o = d_out
+            elif o is None:
+                errors.append(_err([*here, "out_features"], f"layer {j} (linear) needs out_features (only the "
+                                   "last linear layer may leave it out)", "missing"))
+                break
+            shape = (o,)
+        shapes.append(shape)
+    return shapes, errors
+
+
+def cnn_unroll_bytes(steps: int, batch_size: int, in_shape: tuple[int, int, int], layers: list[Any],
+                     shapes: list[tuple[int, ...]]) -> int:
+    """estimate_unroll_bytes for a cnn: the same formula, ``4 * (steps * (3P + 2A) + 2P)``, with P
+    the weights and biases of the conv2d (``out * (in * k * k + 1)``) and linear layers, and
+    ``A = batch_size * (input size + 2 * sum of every layer's output size)``."""
+    params = 0
+    before: tuple[int, ...] = tuple(in_shape)
+    outputs = 0
+    for layer, shape in zip(layers, shapes):
+        if layer.type == "conv2d":
+            params += shape[0] * (before[0] * layer.kernel_size**2 + 1)
+        elif layer.type == "linear":
+            params += (before[0] + 1) * shape[0]
+        size = 1
+        for v in shape:
+            size *= v
+        outputs += size
+        before = shape
+    size_in = in_shape[0] * in_shape[1] * in_shape[2]
+    acts = batch_size * (size_in + 2 * outputs)
+    return FLOAT_BYTES * (steps * (3 * params + 2 * acts) + 2 * params)
+
+
 def _check_matrix(loc: list[Any], name: str, rows: list[list[float]]) -> tuple[int | None, list[dict]]:
     """Width of a feature matrix, or an error naming the first ragged row."""
     width = len(rows[0])
@@ -126,21 +219,60 @@ def _check_matrix(loc: list[Any], name: str, rows: list[list[float]]) -> tuple[i
     return width, []
 
 
+def _is_images(x: list) -> bool:
+    return bool(x) and isinstance(x[0], list) and bool(x[0]) and isinstance(x[0][0], list)
+
+
+def _check_images(loc: list[Any], name: str, x: list) -> tuple[tuple[int, int, int] | None, list[dict]]:
+    """(C, H, W) of inline images (N, C, H, W), or an error naming the first example that differs."""
+    first = x[0]
+    shape = (len(first), len(first[0]) if first else 0, len(first[0][0]) if first and first[0] else 0)
+    if min(shape) == 0:
+        return None, [_err([*loc, name, 0], f"{name}[0] has shape {list(shape)}; images need at least one "
+                           "channel, row and column", "empty_row")]
+    c, h, w = shape
+    for i, img in enumerate(x):
+        bad = len(img) != c or any(len(ch) != h or any(len(row) != w for row in ch) for ch in img)
+        if bad:
+            return None, [
+                _err([*loc, name, i], f"{name} is ragged: image {i} is not {c}x{h}x{w} (channels x height "
+                     "x width) like image 0", "ragged_rows")
+            ]
+    return shape, []
+
+
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(v) for v in shape) if isinstance(shape, tuple) else f"{shape} features"
+
+
 def _check_inline(loc: list[Any], task: TaskSpec, data: InlineData) -> list[dict]:
     errors: list[dict] = []
-    widths: dict[str, int | None] = {}
+    widths: dict[str, Any] = {}
     for name in ("x_train", "x_val"):
-        widths[name], errs = _check_matrix(loc, name, getattr(data, name))
-        errors += errs
+        x = getattr(data, name)
+        if _is_cnn(task) and not _is_images(x):
+            errors.append(_err([*loc, name], f"a cnn needs images (N, C, H, W): {name} must be a list of "
+                               "images, each a list of channels of rows of numbers", "x_not_images"))
+            widths[name] = None
+        elif not _is_cnn(task) and _is_images(x):
+            errors.append(_err([*loc, name], f"an mlp needs rows of features (N, F), but {name} holds images "
+                               "(N, C, H, W); use model kind cnn, or flatten each image into a row",
+                               "x_not_2d"))
+            widths[name] = None
+        elif _is_cnn(task):
+            widths[name], errs = _check_images(loc, name, x)
+            errors += errs
+        else:
+            widths[name], errs = _check_matrix(loc, name, x)
+            errors += errs
     if widths["x_train"] and widths["x_val"] and widths["x_train"] != widths["x_val"]:
-        errors.append(
-            _err(
-                [*loc, "x_val"],
-                f"x_val rows have {widths['x_val']} features but x_train rows have "
-                f"{widths['x_train']}; train and validation data must have the same width",
-                "width_mismatch",
-            )
-        )
+        if _is_cnn(task):
+            msg = (f"x_val images are {_shape_text(widths['x_val'])} but x_train images are "
+                   f"{_shape_text(widths['x_train'])}; train and validation images must have the same shape")
+        else:
+            msg = (f"x_val rows have {widths['x_val']} features but x_train rows have "
+                   f"{widths['x_train']}; train and validation data must have the same width")
+        errors.append(_err([*loc, "x_val"], msg, "width_mismatch"))
     for split in ("train", "val"):
         x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
         if len(x) != len(y):
@@ -214,6 +346,12 @@ def _check_inline(loc: list[Any], task: TaskSpec, data: InlineData) -> list[dict
 def _check_builtin(loc: list[Any], task: TaskSpec, data: BuiltinData) -> list[dict]:
     errors: list[dict] = []
     facts = BUILTIN_DATASETS[data.name]
+    if _is_cnn(task):
+        errors.append(
+            _err([*loc[:-1], "model"], f"builtin dataset {data.name!r} is a table of features (N, "
+                 f"{facts['features']}) and a cnn needs images (N, C, H, W): upload the images as a 4-D "
+                 "tensor (source dataset) or send them inline, or use model kind mlp", "x_not_images")
+        )
     if task.loss == "cross_entropy" and facts["task"] != "classification":
         errors.append(
             _err(
@@ -242,7 +380,7 @@ class _Side:
     """What a dataset reference resolves to: rows, feature width, target width and labels."""
 
     n: int
-    features: int
+    features: Any  # int (mlp), or (C, H, W) for a cnn
     y_width: int | None  # None: one target per row
     y_max: float | None
 
@@ -276,8 +414,13 @@ def _resolve(
 
     errors: list[dict] = []
     n: int | None = None
-    features: int | None = None
-    if tabular:
+    features: Any = None
+    if tabular and _is_cnn(task):
+        errors.append(
+            _err([*loc, "x"], f"{label} is a {ds.format} file of columns (a table); a cnn needs images: "
+                 "upload a 4-D tensor (N, C, H, W) in a .safetensors or .npz file", "x_not_images")
+        )
+    elif tabular:
         names = [ref.x] if isinstance(ref.x, str) else list(ref.x)
         for j, name in enumerate(names):
             field_loc = [*loc, "x"] if isinstance(ref.x, str) else [*loc, "x", j]
@@ -294,12 +437,24 @@ def _resolve(
         )
     elif ref.x not in items:
         errors.append(missing([*loc, "x"], ref.x))
+    elif _is_cnn(task):
+        shape = items[ref.x].shape
+        if len(shape) != 4:
+            errors.append(
+                _err([*loc, "x"], f"tensor {ref.x!r} of {label} has shape {shape}; x must be 4-D "
+                     "(rows, channels, height, width) for a cnn", "x_not_images")
+            )
+        elif min(shape[1:]) == 0:
+            errors.append(_err([*loc, "x"], f"tensor {ref.x!r} of {label} has empty images (shape {shape})", "empty_row"))
+        else:
+            n, features = shape[0], tuple(shape[1:])
     else:
         shape = items[ref.x].shape
         if len(shape) != 2:
             errors.append(
                 _err([*loc, "x"], f"tensor {ref.x!r} of {label} has shape {shape}; x must be 2-D "
-                     "(rows, features) for an mlp", "x_not_2d")
+                     "(rows, features) for an mlp" + (" (it holds images: use model kind cnn)" if len(shape) == 4 else ""),
+                     "x_not_2d")
             )
         elif shape[1] == 0:
             errors.append(_err([*loc, "x"], f"tensor {ref.x!r} of {label} has no features (shape {shape})", "empty_row"))
@@ -349,8 +504,9 @@ def _resolve(
 
 def _check_dataset(
     loc: list[Any], task: TaskSpec, data: DatasetData, datasets: Mapping[str, DatasetPublic]
-) -> tuple[list[dict], tuple[int, int] | None]:
-    """Errors of a ``source: dataset`` task, and its (input width, output width) when none."""
+) -> tuple[list[dict], tuple[Any, int] | None]:
+    """Errors of a ``source: dataset`` task, and its (input width, output width) when none (the
+    input is an image shape (C, H, W) for a cnn)."""
     train, errors = _resolve([*loc, "train"], task, data.train, datasets)
     val: _Side | None = None
     if data.val is not None:
@@ -370,11 +526,13 @@ def _check_dataset(
     else:
         n_train = train.n
         if val.features != train.features:
-            errors.append(
-                _err([*loc, "val", "x"], f"validation rows have {val.features} features but training "
-                     f"rows have {train.features}; train and validation data must have the same width",
-                     "width_mismatch")
-            )
+            if _is_cnn(task):
+                msg = (f"validation images are {_shape_text(val.features)} but training images are "
+                       f"{_shape_text(train.features)}; train and validation images must have the same shape")
+            else:
+                msg = (f"validation rows have {val.features} features but training rows have "
+                       f"{train.features}; train and validation data must have the same width")
+            errors.append(_err([*loc, "val", "x"], msg, "width_mismatch"))
         if task.loss == "mse" and val.y_width != train.y_width:
             def describe(w):
                 return "one target per row" if w is None else f"rows of {w} targets"
@@ -447,7 +605,9 @@ def check_job(
         else:
             task_errors = _check_builtin(loc, task, task.data)
         errors += task_errors
-        if not task_errors:
+        if not task_errors and _is_cnn(task):
+            errors += _check_cnn_task(i, task, io, settings.max_unroll_bytes)
+        elif not task_errors:
             need = estimate_unroll_bytes(task, io)
             if need > settings.max_unroll_bytes:
                 errors.append(
@@ -462,6 +622,32 @@ def check_job(
                 )
     errors += _check_hyperparameters(job)
     return errors
+
+
+def _check_cnn_task(i: int, task: TaskSpec, io: tuple[Any, int] | None, limit: int) -> list[dict[str, Any]]:
+    """Shapes through the cnn's layers, then the memory estimate (the data is already checked)."""
+    if io is None:  # inline: the first training image's shape
+        x0 = task.data.x_train[0]
+        in_shape = (len(x0), len(x0[0]), len(x0[0][0]))
+        d_out = _inline_out_width(task)
+    else:
+        in_shape, d_out = io
+    layers = task.model.layers
+    shapes, errors = cnn_layer_shapes(["tasks", i, "model"], layers, in_shape, d_out)
+    if errors:
+        return errors
+    need = cnn_unroll_bytes(task.steps, task.batch_size, in_shape, layers, shapes)
+    if need > limit:
+        return [
+            _err(
+                ["tasks", i, "steps"],
+                f"steps={task.steps} with batch_size={task.batch_size} and this cnn on "
+                f"{_shape_text(tuple(in_shape))} images needs about {_gib(need)} to differentiate through, "
+                f"above the limit of {_gib(limit)}; lower steps or batch_size (or the model size)",
+                "unroll_too_large",
+            )
+        ]
+    return []
 
 
 def _check_hyperparameters(job: JobCreate) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """Arrays for a ``source: dataset`` task: fetch the uploaded files, read, select, split.
 
 ``load_dataset_task_data(data, settings)`` returns ``(x_train, y_train, x_val, y_val)`` as numpy
-arrays: features as float32 of shape (N, F); targets as int64 when the tensor or column holds
-integers (or booleans), else float32, with the shape they have in the file ((N,) or (N, K)).
+arrays: features as float32 of shape (N, F) (images (N, C, H, W) for a cnn); targets as int64
+when the tensor or column holds integers (or booleans), else float32, with the shape they have in
+the file ((N,) or (N, K)).
 Without ``val`` the train rows are split exactly like a builtin dataset::
 
     perm = numpy.random.default_rng(seed).permutation(n)
@@ -127,9 +128,10 @@ def _read_xy(path: Path, fmt: str, ref: DatasetRef, label: str) -> tuple[np.ndar
         raise DatasetUnavailable(f"{label} has no tensor or column {exc.args[0]!r}") from None
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = _targets(np.asarray(y))
-    if x.ndim != 2 or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
+    if x.ndim not in (2, 4) or y.ndim not in (1, 2) or x.shape[0] != y.shape[0]:
         raise DatasetUnavailable(
-            f"{label}: x has shape {list(x.shape)} and y {list(y.shape)}; expected (N, F) and N targets"
+            f"{label}: x has shape {list(x.shape)} and y {list(y.shape)}; expected (N, F) or images "
+            "(N, C, H, W), and N targets"
         )
     x.flags.writeable = False
     y.flags.writeable = False

@@ -64,8 +64,29 @@ def _targets(y: Any, loss: str, dev: torch.device) -> tuple[torch.Tensor, int | 
     return t.to(dev), int(t.shape[1])
 
 
-def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[engine.Task]:
-    """Engine tasks from a validated job body (the API has checked shapes and labels)."""
+def _cnn_task(i: int, spec: Any, job: JobCreate, xt: Any, y_train: torch.Tensor, xv: Any,
+              y_val: torch.Tensor, out: int, dev: torch.device) -> Any:
+    """A ModuleTask (worker/engine/modules.py) for a ``cnn`` model: images (N, C, H, W)."""
+    from worker.engine.cnn import cnn_task
+
+    return cnn_task(
+        name=spec.name or f"task{i}",
+        x_train=torch.as_tensor(xt, dtype=DTYPE).to(dev),
+        y_train=y_train,
+        x_val=torch.as_tensor(xv, dtype=DTYPE).to(dev),
+        y_val=y_val,
+        layers=[layer.model_dump() for layer in spec.model.layers],
+        loss=spec.loss,
+        out_features=out,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        seed=task_seed(job.meta.seed, i),
+    )
+
+
+def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
+    """Engine tasks from a validated job body (the API has checked shapes and labels): an
+    ``engine.Task`` for an ``mlp`` model, a ``ModuleTask`` (worker/engine/modules.py) for a ``cnn``."""
     from worker.dataset_loader import load_dataset_task_data
     from worker.datasets import load_builtin
 
@@ -88,6 +109,9 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[engine.
                 out = int(max(y_train.max().item(), y_val.max().item())) + 1
         else:
             out = int(width)
+        if spec.model.kind == "cnn":
+            tasks.append(_cnn_task(i, spec, job, xt, y_train, xv, y_val, out, dev))
+            continue
         tasks.append(
             engine.Task(
                 name=spec.name or f"task{i}",

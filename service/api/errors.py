@@ -22,7 +22,15 @@ logger = logging.getLogger("service.api")
 
 _LOC_ROOTS = ("body", "query", "path", "header", "cookie")
 # Discriminator values pydantic inserts into the loc of a tagged union (TaskSpec.data, DatasetRef.x).
-_UNION_TAGS = {"data": {"inline", "builtin", "dataset"}, "x": {"name", "names"}}
+_UNION_TAGS = {
+    "data": {"inline", "builtin", "dataset"},
+    "x": {"name", "names"},
+    "x_train": {"table", "images"},
+    "x_val": {"table", "images"},
+    "model": {"mlp", "cnn"},
+}
+# ... and into the loc of each item of a list of tagged unions (CNNModel.layers).
+_LIST_TAGS = {"layers": {"conv2d", "relu", "tanh", "maxpool", "avgpool", "flatten", "linear"}}
 _MESSAGES = {
     "finite_number": "Input should be a finite number: NaN and Infinity are not allowed",
 }
@@ -74,6 +82,8 @@ def _clean_loc(loc: list[Any]) -> list[Any]:
             continue  # union member label
         if out and isinstance(part, str) and part in _UNION_TAGS.get(str(out[-1]), ()):
             continue  # discriminator tag
+        if len(out) > 1 and isinstance(out[-1], int) and isinstance(part, str) and part in _LIST_TAGS.get(str(out[-2]), ()):
+            continue  # discriminator tag of a list item (a cnn layer's type)
         out.append(part)
     return out
 
@@ -102,6 +112,14 @@ def format_errors(errors: list[dict[str, Any]] | tuple[Any, ...]) -> list[dict[s
             continue
         clean = _clean_loc(loc)
         type_ = str(e.get("type", "value_error"))
+        if type_ in ("union_tag_invalid", "union_tag_not_found"):
+            # TaskSpec.model and CNNModel.layers[] are tagged unions: point at the field that picks
+            # the member ("model.kind", "layers[2].type"), as before model became a union
+            key = str((e.get("ctx") or {}).get("discriminator", ""))
+            at_model = bool(clean) and clean[-1] == "model"
+            at_layer = len(clean) > 1 and isinstance(clean[-1], int) and clean[-2] == "layers"
+            if (at_model or at_layer) and len(key) > 2 and key[0] == key[-1] == "'" and key[1:-1].isidentifier():
+                clean.append(key[1:-1])
         msg = _MESSAGES.get(type_, str(e.get("msg", "")))
         if (tuple(clean), msg) in seen:
             continue

@@ -55,6 +55,10 @@ def test_engine_works_with_forbidden_modules_blocked():
         cfg = e.MetaConfig(iterations=2)
         s = e.run_meta([t], cfg, e.init_state(cfg, 0.1, 0.9), 2)
         assert e.state_iteration(s) == 2
+        # forward mode (torch.func) and the richer settings need nothing else either
+        cfg = e.MetaConfig(iterations=3, method="forward", per_layer=True, schedule_segments=2, constant_fraction=0.34)
+        s = e.run_meta([t], cfg, e.init_state(cfg, 0.1, 0.9), 3)
+        assert s["method"] == "forward" and "param_groups" in e.best_settings(s)
         loaded = [m for m in {FORBIDDEN!r} if sys.modules.get(m) is not None]
         assert not loaded, loaded
         assert not torch.cuda.is_initialized()

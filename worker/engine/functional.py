@@ -6,6 +6,11 @@ Python step drives them all), with the training gradients written out by hand (b
 MLP), so that a single reverse pass through the whole unroll gives the hypergradient. Each run
 reproduces train_sgd: same initial weights (build_model), same mini-batches (batch_indices), same
 update (sgd_step == torch.optim.SGD).
+
+Hyperparameters may be constants or (slots, segments) tables: one value per Linear layer and/or per
+block of steps (segment_boundaries). Hypergradients come three ways (Objective.value_and_grad*):
+reverse (autograd through the whole unroll), truncated (the same through the last W steps only) and
+forward (_forward_mode_group: one tangent per hyperparameter carried through the unroll, no graph).
 """
 
 from __future__ import annotations
@@ -127,6 +132,100 @@ def _train_grads(
     return grads
 
 
+def _activation_slopes(name: str, z: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(act'(z), act''(z)); None for a zero second derivative (relu)."""
+    if name == "tanh":
+        s1 = 1.0 - a * a
+        return s1, -2.0 * a * s1
+    if name == "sigmoid":
+        s1 = a * (1.0 - a)
+        return s1, s1 * (1.0 - 2.0 * a)
+    if name == "relu":
+        return (z > 0).to(z.dtype), None
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    cdf = 0.5 * (1.0 + torch.erf(z * _SQRT_HALF))
+    return cdf + z * pdf, pdf * (2.0 - z * z)
+
+
+def _forward_tangents(params, dparams, names, x: Tensor, act: str):
+    """MLP forward for R runs with H tangents of the weights: inputs, pre-activations, output and
+    their tangents (dh: (H, R, rows, width); None for the data, which has no tangent)."""
+    n_layers = len(names)
+    inputs, dinputs, pre, dpre = [], [], [], []
+    h, dh = x, None
+    for i, (wn, bn) in enumerate(names):
+        w, dw = params[wn], dparams[wn]
+        inputs.append(h)
+        dinputs.append(dh)
+        if h.shape[0] != w.shape[0]:
+            h = h.expand(w.shape[0], *h.shape[-2:])
+        z = torch.baddbmm(params[bn], h, w.transpose(1, 2))
+        dz = dparams[bn] + torch.matmul(h, dw.transpose(-1, -2))
+        if dh is not None:
+            dz = dz + torch.matmul(dh, w.transpose(1, 2))
+        if i < n_layers - 1:
+            pre.append(z)
+            dpre.append(dz)
+            h = _activate(act, z)
+            s1, _ = _activation_slopes(act, z, h)
+            dh = dz * s1
+        else:
+            h, dh = z, dz
+    return inputs, dinputs, pre, dpre, h, dh
+
+
+def _train_grads_and_tangents(params, dparams, names, xb: Tensor, yb: Tensor, act: str, loss: str):
+    """_train_grads and its directional derivatives along H weight tangents (Hessian-vector
+    products of the mini-batch loss), written out by hand: grads (R, ...), dgrads (H, R, ...)."""
+    n_layers = len(names)
+    inputs, dinputs, pre, dpre, out, dout = _forward_tangents(params, dparams, names, xb, act)
+    rows = out.shape[1]
+    if loss == "cross_entropy":
+        prob = torch.softmax(out, dim=-1)
+        delta = (prob - yb) * (1.0 / rows)
+        ddelta = prob * (dout - (prob * dout).sum(dim=-1, keepdim=True)) * (1.0 / rows)
+    else:
+        scale = 2.0 / (rows * out.shape[2])
+        delta = (out - yb) * scale
+        ddelta = dout * scale
+    grads: dict[str, Tensor] = {}
+    dgrads: dict[str, Tensor] = {}
+    for i in range(n_layers - 1, -1, -1):
+        wn, bn = names[i]
+        h, dh = inputs[i], dinputs[i]
+        grads[wn] = torch.bmm(delta.transpose(1, 2), h)
+        dg = torch.matmul(ddelta.transpose(-1, -2), h)
+        if dh is not None:
+            dg = dg + torch.matmul(delta.transpose(1, 2), dh)
+        dgrads[wn] = dg
+        grads[bn] = delta.sum(dim=1, keepdim=True)
+        dgrads[bn] = ddelta.sum(dim=-2, keepdim=True)
+        if i > 0:
+            w, dw = params[wn], dparams[wn]
+            back = torch.bmm(delta, w)
+            dback = torch.matmul(ddelta, w) + torch.matmul(delta, dw)
+            z, dz = pre[i - 1], dpre[i - 1]
+            s1, s2 = _activation_slopes(act, z, inputs[i])
+            delta_new = _activate_backward(act, back, z, inputs[i])
+            ddelta = dback * s1
+            if s2 is not None:
+                ddelta = ddelta + back * s2 * dz
+            delta = delta_new
+    return grads, dgrads
+
+
+def _val_losses_and_tangents(params, dparams, names, x: Tensor, y: Tensor, act: str, loss: str):
+    """_val_losses (R,) and their directional derivatives (H, R) along the weight tangents."""
+    *_, out, dout = _forward_tangents(params, dparams, names, x, act)
+    if loss == "cross_entropy":
+        target = y.unsqueeze(0).expand(out.shape[0], -1)
+        value = F.cross_entropy(out.transpose(1, 2), target, reduction="none").mean(dim=1)
+        resid = torch.softmax(out, dim=-1) - F.one_hot(y, out.shape[-1]).to(out.dtype)
+        return value, (resid * dout).sum(dim=-1).mean(dim=-1)
+    value = (out - y).square().mean(dim=(1, 2))
+    return value, (2.0 * (out - y) * dout).mean(dim=(-2, -1))
+
+
 def _val_losses(params: dict[str, Tensor], names, x: Tensor, y: Tensor, act: str, loss: str) -> Tensor:
     """Per-run mean validation loss (R,), for R stacked runs that share one validation set."""
     h = x
@@ -157,34 +256,59 @@ def _signature(task: Task) -> tuple:
 
 @dataclass
 class _Group:
-    """Sources (task, draw) with equal shapes, prepared for batched unrolls."""
+    """Sources (task, draw) with equal shapes, prepared for batched unrolls.
+
+    The mini-batches are gathered step by step from the tasks' rows (stored once per task), so
+    what the group keeps per step is only the row indices: memory for data does not grow with the
+    steps beyond 8 bytes per row of a batch.
+    """
 
     tasks: list[Task]  # one per source
     names: list[tuple[str, str]]
     act: str
     loss: str
     steps: int
-    xb: Tensor  # (S, steps, B, F)
-    yb: Tensor  # (S, steps, B, C|D), one-hot for cross_entropy
+    x_rows: Tensor  # (N_total, F): every task's training rows, concatenated
+    y_rows: Tensor  # (N_total, C|D): one-hot for cross_entropy
+    idx: Tensor  # (steps, S, B) int64 indices into x_rows / y_rows
     init: dict[str, Tensor]  # (S, out, in) / (S, 1, out)
 
     @property
     def n_sources(self) -> int:
         return len(self.tasks)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_rows.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_rows.device
+
+    def batch(self, t: int) -> tuple[Tensor, Tensor]:
+        """Step t's mini-batches of every source: (S, B, F), (S, B, C|D)."""
+        i = self.idx[t]
+        return self.x_rows[i], self.y_rows[i]
+
 
 def _make_group(sources: list[tuple[Task, int]]) -> _Group:
     first = sources[0][0]
     n_layers = len(first.hidden) + 1
     names = _layer_names(n_layers)
-    xbs, ybs, inits = [], [], []
+    offsets: dict[int, int] = {}
+    xs, ys = [], []
+    total = 0
+    idxs, inits = [], []
     for task, draw in sources:
-        idx = batch_indices(task, draw)
-        xbs.append(task.x_train[idx])
-        if task.loss == "cross_entropy":
-            ybs.append(F.one_hot(task.y_train[idx], task.out_features).to(task.x_train.dtype))
-        else:
-            ybs.append(task.y_train[idx].to(task.x_train.dtype))
+        if id(task) not in offsets:
+            offsets[id(task)] = total
+            total += task.x_train.shape[0]
+            xs.append(task.x_train)
+            if task.loss == "cross_entropy":
+                ys.append(F.one_hot(task.y_train, task.out_features).to(task.x_train.dtype))
+            else:
+                ys.append(task.y_train.to(task.x_train.dtype))
+        idxs.append(batch_indices(task, draw) + offsets[id(task)])
         model = build_model(task, draw)
         inits.append({k: v.detach() for k, v in model.state_dict().items()})
     init = {}
@@ -197,30 +321,98 @@ def _make_group(sources: list[tuple[Task, int]]) -> _Group:
         act=first.activation,
         loss=first.loss,
         steps=first.steps,
-        xb=torch.stack(xbs),
-        yb=torch.stack(ybs),
+        x_rows=torch.cat(xs),
+        y_rows=torch.cat(ys),
+        idx=torch.stack(idxs, dim=1),
         init=init,
     )
 
 
-def _unroll_group(group: _Group, lr: Tensor, momentum: Tensor) -> Tensor:
+def segment_boundaries(steps: int, segments: int) -> list[int]:
+    """The step index where each of `segments` equal blocks of a `steps`-step run starts.
+
+    Block j covers steps floor(j * steps / S) .. floor((j + 1) * steps / S) - 1, so when S does not
+    divide the steps the blocks differ in length by at most one step (the longer ones come last).
+    """
+    if not 1 <= segments <= steps:
+        raise ValueError("The number of schedule segments must be between 1 and the number of steps.")
+    return [(j * steps) // segments for j in range(segments)]
+
+
+def _segment_of_steps(steps: int, segments: int) -> list[int]:
+    bounds = segment_boundaries(steps, segments) + [steps]
+    out: list[int] = []
+    for j in range(segments):
+        out.extend([j] * (bounds[j + 1] - bounds[j]))
+    return out
+
+
+def _as_values(x: Tensor) -> Tensor:
+    """(K,) or (K, slots, segments) hyperparameter values as (K, slots, segments)."""
+    return x.reshape(x.shape[0], 1, 1) if x.dim() == 1 else x
+
+
+def _slot_of_layers(group: "_Group", slots: int) -> list[int]:
+    n_layers = len(group.names)
+    if slots == 1:
+        return [0] * n_layers
+    if slots != n_layers:
+        raise ValueError(f"{slots} per-layer values for a model of {n_layers} Linear layers.")
+    return list(range(n_layers))
+
+
+def _step_per_param(params, bufs, grads, lrs, moms):
+    """sgd_step with a (runs, 1, 1) lr and momentum per parameter name."""
+    new_params: dict[str, Tensor] = {}
+    new_bufs: dict[str, Tensor] = {}
+    for k, p in params.items():
+        buf = torch.addcmul(grads[k], bufs[k], moms[k])
+        new_params[k] = torch.addcmul(p, buf, lrs[k], value=-1.0)
+        new_bufs[k] = buf
+    return new_params, new_bufs
+
+
+def _unroll_group(group: _Group, lr: Tensor, momentum: Tensor, grad_from: int = 0) -> Tensor:
     """Train K candidate settings on every source of the group; return val losses (K, S).
 
-    lr, momentum: (K,) tensors (may require grad). Run r = k * S + s trains source s with
-    candidate k.
+    lr, momentum: (K,) constants or (K, slots, segments) values (slots: 1, or one per Linear layer;
+    segments: equal blocks of the steps, see segment_boundaries); they may require grad. Run
+    r = k * S + s trains source s with candidate k. Steps before grad_from run without recording a
+    graph (truncated hypergradients): the result then depends on the hyperparameters only through
+    the later steps.
     """
+    lr, momentum = _as_values(lr), _as_values(momentum)
     k_count, s_count = lr.shape[0], group.n_sources
+    slots, segments = lr.shape[1], lr.shape[2]
+    slot_of = _slot_of_layers(group, slots)
+    seg_of = _segment_of_steps(group.steps, segments)
     runs = k_count * s_count
-    lr3 = lr.repeat_interleave(s_count).view(runs, 1, 1)
-    mom3 = momentum.repeat_interleave(s_count).view(runs, 1, 1)
+
+    def table(v: Tensor) -> list[list[Tensor]]:
+        return [
+            [v[:, i, j].repeat_interleave(s_count).view(runs, 1, 1) for j in range(segments)]
+            for i in range(slots)
+        ]
+
+    lr_tab, mom_tab = table(lr), table(momentum)
     params = {n: (p.repeat(k_count, 1, 1) if k_count > 1 else p) for n, p in group.init.items()}
     bufs = sgd_init(params)
+    grad_on = torch.is_grad_enabled()
     for t in range(group.steps):
-        xb, yb = group.xb[:, t], group.yb[:, t]
+        if t == grad_from and t > 0:
+            params = {n: p.detach() for n, p in params.items()}
+            bufs = {n: b.detach() for n, b in bufs.items()}
+        xb, yb = group.batch(t)
         if k_count > 1:
             xb, yb = xb.repeat(k_count, 1, 1), yb.repeat(k_count, 1, 1)
-        grads = _train_grads(params, group.names, xb, yb, group.act, group.loss)
-        params, bufs = sgd_step(params, bufs, grads, lr3, mom3)
+        seg = seg_of[t]
+        lrs, moms = {}, {}
+        for i, (wn, bn) in enumerate(group.names):
+            lrs[wn] = lrs[bn] = lr_tab[slot_of[i]][seg]
+            moms[wn] = moms[bn] = mom_tab[slot_of[i]][seg]
+        with torch.set_grad_enabled(grad_on and t >= grad_from):
+            grads = _train_grads(params, group.names, xb, yb, group.act, group.loss)
+            params, bufs = _step_per_param(params, bufs, grads, lrs, moms)
     columns = []
     for s, task in enumerate(group.tasks):
         sub = {n: p[s::s_count] for n, p in params.items()}
@@ -228,14 +420,89 @@ def _unroll_group(group: _Group, lr: Tensor, momentum: Tensor) -> Tensor:
     return torch.stack(columns, dim=1)
 
 
+def _forward_mode_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward-mode (exact) hypergradient of the summed validation losses of the group's sources.
+
+    a: log learning rates, z: momentum parameters, both (slots, segments) float64. One tangent per
+    hyperparameter (H = 2 * slots * segments) is carried through the unroll next to the weights:
+        dv' = mu dv + dmu v + H_t dp      (H_t dp: Hessian-vector products, written out by hand in
+                                           _train_grads_and_tangents, all H tangents batched)
+        dp' = dp - lr dv' - dlr v'
+    No graph is built, so memory does not depend on the number of steps.
+    Returns (sum of losses, d/da (slots, segments), d/dz (slots, segments)).
+    """
+    dt, dev = group.dtype, group.device
+    slots, segments = a.shape
+    slot_of = _slot_of_layers(group, slots)
+    seg_of = _segment_of_steps(group.steps, segments)
+    lo, hi = momentum_bounds
+    n_h = 2 * slots * segments
+    with torch.no_grad():
+        lr_v = torch.exp(a.double())
+        sig = torch.sigmoid(z.double())
+        mom_v = lo + (hi - lo) * sig
+        dmom_v = (hi - lo) * sig * (1.0 - sig)
+        lr_s = [[lr_v[i, j].to(dt) for j in range(segments)] for i in range(slots)]
+        mom_s = [[mom_v[i, j].to(dt) for j in range(segments)] for i in range(slots)]
+
+        def unit(index: int, value: Tensor) -> Tensor:
+            e = torch.zeros(n_h, 1, 1, 1, dtype=dt, device=dev)
+            e[index] = value.to(dt)
+            return e
+
+        clr = [[unit(i * segments + j, lr_v[i, j]) for j in range(segments)] for i in range(slots)]
+        cmom = [
+            [unit(slots * segments + i * segments + j, dmom_v[i, j]) for j in range(segments)]
+            for i in range(slots)
+        ]
+        params = dict(group.init)
+        bufs = sgd_init(params)
+        dparams = {n: torch.zeros(n_h, *p.shape, dtype=dt, device=dev) for n, p in params.items()}
+        dbufs = {n: torch.zeros_like(d) for n, d in dparams.items()}
+        names, act, loss = group.names, group.act, group.loss
+        for t in range(group.steps):
+            xb, yb = group.batch(t)
+            seg = seg_of[t]
+
+            grads, dgrads = _train_grads_and_tangents(params, dparams, names, xb, yb, act, loss)
+            new_params, new_bufs, new_dp, new_db = {}, {}, {}, {}
+            for i, (wn, bn) in enumerate(names):
+                lr, mom = lr_s[slot_of[i]][seg], mom_s[slot_of[i]][seg]
+                c_lr, c_mom = clr[slot_of[i]][seg], cmom[slot_of[i]][seg]
+                for n in (wn, bn):
+                    g = grads[n]
+                    buf = bufs[n] * mom + g
+                    db = dbufs[n] * mom + c_mom * bufs[n] + dgrads[n]
+                    new_bufs[n], new_db[n] = buf, db
+                    new_params[n] = params[n] - lr * buf
+                    new_dp[n] = dparams[n] - lr * db - c_lr * buf
+            params, bufs, dparams, dbufs = new_params, new_bufs, new_dp, new_db
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        dtotal = torch.zeros(n_h, dtype=torch.float64, device=dev)
+        for s, task in enumerate(group.tasks):
+            sub = {n: p[s : s + 1] for n, p in params.items()}
+            dsub = {n: d[:, s : s + 1] for n, d in dparams.items()}
+            v, dv = _val_losses_and_tangents(sub, dsub, names, task.x_val, task.y_val, act, loss)
+            total = total + v.sum().double()
+            dtotal = dtotal + dv.sum(dim=1).double()
+    half = slots * segments
+    return total, dtotal[:half].view(slots, segments), dtotal[half:].view(slots, segments)
+
+
 # --------------------------------------------------------------------------- objectives
 
 
+METHODS: tuple[str, ...] = ("reverse", "forward", "truncated")
+
+
 class Objective:
-    """Mean validation loss over (task, draw) sources, as a function of (lr, momentum).
+    """Mean validation loss over (task, draw) sources, as a function of the hyperparameters.
 
     Preparation (initial weights, mini-batches) is done once; every evaluation reproduces
-    train_sgd on every source.
+    train_sgd (or, for per-layer / scheduled values, train_sgd_groups) on every source.
+    Hyperparameter values come as constants (lr, momentum) or as (slots, segments) tables: slots is
+    1 (shared by all layers) or the number of Linear layers; segments split the steps into equal
+    blocks (segment_boundaries).
     """
 
     def __init__(self, tasks: Sequence[Task], draws: Sequence[int], max_runs: int = 512):
@@ -252,46 +519,93 @@ class Objective:
         self.max_runs = max_runs
 
     def losses(self, lrs: Sequence[float], momenta: Sequence[float]) -> list[float]:
-        """Forward only: mean loss of each candidate (math.inf where any run diverged)."""
-        totals = [0.0] * len(lrs)
+        """Forward only: mean loss of each constant candidate (math.inf where any run diverged)."""
+        lr = torch.tensor([float(x) for x in lrs], dtype=torch.float64).view(-1, 1, 1)
+        mom = torch.tensor([float(x) for x in momenta], dtype=torch.float64).view(-1, 1, 1)
+        return self.losses_values(lr, mom)
+
+    def losses_values(self, lr: Tensor, momentum: Tensor) -> list[float]:
+        """Forward only: mean loss of each candidate given as (K, slots, segments) value tables."""
+        count = lr.shape[0]
+        totals = [0.0] * count
         with torch.no_grad():
             for g in self.groups:
                 chunk = max(1, self.max_runs // g.n_sources)
-                for start in range(0, len(lrs), chunk):
-                    lr = torch.tensor(lrs[start : start + chunk], dtype=g.xb.dtype, device=g.xb.device)
-                    mom = torch.tensor(momenta[start : start + chunk], dtype=g.xb.dtype, device=g.xb.device)
-                    sums = _unroll_group(g, lr, mom).sum(dim=1).double().cpu().tolist()
+                for start in range(0, count, chunk):
+                    lr_c = lr[start : start + chunk].to(dtype=g.dtype, device=g.device)
+                    mom_c = momentum[start : start + chunk].to(dtype=g.dtype, device=g.device)
+                    sums = _unroll_group(g, lr_c, mom_c).sum(dim=1).double().cpu().tolist()
                     for i, v in enumerate(sums):
                         totals[start + i] += v
         return [v / self.n_sources if math.isfinite(v) else math.inf for v in totals]
 
     def value_and_grad(
-        self, log_lr: float, momentum_param: float, momentum_bounds: tuple[float, float]
+        self,
+        log_lr: float,
+        momentum_param: float,
+        momentum_bounds: tuple[float, float],
+        method: str = "reverse",
+        truncation: int | None = None,
     ) -> tuple[float, tuple[float, float]]:
-        """Loss and its gradient w.r.t. (log lr, momentum parameter), one reverse pass.
+        """Loss and its gradient w.r.t. (log lr, momentum parameter) of a constant pair.
 
         momentum = lo + (hi - lo) * sigmoid(momentum_param). Non-finite results are returned as
         they are (inf/nan); callers decide.
         """
+        a = torch.tensor([[float(log_lr)]], dtype=torch.float64)
+        z = torch.tensor([[float(momentum_param)]], dtype=torch.float64)
+        loss, ga, gz = self.value_and_grad_values(a, z, momentum_bounds, method, truncation)
+        return loss, (float(ga.sum()), float(gz.sum()))
+
+    def value_and_grad_values(
+        self,
+        a: Tensor,
+        z: Tensor,
+        momentum_bounds: tuple[float, float],
+        method: str = "reverse",
+        truncation: int | None = None,
+    ) -> tuple[float, Tensor, Tensor]:
+        """Loss and gradient w.r.t. log lr `a` and momentum parameter `z`, both (slots, segments).
+
+        method: "reverse" (exact; memory grows with the steps), "forward" (exact; one tangent per
+        hyperparameter, memory independent of the steps), "truncated" (reverse through the last
+        `truncation` steps only: biased, it ignores how earlier steps depend on the values).
+        """
+        if method not in METHODS:
+            raise ValueError(f"Unknown hypergradient method {method!r}.")
+        if method == "truncated" and (truncation is None or truncation < 1):
+            raise ValueError("Truncated hypergradients need a window of at least one step.")
         lo, hi = momentum_bounds
-        a = torch.tensor(float(log_lr), dtype=torch.float64, requires_grad=True)
-        z = torch.tensor(float(momentum_param), dtype=torch.float64, requires_grad=True)
+        a = a.detach().double()
+        z = z.detach().double()
         total = 0.0
-        ga = gz = 0.0
-        with torch.enable_grad():
-            for g in self.groups:
-                lr = torch.exp(a).to(g.xb.dtype).to(g.xb.device).reshape(1)
-                mom = (lo + (hi - lo) * torch.sigmoid(z)).to(g.xb.dtype).to(g.xb.device).reshape(1)
-                s = _unroll_group(g, lr, mom).sum() / self.n_sources
-                da, dz = torch.autograd.grad(s, (a, z))
-                total += float(s.detach())
-                ga += float(da)
-                gz += float(dz)
-        return total, (ga, gz)
+        ga = torch.zeros_like(a)
+        gz = torch.zeros_like(z)
+        for g in self.groups:
+            if method == "forward":
+                s, da, dz = _forward_mode_group(g, a.to(g.device), z.to(g.device), momentum_bounds)
+                total += float(s) / self.n_sources
+                ga += da.cpu() / self.n_sources
+                gz += dz.cpu() / self.n_sources
+                continue
+            grad_from = 0 if method == "reverse" else max(0, g.steps - int(truncation))
+            av = a.clone().requires_grad_(True)
+            zv = z.clone().requires_grad_(True)
+            with torch.enable_grad():
+                lr = torch.exp(av).to(g.dtype).to(g.device).unsqueeze(0)
+                mom = (lo + (hi - lo) * torch.sigmoid(zv)).to(g.dtype).to(g.device).unsqueeze(0)
+                s = _unroll_group(g, lr, mom, grad_from=grad_from).sum() / self.n_sources
+                da, dz = torch.autograd.grad(s, (av, zv), allow_unused=True)
+            total += float(s.detach())
+            ga += da if da is not None else 0.0
+            gz += dz if dz is not None else 0.0
+        return total, ga, gz
 
 
 def _as_run_tensor(value, dtype, device) -> Tensor:
     if isinstance(value, Tensor):
+        if value.dim() == 2:  # a (slots, segments) table
+            return value.to(dtype=dtype, device=device).unsqueeze(0)
         return value.to(dtype=dtype, device=device).reshape(1)
     return torch.tensor([float(value)], dtype=dtype, device=device)
 
@@ -301,6 +615,8 @@ def unrolled_val_loss(
 ) -> Tensor:
     """Validation loss after functional SGD training; equals train_sgd(task, lr, momentum, draw).
 
+    lr and momentum may also be (slots, segments) tables (slots: 1 or one per Linear layer;
+    segments: equal blocks of the steps, segment_boundaries); then it equals train_sgd_groups.
     With create_graph the result is differentiable w.r.t. lr and momentum (0-d tensors); without
     it, no graph is built.
     """
@@ -314,9 +630,16 @@ def unrolled_val_loss(
 
 
 def hypergradient(
-    tasks: Sequence[Task], log_lr: float, momentum_param: float, config
+    tasks: Sequence[Task], log_lr: float, momentum_param: float, config, method: str | None = None
 ) -> tuple[float, tuple[float, float]]:
     """Meta-loss (mean unrolled validation loss over tasks and config.draws) and its gradient with
     respect to (log lr, momentum parameter), momentum = lo + (hi - lo) * sigmoid(momentum_param)
-    with (lo, hi) = config.momentum_bounds. Reverse mode through the whole unroll."""
-    return Objective(tasks, config.draws).value_and_grad(log_lr, momentum_param, config.momentum_bounds)
+    with (lo, hi) = config.momentum_bounds. By `method` (default: config.method, where "auto" means
+    "reverse"): reverse mode through the whole unroll, forward mode, or truncated reverse mode
+    through the last config.truncation steps."""
+    method = method or getattr(config, "method", "reverse")
+    if method == "auto":
+        method = "reverse"
+    return Objective(tasks, config.draws).value_and_grad(
+        log_lr, momentum_param, config.momentum_bounds, method, getattr(config, "truncation", None)
+    )

@@ -1,4 +1,5 @@
-"""The meta-loop: learn (lr, momentum) for torch.optim.SGD, robustly.
+"""The meta-loop: learn (lr, momentum) for torch.optim.SGD, robustly; then, optionally, per layer
+and per block of steps.
 
 Parameters theta = (log lr, z), momentum = lo + (hi - lo) * sigmoid(z), both kept inside bounds.
 The meta-loss L(theta) is the mean validation loss after training, over every task and every draw
@@ -25,6 +26,23 @@ Measured (docs/benchmarks.md): the population and the stencil do most of the wor
 of stability, where the best settings sit, the hypergradient is dominated by chaos and is rarely
 the move that wins. It wins where the loss is smooth (small learning rates, regression).
 
+Hypergradient method (MetaConfig.method): "reverse", "forward", "truncated" or "auto"; the one
+used is chosen once, at the first run_meta call, and kept in state["method"] with a sentence saying
+why in state["method_reason"] (choose_method); every record carries "method". Only hypergradients
+depend on it: losses are always those of the full training run.
+
+Richer hyperparameters (MetaConfig.per_layer, MetaConfig.schedule_segments): the constant pair is
+learned first, as above, for at most iterations * constant_fraction iterations (fewer if it
+converges). Then ("rich_start") the (slots x segments) table of values starts at the best constant
+pair, and every "rich_refine" iteration screens, in one batched forward pass, the sign-hypergradient
+move of all values at once, each value alone moved up and down by the step, and
+rich_random_directions random joint moves (every value +-step, seeded by the iteration); the best, if lower,
+is verified with a hypergradient pass and accepted if its loss really is lower. Values are clamped
+to the same bounds as the constant pair. Those records carry the richer loss as "meta_loss", the
+best constant pair as "lr"/"momentum", and "group_lr"/"group_momentum" ([slot][segment]) and
+"meta_loss_groups" (best richer loss so far). best_settings keeps the best constant pair at the top
+level and adds "param_groups", "boundaries", "meta_loss_groups".
+
 All randomness derives from the tasks' seeds and draws; the state is plain JSON, so a run split into
 chunks (with a JSON round trip between them) gives the same result as one run.
 """
@@ -33,13 +51,16 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from .errors import EngineError
-from .functional import Objective
+from .functional import METHODS, Objective, _layer_names, segment_boundaries
 from .reference import EVAL_DRAWS
-from .tasks import Task
+from .tasks import Task, derive_seed
 
 STATE_VERSION = 1
 _Z_LIMIT = 10.0  # |momentum parameter| limit: keeps sigmoid out of saturation
@@ -73,6 +94,23 @@ class MetaConfig:
     # screen the gradient proposal together with the 8 neighbours of theta at the current step
     # (forward only, batched), then verify the best with a reverse pass
     stencil: bool = True
+    # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
+    # "reverse" (exact, memory grows with steps), "forward" (exact, forward mode, memory independent
+    # of steps, cost grows with the number of hyperparameters), "truncated" (reverse through the last
+    # `truncation` steps only: biased towards short horizons, i.e. small learning rates).
+    method: str = "auto"
+    truncation: int = 20
+    # "auto" picks reverse while its estimated graph fits this budget
+    memory_budget_mb: float = 1024.0
+    # richer hyperparameters, learned after the constant pair and starting from it: one (lr,
+    # momentum) per Linear layer, and/or values shared over S equal blocks of the steps
+    # (boundaries: functional.segment_boundaries). The constant phase gets at most
+    # `iterations * constant_fraction` iterations (fewer if it converges), the rest refine these.
+    per_layer: bool = False
+    schedule_segments: int = 1
+    constant_fraction: float = 0.5
+    # richer phase: besides each value moved alone, this many random joint moves per iteration
+    rich_random_directions: int = 8
 
 
 # --------------------------------------------------------------------------- parametrisation
@@ -132,6 +170,16 @@ def _check_config(config: MetaConfig) -> None:
         raise EngineError("The training draws must be non-empty and distinct from the evaluation draws.")
     if config.iterations < 1:
         raise EngineError("The number of meta-iterations must be at least 1.")
+    if config.method not in ("auto", *METHODS):
+        raise EngineError(f"The hypergradient method must be one of auto, {', '.join(METHODS)}.")
+    if int(config.truncation) < 1:
+        raise EngineError("The truncation window must be at least one step.")
+    if int(config.schedule_segments) < 1:
+        raise EngineError("The number of schedule segments must be at least 1.")
+    if not config.memory_budget_mb > 0:
+        raise EngineError("The memory budget must be positive.")
+    if not 0.0 < config.constant_fraction <= 1.0:
+        raise EngineError("The constant fraction must lie in (0, 1].")
 
 
 def init_state(config: MetaConfig, lr: float, momentum: float) -> dict:
@@ -153,6 +201,7 @@ def init_state(config: MetaConfig, lr: float, momentum: float) -> dict:
         "step": float(config.step_size),
         "converged": False,
         "best": None,
+        "hyper": {"per_layer": bool(config.per_layer), "segments": int(config.schedule_segments)},
     }
 
 
@@ -161,12 +210,129 @@ def state_iteration(state: dict) -> int:
 
 
 def best_settings(state: dict) -> dict:
-    """The best (lr, momentum) seen so far and its meta-loss (on the training draws)."""
+    """The best (lr, momentum) seen so far and its meta-loss (on the training draws).
+
+    With per_layer or schedule_segments > 1 (once run_meta has seen the tasks) it adds
+    "param_groups": [{"params": [names as nn.Sequential's named_parameters()], "lr": [one per
+    segment], "momentum": [one per segment]}, ...] (one group per Linear layer with per_layer, else
+    a single group of every parameter), "boundaries": the step where each segment starts, and
+    "meta_loss_groups": their meta-loss. Before the richer phase starts they hold the best constant
+    pair. Apply them with reference.make_optimizer / apply_schedule (train_sgd_groups is the recipe).
+    """
     best = state.get("best")
     if best is None:
         lr, mom = state["start"]["lr"], state["start"]["momentum"]
-        return {"lr": lr, "momentum": mom, "meta_loss": None}
-    return {"lr": best["lr"], "momentum": best["momentum"], "meta_loss": best["meta_loss"]}
+        out = {"lr": lr, "momentum": mom, "meta_loss": None}
+    else:
+        out = {"lr": best["lr"], "momentum": best["momentum"], "meta_loss": best["meta_loss"]}
+    hyper, layout = state.get("hyper"), state.get("layout")
+    if hyper and layout and _rich_enabled(hyper):
+        rich = state.get("rich")
+        if rich and rich.get("best"):
+            lrs, moms, loss = rich["best"]["lrs"], rich["best"]["momenta"], rich["best"]["meta_loss"]
+        else:  # the richer phase has not started: the constant pair, in the richer form
+            slots, segs = layout["slots"], len(layout["boundaries"])
+            lrs = [[out["lr"]] * segs for _ in range(slots)]
+            moms = [[out["momentum"]] * segs for _ in range(slots)]
+            loss = out["meta_loss"]
+        out["param_groups"] = [
+            {"params": list(names), "lr": list(lrs[i]), "momentum": list(moms[i])}
+            for i, names in enumerate(layout["groups"])
+        ]
+        out["boundaries"] = list(layout["boundaries"])
+        out["meta_loss_groups"] = loss
+    return out
+
+
+def _rich_enabled(hyper: dict | MetaConfig) -> bool:
+    if isinstance(hyper, MetaConfig):
+        return bool(hyper.per_layer) or int(hyper.schedule_segments) > 1
+    return bool(hyper.get("per_layer")) or int(hyper.get("segments", 1)) > 1
+
+
+def _layout(tasks: Sequence[Task], config: MetaConfig) -> dict:
+    """Parameter groups (names as nn.Sequential's named_parameters()) and segment boundaries."""
+    layers = {len(t.hidden) + 1 for t in tasks}
+    steps = {t.steps for t in tasks}
+    if config.per_layer and len(layers) > 1:
+        raise EngineError("Per-layer settings need every task to have the same number of layers.")
+    segs = int(config.schedule_segments)
+    if segs > 1 and len(steps) > 1:
+        raise EngineError("A learned schedule needs every task to train for the same number of steps.")
+    n_steps = min(steps)
+    if segs > n_steps:
+        raise EngineError(
+            f"The number of schedule segments ({segs}) cannot exceed the number of steps ({n_steps})."
+        )
+    names = _layer_names(max(layers))
+    if config.per_layer:
+        groups = [[w, b] for w, b in names]
+    else:
+        groups = [[n for pair in names for n in pair]]
+    return {"groups": groups, "slots": len(groups), "boundaries": segment_boundaries(n_steps, segs)}
+
+
+_BYTES_PER_MB = 1024.0 * 1024.0
+
+
+def estimate_costs(tasks: Sequence[Task], config: MetaConfig) -> dict:
+    """Memory (MB) of one hypergradient by method, for the job's shapes, steps and hyperparameters.
+
+    reverse keeps, per step and run, about 1.5 x the parameters and 2 x every layer's activations
+    for the batch (measured with saved-tensor hooks on MLPs: within 10 %); forward keeps, per
+    hyperparameter and run, tangents of the weights and buffers plus one step's activations;
+    truncated keeps `truncation` steps of reverse.
+    """
+    segs = int(config.schedule_segments)
+    slots = (max(len(t.hidden) for t in tasks) + 1) if config.per_layer else 1
+    n_hyper = 2 * slots * segs if _rich_enabled(config) else 2
+    runs = len(config.draws)
+    per_step = 0.0
+    steps = 0
+    tangent = 0.0
+    for t in tasks:
+        sizes = [t.x_train.shape[1], *t.hidden, t.out_features]
+        n_params = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
+        acts = t.batch_size * (sizes[0] + 2 * sum(sizes[1:]))
+        item = t.x_train.element_size()
+        per_step += runs * item * (1.5 * n_params + acts)
+        tangent += runs * item * (n_hyper * (4 * n_params + acts) + 3 * n_params)
+        steps = max(steps, t.steps)
+    w = min(int(config.truncation), steps)
+    return {
+        "hyperparameters": n_hyper,
+        "steps": steps,
+        "reverse_mb": per_step * steps / _BYTES_PER_MB,
+        "forward_mb": tangent / _BYTES_PER_MB,
+        "truncated_mb": per_step * w / _BYTES_PER_MB,
+    }
+
+
+def choose_method(tasks: Sequence[Task], config: MetaConfig) -> tuple[str, str]:
+    """(method, reason). A requested method is used as is; "auto" picks reverse when its graph fits
+    config.memory_budget_mb (it is the fastest exact method: measured 3-6x faster than forward with
+    2 hyperparameters on small MLPs, and its cost does not grow with their number), else forward
+    (exact, memory independent of the steps) when the tangents fit, else truncated."""
+    c = estimate_costs(tasks, config)
+    budget = float(config.memory_budget_mb)
+    if config.method != "auto":
+        return config.method, f"requested; estimated memory {c[config.method + '_mb']:.1f} MB"
+    head = f"{c['steps']} steps, {c['hyperparameters']} hyperparameters: "
+    if c["reverse_mb"] <= budget:
+        return "reverse", head + (
+            f"reverse needs about {c['reverse_mb']:.1f} MB (budget {budget:g} MB) and is the fastest "
+            f"exact method (forward would carry {c['hyperparameters']} tangents)"
+        )
+    if c["forward_mb"] <= budget:
+        return "forward", head + (
+            f"reverse would need about {c['reverse_mb']:.1f} MB, over the {budget:g} MB budget; "
+            f"forward is exact in about {c['forward_mb']:.1f} MB whatever the number of steps"
+        )
+    return "truncated", head + (
+        f"reverse ({c['reverse_mb']:.1f} MB) and forward ({c['forward_mb']:.1f} MB) exceed the "
+        f"{budget:g} MB budget; truncated to the last {config.truncation} steps "
+        f"({c['truncated_mb']:.1f} MB), which biases the learning rate downwards"
+    )
 
 
 # --------------------------------------------------------------------------- iterations
@@ -196,19 +362,96 @@ def _record(
     }
     if candidate_theta is not None:
         rec["candidate_lr"], rec["candidate_momentum"] = _settings(config, candidate_theta)
+    if state.get("method"):
+        rec["method"] = state["method"]
     rec.update(extra)
     return rec
 
 
+def _rich_record(config: MetaConfig, state: dict, phase: str, accepted: bool, candidate_loss, **extra) -> dict:
+    """Record of a richer-phase iteration: meta_loss is the richer loss; lr/momentum stay the best
+    constant pair; group_lr / group_momentum are the current [slot][segment] values."""
+    rich = state["rich"]
+    const = state["best"]
+    lrs, moms = _rich_values(config, rich["theta"], rich["slots"], rich["segments"])
+    grad = rich["grad"] or [None] * len(rich["theta"])
+    rec = {
+        "iteration": state["iteration"],
+        "phase": phase,
+        "meta_loss": _json_float(rich["loss"]),
+        "lr": const["lr"],
+        "momentum": const["momentum"],
+        "accepted": bool(accepted),
+        "step_size": float(rich["step"]),
+        "hypergradient": [_json_float(g) for g in grad],
+        "candidate_loss": _json_float(candidate_loss),
+        "candidate_lr": None,
+        "candidate_momentum": None,
+        "best_meta_loss": _json_float(const["meta_loss"]),
+        "best_lr": const["lr"],
+        "best_momentum": const["momentum"],
+        "group_lr": lrs,
+        "group_momentum": moms,
+        "meta_loss_groups": _json_float(rich["best"]["meta_loss"]) if rich.get("best") else None,
+        "method": state.get("method"),
+    }
+    rec.update(extra)
+    return rec
+
+
+def _rich_values(config: MetaConfig, theta: Sequence[float], slots: int, segs: int):
+    """Flat theta [log lr (slot-major), momentum params] -> ([[lr]*segs]*slots, [[mom]...])."""
+    half = slots * segs
+    lo, hi = config.lr_bounds
+    lrs = [[_clamp(math.exp(theta[i * segs + j]), lo, hi) for j in range(segs)] for i in range(slots)]
+    moms = [
+        [param_to_momentum(theta[half + i * segs + j], config.momentum_bounds) for j in range(segs)]
+        for i in range(slots)
+    ]
+    return lrs, moms
+
+
+def _clamp_rich(config: MetaConfig, theta: Sequence[float]) -> list[float]:
+    (alo, ahi), (zlo, zhi) = _theta_bounds(config)
+    half = len(theta) // 2
+    return [
+        _clamp(float(x), alo, ahi) if i < half else _clamp(float(x), zlo, zhi) for i, x in enumerate(theta)
+    ]
+
+
 class _Loop:
-    def __init__(self, tasks: Sequence[Task], config: MetaConfig):
+    def __init__(self, tasks: Sequence[Task], config: MetaConfig, method: str):
         self.config = config
+        self.method = method
         self.objective = Objective(tasks, config.draws)
 
     # evaluations -------------------------------------------------------------------------
     def value_and_grad(self, theta: Sequence[float]) -> tuple[float, list[float]]:
-        loss, grad = self.objective.value_and_grad(theta[0], theta[1], self.config.momentum_bounds)
+        loss, grad = self.objective.value_and_grad(
+            theta[0], theta[1], self.config.momentum_bounds, self.method, self.config.truncation
+        )
         return loss, list(grad)
+
+    def rich_tensors(self, thetas: Sequence[Sequence[float]], slots: int, segs: int):
+        t = torch.tensor([list(th) for th in thetas], dtype=torch.float64)
+        half = slots * segs
+        lo, hi = self.config.lr_bounds
+        mlo, mhi = self.config.momentum_bounds
+        a, z = t[:, :half].view(-1, slots, segs), t[:, half:].view(-1, slots, segs)
+        return torch.exp(a).clamp(lo, hi), (mlo + (mhi - mlo) * torch.sigmoid(z)).clamp(mlo, mhi)
+
+    def rich_forward(self, thetas, slots: int, segs: int) -> list[float]:
+        lr, mom = self.rich_tensors(thetas, slots, segs)
+        return self.objective.losses_values(lr, mom)
+
+    def rich_value_and_grad(self, theta, slots: int, segs: int) -> tuple[float, list[float]]:
+        half = slots * segs
+        t = torch.tensor(list(theta), dtype=torch.float64)
+        loss, ga, gz = self.objective.value_and_grad_values(
+            t[:half].view(slots, segs), t[half:].view(slots, segs), self.config.momentum_bounds,
+            self.method, self.config.truncation,
+        )
+        return loss, ga.reshape(-1).tolist() + gz.reshape(-1).tolist()
 
     def forward(self, thetas: Sequence[Sequence[float]]) -> list[float]:
         pairs = [_settings(self.config, th) for th in thetas]
@@ -365,6 +608,102 @@ class _Loop:
         )
 
 
+    # phase 3: per-layer / scheduled values, from the best constant pair ----------------------
+    def rich_start(self, state: dict) -> dict:
+        layout = state["layout"]
+        slots, segs = layout["slots"], len(layout["boundaries"])
+        const = state["best"]["theta"]
+        theta = [const[0]] * (slots * segs) + [const[1]] * (slots * segs)
+        loss, grad = self.rich_value_and_grad(theta, slots, segs)
+        state["rich"] = {
+            "slots": slots,
+            "segments": segs,
+            "theta": theta,
+            "loss": float(loss) if _finite(loss) else state["best"]["meta_loss"],
+            "grad": [float(g) for g in grad] if _finite(*grad) else None,
+            "step": float(self.config.step_size),
+            "converged": False,
+            "best": None,
+        }
+        self.note_rich_best(state, theta, state["rich"]["loss"])
+        return _rich_record(self.config, state, "rich_start", True, loss, evaluations=1)
+
+    def note_rich_best(self, state: dict, theta, loss: float) -> None:
+        rich = state["rich"]
+        if not _finite(loss) or (rich["best"] is not None and loss >= rich["best"]["meta_loss"]):
+            return
+        lrs, moms = _rich_values(self.config, theta, rich["slots"], rich["segments"])
+        rich["best"] = {
+            "theta": [float(x) for x in theta],
+            "lrs": lrs,
+            "momenta": moms,
+            "meta_loss": float(loss),
+            "iteration": state["iteration"],
+        }
+
+    def rich_refine(self, state: dict) -> dict:
+        cfg = self.config
+        rich = state["rich"]
+        slots, segs = rich["slots"], rich["segments"]
+        theta, h = rich["theta"], rich["step"]
+        n = len(theta)
+        half = n // 2
+        (alo, ahi), (zlo, zhi) = _theta_bounds(cfg)
+        cands: list[list[float]] = []
+        gradient_move = None
+        g = rich["grad"]
+        if g is not None and _finite(*g):
+            move = []
+            for i, (x, gi) in enumerate(zip(theta, g)):
+                d = 0.0 if gi == 0.0 else math.copysign(1.0, gi)
+                step = _clamp(h * d, -cfg.max_log_lr_step, cfg.max_log_lr_step) if i < half else h * d
+                move.append(x - step)
+            c = _clamp_rich(cfg, move)
+            if c != theta:
+                cands.append(c)
+                gradient_move = c
+        # coordinate stencil: each value alone, up and down by the step
+        for i in range(n):
+            for sign in (-1.0, 1.0):
+                c = list(theta)
+                c[i] += sign * h
+                c = _clamp_rich(cfg, c)
+                if c != theta and c not in cands:
+                    cands.append(c)
+        # joint moves: random +-h on every value at once (deterministic from the iteration, so a
+        # resumed run makes the same moves); single-coordinate moves miss trade-offs between layers
+        rng = random.Random(derive_seed("rich", state["iteration"]))
+        for _ in range(cfg.rich_random_directions):
+            c = _clamp_rich(cfg, [x + h * rng.choice((-1.0, 1.0)) for x in theta])
+            if c != theta and c not in cands:
+                cands.append(c)
+        accepted, cand_loss, chosen = False, None, None
+        if cands:
+            losses = self.rich_forward(cands, slots, segs)
+            finite = [(l, i) for i, l in enumerate(losses) if _finite(l)]
+            if finite:
+                cand_loss, i = min(finite)
+                if cand_loss < rich["loss"]:
+                    chosen = cands[i]
+        if chosen is not None:
+            loss, grad = self.rich_value_and_grad(chosen, slots, segs)
+            cand_loss = loss
+            self.note_rich_best(state, chosen, loss)
+            if _finite(loss) and loss < rich["loss"]:
+                rich["theta"] = [float(x) for x in chosen]
+                rich["loss"] = float(loss)
+                rich["grad"] = [float(x) for x in grad] if _finite(*grad) else None
+                accepted = True
+        if accepted:
+            rich["step"] = min(h * cfg.step_growth, cfg.max_step)
+        elif h <= cfg.min_step or not cands:
+            rich["converged"] = True
+        else:
+            rich["step"] = max(h * cfg.step_shrink, cfg.min_step)
+        move = None if chosen is None else ("gradient" if chosen == gradient_move else "stencil")
+        return _rich_record(cfg, state, "rich_refine", accepted, cand_loss, evaluations=len(cands), move=move)
+
+
 def run_meta(
     tasks: Sequence[Task],
     config: MetaConfig,
@@ -385,17 +724,31 @@ def run_meta(
     todo = min(int(max_iterations), config.iterations - state_iteration(state))
     if todo <= 0:
         return state
+    rich = _rich_enabled(config)
+    if rich:
+        state["layout"] = _layout(tasks, config)
+    if not state.get("method"):
+        state["method"], state["method_reason"] = choose_method(tasks, config)
+    constant_budget = max(1, int(config.iterations * config.constant_fraction)) if rich else config.iterations
     loop: _Loop | None = None
     for _ in range(todo):
         if should_stop is not None and should_stop():
             break
         state["iteration"] += 1
-        if state["loss"] is not None and state["converged"]:
+        started = state["loss"] is not None
+        if rich and started and (state["converged"] or state["iteration"] > constant_budget):
+            if state.get("rich") is not None and state["rich"]["converged"]:
+                rec = _rich_record(config, state, "converged", False, None, evaluations=0)
+            else:
+                if loop is None:
+                    loop = _Loop(tasks, config, state["method"])
+                rec = loop.rich_start(state) if state.get("rich") is None else loop.rich_refine(state)
+        elif started and state["converged"]:
             rec = _record(config, state, "converged", False, None, None, evaluations=0)
         else:
             if loop is None:
-                loop = _Loop(tasks, config)
-            rec = loop.start(state) if state["loss"] is None else loop.refine(state)
+                loop = _Loop(tasks, config, state["method"])
+            rec = loop.start(state) if not started else loop.refine(state)
         if on_iteration is not None:
             on_iteration(rec)
     return state

@@ -1,0 +1,240 @@
+"""Quality per compute on held-out tasks: gradtune against the default, random search, Optuna TPE
+and a dense grid chosen on the held-out tasks themselves.
+
+    pip install -e '.[bench]'
+    .venv/bin/python benchmarks/quality.py            # three families (~5 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --quick    # fewer trials and iterations, smoke run
+
+Families, each a set of same-shape tasks built from what ships offline; settings are learned on the
+"train" tasks (draws (0, 1), MetaConfig's) and judged on the other, "held-out" tasks of the family
+with plain torch.optim.SGD (evaluate / evaluate_groups, draws EVAL_DRAWS):
+  digits-classes  digits restricted to 5 of the 10 classes (a different subset per task), MLP [32]
+                  tanh, 100 steps of batch 32; 4 train + 4 held-out tasks
+  cancer-features breast_cancer, 10 of its 30 features per task, standardised with the task's
+                  training statistics, MLP [16] tanh, 100 steps of batch 32; 4 + 4 tasks
+  teacher-illcond synthetic regression: inputs with scales log-spaced over 1e-1..1e1 (condition
+                  number 1e4 for the Hessian of a linear model), targets from a random tanh
+                  teacher, MLP [32] tanh, mse, 100 steps of batch 32; 4 + 4 tasks
+Black-box searchers (random search, Optuna TPE) get the engine's batched forward evaluation of the
+same meta-objective (every train task x draw in one unroll), the fastest evaluator there is, so
+wall time compares search strategies, not training loops; one more row gives TPE-20 the plain
+torch.optim.SGD loop a user would write (one run per task and draw). The grid (25 lr log-spaced 1e-4..3 x
+momentum {0, .5, .8, .9, .95, .99}) is scored on the held-out tasks and evaluation draws
+themselves: the best any constant pair can do, the yardstick of the regret
+(loss - grid) / (default - grid); the grid is not infinitely fine, so a learned pair between its
+points can score below it (negative regret). Search space for every method: lr in [1e-4, 3], momentum in
+[0, 0.99].
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from worker.datasets import load_builtin  # noqa: E402
+from worker.engine import (  # noqa: E402
+    EVAL_DRAWS,
+    MetaConfig,
+    Task,
+    best_settings,
+    evaluate,
+    evaluate_groups,
+    init_state,
+    run_meta,
+    train_sgd,
+)
+from worker.engine.functional import Objective  # noqa: E402
+
+DEFAULT = (0.01, 0.9)
+LR_BOUNDS = (1e-4, 3.0)
+MOM_BOUNDS = (0.0, 0.99)
+MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+TRAIN_DRAWS = (0, 1)
+
+
+def _task(name, xt, yt, xv, yv, hidden, loss, out, seed, steps=100, batch=32) -> Task:
+    return Task(
+        name=name,
+        x_train=torch.as_tensor(xt, dtype=torch.float32),
+        y_train=torch.as_tensor(yt),
+        x_val=torch.as_tensor(xv, dtype=torch.float32),
+        y_val=torch.as_tensor(yv),
+        hidden=hidden,
+        activation="tanh",
+        loss=loss,
+        out_features=out,
+        steps=steps,
+        batch_size=batch,
+        seed=seed,
+    )
+
+
+def digits_classes(n: int) -> list[Task]:
+    tasks = []
+    for i in range(n):
+        rng = np.random.default_rng(100 + i)
+        classes = np.sort(rng.choice(10, size=5, replace=False))
+        xt, yt, xv, yv = load_builtin("digits", seed=i)
+        remap = np.full(10, -1)
+        remap[classes] = np.arange(5)
+        mt, mv = np.isin(yt, classes), np.isin(yv, classes)
+        tasks.append(_task(f"digits-{''.join(map(str, classes))}", xt[mt], remap[yt[mt]], xv[mv], remap[yv[mv]],
+                           (32,), "cross_entropy", 5, seed=i))
+    return tasks
+
+
+def cancer_features(n: int) -> list[Task]:
+    tasks = []
+    for i in range(n):
+        rng = np.random.default_rng(200 + i)
+        cols = np.sort(rng.choice(30, size=10, replace=False))
+        xt, yt, xv, yv = load_builtin("breast_cancer", seed=i)
+        xt, xv = xt[:, cols], xv[:, cols]
+        mu, sd = xt.mean(0), xt.std(0) + 1e-6
+        tasks.append(_task(f"cancer-f{i}", (xt - mu) / sd, yt, (xv - mu) / sd, yv, (16,), "cross_entropy", 2, seed=i))
+    return tasks
+
+
+def teacher_illcond(n: int) -> list[Task]:
+    tasks = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(300 + i)
+        d, rows = 16, 600
+        scales = torch.logspace(-1, 1, d)
+        x = torch.randn(rows, d, generator=g) * scales
+        w1 = torch.randn(d, 32, generator=g) / scales[:, None] / math.sqrt(d)
+        w2 = torch.randn(32, 1, generator=g) / math.sqrt(32)
+        y = torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(rows, 1, generator=g)
+        tasks.append(_task(f"teacher-{i}", x[:480], y[:480], x[480:], y[480:], (32,), "mse", 1, seed=i))
+    return tasks
+
+
+FAMILIES = {"digits-classes": digits_classes, "cancer-features": cancer_features, "teacher-illcond": teacher_illcond}
+
+
+def grid_lrs(n: int) -> list[float]:
+    lo, hi = math.log10(LR_BOUNDS[0]), math.log10(LR_BOUNDS[1])
+    return [10 ** (lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+
+
+def random_search(obj: Objective, trials: int, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    lo, hi = math.log(LR_BOUNDS[0]), math.log(LR_BOUNDS[1])
+    cands = [(math.exp(rng.uniform(lo, hi)), rng.uniform(*MOM_BOUNDS)) for _ in range(trials)]
+    best = None
+    for lr, mom in cands:  # one trial at a time, as a searcher would run them
+        loss = obj.losses([lr], [mom])[0]
+        if best is None or loss < best[0]:
+            best = (loss, lr, mom)
+    return best[1], best[2]
+
+
+class PlainLoop:
+    """The meta-objective as a user's own loop computes it: torch.optim.SGD, one run at a time."""
+
+    def __init__(self, tasks, draws):
+        self.tasks, self.draws = tasks, draws
+
+    def losses(self, lrs, moms):
+        out = []
+        for lr, mom in zip(lrs, moms):
+            runs = [train_sgd(t, lr, mom, d) for t in self.tasks for d in self.draws]
+            out.append(sum(runs) / len(runs))
+        return out
+
+
+def optuna_tpe(obj: Objective, trials: int, seed: int = 0) -> tuple[float, float]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", *LR_BOUNDS, log=True)
+        mom = trial.suggest_float("momentum", *MOM_BOUNDS)
+        loss = obj.losses([lr], [mom])[0]
+        return loss if math.isfinite(loss) else 1e10
+
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=trials)
+    return study.best_params["lr"], study.best_params["momentum"]
+
+
+def gradtune(train, **kw):
+    config = MetaConfig(iterations=kw.pop("iterations", 40), lr_bounds=LR_BOUNDS, momentum_bounds=MOM_BOUNDS, **kw)
+    state = run_meta(train, config, init_state(config, *DEFAULT), config.iterations)
+    return best_settings(state)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--tasks", type=int, default=4, help="train tasks and held-out tasks per family")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    n_lr = 9 if args.quick else 25
+    iters = 15 if args.quick else 40
+    summary = []
+    for fam in args.families:
+        tasks = FAMILIES[fam](2 * args.tasks)
+        train, held = tasks[: args.tasks], tasks[args.tasks :]
+        rows: list[tuple[str, float, float, object]] = []  # name, held-out loss, seconds, settings
+
+        def score(lr, mom):
+            return evaluate(held, lr, mom, EVAL_DRAWS)["mean_val_loss"]
+
+        t0 = time.perf_counter()
+        held_obj = Objective(held, EVAL_DRAWS)
+        lrs = grid_lrs(n_lr)
+        pairs = [(lr, m) for m in MOMENTA for lr in lrs]
+        gl = held_obj.losses([p[0] for p in pairs], [p[1] for p in pairs])
+        g_lr, g_mom = pairs[min(range(len(pairs)), key=lambda i: gl[i])]
+        grid_s = time.perf_counter() - t0
+        grid = score(g_lr, g_mom)
+        default = score(*DEFAULT)
+        rows.append((f"grid {n_lr}x{len(MOMENTA)} on held-out (yardstick)", grid, grid_s, (g_lr, g_mom)))
+        rows.append(("default (0.01, 0.9)", default, 0.0, DEFAULT))
+        train_obj = Objective(train, TRAIN_DRAWS)
+        for name, fn in (
+            ("random search 20", lambda: random_search(train_obj, 20)),
+            ("optuna TPE 20", lambda: optuna_tpe(train_obj, 20)),
+            ("optuna TPE 60", lambda: optuna_tpe(train_obj, 60)),
+            ("optuna TPE 20, plain SGD loop per trial", lambda: optuna_tpe(PlainLoop(train, TRAIN_DRAWS), 20)),
+        ):
+            t0 = time.perf_counter()
+            lr, mom = fn()
+            rows.append((name, score(lr, mom), time.perf_counter() - t0, (lr, mom)))
+        for name, kw in (
+            ("gradtune constant", {}),
+            ("gradtune per-layer", {"per_layer": True}),
+            ("gradtune per-layer x 4 segments", {"per_layer": True, "schedule_segments": 4}),
+        ):
+            t0 = time.perf_counter()
+            best = gradtune(train, iterations=iters, **kw)
+            secs = time.perf_counter() - t0
+            if "param_groups" in best:
+                loss = evaluate_groups(held, best["param_groups"], best["boundaries"], EVAL_DRAWS)["mean_val_loss"]
+                rows.append((name, loss, secs, "groups"))
+            else:
+                rows.append((name, score(best["lr"], best["momentum"]), secs, (best["lr"], best["momentum"])))
+        print(f"\n### {fam}: {len(train)} train tasks, {len(held)} held-out tasks\n")
+        print("| method | held-out loss | regret | wall s | settings |")
+        print("|---|---:|---:|---:|---|")
+        for name, loss, secs, st in rows:
+            regret = (loss - grid) / (default - grid) if default != grid else float("nan")
+            sett = st if isinstance(st, str) else f"lr {st[0]:.4g}, mom {st[1]:.3f}"
+            print(f"| {name} | {loss:.4f} | {regret:+.3f} | {secs:.1f} | {sett} |", flush=True)
+            summary.append((fam, name, loss, regret, secs))
+
+
+if __name__ == "__main__":
+    main()

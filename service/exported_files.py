@@ -1,0 +1,252 @@
+"""Read a ``torch.export`` archive (``.pt2``) as *data*: the standard library only, no torch, no pickle.
+
+Why not ``torch.export.load``: it trusts the file. Measured on torch 2.13 (docs in the README):
+* the sample inputs (``data/sample_inputs/model.pt``) go through ``torch.load(weights_only=True)``
+  and, when that fails, **fall back to** ``torch.load(weights_only=False)``: a crafted file runs
+  any code while loading (a test here plants ``os.system`` and sees it run);
+* weights and constants marked ``use_pickle`` in the archive's own JSON are read with
+  ``torch.load(weights_only=False)`` or ``pickle.loads``;
+* symbolic shape expressions are parsed with ``sympy.sympify`` (which evaluates Python), node targets
+  are resolved by ``getattr`` chains from the ``torch`` module (``"torch.os.system"`` resolves), and
+  ``guards_code`` strings become Python source that ``ExportedProgram.module()`` executes.
+
+So gradtune reads the archive itself: the zip directory (bounded), ``models/model.json`` with
+``json.loads``, the weights as raw little-endian bytes described by ``model_weights_config.json``.
+Everything else in the archive (sample inputs, extra files, guards code) is never read. The graph
+must be static (no symbolic shapes) and use only the operators in ``OPS``, with arguments of plain
+JSON kinds; parameters only (no buffers, constants or custom objects). ``read_pt2`` returns a plain
+dict (``program``) that the worker's engine interprets with its own fixed table of torch functions
+(worker/engine/exported.py): nothing in the file names code that runs.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["OPS", "ExportedProgramError", "read_pt2", "read_weights"]
+
+
+class ExportedProgramError(ValueError):
+    """The archive is not one gradtune can train; ``str()`` is a sentence for the user."""
+
+
+# operator -> the arguments it may have (name -> allowed JSON kinds); the first is the input tensor.
+_T, _I, _IS, _B, _N, _S, _F = "as_tensor", "as_int", "as_ints", "as_bool", "as_none", "as_string", "as_float"
+OPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "torch.ops.aten.linear.default": {"input": (_T,), "weight": (_T,), "bias": (_T, _N)},
+    "torch.ops.aten.conv2d.default": {
+        "input": (_T,), "weight": (_T,), "bias": (_T, _N), "stride": (_IS,), "padding": (_IS,),
+        "dilation": (_IS,), "groups": (_I,),
+    },
+    "torch.ops.aten.relu.default": {"self": (_T,)},
+    "torch.ops.aten.tanh.default": {"self": (_T,)},
+    "torch.ops.aten.sigmoid.default": {"self": (_T,)},
+    "torch.ops.aten.gelu.default": {"self": (_T,), "approximate": (_S,)},
+    "torch.ops.aten.max_pool2d.default": {
+        "self": (_T,), "kernel_size": (_IS,), "stride": (_IS,), "padding": (_IS,), "dilation": (_IS,),
+        "ceil_mode": (_B,),
+    },
+    "torch.ops.aten.avg_pool2d.default": {
+        "self": (_T,), "kernel_size": (_IS,), "stride": (_IS,), "padding": (_IS,), "ceil_mode": (_B,),
+        "count_include_pad": (_B,), "divisor_override": (_N,),
+    },
+    "torch.ops.aten.flatten.using_ints": {"self": (_T,), "start_dim": (_I,), "end_dim": (_I,)},
+}
+# torch._export.serde.schema.ScalarType / Layout
+_DTYPES = {7: ("float32", 4), 8: ("float64", 8)}
+_STRIDED = 7
+_SCHEMA_MAJOR = 8
+MAX_ENTRIES = 4096
+
+
+def _fail(msg: str) -> ExportedProgramError:
+    return ExportedProgramError(msg)
+
+
+def _ints(values: Any, what: str) -> list[int]:
+    out = []
+    for v in values or []:
+        if not isinstance(v, dict) or set(v) != {"as_int"} or not isinstance(v["as_int"], int):
+            raise _fail(f"{what} is symbolic (a dynamic shape); export the model with static shapes")
+        out.append(v["as_int"])
+    return out
+
+
+def _open(path: Path, max_bytes: int) -> tuple[zipfile.ZipFile, str]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _fail(f"not a .pt2 archive (a zip file written by torch.export.save): {exc}") from None
+    infos = zf.infolist()
+    if len(infos) > MAX_ENTRIES:
+        raise _fail(f"the archive has {len(infos)} entries, more than {MAX_ENTRIES}")
+    total = 0
+    prefixes = set()
+    for info in infos:
+        name = info.filename
+        if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+            raise _fail(f"the archive has an entry with an unsafe name: {name!r}")
+        total += info.file_size
+        prefixes.add(name.split("/", 1)[0])
+    if total > max_bytes:
+        raise _fail(f"the archive unpacks to {total} bytes, above the limit of {max_bytes}")
+    if len(prefixes) != 1:
+        raise _fail("a .pt2 archive has one top-level folder")
+    prefix = prefixes.pop()
+    names = {i.filename for i in infos}
+    if f"{prefix}/archive_format" not in names or zf.read(f"{prefix}/archive_format").strip() != b"pt2":
+        raise _fail("not a torch.export archive (archive_format is not pt2)")
+    if f"{prefix}/byteorder" in names and zf.read(f"{prefix}/byteorder").strip() != b"little":
+        raise _fail("the archive's tensors are big-endian; only little-endian archives are read")
+    models = sorted(n for n in names if n.startswith(f"{prefix}/models/") and n.endswith(".json"))
+    if models != [f"{prefix}/models/model.json"]:
+        raise _fail("the archive must hold exactly one program, saved as torch.export.save(program, file)")
+    return zf, prefix
+
+
+def _json(zf: zipfile.ZipFile, name: str) -> Any:
+    try:
+        return json.loads(zf.read(name))
+    except KeyError:
+        raise _fail(f"the archive has no {name.split('/', 1)[1]}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _fail(f"{name.split('/', 1)[1]} is not valid JSON: {exc}") from None
+
+
+def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
+    """The program of a ``.pt2`` archive as plain data, or ExportedProgramError with the reason.
+
+    Returns ``{"input": name, "output": name, "params": [{"name", "arg", "dtype", "shape",
+    "file"}], "ops": [{"target", "short", "args": {name: value}, "out"}], "input_shape": [...] }``
+    where an argument value is ``{"tensor": name}``, an int, a list of ints, a bool, a string or None.
+    """
+    zf, prefix = _open(Path(path), max_bytes)
+    with zf:
+        model = _json(zf, f"{prefix}/models/model.json")
+        weights_cfg = _json(zf, f"{prefix}/data/weights/model_weights_config.json").get("config", {})
+        names = set(zf.namelist())
+        consts_name = f"{prefix}/data/constants/model_constants_config.json"
+        if consts_name in names and _json(zf, consts_name).get("config"):
+            raise _fail("the program has constant tensors or objects; gradtune trains programs whose state "
+                        "is parameters only")
+        sizes = {i.filename: i.file_size for i in zf.infolist()}
+    if not isinstance(model, dict) or not isinstance(model.get("schema_version"), dict):
+        raise _fail("models/model.json is not an exported program")
+    if model["schema_version"].get("major") != _SCHEMA_MAJOR:
+        raise _fail(f"export schema version {model['schema_version']} is not supported (major {_SCHEMA_MAJOR} is)")
+    if model.get("range_constraints") or model.get("guards_code"):
+        raise _fail("the program has dynamic shapes; export the model with static shapes (no dynamic_shapes)")
+    graph = (model.get("graph_module") or {}).get("graph") or {}
+    for key in ("sym_int_values", "sym_bool_values", "sym_float_values"):
+        if graph.get(key):
+            raise _fail("the program has symbolic shapes; export the model with static shapes")
+    if graph.get("custom_obj_values"):
+        raise _fail("the program holds custom objects; gradtune trains tensors only")
+    signature = model["graph_module"].get("signature") or {}
+
+    params: list[dict[str, Any]] = []
+    user_inputs: list[str] = []
+    for spec in signature.get("input_specs", []):
+        (kind, body), = spec.items() if isinstance(spec, dict) and len(spec) == 1 else ((None, None),)
+        if kind == "parameter":
+            params.append({"name": body["parameter_name"], "arg": body["arg"]["name"]})
+        elif kind == "user_input" and set(body.get("arg", {})) == {"as_tensor"}:
+            user_inputs.append(body["arg"]["as_tensor"]["name"])
+        else:
+            raise _fail(f"the program has a {kind or 'malformed'} input; gradtune trains programs with one "
+                        "input tensor and parameters (no buffers, constants or non-tensor inputs)")
+    outputs = signature.get("output_specs", [])
+    if len(user_inputs) != 1:
+        raise _fail(f"the program takes {len(user_inputs)} inputs; it must take one tensor (the batch)")
+    if (len(outputs) != 1 or set(outputs[0]) != {"user_output"}
+            or set(outputs[0]["user_output"].get("arg", {})) != {"as_tensor"}):
+        raise _fail("the program must return one tensor (and no mutated buffers or extra outputs)")
+    if not params:
+        raise _fail("the program has no parameters to train")
+
+    values = graph.get("tensor_values", {})
+    for p in params:
+        cfg = weights_cfg.get(p["name"])
+        if not isinstance(cfg, dict):
+            raise _fail(f"parameter {p['name']!r} has no stored weight")
+        if cfg.get("use_pickle") is not False:
+            raise _fail(f"parameter {p['name']!r} is stored with pickle (a tensor subclass); refused: gradtune "
+                        "never unpickles uploaded files")
+        meta = cfg.get("tensor_meta") or {}
+        if meta.get("dtype") not in _DTYPES:
+            raise _fail(f"parameter {p['name']!r} has dtype code {meta.get('dtype')}; only float32 and float64 are trained")
+        if meta.get("layout") != _STRIDED:
+            raise _fail(f"parameter {p['name']!r} is not a dense (strided) tensor")
+        shape = _ints(meta.get("sizes"), f"parameter {p['name']!r}'s shape")
+        strides = _ints(meta.get("strides"), f"parameter {p['name']!r}'s strides")
+        want, acc = [], 1
+        for s in reversed(shape):
+            want.append(acc)
+            acc *= s
+        if strides != list(reversed(want)) or _ints([meta.get("storage_offset")], "offset") != [0]:
+            raise _fail(f"parameter {p['name']!r} is not stored contiguously")
+        dtype, item = _DTYPES[meta["dtype"]]
+        file = f"{prefix}/data/weights/{cfg.get('path_name')}"
+        if sizes.get(file) != acc * item:
+            raise _fail(f"parameter {p['name']!r}: the stored bytes do not match its shape {shape} and dtype {dtype}")
+        p.update(dtype=dtype, shape=shape, file=file)
+
+    defined = {p["arg"] for p in params} | set(user_inputs)
+    ops: list[dict[str, Any]] = []
+    for i, node in enumerate(graph.get("nodes", [])):
+        target = node.get("target")
+        allowed = OPS.get(target)
+        if allowed is None:
+            short = str(target).replace("torch.ops.aten.", "")
+            raise _fail(f"node {i} calls {short!r}, which gradtune cannot train through; supported: "
+                        + ", ".join(sorted(t.replace("torch.ops.aten.", "").split(".")[0] for t in OPS)))
+        args: dict[str, Any] = {}
+        for a in node.get("inputs", []):
+            name, arg = a.get("name"), a.get("arg") or {}
+            if name not in allowed or len(arg) != 1 or next(iter(arg)) not in allowed[name]:
+                raise _fail(f"node {i} ({target}) has an unsupported argument {name!r} ({list(arg)})")
+            kind, v = next(iter(arg.items()))
+            if kind == _T:
+                if v.get("name") not in defined:
+                    raise _fail(f"node {i} ({target}) uses {v.get('name')!r} before it is defined")
+                v = {"tensor": v["name"]}
+            elif kind == _IS and not (isinstance(v, list) and all(isinstance(x, int) for x in v)):
+                raise _fail(f"node {i} ({target}): argument {name!r} must be a list of integers")
+            elif kind == _I and not isinstance(v, int):
+                raise _fail(f"node {i} ({target}): argument {name!r} must be an integer")
+            elif kind == _B and not isinstance(v, bool):
+                raise _fail(f"node {i} ({target}): argument {name!r} must be true or false")
+            elif kind == _S and v not in ("none", "tanh"):
+                raise _fail(f"node {i} ({target}): argument {name!r} is {v!r}")
+            elif kind == _N:
+                v = None
+            args[name] = v
+        first = next(iter(allowed))
+        if first not in args:
+            raise _fail(f"node {i} ({target}) has no input tensor")
+        outs = node.get("outputs", [])
+        if len(outs) != 1 or set(outs[0]) != {_T}:
+            raise _fail(f"node {i} ({target}) must produce one tensor")
+        out = outs[0][_T]["name"]
+        defined.add(out)
+        ops.append({"target": target, "short": target.split(".")[3], "args": args, "out": out})
+    output = outputs[0]["user_output"]["arg"]["as_tensor"]["name"]
+    if output not in defined:
+        raise _fail("the program's output is not computed by its graph")
+    in_meta = values.get(user_inputs[0]) or {}
+    return {
+        "input": user_inputs[0],
+        "output": output,
+        "params": params,
+        "ops": ops,
+        "input_shape": _ints(in_meta.get("sizes"), "the input's shape") if in_meta else None,
+    }
+
+
+def read_weights(path: str | Path, program: dict[str, Any]) -> dict[str, bytes]:
+    """The raw bytes of every parameter of ``program`` (as read_pt2 checked them)."""
+    with zipfile.ZipFile(path) as zf:
+        return {p["name"]: zf.read(p["file"]) for p in program["params"]}

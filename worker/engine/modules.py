@@ -1,0 +1,609 @@
+"""The generic path: any nn.Module (a CNN, an MLP, later an exported program), trained functionally.
+
+An MLP task goes through the hand-written batched unroll in functional.py. Every other model goes
+through this module: the model is built deterministically from (task.seed, draw) by the task's
+``make_model``, its parameters become a dict of tensors, and training runs out of place with
+``torch.func.functional_call``. Runs that share a task (every draw and every candidate setting) are
+stacked along a leading dimension and trained together with ``torch.func.vmap`` of
+``torch.func.grad_and_value``; the SGD update is the one of ``torch.optim.SGD``:
+
+    buf = g (first step), then buf = momentum * buf + g;  p = p - lr * buf
+
+(no dampening, no Nesterov, no weight decay), so reverse-mode autograd through the whole unroll
+(the training gradients are themselves differentiable: second order) gives the exact gradient of the
+validation loss with respect to lr and momentum. Mini-batches come from tasks.batch_indices (epoch
+reshuffles, last partial batch dropped), so a run reproduces ``train_sgd_module`` (plain
+torch.optim.SGD on the same model and batches).
+
+``ModuleObjective`` has the public methods and return conventions of functional.Objective, so the
+meta-loop can use either. Module buffers (if any) are passed to functional_call unchanged: models
+whose forward updates buffers in place (BatchNorm in training mode) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import EngineError
+from .tasks import LOSSES, Task, batch_indices, build_model, derive_seed
+
+METHODS: tuple[str, ...] = ("reverse", "forward", "truncated")
+
+
+@dataclass
+class ModuleTask:
+    """One training problem for an arbitrary nn.Module. Tensors are on the target device and dtype.
+
+    x_*: (N, ...) float features (images (N, C, H, W) for a CNN). cross_entropy: y_* int64 labels
+    (N,) in 0..C-1 (C: the model's output width); mse: y_* float (N, D) with D the output width.
+    make_model(draw) returns a fresh model, deterministic in (seed, draw) (see seeded_builder);
+    the engine moves it to x_train's device and dtype.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    loss: str
+    steps: int
+    batch_size: int
+    seed: int
+    make_model: Callable[[int], nn.Module]
+
+    def model(self, draw: int = 0) -> nn.Module:
+        """The model of `draw`, on the task's device and dtype (the global RNG is left untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            model = self.make_model(int(draw))
+        if not isinstance(model, nn.Module):
+            raise EngineError(f"Task {self.name!r}: make_model must return an nn.Module.")
+        return model.to(device=self.x_train.device, dtype=self.x_train.dtype)
+
+
+def seeded_builder(build: Callable[[], nn.Module], seed: int) -> Callable[[int], nn.Module]:
+    """make_model for ModuleTask: `build()` under torch.manual_seed(derive_seed("init", seed, draw)),
+    the same seed rule as tasks.build_model, so an MLP built this way starts from build_model's
+    weights. `build` should create its layers in float32 on the CPU (PyTorch's default)."""
+
+    def make(draw: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed("init", seed, draw))
+            return build()
+
+    return make
+
+
+def as_module_task(task: Task) -> ModuleTask:
+    """The MLP task as a ModuleTask with the same weights (build_model) and batches."""
+    return ModuleTask(
+        name=task.name,
+        x_train=task.x_train,
+        y_train=task.y_train,
+        x_val=task.x_val,
+        y_val=task.y_val,
+        loss=task.loss,
+        steps=task.steps,
+        batch_size=task.batch_size,
+        seed=task.seed,
+        make_model=lambda draw, _t=task: build_model(_t, draw),
+    )
+
+
+def _as_module_tasks(tasks: Sequence[Task | ModuleTask]) -> list[ModuleTask]:
+    return [t if isinstance(t, ModuleTask) else as_module_task(t) for t in tasks]
+
+
+def task_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
+    if loss == "cross_entropy":
+        return F.cross_entropy(output, target)
+    return F.mse_loss(output, target)
+
+
+_STATEFUL = (nn.modules.batchnorm._BatchNorm,)
+
+
+def validate_module_task(task: ModuleTask, model: nn.Module | None = None) -> nn.Module:
+    """Raise EngineError with a plain sentence when the task cannot be trained; returns the model
+    of draw 0 (built if not given), after checking its output against the targets."""
+    name = task.name
+    if task.loss not in LOSSES:
+        raise EngineError(f"Task {name!r}: loss must be one of {', '.join(LOSSES)}.")
+    if task.x_train.dim() < 2 or task.x_val.dim() != task.x_train.dim():
+        raise EngineError(f"Task {name!r}: features must be (rows, ...) with the same rank in train and validation.")
+    if task.x_train.shape[1:] != task.x_val.shape[1:]:
+        raise EngineError(f"Task {name!r}: training and validation examples have different shapes.")
+    if not task.x_train.is_floating_point():
+        raise EngineError(f"Task {name!r}: features must be floating point.")
+    n = task.x_train.shape[0]
+    if task.y_train.shape[0] != n or task.y_val.shape[0] != task.x_val.shape[0]:
+        raise EngineError(f"Task {name!r}: features and targets have different numbers of rows.")
+    if task.x_val.shape[0] < 1:
+        raise EngineError(f"Task {name!r}: the validation set is empty.")
+    if task.steps < 1:
+        raise EngineError(f"Task {name!r}: the number of training steps must be at least 1.")
+    if not 1 <= task.batch_size <= n:
+        raise EngineError(
+            f"Task {name!r}: the batch size ({task.batch_size}) must be between 1 and the number of "
+            f"training rows ({n})."
+        )
+    model = model if model is not None else task.model(0)
+    if not any(True for _ in model.parameters()):
+        raise EngineError(f"Task {name!r}: the model has no parameters to train.")
+    for m in model.modules():
+        if isinstance(m, _STATEFUL):
+            raise EngineError(
+                f"Task {name!r}: the model has a {type(m).__name__} layer, whose forward updates "
+                "running statistics in place; it cannot be trained functionally."
+            )
+    with torch.no_grad():
+        out = model(task.x_val[:1])
+    if out.dim() != 2 or out.shape[0] != 1:
+        raise EngineError(f"Task {name!r}: the model must output (rows, outputs); it gave {list(out.shape)}.")
+    width = out.shape[1]
+    if task.loss == "cross_entropy":
+        for y in (task.y_train, task.y_val):
+            if y.dtype != torch.int64 or y.dim() != 1:
+                raise EngineError(f"Task {name!r}: class labels must be a 1-D int64 tensor.")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
+                raise EngineError(
+                    f"Task {name!r}: class labels must lie between 0 and {width - 1} (the model has "
+                    f"{width} outputs)."
+                )
+    else:
+        for y in (task.y_train, task.y_val):
+            if not y.is_floating_point() or y.dim() != 2 or y.shape[1] != width:
+                raise EngineError(
+                    f"Task {name!r}: regression targets must be a float tensor of shape (rows, {width})."
+                )
+    return model
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """Trainable parameter names grouped by the module that owns them, in named_parameters() order:
+    [["0.weight", "0.bias"], ["4.weight", "4.bias"], ...]. The per-layer slots of the engine."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.rpartition(".")[0], []).append(name)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def train_sgd_module(task: ModuleTask, lr: float, momentum: float, draw: int = 0) -> float:
+    """Train task.model(draw) with plain torch.optim.SGD(lr, momentum) for task.steps steps on
+    tasks.batch_indices(task, draw); return the validation loss (math.inf if training diverged)."""
+    model = validate_module_task(task, task.model(draw))
+    idx = batch_indices(task, draw)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    with torch.enable_grad():
+        for t in range(task.steps):
+            rows = idx[t]
+            loss = task_loss(task.loss, model(task.x_train[rows]), task.y_train[rows])
+            if not torch.isfinite(loss):
+                return math.inf
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        val = float(task_loss(task.loss, model(task.x_val), task.y_val))
+    return val if math.isfinite(val) else math.inf
+
+
+def train_any(task: Task | ModuleTask, lr: float, momentum: float, draw: int = 0) -> float:
+    if isinstance(task, ModuleTask):
+        return train_sgd_module(task, lr, momentum, draw)
+    from .reference import train_sgd
+
+    return train_sgd(task, lr, momentum, draw)
+
+
+def evaluate(tasks: Sequence[Task | ModuleTask], lr: float, momentum: float, draws: Sequence[int]) -> dict:
+    """reference.evaluate for a mix of MLP Tasks and ModuleTasks (same return shape)."""
+    draws = list(draws)
+    if not tasks or not draws:
+        raise ValueError("evaluate needs at least one task and one draw.")
+    rows = []
+    for task in tasks:
+        losses = [train_any(task, lr, momentum, d) for d in draws]
+        rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
+    return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
+
+
+def train_sgd_module_groups(
+    task: ModuleTask, param_groups: Sequence[dict], boundaries: Sequence[int], draw: int = 0
+) -> float:
+    """train_sgd_module with learned per-layer / scheduled settings, by the documented recipe
+    (reference.make_optimizer + reference.apply_schedule before every step)."""
+    from .reference import apply_schedule, make_optimizer
+
+    model = validate_module_task(task, task.model(draw))
+    idx = batch_indices(task, draw)
+    opt = make_optimizer(model, param_groups, boundaries)
+    with torch.enable_grad():
+        for t in range(task.steps):
+            apply_schedule(opt, param_groups, boundaries, t)
+            rows = idx[t]
+            loss = task_loss(task.loss, model(task.x_train[rows]), task.y_train[rows])
+            if not torch.isfinite(loss):
+                return math.inf
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        val = float(task_loss(task.loss, model(task.x_val), task.y_val))
+    return val if math.isfinite(val) else math.inf
+
+
+def evaluate_groups(
+    tasks: Sequence[Task | ModuleTask], param_groups: Sequence[dict], boundaries: Sequence[int], draws: Sequence[int]
+) -> dict:
+    """reference.evaluate_groups for a mix of MLP Tasks and ModuleTasks (same return shape)."""
+    from .reference import train_sgd_groups
+
+    draws = list(draws)
+    if not tasks or not draws:
+        raise ValueError("evaluate_groups needs at least one task and one draw.")
+    rows = []
+    for task in tasks:
+        run = train_sgd_module_groups if isinstance(task, ModuleTask) else train_sgd_groups
+        losses = [run(task, param_groups, boundaries, d) for d in draws]
+        rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
+    return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
+
+
+# --------------------------------------------------------------------------- the unroll
+
+
+def _segment_of_steps(steps: int, segments: int) -> list[int]:
+    """Segment of each step: block j covers floor(j*steps/S) .. floor((j+1)*steps/S) - 1
+    (functional.segment_boundaries)."""
+    if not 1 <= segments <= steps:
+        raise ValueError("The number of schedule segments must be between 1 and the number of steps.")
+    bounds = [(j * steps) // segments for j in range(segments)] + [steps]
+    out: list[int] = []
+    for j in range(segments):
+        out.extend([j] * (bounds[j + 1] - bounds[j]))
+    return out
+
+
+@dataclass
+class _Group:
+    """The sources (draws) of one task, prepared for batched unrolls."""
+
+    task: ModuleTask
+    draws: list[int]
+    skeleton: nn.Module  # the architecture; its own parameter values are never used
+    names: list[str]  # trainable parameters, named_parameters() order
+    slots: list[list[str]]  # layer_groups
+    buffers: dict[str, Tensor]
+    frozen: dict[str, Tensor]  # parameters with requires_grad=False: held constant
+    init: dict[str, Tensor]  # (S, *shape)
+    idx: Tensor  # (S, steps, B) row indices
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.draws)
+
+
+def _make_group(task: ModuleTask, draws: list[int]) -> _Group:
+    models = [task.model(d) for d in draws]
+    skeleton = validate_module_task(task, models[0])
+    names = [n for n, p in skeleton.named_parameters() if p.requires_grad]
+    frozen = {n: p.detach() for n, p in skeleton.named_parameters() if not p.requires_grad}
+    init = {}
+    for n in names:
+        init[n] = torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+    return _Group(
+        task=task,
+        draws=list(draws),
+        skeleton=skeleton,
+        names=names,
+        slots=layer_groups(skeleton),
+        buffers={n: b.detach() for n, b in skeleton.named_buffers()},
+        frozen=frozen,
+        init=init,
+        idx=torch.stack([batch_indices(task, d) for d in draws]),
+    )
+
+
+def _loss_fn(group: _Group):
+    skel, loss_kind = group.skeleton, group.task.loss
+    consts = {**group.buffers, **group.frozen}
+
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = torch.func.functional_call(skel, {**params, **consts}, (x,))
+        if loss_kind == "mse":  # = F.mse_loss; written out because its forward-mode rule under
+            return (out - y).square().mean()  # vmap warns about resizing an output
+        return task_loss(loss_kind, out, y)
+
+    return loss
+
+
+def _as_values(x: Tensor) -> Tensor:
+    """(K,) or (K, slots, segments) hyperparameter values as (K, slots, segments)."""
+    return x.reshape(x.shape[0], 1, 1) if x.dim() == 1 else x
+
+
+def _slot_of_names(group: _Group, slots: int) -> dict[str, int]:
+    if slots == 1:
+        return {n: 0 for n in group.names}
+    if slots != len(group.slots):
+        raise ValueError(f"{slots} per-layer values for a model of {len(group.slots)} parametrized layers.")
+    return {n: i for i, names in enumerate(group.slots) for n in names}
+
+
+def _unroll(group: _Group, lr: Tensor, momentum: Tensor, grad_from: int = 0) -> tuple[Tensor, Tensor]:
+    """Train K candidate settings on every source of the group.
+
+    lr, momentum: (K,) or (K, slots, segments), in the task's dtype and device; they may require
+    grad. Run r = k * S + s trains source s with candidate k. Returns (val losses (K, S), diverged
+    (K, S) bool: a training loss was not finite). Steps before grad_from record no graph.
+    """
+    from torch.func import grad_and_value, vmap
+
+    task = group.task
+    lr, momentum = _as_values(lr), _as_values(momentum)
+    k_count, s_count = lr.shape[0], group.n_sources
+    slots, segments = lr.shape[1], lr.shape[2]
+    runs = k_count * s_count
+    slot_of = _slot_of_names(group, slots)
+    seg_of = _segment_of_steps(task.steps, segments)
+
+    def per_run(v: Tensor, like: Tensor) -> Tensor:  # (K,) -> (R, 1, ..., 1)
+        return v.repeat_interleave(s_count).view(runs, *([1] * (like.dim() - 1)))
+
+    tables = {}
+    for i in range(slots):
+        for j in range(segments):
+            tables[i, j] = (lr[:, i, j], momentum[:, i, j])
+    loss = _loss_fn(group)
+    step_fn = vmap(grad_and_value(loss))
+    params = {n: (p.repeat(k_count, *([1] * (p.dim() - 1))) if k_count > 1 else p) for n, p in group.init.items()}
+    bufs: dict[str, Tensor] = {}
+    diverged = torch.zeros(runs, dtype=torch.bool, device=task.x_train.device)
+    grad_on = torch.is_grad_enabled()
+    for t in range(task.steps):
+        if t == grad_from and t > 0:
+            params = {n: p.detach() for n, p in params.items()}
+            bufs = {n: b.detach() for n, b in bufs.items()}
+        rows = group.idx[:, t]  # (S, B)
+        xb, yb = task.x_train[rows], task.y_train[rows]
+        if k_count > 1:
+            xb = xb.repeat(k_count, *([1] * (xb.dim() - 1)))
+            yb = yb.repeat(k_count, *([1] * (yb.dim() - 1)))
+        with torch.set_grad_enabled(grad_on and t >= grad_from):
+            grads, values = step_fn(params, xb, yb)
+            diverged = diverged | ~torch.isfinite(values.detach())
+            new_params, new_bufs = {}, {}
+            for n in params:
+                lr_k, mom_k = tables[slot_of[n], seg_of[t]]
+                g = grads[n]
+                buf = g if t == 0 else torch.addcmul(g, bufs[n], per_run(mom_k, g))
+                new_bufs[n] = buf
+                new_params[n] = torch.addcmul(params[n], buf, per_run(lr_k, buf), value=-1.0)
+            params, bufs = new_params, new_bufs
+    val = vmap(loss, in_dims=(0, None, None))(params, task.x_val, task.y_val)
+    return val.view(k_count, s_count), diverged.view(k_count, s_count)
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+class ModuleObjective:
+    """functional.Objective for ModuleTasks (plain MLP Tasks are accepted too, as as_module_task).
+
+    Mean validation loss over (task, draw) sources as a function of the hyperparameters, with the
+    same methods and return conventions as functional.Objective: constants (lr, momentum) or
+    (slots, segments) tables, where slots is 1 or one per parametrized layer (layer_groups: every
+    task must then have the same number) and segments split the steps into equal blocks.
+    """
+
+    def __init__(self, tasks: Sequence[Task | ModuleTask], draws: Sequence[int], max_runs: int = 128):
+        if not tasks or not draws:
+            raise ValueError("An objective needs at least one task and one draw.")
+        self.tasks = _as_module_tasks(tasks)
+        self.groups = [_make_group(t, [int(d) for d in draws]) for t in self.tasks]
+        self.n_sources = sum(g.n_sources for g in self.groups)
+        self.max_runs = max_runs
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names per slot (of the first task; every task's must have as many slots)."""
+        return [list(s) for s in self.groups[0].slots]
+
+    def losses(self, lrs: Sequence[float], momenta: Sequence[float]) -> list[float]:
+        """Forward only: mean loss of each constant candidate (math.inf where any run diverged)."""
+        lr = torch.tensor([float(x) for x in lrs], dtype=torch.float64).view(-1, 1, 1)
+        mom = torch.tensor([float(x) for x in momenta], dtype=torch.float64).view(-1, 1, 1)
+        return self.losses_values(lr, mom)
+
+    def losses_values(self, lr: Tensor, momentum: Tensor) -> list[float]:
+        """Forward only: mean loss of each candidate given as (K, slots, segments) value tables."""
+        lr, momentum = _as_values(lr), _as_values(momentum)
+        count = lr.shape[0]
+        totals = [0.0] * count
+        with torch.no_grad():
+            for g in self.groups:
+                dt, dev = g.task.x_train.dtype, g.task.x_train.device
+                chunk = max(1, self.max_runs // g.n_sources)
+                for start in range(0, count, chunk):
+                    lr_c = lr[start : start + chunk].to(dtype=dt, device=dev)
+                    mom_c = momentum[start : start + chunk].to(dtype=dt, device=dev)
+                    val, bad = _unroll(g, lr_c, mom_c)
+                    val = torch.where(bad, torch.full_like(val, math.inf), val)
+                    for i, v in enumerate(val.sum(dim=1).double().cpu().tolist()):
+                        totals[start + i] += v
+        return [v / self.n_sources if math.isfinite(v) else math.inf for v in totals]
+
+    def value_and_grad(
+        self,
+        log_lr: float,
+        momentum_param: float,
+        momentum_bounds: tuple[float, float],
+        method: str = "reverse",
+        truncation: int | None = None,
+    ) -> tuple[float, tuple[float, float]]:
+        """Loss and its gradient w.r.t. (log lr, momentum parameter) of a constant pair;
+        momentum = lo + (hi - lo) * sigmoid(momentum_param). A run whose training diverged makes
+        the loss math.inf (and the gradient nan)."""
+        a = torch.tensor([[float(log_lr)]], dtype=torch.float64)
+        z = torch.tensor([[float(momentum_param)]], dtype=torch.float64)
+        loss, ga, gz = self.value_and_grad_values(a, z, momentum_bounds, method, truncation)
+        return loss, (float(ga.sum()), float(gz.sum()))
+
+    def value_and_grad_values(
+        self,
+        a: Tensor,
+        z: Tensor,
+        momentum_bounds: tuple[float, float],
+        method: str = "reverse",
+        truncation: int | None = None,
+    ) -> tuple[float, Tensor, Tensor]:
+        """Loss and gradient w.r.t. log lr `a` and momentum parameter `z`, both (slots, segments)
+        float64 tables. method: "reverse" (exact), "forward" (exact, torch.func.jvp: no graph is
+        kept, memory independent of the steps), "truncated" (reverse through the last `truncation`
+        steps only: biased)."""
+        if method not in METHODS:
+            raise ValueError(f"Unknown hypergradient method {method!r}.")
+        if method == "truncated" and (truncation is None or truncation < 1):
+            raise ValueError("Truncated hypergradients need a window of at least one step.")
+        lo, hi = momentum_bounds
+        a = a.detach().double()
+        z = z.detach().double()
+        total = 0.0
+        ga = torch.zeros_like(a)
+        gz = torch.zeros_like(z)
+        bad = False
+
+        if method == "forward":
+            for g in self.groups:
+                s, da, dz, div = _forward_group(g, a, z, momentum_bounds)
+                bad = bad or div
+                total += s / self.n_sources
+                ga += da / self.n_sources
+                gz += dz / self.n_sources
+        else:
+            for g in self.groups:
+                dt, dev = g.task.x_train.dtype, g.task.x_train.device
+                grad_from = 0 if method == "reverse" else max(0, g.task.steps - int(truncation))
+                av = a.clone().requires_grad_(True)
+                zv = z.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    lr = torch.exp(av).to(dtype=dt, device=dev).unsqueeze(0)
+                    mom = (lo + (hi - lo) * torch.sigmoid(zv)).to(dtype=dt, device=dev).unsqueeze(0)
+                    val, div = _unroll(g, lr, mom, grad_from=grad_from)
+                    s = val.sum() / self.n_sources
+                    da, dz = torch.autograd.grad(s, (av, zv), allow_unused=True)
+                bad = bad or bool(div.any())
+                total += float(s.detach())
+                ga += da.cpu() if da is not None else 0.0
+                gz += dz.cpu() if dz is not None else 0.0
+        if bad or not math.isfinite(total):
+            return math.inf, torch.full_like(a, math.nan), torch.full_like(z, math.nan)
+        return total, ga, gz
+
+
+def _forward_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) -> tuple[float, Tensor, Tensor, bool]:
+    """Forward-mode hypergradient of the group's summed validation losses: one jvp per
+    hyperparameter (vmapped over the unit tangents), so no graph is kept across steps.
+    Returns (sum of losses, d/da, d/dz, diverged)."""
+    from torch.func import jvp, vmap
+
+    lo, hi = momentum_bounds
+    dt, dev = group.task.x_train.dtype, group.task.x_train.device
+    a, z = a.to(dev), z.to(dev)
+    n = a.numel()
+
+    def f(av: Tensor, zv: Tensor):
+        lr = torch.exp(av).to(dt).unsqueeze(0)
+        mom = (lo + (hi - lo) * torch.sigmoid(zv)).to(dt).unsqueeze(0)
+        val, div = _unroll(group, lr, mom)
+        return val.sum().double(), div.any()
+
+    eye = torch.eye(2 * n, dtype=torch.float64, device=dev)
+    ta, tz = eye[:, :n].reshape(2 * n, *a.shape), eye[:, n:].reshape(2 * n, *z.shape)
+    with torch.no_grad():
+        value, tangents, div = vmap(lambda u, w: jvp(f, (a, z), (u, w), has_aux=True))(ta, tz)
+    total = float(value[0])
+    grads = tangents.cpu()
+    bad = bool(div.any()) or not math.isfinite(total)
+    return total, grads[:n].reshape(a.shape), grads[n:].reshape(z.shape), bad
+
+
+def unrolled_val_loss_module(
+    task: ModuleTask, lr, momentum, draw: int = 0, create_graph: bool = True
+) -> Tensor:
+    """Validation loss after functional SGD training of task.model(draw); equals
+    train_sgd_module(task, lr, momentum, draw). lr and momentum: numbers or 0-d tensors (then, with
+    create_graph, the result is differentiable w.r.t. them), or (slots, segments) tables."""
+    group = _make_group(task, [int(draw)])
+    dt, dev = task.x_train.dtype, task.x_train.device
+
+    def run_tensor(v) -> Tensor:
+        if isinstance(v, Tensor):
+            return v.to(dtype=dt, device=dev).unsqueeze(0) if v.dim() == 2 else v.to(dtype=dt, device=dev).reshape(1)
+        return torch.tensor([float(v)], dtype=dt, device=dev)
+
+    with torch.set_grad_enabled(create_graph):
+        val, bad = _unroll(group, run_tensor(lr), run_tensor(momentum))
+    if bool(bad.any()):
+        return torch.full((), math.inf, dtype=dt, device=dev)
+    return val.reshape(())
+
+
+def module_costs(task: ModuleTask) -> dict:
+    """Sizes for memory estimates: trainable parameter count and activations per example (sum of
+    every leaf module's output size, measured with a forward hook on one validation example)."""
+    model = task.model(0)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes: list[int] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
+        for m in model.modules()
+        if not list(m.children())
+    ]
+    try:
+        with torch.no_grad():
+            model(task.x_val[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    per_example = int(task.x_val[:1].numel()) + sum(sizes)
+    return {"params": int(n_params), "activations_per_example": per_example}
+
+
+def param_layout(task: Task | ModuleTask) -> list[list[str]]:
+    """The per-layer slots of any task: parameter names grouped by layer, named_parameters() order
+    (for an MLP Task: [["0.weight", "0.bias"], ["2.weight", "2.bias"], ...])."""
+    if isinstance(task, ModuleTask):
+        return layer_groups(task.model(0))
+    return [[f"{2 * i}.weight", f"{2 * i}.bias"] for i in range(len(task.hidden) + 1)]
+
+
+def cost_terms(task: Task | ModuleTask) -> tuple[int, int]:
+    """(trainable parameters, activations per example) of any task, for memory estimates. For an
+    MLP Task exactly meta.estimate_costs' terms (sizes[0] + 2 * sum(sizes[1:]) per example); for a
+    ModuleTask module_costs (the input plus every leaf module's output)."""
+    if isinstance(task, ModuleTask):
+        c = module_costs(task)
+        return c["params"], c["activations_per_example"]
+    sizes = [task.x_train.shape[1], *task.hidden, task.out_features]
+    n_params = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
+    return n_params, sizes[0] + 2 * sum(sizes[1:])
+
+
+def make_objective(tasks: Sequence[Task | ModuleTask], draws: Sequence[int]):
+    """functional.Objective when every task is an MLP Task (the fast batched path), else
+    ModuleObjective (which also takes MLP Tasks). The one-line dispatch for meta._Loop."""
+    if all(isinstance(t, Task) for t in tasks):
+        from .functional import Objective
+
+        return Objective(tasks, draws)
+    return ModuleObjective(tasks, draws)
