@@ -210,6 +210,34 @@ def datasets_list(url: str = URL) -> None:
         typer.echo(f"{ds['id']}  {ds['format']:<11}  {ds['size']:>10}  {ds['filename']}")
 
 
+models_cli = typer.Typer(no_args_is_help=True, help="Upload and list exported models (.pt2).")
+cli.add_typer(models_cli, name="models")
+
+
+@models_cli.command("upload")
+def models_upload(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                help="A .pt2 archive written by torch.export.save."),
+    url: str = URL,
+) -> None:
+    """Upload an exported model; prints its id, the example shape, outputs and parameters."""
+    with _api(url) as client:
+        m = client.upload_model(file)
+    typer.echo(m["id"])
+    typer.echo(f"  input {tuple(m['input_shape'])} -> {m['output_width']} outputs: {' '.join(m['operators'])}")
+    for p in m["parameters"]:
+        typer.echo(f"  {p['name']}  {p['dtype']}  {tuple(p['shape'])}")
+
+
+@models_cli.command("list")
+def models_list(url: str = URL) -> None:
+    """Uploaded models, newest first."""
+    with _api(url) as client:
+        page = client.models()
+    for m in page["items"]:
+        typer.echo(f"{m['id']}  {str(tuple(m['input_shape'])):<14} -> {m['output_width']:<4} {m['size']:>10}  {m['filename']}")
+
+
 def _redact(url: str) -> str:
     """Hide a password in a URL before printing it."""
     if "@" in url and "://" in url:

@@ -32,25 +32,71 @@ def format_detail(detail: Any) -> str:
 
 @dataclass
 class TunedSettings:
-    """Learned SGD settings, as returned by GET /v1/jobs/{id}/settings."""
+    """Learned SGD settings, as returned by GET /v1/jobs/{id}/settings.
+
+    ``lr`` and ``momentum`` are the best constant pair. With per-layer or scheduled settings,
+    ``param_groups`` and ``boundaries`` are there too: ``sgd(model)`` then builds one param group
+    per entry, and ``apply_schedule(optimizer, step)`` before each ``optimizer.step()`` switches
+    the values at the segment boundaries (the momentum buffers carry over, as the engine trained).
+    """
 
     lr: float
     momentum: float
     evaluation: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    param_groups: list[dict[str, Any]] | None = None
+    boundaries: list[int] | None = None
 
-    def sgd(self, params):
-        """``torch.optim.SGD`` with the learned values."""
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "TunedSettings":
+        return cls(lr=body["lr"], momentum=body["momentum"], evaluation=body.get("evaluation") or {},
+                   raw=body, param_groups=body.get("param_groups"), boundaries=body.get("boundaries"))
+
+    def sgd(self, model_or_params, constant: bool = False):
+        """``torch.optim.SGD`` with the learned values.
+
+        Given an ``nn.Module`` and per-layer or scheduled settings (unless ``constant``), one param
+        group per learned group, by parameter name; otherwise the constant pair for all parameters.
+        """
         import torch
 
+        if self.param_groups and not constant and isinstance(model_or_params, torch.nn.Module):
+            from worker.engine.reference import make_optimizer
+
+            return make_optimizer(model_or_params, self.param_groups, self.boundaries or [0])
+        params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
+    def apply_schedule(self, optimizer, step: int) -> None:
+        """Set each param group's lr and momentum for ``step`` (no-op for constant settings)."""
+        if self.param_groups:
+            from worker.engine.reference import apply_schedule
+
+            apply_schedule(optimizer, self.param_groups, self.boundaries or [0], step)
+
     def python(self) -> str:
-        """The lines of torch code that build the optimizer."""
-        return (
-            "import torch\n"
-            f"optimizer = torch.optim.SGD(model.parameters(), lr={self.lr!r}, momentum={self.momentum!r})\n"
-        )
+        """The lines of torch code that build the optimizer (and apply a schedule, if any)."""
+        if not self.param_groups:
+            return (
+                "import torch\n"
+                f"optimizer = torch.optim.SGD(model.parameters(), lr={self.lr!r}, momentum={self.momentum!r})\n"
+            )
+        lines = ["import bisect", "import torch", "", "named = dict(model.named_parameters())",
+                 f"boundaries = {list(self.boundaries or [0])!r}", "param_groups = ["]
+        for g in self.param_groups:
+            lines.append(f"    {{'params': {g['params']!r}, 'lr': {g['lr']!r}, 'momentum': {g['momentum']!r}}},")
+        lines += [
+            "]",
+            "optimizer = torch.optim.SGD(",
+            "    [{'params': [named[n] for n in g['params']], 'lr': g['lr'][0], 'momentum': g['momentum'][0]}",
+            "     for g in param_groups], lr=param_groups[0]['lr'][0])",
+            "",
+            "def apply_schedule(step):  # call before optimizer.step() at every step",
+            "    seg = max(0, bisect.bisect_right(boundaries, step) - 1)",
+            "    for group, g in zip(optimizer.param_groups, param_groups):",
+            "        group['lr'], group['momentum'] = g['lr'][seg], g['momentum'][seg]",
+        ]
+        return "\n".join(lines) + "\n"
 
 
 class Client:
@@ -101,7 +147,7 @@ class Client:
 
     def settings(self, job_id: str) -> TunedSettings:
         body = self._call("GET", f"/v1/jobs/{job_id}/settings")
-        return TunedSettings(lr=body["lr"], momentum=body["momentum"], evaluation=body.get("evaluation", {}), raw=body)
+        return TunedSettings.from_body(body)
 
     def upload_dataset(self, file: str | Path | bytes, filename: str | None = None) -> dict[str, Any]:
         """Upload a .safetensors/.npz/.csv/.parquet file (a path, or bytes with a filename)."""
@@ -116,39 +162,52 @@ class Client:
     def datasets(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         return self._call("GET", "/v1/datasets", params={"limit": limit, "offset": offset})
 
+    def upload_model(self, file: str | Path | bytes, filename: str | None = None) -> dict[str, Any]:
+        """Upload a ``.pt2`` archive written by ``torch.export.save`` (a path, or its bytes); returns
+        the server's description (id, input_shape, output_width, operators, parameters)."""
+        if isinstance(file, (bytes, bytearray)):
+            return self._call("POST", "/v1/models", files={"file": (filename or "model.pt2", bytes(file))})
+        path = Path(file)
+        with path.open("rb") as fh:
+            return self._call("POST", "/v1/models", files={"file": (filename or path.name, fh)})
+
+    def models(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        return self._call("GET", "/v1/models", params={"limit": limit, "offset": offset})
+
     def tune(self, model, train, val, *, loss: str, steps: int, batch_size: int,
              lr: float = 0.01, momentum: float = 0.9, iterations: int = 40, seed: int = 0,
-             name: str = "tune", progress: bool = True, timeout: float | None = None) -> TunedSettings:
+             name: str = "tune", progress: bool = True, timeout: float | None = None,
+             init: str = "default") -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
-        The model is described to the server by its architecture (``describe_model``: an
-        ``nn.Sequential`` of ``Linear`` layers with Tanh/ReLU/Sigmoid/GELU between them, or a CNN
-        of Conv2d/ReLU/Tanh/MaxPool2d/AvgPool2d/Flatten/Linear on images (N, C, H, W)); the server trains fresh
-        PyTorch-default initializations of it, so your model's current weights are not used. The
-        tensors are uploaded as safetensors. Blocks until the job ends (with a progress bar when
-        ``progress``); raises GradtuneError with the server's message if it fails.
+        A model ``describe_model`` can describe (an ``nn.Sequential`` of ``Linear`` layers with
+        Tanh/ReLU/Sigmoid/GELU between them, or a CNN of Conv2d/ReLU/Tanh/MaxPool2d/AvgPool2d/
+        Flatten/Linear on images (N, C, H, W)) is sent by its architecture. Any other model is
+        exported (``torch.export.export(model, (x_train[:batch_size],))``, static shapes), saved
+        with ``torch.export.save`` and uploaded (``upload_model``); the server reads the program as
+        data and refuses, with the reason, what it cannot train. With ``init="default"`` the server
+        trains fresh PyTorch-default initializations (drawn layer by layer in call order), so your
+        model's current weights are not used; ``init="uploaded"`` always exports the model and
+        starts every training run from its current weights. The tensors are uploaded as
+        safetensors. Blocks until the job ends (with a progress bar when ``progress``); raises
+        GradtuneError with the server's message if it fails.
         """
-        spec = describe_model(model)
-        first, last = model[0], model[-1]
+        if init not in ("default", "uploaded"):
+            raise ValueError("init must be 'default' or 'uploaded'")
+        spec = None
+        if init == "default":
+            try:
+                spec = describe_model(model)
+            except ValueError:
+                spec = None  # not declarative: exported below
         xs, ys = _as_float32(train[0]), _targets(train[1], loss)
         want_out = int(max(ys.max(), _targets(val[1], loss).max())) + 1 if loss == "cross_entropy" else (
             1 if ys.ndim == 1 else ys.shape[1])
-        if spec["kind"] == "cnn":
-            if xs.ndim != 4 or xs.shape[1] != first.in_channels:
-                raise ValueError(f"the model takes images (N, {first.in_channels}, H, W); x_train has shape {xs.shape}")
-            import torch
-
-            try:
-                with torch.no_grad():
-                    out = model(torch.as_tensor(xs[:1], dtype=next(model.parameters()).dtype))
-            except RuntimeError as exc:
-                raise ValueError(f"the model cannot run on x_train's images {xs.shape[1:]}: {exc}") from None
-            if tuple(out.shape) != (1, want_out):
-                raise ValueError(f"the model outputs {list(out.shape[1:])} per image; the {loss} targets need {want_out}")
-        elif xs.ndim != 2 or xs.shape[1] != first.in_features:
-            raise ValueError(f"the model takes {first.in_features} features; x_train has shape {xs.shape}")
-        if last.out_features != want_out:
-            raise ValueError(f"the model has {last.out_features} outputs; the {loss} targets need {want_out}")
+        if spec is None:
+            spec = {"kind": "exported", "model": self._export_and_upload(model, xs, batch_size, loss, want_out, name),
+                    "init": init}
+        else:
+            _check_declared(model, spec, xs, loss, want_out)
         ids = []
         for part, (x, y) in (("train", train), ("val", val)):
             blob = safetensors_bytes({"x": _as_float32(x), "y": _targets(y, loss)})
@@ -176,6 +235,33 @@ class Client:
             raise GradtuneError(409, f"job {job_id} {final['status']}: {final.get('error') or ''}".strip())
         return self.settings(job_id)
 
+    def _export_and_upload(self, model, xs, batch_size: int, loss: str, want_out: int, name: str) -> str:
+        """torch.export the model on a batch of x_train, check its output, upload it; the model id."""
+        import io
+
+        import torch
+
+        params = list(model.parameters())
+        dtype = params[0].dtype if params else torch.float32
+        example = torch.as_tensor(xs[: max(1, min(len(xs), batch_size))], dtype=dtype)
+        try:
+            with torch.no_grad():
+                out = model(example[:1])
+        except Exception as exc:
+            raise ValueError(f"the model cannot run on x_train's examples {list(xs.shape[1:])}: {exc}") from None
+        if out.dim() != 2:
+            raise ValueError(f"the model outputs shape {list(out.shape)}; it must output (rows, outputs)")
+        width = int(out.shape[1])
+        if (loss == "cross_entropy" and width < want_out) or (loss == "mse" and width != want_out):
+            raise ValueError(f"the model has {width} outputs; the {loss} targets need {want_out}")
+        try:
+            program = torch.export.export(model, (example,))
+        except Exception as exc:
+            raise ValueError(f"torch.export.export could not export the model: {type(exc).__name__}: {exc}") from None
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+        return self.upload_model(buf.getvalue(), filename=f"{name}.pt2")["id"]
+
     def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Poll until the job finishes; returns the final job (whatever its status)."""
@@ -189,6 +275,27 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout}s")
             time.sleep(poll)
+
+
+def _check_declared(model, spec: dict[str, Any], xs, loss: str, want_out: int) -> None:
+    """x_train and the targets against a model sent by its architecture (mlp or cnn)."""
+    first, last = model[0], model[-1]
+    if spec["kind"] == "cnn":
+        if xs.ndim != 4 or xs.shape[1] != first.in_channels:
+            raise ValueError(f"the model takes images (N, {first.in_channels}, H, W); x_train has shape {xs.shape}")
+        import torch
+
+        try:
+            with torch.no_grad():
+                out = model(torch.as_tensor(xs[:1], dtype=next(model.parameters()).dtype))
+        except RuntimeError as exc:
+            raise ValueError(f"the model cannot run on x_train's images {xs.shape[1:]}: {exc}") from None
+        if tuple(out.shape) != (1, want_out):
+            raise ValueError(f"the model outputs {list(out.shape[1:])} per image; the {loss} targets need {want_out}")
+    elif xs.ndim != 2 or xs.shape[1] != first.in_features:
+        raise ValueError(f"the model takes {first.in_features} features; x_train has shape {xs.shape}")
+    if last.out_features != want_out:
+        raise ValueError(f"the model has {last.out_features} outputs; the {loss} targets need {want_out}")
 
 
 _ACTIVATIONS = {"Tanh": "tanh", "ReLU": "relu", "Sigmoid": "sigmoid", "GELU": "gelu"}

@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OPS", "ExportedProgramError", "read_pt2", "read_weights"]
+__all__ = ["OPS", "ExportedProgramError", "describe_program", "read_pt2", "read_weights"]
 
 
 class ExportedProgramError(ValueError):
@@ -232,17 +232,87 @@ def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
             raise _fail(f"node {i} ({target}) must produce one tensor")
         out = outs[0][_T]["name"]
         defined.add(out)
-        ops.append({"target": target, "short": target.split(".")[3], "args": args, "out": out})
+        out_meta = values.get(out) or {}
+        ops.append({"target": target, "short": target.split(".")[3], "args": args, "out": out,
+                    "shape": _ints(out_meta.get("sizes"), f"node {i}'s output shape") if out_meta else None})
     output = outputs[0]["user_output"]["arg"]["as_tensor"]["name"]
     if output not in defined:
         raise _fail("the program's output is not computed by its graph")
     in_meta = values.get(user_inputs[0]) or {}
+    out_meta = values.get(output) or {}
     return {
         "input": user_inputs[0],
         "output": output,
         "params": params,
         "ops": ops,
         "input_shape": _ints(in_meta.get("sizes"), "the input's shape") if in_meta else None,
+        "output_shape": _ints(out_meta.get("sizes"), "the output's shape") if out_meta else None,
+    }
+
+
+def _prod(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def describe_program(program: dict[str, Any]) -> dict[str, Any]:
+    """What the API stores and shows about an uploaded program (read_pt2's ``program``), or
+    ExportedProgramError when it cannot be trained as a model of examples -> (rows, outputs).
+
+    ``input_shape``: one example's shape (the exported batch dimension dropped); ``output_width``;
+    ``nodes``: each operator in call order with its output shape per example and the parameters it
+    uses; ``parameters``: name, shape and dtype in call order (the order the graph first uses them);
+    ``parameter_count``; ``activations_per_example`` (the input plus every node's output, for memory
+    estimates); ``default_init``: whether every parameter is the weight or bias of exactly one
+    linear/conv2d node, so PyTorch's default initialization can be re-drawn (``init: default``).
+    """
+    in_shape, out_shape = program.get("input_shape"), program.get("output_shape")
+    if not in_shape or len(in_shape) < 2:
+        raise _fail("the program's input must be a batch (rows, ...) of at least 2 dimensions with a static shape")
+    batch = in_shape[0]
+    if batch < 1:
+        raise _fail("the program was exported with an empty batch; export it with at least one example")
+    if not out_shape or len(out_shape) != 2 or out_shape[0] != batch:
+        raise _fail(f"the program returns shape {out_shape}; it must return (rows, outputs) for a batch of "
+                    f"{batch} rows (class scores or regression targets)")
+    by_arg = {p["arg"]: p for p in program["params"]}
+    order: list[str] = []
+    uses: dict[str, list[tuple[str, str]]] = {}
+    nodes = []
+    activations = _prod(in_shape[1:])
+    for op in program["ops"]:
+        used = []
+        for arg_name, value in op["args"].items():
+            if isinstance(value, dict) and value.get("tensor") in by_arg:
+                name = by_arg[value["tensor"]]["name"]
+                used.append(name)
+                uses.setdefault(name, []).append((op["short"], arg_name))
+                if name not in order:
+                    order.append(name)
+        shape = op.get("shape")
+        per_example = shape[1:] if shape and shape[0] == batch else None
+        if shape:
+            activations += _prod(shape) // batch if shape[0] != batch else _prod(shape[1:])
+        nodes.append({"op": op["short"], "output_shape": per_example, "parameters": used})
+    unused = [p["name"] for p in program["params"] if p["name"] not in uses]
+    if unused:
+        raise _fail(f"parameter {unused[0]!r} is not used by the program's graph")
+    params = {p["name"]: p for p in program["params"]}
+    default_init = all(
+        len(u) == 1 and u[0][0] in ("linear", "conv2d") and u[0][1] in ("weight", "bias") for u in uses.values()
+    )
+    return {
+        "input_shape": list(in_shape[1:]),
+        "output_width": out_shape[1],
+        "export_batch": batch,
+        "operators": [op["short"] for op in program["ops"]],
+        "nodes": nodes,
+        "parameters": [{"name": n, "shape": params[n]["shape"], "dtype": params[n]["dtype"]} for n in order],
+        "parameter_count": sum(_prod(params[n]["shape"]) for n in order),
+        "activations_per_example": activations,
+        "default_init": default_init,
     }
 
 

@@ -20,6 +20,7 @@ from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
 from service.api.router import api_router
 from service.api.routes.datasets import UPLOAD_PATH
+from service.api.routes.models import UPLOAD_PATH as MODEL_UPLOAD_PATH
 from service.db.session import make_engine
 from service.queue import Producer
 from service.settings import Settings, get_settings
@@ -33,6 +34,9 @@ the unrolled training. Poll the job, then fetch settings that go straight into
 Datasets: upload a file (`POST /v1/datasets`, multipart field `file`) and name its id in a
 task's data (`{"source": "dataset", "train": {"dataset": id, "x": ..., "y": ...}}`).
 
+Models: upload a `torch.export` archive (`POST /v1/models`, multipart field `file`, `.pt2`) and
+name its id in a task's model (`{"kind": "exported", "model": id}`).
+
 Errors: 400 malformed JSON, 404 unknown job or dataset, 409 wrong status (or a dataset in use),
 413 body or file too large, 415 not JSON (or not multipart for uploads), 422 invalid job or
 refused file (`detail` lists `loc`, `field`, `msg`, `type` per problem).
@@ -41,6 +45,7 @@ refused file (`detail` lists `loc`, `field`, `msg`, `type` per problem).
 TAGS = [
     {"name": "jobs", "description": "Submit, follow and cancel tuning jobs; fetch the learned settings."},
     {"name": "datasets", "description": "Upload dataset files (safetensors, npz, csv, parquet) that tasks can name."},
+    {"name": "models", "description": "Upload exported PyTorch programs (.pt2) that tasks can name (kind exported)."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 
@@ -74,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        passthrough=(("POST", UPLOAD_PATH),),
+        passthrough=(("POST", UPLOAD_PATH), ("POST", MODEL_UPLOAD_PATH)),
     )
     app.include_router(api_router)
     return app

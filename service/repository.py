@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
-from service.db.models import Dataset, Job, JobDataset, JobIteration, utcnow
-from service.schemas import TERMINAL_STATUSES, DatasetItem, DatasetPublic, JobPublic, Progress
+from service.db.models import Dataset, ExportedModel, Job, JobDataset, JobIteration, JobModel, utcnow
+from service.schemas import TERMINAL_STATUSES, DatasetItem, DatasetPublic, JobPublic, ModelPublic, Progress
 
 
 class NotFound(LookupError):
@@ -34,6 +34,14 @@ class DatasetNotFound(LookupError):
     def __init__(self, dataset_id: str) -> None:
         super().__init__(f"dataset {dataset_id} not found")
         self.dataset_id = dataset_id
+
+
+class ModelNotFound(LookupError):
+    """No uploaded model with that id."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"model {model_id} not found")
+        self.model_id = model_id
 
 
 class Conflict(Exception):
@@ -71,8 +79,20 @@ def create_job(session: Session, *, spec: dict[str, Any], name: str, iterations:
     session.flush()
     for dataset_id in spec_dataset_ids(spec):
         session.add(JobDataset(job_id=job.id, dataset_id=dataset_id))
+    for model_id in spec_model_ids(spec):
+        session.add(JobModel(job_id=job.id, model_id=model_id))
     session.flush()
     return job
+
+
+def spec_model_ids(spec: dict[str, Any]) -> list[str]:
+    """Ids of the uploaded models a stored job body names (``kind: exported`` tasks)."""
+    ids: list[str] = []
+    for task in spec.get("tasks") or []:
+        model = task.get("model") or {}
+        if model.get("kind") == "exported" and model.get("model") and model["model"] not in ids:
+            ids.append(model["model"])
+    return ids
 
 
 def spec_dataset_ids(spec: dict[str, Any]) -> list[str]:
@@ -284,4 +304,98 @@ def dataset_to_public(dataset: Dataset) -> DatasetPublic:
         created_at=_aware(dataset.created_at),
         tensors=[] if tabular else items,
         columns=items if tabular else [],
+    )
+
+
+# ---------------------------------------------------------------- models (uploaded torch.export programs)
+
+
+def create_model(
+    session: Session, *, filename: str, sha256: str, size: int, program: dict[str, Any]
+) -> ExportedModel:
+    """Insert a model row; ``program`` is service.exported_files.describe_program's summary.
+    A second row with the same sha256 violates a unique index (IntegrityError at flush)."""
+    model = ExportedModel(
+        id=str(uuid.uuid4()), filename=filename, sha256=sha256, size=size, program=program, created_at=utcnow()
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def get_model(session: Session, *, model_id: str, lock: bool = False) -> ExportedModel | None:
+    query = select(ExportedModel).where(ExportedModel.id == model_id)
+    return session.scalar(query.with_for_update() if lock else query)
+
+
+def get_model_by_sha256(session: Session, *, sha256: str) -> ExportedModel | None:
+    return session.scalar(select(ExportedModel).where(ExportedModel.sha256 == sha256))
+
+
+def models_by_id(session: Session, *, ids: list[str], lock: bool = False) -> dict[str, ExportedModel]:
+    """The models among ``ids`` that exist, by id (rows locked until the transaction ends with ``lock``)."""
+    if not ids:
+        return {}
+    query = select(ExportedModel).where(ExportedModel.id.in_(ids)).order_by(ExportedModel.id)
+    rows = session.scalars(query.with_for_update() if lock else query).all()
+    return {m.id: m for m in rows}
+
+
+def list_models(session: Session, *, limit: int = 20, offset: int = 0) -> tuple[list[ExportedModel], int]:
+    """A page of models, newest first, and the total count."""
+    total = session.scalar(select(func.count()).select_from(ExportedModel)) or 0
+    items = session.scalars(
+        select(ExportedModel)
+        .order_by(ExportedModel.created_at.desc(), ExportedModel.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(items), total
+
+
+def active_jobs_using_model(session: Session, *, model_id: str) -> list[tuple[str, str]]:
+    """``(job id, status)`` of the queued or running jobs that name the model, oldest first."""
+    rows = session.execute(
+        select(Job.id, Job.status)
+        .join(JobModel, JobModel.job_id == Job.id)
+        .where(JobModel.model_id == model_id, Job.status.in_(ACTIVE_STATUSES))
+        .order_by(Job.created_at, Job.id)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def delete_model(session: Session, *, model_id: str) -> ExportedModel:
+    """Delete the model's row under its row lock (the caller removes the stored object after the
+    commit). ``ModelNotFound``, or ``Conflict`` while a queued or running job uses it."""
+    model = get_model(session, model_id=model_id, lock=True)
+    if model is None:
+        raise ModelNotFound(model_id)
+    users = active_jobs_using_model(session, model_id=model_id)
+    if users:
+        job_id, status = users[0]
+        more = f" (and {len(users) - 1} more)" if len(users) > 1 else ""
+        raise Conflict(
+            f"model {model_id} is used by {status} job {job_id}{more}; cancel the job or wait "
+            "until it has finished, then delete the model"
+        )
+    session.delete(model)
+    session.flush()
+    return model
+
+
+def model_to_public(model: ExportedModel) -> ModelPublic:
+    p = model.program or {}
+    return ModelPublic(
+        id=model.id,
+        filename=model.filename,
+        sha256=model.sha256,
+        size=model.size,
+        created_at=_aware(model.created_at),
+        input_shape=p["input_shape"],
+        output_width=p["output_width"],
+        operators=p["operators"],
+        nodes=p["nodes"],
+        parameters=p["parameters"],
+        parameter_count=p["parameter_count"],
+        default_init=p["default_init"],
     )

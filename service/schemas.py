@@ -199,7 +199,21 @@ class CNNModel(_Strict):
     layers: list[CNNLayer] = Field(min_length=1, max_length=64)
 
 
-Model = Annotated[Union[MLPModel, CNNModel], Field(discriminator="kind")]
+class ExportedModelRef(_Strict):
+    """An uploaded ``torch.export`` program (``POST /v1/models``), trained through its own graph.
+
+    ``init``: ``"default"`` (like mlp and cnn) starts every draw from fresh PyTorch-default values,
+    drawn layer by layer in the order the program calls its linear/conv2d layers (weight with
+    ``kaiming_uniform_(a=sqrt(5))``, then bias), so a program exported from a model declared the
+    same way as an mlp or cnn trains exactly like that mlp or cnn; ``"uploaded"`` starts every draw
+    from the weights in the file. Parameters keep the program's own names (``"0.weight"``...)."""
+
+    kind: Literal["exported"]
+    model: str = Field(min_length=1, max_length=64, description="A model id.")
+    init: Literal["default", "uploaded"] = "default"
+
+
+Model = Annotated[Union[MLPModel, CNNModel, ExportedModelRef], Field(discriminator="kind")]
 
 
 class TaskSpec(_Strict):
@@ -218,11 +232,30 @@ class Hyperparameters(_Strict):
     momentum: Finite = Field(0.9, ge=0.0, lt=1.0)
     lr_bounds: tuple[Finite, Finite] = (1e-5, 10.0)
     momentum_bounds: tuple[Finite, Finite] = (0.0, 0.999)
+    per_layer: bool = Field(
+        False, description="One lr and one momentum per layer with parameters (weight and bias together)."
+    )
+    schedule_segments: int = Field(
+        1, ge=1, le=64,
+        description="Values shared over this many equal blocks of the step budget (a piecewise-constant "
+        "schedule); needs every task to train for the same number of steps.",
+    )
+
+
+Method = Literal["auto", "reverse", "forward", "truncated"]
 
 
 class MetaOptions(_Strict):
     iterations: int = Field(40, ge=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    method: Method = Field(
+        "auto",
+        description="How hypergradients are taken: reverse (exact, memory grows with steps), forward "
+        "(exact, memory independent of steps, compute grows with the number of hyperparameters), "
+        "truncated (reverse through the last `truncation` steps: cheap and biased), or auto (picks by "
+        "an estimate of memory; the job records which and why).",
+    )
+    truncation: int = Field(20, ge=1, description="Window (steps) of the truncated method.")
 
 
 class JobCreate(_Strict):
@@ -230,6 +263,14 @@ class JobCreate(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     meta: MetaOptions = Field(default_factory=MetaOptions)
+
+    def model_ids(self) -> list[str]:
+        """The ids of the uploaded models the job's tasks name, each once, in order."""
+        ids: list[str] = []
+        for task in self.tasks:
+            if isinstance(task.model, ExportedModelRef) and task.model.model not in ids:
+                ids.append(task.model.model)
+        return ids
 
     def dataset_ids(self) -> list[str]:
         """The ids of the uploaded datasets the job's tasks name, each once, in order."""
@@ -286,22 +327,46 @@ class TaskEvaluation(BaseModel):
     name: str
     initial_val_loss: float | None
     learned_val_loss: float | None
+    learned_groups_val_loss: float | None = None
+
+
+class ParamGroup(BaseModel):
+    """A torch.optim param group: parameter names as ``named_parameters()`` gives them, and one lr
+    and one momentum per schedule segment."""
+
+    params: list[str]
+    lr: list[float]
+    momentum: list[float]
 
 
 class Evaluation(BaseModel):
-    """Validation loss after each task's steps, trained with plain torch.optim.SGD."""
+    """Validation loss after each task's steps, trained with plain torch.optim.SGD.
+
+    ``learned_val_loss`` uses the top-level constant (lr, momentum); with per-layer or scheduled
+    settings, ``learned_groups_val_loss`` uses the ``param_groups`` and ``boundaries``.
+    """
 
     tasks: list[TaskEvaluation]
     mean_initial_val_loss: float | None
     mean_learned_val_loss: float | None
+    mean_learned_groups_val_loss: float | None = None
     initial: dict[str, float]
     draws: list[int]
 
 
 class SettingsPublic(BaseModel):
+    """Learned settings. ``lr`` and ``momentum`` are the best constant pair, ready for
+    ``torch.optim.SGD(params, lr=..., momentum=...)``. With ``per_layer`` or ``schedule_segments``
+    there are also ``param_groups`` (per segment values) and ``boundaries`` (the step where each
+    segment starts); apply them with ``gradtune.schedule`` (see the README's recipe)."""
+
     optimizer: Literal["SGD"] = "SGD"
     lr: float
     momentum: float
+    param_groups: list[ParamGroup] | None = None
+    boundaries: list[int] | None = None
+    method: str | None = Field(None, description="The hypergradient method the job used.")
+    method_reason: str | None = Field(None, description="Why auto chose it.")
     evaluation: Evaluation
 
 
@@ -333,6 +398,46 @@ class DatasetPublic(BaseModel):
 
 class DatasetsPublic(BaseModel):
     items: list[DatasetPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelNode(BaseModel):
+    """One operator of an exported program, in call order."""
+
+    op: str = Field(description="The operator: linear, conv2d, relu, tanh, sigmoid, gelu, max_pool2d, "
+                    "avg_pool2d or flatten.")
+    output_shape: list[int] | None = Field(description="Its output's shape per example.")
+    parameters: list[str] = Field(description="The parameters it uses.")
+
+
+class ModelParameter(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class ModelPublic(BaseModel):
+    """An uploaded ``torch.export`` program, as the reader found it."""
+
+    id: str
+    filename: str
+    sha256: str
+    size: int = Field(description="Bytes of the uploaded file.")
+    created_at: datetime
+    input_shape: list[int] = Field(description="One example's shape (the exported batch dimension dropped).")
+    output_width: int = Field(description="Outputs per example (classes or regression targets).")
+    operators: list[str] = Field(description="The graph's operators in call order.")
+    nodes: list[ModelNode]
+    parameters: list[ModelParameter] = Field(description="In call order, with the program's own names.")
+    parameter_count: int
+    default_init: bool = Field(description="Every parameter belongs to a linear or conv2d layer, so "
+                               "init 'default' can re-draw PyTorch's default initialization.")
+
+
+class ModelsPublic(BaseModel):
+    items: list[ModelPublic]
     total: int
     limit: int
     offset: int

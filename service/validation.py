@@ -19,8 +19,10 @@ from service.schemas import (
     DatasetData,
     DatasetPublic,
     DatasetRef,
+    ExportedModelRef,
     InlineData,
     JobCreate,
+    ModelPublic,
     TaskSpec,
 )
 from service.settings import Settings
@@ -57,6 +59,13 @@ def _class_count(task: TaskSpec) -> int | None:
     if not labels or any(v < 0 or not float(v).is_integer() for v in labels):
         return None
     return int(max(labels)) + 1
+
+
+def _a(task: TaskSpec, images: bool) -> str:
+    """The task's model in a sentence: "a cnn", "an mlp" or "this exported model"."""
+    if isinstance(task.model, ExportedModelRef):
+        return "this exported model"
+    return "a cnn" if images else "an mlp"
 
 
 def _is_cnn(task: TaskSpec) -> bool:
@@ -245,28 +254,28 @@ def _shape_text(shape: Any) -> str:
     return "x".join(str(v) for v in shape) if isinstance(shape, tuple) else f"{shape} features"
 
 
-def _check_inline(loc: list[Any], task: TaskSpec, data: InlineData) -> list[dict]:
+def _check_inline(loc: list[Any], task: TaskSpec, data: InlineData, images: bool) -> list[dict]:
     errors: list[dict] = []
     widths: dict[str, Any] = {}
     for name in ("x_train", "x_val"):
         x = getattr(data, name)
-        if _is_cnn(task) and not _is_images(x):
-            errors.append(_err([*loc, name], f"a cnn needs images (N, C, H, W): {name} must be a list of "
+        if images and not _is_images(x):
+            errors.append(_err([*loc, name], f"{_a(task, True)} needs images (N, C, H, W): {name} must be a list of "
                                "images, each a list of channels of rows of numbers", "x_not_images"))
             widths[name] = None
-        elif not _is_cnn(task) and _is_images(x):
-            errors.append(_err([*loc, name], f"an mlp needs rows of features (N, F), but {name} holds images "
+        elif not images and _is_images(x):
+            errors.append(_err([*loc, name], f"{_a(task, False)} needs rows of features (N, F), but {name} holds images "
                                "(N, C, H, W); use model kind cnn, or flatten each image into a row",
                                "x_not_2d"))
             widths[name] = None
-        elif _is_cnn(task):
+        elif images:
             widths[name], errs = _check_images(loc, name, x)
             errors += errs
         else:
             widths[name], errs = _check_matrix(loc, name, x)
             errors += errs
     if widths["x_train"] and widths["x_val"] and widths["x_train"] != widths["x_val"]:
-        if _is_cnn(task):
+        if images:
             msg = (f"x_val images are {_shape_text(widths['x_val'])} but x_train images are "
                    f"{_shape_text(widths['x_train'])}; train and validation images must have the same shape")
         else:
@@ -343,13 +352,13 @@ def _check_inline(loc: list[Any], task: TaskSpec, data: InlineData) -> list[dict
     return errors
 
 
-def _check_builtin(loc: list[Any], task: TaskSpec, data: BuiltinData) -> list[dict]:
+def _check_builtin(loc: list[Any], task: TaskSpec, data: BuiltinData, images: bool) -> list[dict]:
     errors: list[dict] = []
     facts = BUILTIN_DATASETS[data.name]
-    if _is_cnn(task):
+    if images:
         errors.append(
             _err([*loc[:-1], "model"], f"builtin dataset {data.name!r} is a table of features (N, "
-                 f"{facts['features']}) and a cnn needs images (N, C, H, W): upload the images as a 4-D "
+                 f"{facts['features']}) and {_a(task, True)} needs images (N, C, H, W): upload the images as a 4-D "
                  "tensor (source dataset) or send them inline, or use model kind mlp", "x_not_images")
         )
     if task.loss == "cross_entropy" and facts["task"] != "classification":
@@ -391,7 +400,7 @@ def _names(items: list[str], limit: int = 12) -> str:
 
 
 def _resolve(
-    loc: list[Any], task: TaskSpec, ref: DatasetRef, datasets: Mapping[str, DatasetPublic]
+    loc: list[Any], task: TaskSpec, ref: DatasetRef, datasets: Mapping[str, DatasetPublic], images: bool
 ) -> tuple[_Side | None, list[dict]]:
     """Check one ``{"dataset", "x", "y"}`` reference against the dataset's stored metadata."""
     ds = datasets.get(ref.dataset)
@@ -415,9 +424,9 @@ def _resolve(
     errors: list[dict] = []
     n: int | None = None
     features: Any = None
-    if tabular and _is_cnn(task):
+    if tabular and images:
         errors.append(
-            _err([*loc, "x"], f"{label} is a {ds.format} file of columns (a table); a cnn needs images: "
+            _err([*loc, "x"], f"{label} is a {ds.format} file of columns (a table); {_a(task, True)} needs images: "
                  "upload a 4-D tensor (N, C, H, W) in a .safetensors or .npz file", "x_not_images")
         )
     elif tabular:
@@ -437,12 +446,12 @@ def _resolve(
         )
     elif ref.x not in items:
         errors.append(missing([*loc, "x"], ref.x))
-    elif _is_cnn(task):
+    elif images:
         shape = items[ref.x].shape
         if len(shape) != 4:
             errors.append(
                 _err([*loc, "x"], f"tensor {ref.x!r} of {label} has shape {shape}; x must be 4-D "
-                     "(rows, channels, height, width) for a cnn", "x_not_images")
+                     f"(rows, channels, height, width) for {_a(task, True)}", "x_not_images")
             )
         elif min(shape[1:]) == 0:
             errors.append(_err([*loc, "x"], f"tensor {ref.x!r} of {label} has empty images (shape {shape})", "empty_row"))
@@ -453,7 +462,7 @@ def _resolve(
         if len(shape) != 2:
             errors.append(
                 _err([*loc, "x"], f"tensor {ref.x!r} of {label} has shape {shape}; x must be 2-D "
-                     "(rows, features) for an mlp" + (" (it holds images: use model kind cnn)" if len(shape) == 4 else ""),
+                     f"(rows, features) for {_a(task, False)}" + (" (it holds images: use model kind cnn)" if len(shape) == 4 else ""),
                      "x_not_2d")
             )
         elif shape[1] == 0:
@@ -503,14 +512,14 @@ def _resolve(
 
 
 def _check_dataset(
-    loc: list[Any], task: TaskSpec, data: DatasetData, datasets: Mapping[str, DatasetPublic]
+    loc: list[Any], task: TaskSpec, data: DatasetData, datasets: Mapping[str, DatasetPublic], images: bool
 ) -> tuple[list[dict], tuple[Any, int] | None]:
     """Errors of a ``source: dataset`` task, and its (input width, output width) when none (the
     input is an image shape (C, H, W) for a cnn)."""
-    train, errors = _resolve([*loc, "train"], task, data.train, datasets)
+    train, errors = _resolve([*loc, "train"], task, data.train, datasets, images)
     val: _Side | None = None
     if data.val is not None:
-        val, errs = _resolve([*loc, "val"], task, data.val, datasets)
+        val, errs = _resolve([*loc, "val"], task, data.val, datasets, images)
         errors += errs
     if errors or train is None:
         return errors, None
@@ -526,7 +535,7 @@ def _check_dataset(
     else:
         n_train = train.n
         if val.features != train.features:
-            if _is_cnn(task):
+            if images:
                 msg = (f"validation images are {_shape_text(val.features)} but training images are "
                        f"{_shape_text(train.features)}; train and validation images must have the same shape")
             else:
@@ -562,14 +571,19 @@ def _gib(n: float) -> str:
 
 
 def check_job(
-    job: JobCreate, settings: Settings, datasets: Mapping[str, DatasetPublic] | None = None
+    job: JobCreate,
+    settings: Settings,
+    datasets: Mapping[str, DatasetPublic] | None = None,
+    models: Mapping[str, ModelPublic] | None = None,
 ) -> list[dict[str, Any]]:
     """Errors in ``job`` beyond its schema; empty when the job can be queued.
 
     ``datasets`` maps dataset id to the stored description of each uploaded dataset the job
-    names (``JobCreate.dataset_ids()``); an id missing from it is reported as not found.
+    names (``JobCreate.dataset_ids()``), ``models`` likewise for uploaded models
+    (``JobCreate.model_ids()``); an id missing from them is reported as not found.
     """
     datasets = datasets or {}
+    models = models or {}
     errors: list[dict[str, Any]] = []
     if len(job.tasks) > settings.max_tasks:
         errors.append(
@@ -598,14 +612,25 @@ def check_job(
                 )
             )
         io = None
-        if isinstance(task.data, InlineData):
-            task_errors = _check_inline(loc, task, task.data)
-        elif isinstance(task.data, DatasetData):
-            task_errors, io = _check_dataset(loc, task, task.data, datasets)
+        program: ModelPublic | None = None
+        if isinstance(task.model, ExportedModelRef):
+            program, model_errors = _exported_model(i, task, models)
+            if model_errors:
+                errors += model_errors
+                continue
+            images = len(program.input_shape) == 3
         else:
-            task_errors = _check_builtin(loc, task, task.data)
+            images = _is_cnn(task)
+        if isinstance(task.data, InlineData):
+            task_errors = _check_inline(loc, task, task.data, images)
+        elif isinstance(task.data, DatasetData):
+            task_errors, io = _check_dataset(loc, task, task.data, datasets, images)
+        else:
+            task_errors = _check_builtin(loc, task, task.data, images)
         errors += task_errors
-        if not task_errors and _is_cnn(task):
+        if not task_errors and program is not None:
+            errors += _check_exported_task(i, task, io, program, settings.max_unroll_bytes)
+        elif not task_errors and _is_cnn(task):
             errors += _check_cnn_task(i, task, io, settings.max_unroll_bytes)
         elif not task_errors:
             need = estimate_unroll_bytes(task, io)
@@ -621,7 +646,84 @@ def check_job(
                     )
                 )
     errors += _check_hyperparameters(job)
+    errors += _check_rich_settings(job)
     return errors
+
+
+def _exported_model(
+    i: int, task: TaskSpec, models: Mapping[str, ModelPublic]
+) -> tuple[ModelPublic | None, list[dict[str, Any]]]:
+    """The uploaded model a ``kind: exported`` task names, or errors: it does not exist, it takes
+    examples that are neither rows nor images, or ``init: default`` cannot re-draw its weights."""
+    ref = task.model
+    loc: list[Any] = ["tasks", i, "model"]
+    program = models.get(ref.model)
+    if program is None:
+        return None, [_err([*loc, "model"], f"model {ref.model} not found; upload a .pt2 archive with "
+                           "POST /v1/models and use the id it returns", "model_not_found")]
+    errors = []
+    if len(program.input_shape) not in (1, 3):
+        errors.append(_err([*loc, "model"], f"model {ref.model} ({program.filename}) takes examples of shape "
+                           f"{program.input_shape}; gradtune feeds rows of features (N, F) or images "
+                           "(N, C, H, W)", "model_input_rank"))
+    if ref.init == "default" and not program.default_init:
+        errors.append(_err([*loc, "init"], f"model {ref.model} ({program.filename}) has parameters outside "
+                           "linear and conv2d layers (or shares one between layers), which have no PyTorch "
+                           "default initialization to re-draw; use init 'uploaded' to start from the "
+                           "uploaded weights", "init_unavailable"))
+    return (None, errors) if errors else (program, [])
+
+
+def _check_exported_task(
+    i: int, task: TaskSpec, io: tuple[Any, int] | None, program: ModelPublic, limit: int
+) -> list[dict[str, Any]]:
+    """The data's example shape and targets against the program, then the memory estimate
+    (``cnn_unroll_bytes``' formula with the program's parameters and node outputs)."""
+    data = task.data
+    if io is not None:
+        features, d_out = io
+        x_loc = ["tasks", i, "data", "train", "x"]
+    elif isinstance(data, BuiltinData):
+        features, d_out = BUILTIN_DATASETS[data.name]["features"], _inline_out_width(task)
+        x_loc = ["tasks", i, "data", "name"]
+    else:
+        x0 = data.x_train[0]
+        features = (len(x0), len(x0[0]), len(x0[0][0])) if _is_images(data.x_train) else len(x0)
+        d_out = _inline_out_width(task)
+        x_loc = ["tasks", i, "data", "x_train"]
+    shape = list(features) if isinstance(features, tuple) else [int(features)]
+    label = f"model {program.id} ({program.filename})"
+    if shape != list(program.input_shape):
+        return [_err(x_loc, f"the examples have shape {shape} but {label} was exported for examples of shape "
+                     f"{list(program.input_shape)}", "shape_mismatch")]
+    width = program.output_width
+    if task.loss == "cross_entropy" and d_out > width:
+        return [_err(["tasks", i, "model", "model"], f"the labels go up to {d_out - 1} ({d_out} classes) but "
+                     f"{label} has {width} outputs; cross_entropy needs one output per class", "model_outputs")]
+    if task.loss == "mse" and d_out != width:
+        return [_err(["tasks", i, "model", "model"], f"the mse targets have width {d_out} but {label} has "
+                     f"{width} outputs; they must be equal", "model_outputs")]
+    params = program.parameter_count
+    size_in = 1
+    for v in program.input_shape:
+        size_in *= v
+    outputs = sum(_prod(n.output_shape) for n in program.nodes if n.output_shape)
+    acts = task.batch_size * (size_in + 2 * outputs)
+    need = FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params)
+    if need > limit:
+        return [
+            _err(["tasks", i, "steps"], f"steps={task.steps} with batch_size={task.batch_size} and {label} "
+                 f"({params} parameters) needs about {_gib(need)} to differentiate through, above the limit of "
+                 f"{_gib(limit)}; lower steps or batch_size (or the model size)", "unroll_too_large")
+        ]
+    return []
+
+
+def _prod(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
 
 
 def _check_cnn_task(i: int, task: TaskSpec, io: tuple[Any, int] | None, limit: int) -> list[dict[str, Any]]:
@@ -707,3 +809,36 @@ def _check_hyperparameters(job: JobCreate) -> list[dict[str, Any]]:
         )
     return errors
 
+
+
+def _layer_count(task: TaskSpec) -> int | None:
+    """Layers with parameters (one per-layer group each); None when only the worker can tell."""
+    if _is_cnn(task):
+        return sum(1 for layer in task.model.layers if layer.type in ("conv2d", "linear"))
+    if isinstance(task.model, ExportedModelRef):
+        return None
+    return len(task.model.hidden) + 1
+
+
+def _check_rich_settings(job: JobCreate) -> list[dict[str, Any]]:
+    """per_layer needs the same layers in every task; a schedule needs the same steps in every task."""
+    h = job.hyperparameters
+    errors: list[dict[str, Any]] = []
+    if h.per_layer:
+        counts = {i: _layer_count(t) for i, t in enumerate(job.tasks)}
+        known = {c for c in counts.values() if c is not None}
+        if len(known) > 1:
+            detail = ", ".join(f"tasks[{i}]: {c}" for i, c in counts.items() if c is not None)
+            errors.append(_err(["hyperparameters", "per_layer"], "per_layer learns one lr and momentum per layer, "
+                               f"so every task needs the same number of layers with parameters ({detail})",
+                               "per_layer_mismatch"))
+    if h.schedule_segments > 1:
+        steps = sorted({t.steps for t in job.tasks})
+        if len(steps) > 1:
+            errors.append(_err(["hyperparameters", "schedule_segments"], "a learned schedule splits the step budget "
+                               f"into equal blocks, so every task needs the same steps (got {steps})",
+                               "schedule_steps_mismatch"))
+        elif h.schedule_segments > steps[0]:
+            errors.append(_err(["hyperparameters", "schedule_segments"], f"schedule_segments {h.schedule_segments} "
+                               f"is more than the {steps[0]} steps to share them over", "schedule_too_fine"))
+    return errors

@@ -125,6 +125,8 @@ def pg_url(_pg_session_url) -> str:
             conn.execute(text("SET LOCAL lock_timeout = '15s'"))
             conn.execute(text("DELETE FROM job_iterations"))
             conn.execute(text("DELETE FROM job_datasets"))
+            conn.execute(text("DELETE FROM job_models"))
+            conn.execute(text("DELETE FROM models"))
             conn.execute(text("DELETE FROM jobs"))
             conn.execute(text("DELETE FROM datasets"))
     finally:

@@ -84,9 +84,36 @@ def _cnn_task(i: int, spec: Any, job: JobCreate, xt: Any, y_train: torch.Tensor,
     )
 
 
+def _exported_task(i: int, spec: Any, job: JobCreate, xt: Any, y_train: torch.Tensor, xv: Any,
+                   y_val: torch.Tensor, dev: torch.device) -> Any:
+    """A ModuleTask for an ``exported`` model: the uploaded program (worker/model_loader.py, read as
+    data) run by worker/engine/exported.ProgramModule, whose parameters carry the program's own
+    names; ``init`` "default" re-draws PyTorch-default weights in call order (as an mlp or cnn
+    declared the same way starts), "uploaded" starts every draw from the file's weights."""
+    from worker.engine.exported import exported_task
+    from worker.model_loader import load_program
+
+    program, weights = load_program(spec.model.model, get_settings())
+    return exported_task(
+        name=spec.name or f"task{i}",
+        x_train=torch.as_tensor(xt, dtype=DTYPE).to(dev),
+        y_train=y_train,
+        x_val=torch.as_tensor(xv, dtype=DTYPE).to(dev),
+        y_val=y_val,
+        program=program,
+        weights=weights,
+        loss=spec.loss,
+        steps=spec.steps,
+        batch_size=spec.batch_size,
+        seed=task_seed(job.meta.seed, i),
+        init=spec.model.init,
+    )
+
+
 def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
     """Engine tasks from a validated job body (the API has checked shapes and labels): an
-    ``engine.Task`` for an ``mlp`` model, a ``ModuleTask`` (worker/engine/modules.py) for a ``cnn``."""
+    ``engine.Task`` for an ``mlp`` model, a ``ModuleTask`` (worker/engine/modules.py) for a ``cnn``
+    or an ``exported`` program."""
     from worker.dataset_loader import load_dataset_task_data
     from worker.datasets import load_builtin
 
@@ -111,6 +138,9 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
             out = int(width)
         if spec.model.kind == "cnn":
             tasks.append(_cnn_task(i, spec, job, xt, y_train, xv, y_val, out, dev))
+            continue
+        if spec.model.kind == "exported":
+            tasks.append(_exported_task(i, spec, job, xt, y_train, xv, y_val, dev))
             continue
         tasks.append(
             engine.Task(
@@ -138,6 +168,11 @@ def meta_config(job: JobCreate) -> engine.MetaConfig:
         seed=job.meta.seed,
         lr_bounds=tuple(hp.lr_bounds),
         momentum_bounds=tuple(hp.momentum_bounds),
+        per_layer=hp.per_layer,
+        schedule_segments=hp.schedule_segments,
+        method=job.meta.method,
+        truncation=job.meta.truncation,
+        memory_budget_mb=get_settings().max_unroll_bytes / 2**20,
     )
 
 
@@ -146,33 +181,44 @@ def _finite(x: float) -> float | None:
     return x if x == x and abs(x) != float("inf") else None
 
 
-def evaluate_settings(tasks: list[engine.Task], job: JobCreate, state: dict) -> dict:
+def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
     """The settings body: learned values, and the proof with plain torch.optim.SGD."""
+    from worker.engine.modules import evaluate, evaluate_groups  # MLP, cnn and exported tasks alike
+
     hp = job.hyperparameters
     best = engine.best_settings(state)
     draws = list(engine.EVAL_DRAWS)
-    before = engine.evaluate(tasks, hp.lr, hp.momentum, draws)
-    after = engine.evaluate(tasks, best["lr"], best["momentum"], draws)
+    before = evaluate(tasks, hp.lr, hp.momentum, draws)
+    after = evaluate(tasks, best["lr"], best["momentum"], draws)
+    groups = None
+    if "param_groups" in best:
+        groups = evaluate_groups(tasks, best["param_groups"], best["boundaries"], draws)
+    rows = []
+    for i, (b, a) in enumerate(zip(before["tasks"], after["tasks"])):
+        row = {"name": b["name"], "initial_val_loss": _finite(b["val_loss"]),
+               "learned_val_loss": _finite(a["val_loss"])}
+        if groups is not None:
+            row["learned_groups_val_loss"] = _finite(groups["tasks"][i]["val_loss"])
+        rows.append(row)
     body = {
         "optimizer": "SGD",
         "lr": float(best["lr"]),
         "momentum": float(best["momentum"]),
+        "method": state.get("method"),
+        "method_reason": state.get("method_reason"),
         "evaluation": {
-            "tasks": [
-                {
-                    "name": b["name"],
-                    "initial_val_loss": _finite(b["val_loss"]),
-                    "learned_val_loss": _finite(a["val_loss"]),
-                }
-                for b, a in zip(before["tasks"], after["tasks"])
-            ],
+            "tasks": rows,
             "mean_initial_val_loss": _finite(before["mean_val_loss"]),
             "mean_learned_val_loss": _finite(after["mean_val_loss"]),
             "initial": {"lr": hp.lr, "momentum": hp.momentum},
             "draws": draws,
         },
     }
-    return SettingsPublic.model_validate(body).model_dump(mode="json")
+    if groups is not None:
+        body["param_groups"] = best["param_groups"]
+        body["boundaries"] = best["boundaries"]
+        body["evaluation"]["mean_learned_groups_val_loss"] = _finite(groups["mean_val_loss"])
+    return SettingsPublic.model_validate(body).model_dump(mode="json", exclude_unset=True)
 
 
 class _Heartbeat:

@@ -27,7 +27,7 @@ _UNION_TAGS = {
     "x": {"name", "names"},
     "x_train": {"table", "images"},
     "x_val": {"table", "images"},
-    "model": {"mlp", "cnn"},
+    "model": {"mlp", "cnn", "exported"},
 }
 # ... and into the loc of each item of a list of tagged unions (CNNModel.layers).
 _LIST_TAGS = {"layers": {"conv2d", "relu", "tanh", "maxpool", "avgpool", "flatten", "linear"}}

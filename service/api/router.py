@@ -2,9 +2,10 @@
 
 from fastapi import APIRouter
 
-from service.api.routes import datasets, health, jobs
+from service.api.routes import datasets, health, jobs, models
 
 api_router = APIRouter()
 api_router.include_router(jobs.router)
 api_router.include_router(datasets.router)
+api_router.include_router(models.router)
 api_router.include_router(health.router)

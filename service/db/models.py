@@ -118,3 +118,40 @@ class JobDataset(Base):
     dataset_id: Mapped[str] = mapped_column(String(36), primary_key=True)
 
     __table_args__ = (Index("ix_job_datasets_dataset_id", "dataset_id"),)
+
+
+class ExportedModel(Base):
+    """An uploaded ``torch.export`` program (``.pt2``): its stored object (key = ``sha256``) and
+    what the reader found in it (service.exported_files.describe_program).
+
+    ``sha256`` is unique: the same bytes uploaded twice are one model and one stored object.
+    """
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    # describe_program's summary: input_shape, output_width, nodes, parameters, ...
+    program: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_models_sha256", "sha256", unique=True),
+        Index("ix_models_created_at", "created_at"),
+    )
+
+
+class JobModel(Base):
+    """A job uses an uploaded model (a task's ``model`` names it); like JobDataset, no foreign key
+    to models: a finished job may outlive its model."""
+
+    __tablename__ = "job_models"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+
+    __table_args__ = (Index("ix_job_models_model_id", "model_id"),)

@@ -18,8 +18,8 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0002"
-TABLES = {"jobs", "job_iterations", "datasets", "job_datasets", "alembic_version"}
+HEAD = "0003"
+TABLES = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -102,6 +102,27 @@ def test_upgrade_from_0001_keeps_the_jobs_and_adds_the_dataset_tables(empty_url)
     assert version(empty_url) == "0001"
 
 
+def test_upgrade_from_0002_keeps_datasets_and_adds_the_model_tables(empty_url):
+    """A database at 0002 with a dataset upgrades to head; down to 0002 drops only the model tables."""
+    upgrade(empty_url, "0002")
+    assert tables(empty_url) == TABLES - {"models", "job_models"}
+    engine = create_engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO datasets (id, filename, format, sha256, size, items, created_at) VALUES "
+            "('d1', 'a.npz', 'npz', 'ab', 3, '[]', '2026-01-01 00:00:00+00:00')"
+        ))
+    engine.dispose()
+    upgrade(empty_url)
+    assert version(empty_url) == HEAD and tables(empty_url) == TABLES and diff(empty_url) == []
+    downgrade(empty_url, "0002")
+    assert tables(empty_url) == TABLES - {"models", "job_models"}
+    engine = create_engine(empty_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT filename FROM datasets")).scalars().all() == ["a.npz"]
+    engine.dispose()
+
+
 def test_the_comparison_can_fail(empty_url):
     """compare_metadata does see a missing table, so the test above is not vacuous."""
     upgrade(empty_url)
@@ -123,6 +144,7 @@ def test_alembic_command_line_from_another_directory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Running upgrade  -> 0001" in out.stderr
     assert "Running upgrade 0001 -> 0002" in out.stderr
+    assert "Running upgrade 0002 -> 0003" in out.stderr
     assert version(url) == HEAD
 
 

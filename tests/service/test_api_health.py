@@ -108,6 +108,8 @@ def test_openapi_documents_the_endpoints(client):
         "/v1/jobs/{job_id}/cancel": {"post"},
         "/v1/datasets": {"get", "post"},
         "/v1/datasets/{dataset_id}": {"get", "delete"},
+        "/v1/models": {"get", "post"},
+        "/v1/models/{model_id}": {"get", "delete"},
         "/healthz": {"get"},
         "/readyz": {"get"},
     }

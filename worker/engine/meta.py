@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import EngineError
-from .functional import METHODS, Objective, _layer_names, segment_boundaries
+from .functional import METHODS, segment_boundaries
 from .reference import EVAL_DRAWS
 from .tasks import Task, derive_seed
 
@@ -252,9 +252,11 @@ def _rich_enabled(hyper: dict | MetaConfig) -> bool:
 
 def _layout(tasks: Sequence[Task], config: MetaConfig) -> dict:
     """Parameter groups (names as nn.Sequential's named_parameters()) and segment boundaries."""
-    layers = {len(t.hidden) + 1 for t in tasks}
+    from .modules import param_layout  # MLP Tasks and any-module ModuleTasks alike
+
+    layouts = [param_layout(t) for t in tasks]
     steps = {t.steps for t in tasks}
-    if config.per_layer and len(layers) > 1:
+    if config.per_layer and any(lay != layouts[0] for lay in layouts[1:]):
         raise EngineError("Per-layer settings need every task to have the same number of layers.")
     segs = int(config.schedule_segments)
     if segs > 1 and len(steps) > 1:
@@ -264,11 +266,11 @@ def _layout(tasks: Sequence[Task], config: MetaConfig) -> dict:
         raise EngineError(
             f"The number of schedule segments ({segs}) cannot exceed the number of steps ({n_steps})."
         )
-    names = _layer_names(max(layers))
+    names = max(layouts, key=len)
     if config.per_layer:
-        groups = [[w, b] for w, b in names]
+        groups = [list(g) for g in names]
     else:
-        groups = [[n for pair in names for n in pair]]
+        groups = [[n for g in names for n in g]]
     return {"groups": groups, "slots": len(groups), "boundaries": segment_boundaries(n_steps, segs)}
 
 
@@ -283,17 +285,18 @@ def estimate_costs(tasks: Sequence[Task], config: MetaConfig) -> dict:
     hyperparameter and run, tangents of the weights and buffers plus one step's activations;
     truncated keeps `truncation` steps of reverse.
     """
+    from .modules import cost_terms, param_layout  # MLP Tasks and any-module ModuleTasks alike
+
     segs = int(config.schedule_segments)
-    slots = (max(len(t.hidden) for t in tasks) + 1) if config.per_layer else 1
+    slots = max(len(param_layout(t)) for t in tasks) if config.per_layer else 1
     n_hyper = 2 * slots * segs if _rich_enabled(config) else 2
     runs = len(config.draws)
     per_step = 0.0
     steps = 0
     tangent = 0.0
     for t in tasks:
-        sizes = [t.x_train.shape[1], *t.hidden, t.out_features]
-        n_params = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
-        acts = t.batch_size * (sizes[0] + 2 * sum(sizes[1:]))
+        n_params, per_example = cost_terms(t)
+        acts = t.batch_size * per_example
         item = t.x_train.element_size()
         per_step += runs * item * (1.5 * n_params + acts)
         tangent += runs * item * (n_hyper * (4 * n_params + acts) + 3 * n_params)
@@ -310,23 +313,26 @@ def estimate_costs(tasks: Sequence[Task], config: MetaConfig) -> dict:
 
 def choose_method(tasks: Sequence[Task], config: MetaConfig) -> tuple[str, str]:
     """(method, reason). A requested method is used as is; "auto" picks reverse when its graph fits
-    config.memory_budget_mb (it is the fastest exact method: measured 3-6x faster than forward with
-    2 hyperparameters on small MLPs, and its cost does not grow with their number), else forward
-    (exact, memory independent of the steps) when the tangents fit, else truncated."""
+    config.memory_budget_mb, else forward (exact, memory independent of the steps) when its tangents
+    fit, else truncated. Compute, in units of one training unroll (measured on small MLPs,
+    docs/benchmarks.md): reverse about 3 whatever the number H of hyperparameters, forward about
+    1 + H; they tie at H = 2 (the constant pair), where reverse is kept."""
     c = estimate_costs(tasks, config)
     budget = float(config.memory_budget_mb)
     if config.method != "auto":
         return config.method, f"requested; estimated memory {c[config.method + '_mb']:.1f} MB"
     head = f"{c['steps']} steps, {c['hyperparameters']} hyperparameters: "
+    h = c["hyperparameters"]
     if c["reverse_mb"] <= budget:
         return "reverse", head + (
-            f"reverse needs about {c['reverse_mb']:.1f} MB (budget {budget:g} MB) and is the fastest "
-            f"exact method (forward would carry {c['hyperparameters']} tangents)"
+            f"reverse needs about {c['reverse_mb']:.1f} MB (budget {budget:g} MB) and about 3 "
+            f"training unrolls of compute, forward about {1 + h}"
         )
     if c["forward_mb"] <= budget:
         return "forward", head + (
             f"reverse would need about {c['reverse_mb']:.1f} MB, over the {budget:g} MB budget; "
-            f"forward is exact in about {c['forward_mb']:.1f} MB whatever the number of steps"
+            f"forward is exact in about {c['forward_mb']:.1f} MB whatever the number of steps "
+            f"(about {1 + h} training unrolls of compute)"
         )
     return "truncated", head + (
         f"reverse ({c['reverse_mb']:.1f} MB) and forward ({c['forward_mb']:.1f} MB) exceed the "
@@ -422,8 +428,10 @@ def _clamp_rich(config: MetaConfig, theta: Sequence[float]) -> list[float]:
 class _Loop:
     def __init__(self, tasks: Sequence[Task], config: MetaConfig, method: str):
         self.config = config
+        from .modules import make_objective  # functional.Objective for MLP Tasks, else ModuleObjective
+
         self.method = method
-        self.objective = Objective(tasks, config.draws)
+        self.objective = make_objective(tasks, config.draws)
 
     # evaluations -------------------------------------------------------------------------
     def value_and_grad(self, theta: Sequence[float]) -> tuple[float, list[float]]:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -88,14 +89,13 @@ def _file_error(msg: str, type_: str) -> _Refused:
     return _Refused(422, [{"loc": ["body", FIELD], "field": FIELD, "msg": msg, "type": type_}])
 
 
-def _clean_filename(raw: bytes) -> str:
+def _clean_filename(raw: bytes, extensions: str = ".safetensors, .npz, .csv or .parquet") -> str:
     name = raw.decode("utf-8", errors="replace")
     name = re.split(r"[\\/]", name)[-1]  # browsers and curl may send a path
     name = "".join(ch for ch in name if ch.isprintable()).strip()
     if not name or name in (".", ".."):
         raise _file_error(
-            "the file part has an empty filename; name the file with its extension "
-            "(.safetensors, .npz, .csv or .parquet)",
+            f"the file part has an empty filename; name the file with its extension ({extensions})",
             "missing_filename",
         )
     if len(name) > 255:
@@ -105,11 +105,18 @@ def _clean_filename(raw: bytes) -> str:
 
 class _Receiver:
     """python-multipart callbacks: the part named ``file`` goes to a temporary file, hashed and
-    counted as it streams; other parts are skipped (and limited in size)."""
+    counted as it streams; other parts are skipped (and limited in size).
 
-    def __init__(self, tmp_dir: Path, limit: int) -> None:
+    ``check_name(filename) -> format`` refuses a wrong extension (an exception with ``code``)
+    before any of the file is written; ``example`` is the file named in hints (curl -F ...)."""
+
+    def __init__(self, tmp_dir: Path, limit: int, check_name: Callable[[str], str] = format_for,
+                 example: str = "data.npz", extensions: str = ".safetensors, .npz, .csv or .parquet") -> None:
         self.tmp_dir = tmp_dir
         self.limit = limit
+        self.check_name = check_name
+        self.example = example
+        self.extensions = extensions
         self.filename: str | None = None
         self.format: str | None = None
         self.path: Path | None = None
@@ -151,14 +158,14 @@ class _Receiver:
         if b"filename" not in params:
             raise _file_error(
                 "the 'file' part is not a file (it has no filename); send it as a file, e.g. "
-                "curl -F file=@data.npz",
+                f"curl -F file=@{self.example}",
                 "missing_filename",
             )
-        self.filename = _clean_filename(params[b"filename"])
+        self.filename = _clean_filename(params[b"filename"], self.extensions)
         try:
-            self.format = format_for(self.filename)  # refuse a wrong extension before reading on
-        except DatasetFileError as exc:
-            raise _file_error(str(exc), exc.code) from None
+            self.format = self.check_name(self.filename)  # refuse a wrong extension before reading on
+        except ValueError as exc:
+            raise _file_error(str(exc), getattr(exc, "code", "unsupported_format")) from None
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, path = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
         self.path = Path(path)
@@ -216,7 +223,7 @@ def _too_large(limit: int, filename: str | None) -> _Refused:
     )
 
 
-async def _receive(request: Request, limit: int, tmp_dir: Path) -> _Receiver:
+async def _receive(request: Request, limit: int, tmp_dir: Path, **receiver_options: Any) -> _Receiver:
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -227,7 +234,7 @@ async def _receive(request: Request, limit: int, tmp_dir: Path) -> _Receiver:
         raise _Refused(
             415,
             f"upload the file as multipart/form-data in a field named 'file', got {got} "
-            "(with curl: -F file=@data.npz)",
+            f"(with curl: -F file=@{receiver_options.get('example', 'data.npz')})",
         )
     boundary = params.get(b"boundary")
     if not boundary:
@@ -236,7 +243,7 @@ async def _receive(request: Request, limit: int, tmp_dir: Path) -> _Receiver:
     if declared and declared.isdigit() and int(declared) > limit + FRAMING_BYTES:
         raise _too_large(limit, None)
 
-    receiver = _Receiver(tmp_dir, limit)
+    receiver = _Receiver(tmp_dir, limit, **receiver_options)
     parser = MultipartParser(boundary, receiver.callbacks())
     received = 0
     try:
@@ -262,8 +269,8 @@ async def _receive(request: Request, limit: int, tmp_dir: Path) -> _Receiver:
         receiver.cleanup()
         raise _Refused(
             422,
-            [{"loc": ["body", FIELD], "field": FIELD, "msg": "Field required: send the dataset file "
-              "in a multipart field named 'file' (curl -F file=@data.npz)", "type": "missing"}],
+            [{"loc": ["body", FIELD], "field": FIELD, "msg": "Field required: send the file in a "
+              f"multipart field named 'file' (curl -F file=@{receiver.example})", "type": "missing"}],
         )
     if not (receiver.file_done and receiver.ended):
         receiver.cleanup()
@@ -421,8 +428,9 @@ def delete_dataset(dataset_id: DatasetId, session: SessionDep, store: StoreDep) 
         raise HTTPException(status_code=409, detail=str(exc)) from None
     sha256 = dataset.sha256
     session.commit()
-    # After the commit; unless the same bytes were uploaded again meanwhile.
-    if repository.get_dataset_by_sha256(session, sha256=sha256) is None:
+    # After the commit; unless the same bytes were uploaded again meanwhile (as a dataset or a model).
+    if repository.get_dataset_by_sha256(session, sha256=sha256) is None and \
+            repository.get_model_by_sha256(session, sha256=sha256) is None:
         try:
             store.delete(sha256)
         except StoreError as exc:  # the row is gone; an orphaned object only costs space

@@ -144,7 +144,9 @@ def create_job(
     # can be deleted between this check and the job being stored.
     rows = repository.datasets_by_id(session, ids=job.dataset_ids(), lock=True)
     datasets = {i: repository.dataset_to_public(d) for i, d in rows.items()}
-    errors = check_job(job, settings, datasets)
+    model_rows = repository.models_by_id(session, ids=job.model_ids(), lock=True)
+    models = {i: repository.model_to_public(m) for i, m in model_rows.items()}
+    errors = check_job(job, settings, datasets, models)
     if errors:
         raise RequestValidationError(errors)
     row = repository.create_job(
@@ -212,6 +214,9 @@ def get_history(job_id: JobId, session: SessionDep) -> HistoryPublic:
 @router.get(
     "/{job_id}/settings",
     response_model=SettingsPublic,
+    # The stored body as the worker wrote it: fields a job does not have (param_groups for a
+    # constant pair, ...) are left out rather than sent as null.
+    response_model_exclude_unset=True,
     summary="The learned optimizer settings",
     responses={
         404: _NOT_FOUND,

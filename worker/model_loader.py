@@ -1,0 +1,81 @@
+"""The uploaded model of a ``kind: exported`` task: fetch its ``.pt2`` and read it as data.
+
+``load_program(model_id, settings)`` returns ``(program, weights)``: read_pt2's plain-data program
+and read_weights' raw parameter bytes (service/exported_files.py: zipfile and json only, never
+``torch.export.load``, never pickle), which worker/engine/exported.exported_task interprets.
+The file comes from the artifact store exactly like a dataset's (worker/dataset_loader.local_copy:
+a local store is read in place, a remote one downloaded once into ``<data_dir>/cache/artifacts``
+and checked against its sha256). Results are cached per sha256 (the bytes never change).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.db.models import ExportedModel
+from service.exported_files import ExportedProgramError, read_pt2, read_weights
+from service.settings import Settings, get_settings
+from service.storage import ArtifactStore
+from worker.dataset_loader import DatasetUnavailable, _sessionmaker, local_copy
+
+__all__ = ["ModelUnavailable", "load_program"]
+
+
+class ModelUnavailable(DatasetUnavailable):
+    """The model a job names is gone (deleted, or its stored file is missing) or can no longer be
+    read. A DatasetUnavailable, so the runner fails the job with ``str()`` as its error."""
+
+
+_CACHE_SIZE = 8
+_cache: OrderedDict[str, tuple[dict[str, Any], dict[str, bytes]]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def load_program(
+    model_id: str,
+    settings: Settings | None = None,
+    *,
+    session: Session | None = None,
+    store: ArtifactStore | None = None,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """``(program, weights)`` of the uploaded model ``model_id``; ModelUnavailable if it is gone."""
+    settings = settings or get_settings()
+    if session is not None:
+        row = session.get(ExportedModel, model_id)
+        found = (row.sha256, row.filename) if row is not None else None
+    else:
+        with _sessionmaker(settings.resolved_database_url())() as own:
+            row = own.get(ExportedModel, model_id)
+            found = (row.sha256, row.filename) if row is not None else None
+    if found is None:
+        raise ModelUnavailable(f"model {model_id} no longer exists; it was deleted")
+    sha256, filename = found
+    with _lock:
+        if sha256 in _cache:
+            _cache.move_to_end(sha256)
+            return _cache[sha256]
+    store = store or settings.artifact_store()
+    try:
+        path = local_copy(store, sha256, (settings.data_dir / "cache" / "artifacts").resolve())
+    except DatasetUnavailable as exc:
+        raise ModelUnavailable(f"model {model_id} ({filename}): {exc}") from None
+    try:
+        program = read_pt2(path, max_bytes=settings.max_dataset_bytes)
+        weights = read_weights(path, program)
+    except ExportedProgramError as exc:
+        raise ModelUnavailable(f"model {model_id} ({filename}) cannot be read: {exc}") from None
+    with _lock:
+        _cache[sha256] = (program, weights)
+        _cache.move_to_end(sha256)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return program, weights
