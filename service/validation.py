@@ -22,6 +22,7 @@ from service.schemas import (
     ExportedModelRef,
     InlineData,
     JobCreate,
+    MetaOptions,
     ModelPublic,
     TaskSpec,
 )
@@ -125,6 +126,27 @@ def estimate_unroll_bytes(task: TaskSpec, io: tuple[int, int] | None = None) -> 
     params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
     acts = task.batch_size * (widths[0] + 2 * sum(task.model.hidden) + widths[-1])
     return FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params)
+
+
+# Hyperparameters a forward-mode tangent is carried for, at most (per-layer x segments x 2); the
+# estimate below takes a generous constant rather than the job's exact count.
+_FORWARD_TANGENTS = 8
+
+
+def method_bytes(reverse_bytes: int, steps: int, meta: MetaOptions) -> int:
+    """The memory ``meta.method`` needs, from reverse mode's estimate through all ``steps``.
+
+    reverse holds every step; truncated holds the last ``truncation`` steps; forward holds one step
+    and a tangent per hyperparameter, whatever the steps; auto takes reverse when it fits and
+    forward otherwise, so it needs the smaller of the two. Rough, like the estimates it scales.
+    """
+    per_step = reverse_bytes / max(1, steps)
+    if meta.method == "reverse":
+        return reverse_bytes
+    if meta.method == "truncated":
+        return int(per_step * min(steps, meta.truncation))
+    forward = int(per_step * (1 + _FORWARD_TANGENTS))
+    return forward if meta.method == "forward" else min(reverse_bytes, forward)
 
 
 def cnn_layer_shapes(
@@ -629,18 +651,18 @@ def check_job(
             task_errors = _check_builtin(loc, task, task.data, images)
         errors += task_errors
         if not task_errors and program is not None:
-            errors += _check_exported_task(i, task, io, program, settings.max_unroll_bytes)
+            errors += _check_exported_task(i, task, io, program, settings.max_unroll_bytes, job.meta)
         elif not task_errors and _is_cnn(task):
-            errors += _check_cnn_task(i, task, io, settings.max_unroll_bytes)
+            errors += _check_cnn_task(i, task, io, settings.max_unroll_bytes, job.meta)
         elif not task_errors:
-            need = estimate_unroll_bytes(task, io)
+            need = method_bytes(estimate_unroll_bytes(task, io), task.steps, job.meta)
             if need > settings.max_unroll_bytes:
                 errors.append(
                     _err(
                         ["tasks", i, "steps"],
                         f"steps={task.steps} with batch_size={task.batch_size} and hidden="
-                        f"{task.model.hidden} needs about {_gib(need)} to differentiate through, "
-                        f"above the limit of {_gib(settings.max_unroll_bytes)}; "
+                        f"{task.model.hidden} needs about {_gib(need)} to differentiate through "
+                        f"(method {job.meta.method}), above the limit of {_gib(settings.max_unroll_bytes)}; "
                         "lower steps or batch_size (or the model size)",
                         "unroll_too_large",
                     )
@@ -675,7 +697,7 @@ def _exported_model(
 
 
 def _check_exported_task(
-    i: int, task: TaskSpec, io: tuple[Any, int] | None, program: ModelPublic, limit: int
+    i: int, task: TaskSpec, io: tuple[Any, int] | None, program: ModelPublic, limit: int, meta: MetaOptions
 ) -> list[dict[str, Any]]:
     """The data's example shape and targets against the program, then the memory estimate
     (``cnn_unroll_bytes``' formula with the program's parameters and node outputs)."""
@@ -709,7 +731,7 @@ def _check_exported_task(
         size_in *= v
     outputs = sum(_prod(n.output_shape) for n in program.nodes if n.output_shape)
     acts = task.batch_size * (size_in + 2 * outputs)
-    need = FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params)
+    need = method_bytes(FLOAT_BYTES * (task.steps * (3 * params + 2 * acts) + 2 * params), task.steps, meta)
     if need > limit:
         return [
             _err(["tasks", i, "steps"], f"steps={task.steps} with batch_size={task.batch_size} and {label} "
@@ -726,7 +748,9 @@ def _prod(values: list[int]) -> int:
     return out
 
 
-def _check_cnn_task(i: int, task: TaskSpec, io: tuple[Any, int] | None, limit: int) -> list[dict[str, Any]]:
+def _check_cnn_task(
+    i: int, task: TaskSpec, io: tuple[Any, int] | None, limit: int, meta: MetaOptions
+) -> list[dict[str, Any]]:
     """Shapes through the cnn's layers, then the memory estimate (the data is already checked)."""
     if io is None:  # inline: the first training image's shape
         x0 = task.data.x_train[0]
@@ -738,7 +762,7 @@ def _check_cnn_task(i: int, task: TaskSpec, io: tuple[Any, int] | None, limit: i
     shapes, errors = cnn_layer_shapes(["tasks", i, "model"], layers, in_shape, d_out)
     if errors:
         return errors
-    need = cnn_unroll_bytes(task.steps, task.batch_size, in_shape, layers, shapes)
+    need = method_bytes(cnn_unroll_bytes(task.steps, task.batch_size, in_shape, layers, shapes), task.steps, meta)
     if need > limit:
         return [
             _err(

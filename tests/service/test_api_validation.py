@@ -375,11 +375,39 @@ def test_bad_hyperparameters(client, nothing_changed, hyper, field, msg):
 def test_steps_beyond_memory_say_so(client, nothing_changed, settings):
     task = dict(BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"},
                 steps=5000, batch_size=256)
-    e = only_error(client.post("/v1/jobs", json=job_body(task)))
+    body = job_body(task)
+    body["meta"] = {"method": "reverse"}
+    e = only_error(client.post("/v1/jobs", json=body))
     assert e["loc"] == ["body", "tasks", 0, "steps"]
     assert e["type"] == "unroll_too_large"
     assert e["msg"].startswith("steps=5000 with batch_size=256 and hidden=[1024, 1024] needs about ")
-    assert "GiB to differentiate through, above the limit of 2 GiB; lower steps or batch_size" in e["msg"]
+    assert ("GiB to differentiate through (method reverse), above the limit of 2 GiB; lower steps or "
+            "batch_size") in e["msg"]
+    nothing_changed()
+
+
+def test_long_horizons_fit_with_forward_mode_and_auto(client, settings):
+    """What reverse mode cannot hold, forward mode (memory independent of steps) can: auto takes it."""
+    task = dict(BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"},
+                steps=5000, batch_size=256)
+    for method in ("forward", "auto"):
+        body = job_body(task)
+        body["meta"] = {"method": method}
+        r = client.post("/v1/jobs", json=body)
+        assert r.status_code == 202, (method, r.text)
+    # truncated holds only its window: 20 steps fit, 5000 would not.
+    body = job_body(task)
+    body["meta"] = {"method": "truncated", "truncation": 20}
+    assert client.post("/v1/jobs", json=body).status_code == 202
+    body["meta"] = {"method": "truncated", "truncation": 5000}
+    assert only_error(client.post("/v1/jobs", json=body))["type"] == "unroll_too_large"
+
+
+def test_a_model_too_big_for_any_method_is_refused_under_auto(client, nothing_changed, settings):
+    task = dict(BUILTIN_TASK, model={"kind": "mlp", "hidden": [4096] * 16, "activation": "relu"},
+                steps=1000, batch_size=1024)
+    e = only_error(client.post("/v1/jobs", json=job_body(task)))
+    assert e["type"] == "unroll_too_large" and "(method auto)" in e["msg"]
     nothing_changed()
 
 

@@ -41,8 +41,11 @@ def cnn_task(layers=LAYERS, **data) -> dict:
     return task
 
 
-def post(client, *tasks):
-    return client.post("/v1/jobs", json=job_body(*tasks))
+def post(client, *tasks, meta=None):
+    body = job_body(*tasks)
+    if meta:
+        body["meta"] = meta
+    return client.post("/v1/jobs", json=body)
 
 
 def errors(r) -> dict[str, dict]:
@@ -167,7 +170,7 @@ def test_memory_estimate_refuses_a_huge_cnn(client, nothing_changed, settings):
     layers = [{"type": "conv2d", "out_channels": 4096, "kernel_size": 3, "padding": 1}, {"type": "flatten"},
               {"type": "linear"}]
     task = dict(cnn_task(layers), steps=settings.max_steps)
-    e = one(post(client, task))
+    e = one(post(client, task, meta={"method": "reverse"}))
     assert e["field"] == "tasks[0].steps" and e["type"] == "unroll_too_large"
     assert "this cnn on 1x4x4 images needs about" in e["msg"]
     nothing_changed()

@@ -572,7 +572,9 @@ def test_column_references(client, nothing_changed):
 def test_the_unroll_estimate_uses_the_dataset_widths(client, app, tensors):
     """check_job sizes the MLP from the dataset: 3 inputs, 3 classes (labels 0..2)."""
     ds = DatasetPublic.model_validate(tensors)
-    job = JobCreate.model_validate(job_body(dataset_task({"dataset": ds.id, "x": "x", "y": "y"}, steps=1000)))
+    body = job_body(dataset_task({"dataset": ds.id, "x": "x", "y": "y"}, steps=1000))
+    body["meta"] = {"method": "reverse"}
+    job = JobCreate.model_validate(body)
     from service.validation import estimate_unroll_bytes
 
     need = estimate_unroll_bytes(job.tasks[0], (3, 3))

@@ -243,8 +243,11 @@ def test_jobs_are_checked_against_the_model(client, app, nothing_changed):
     model = uploaded(client, mlp_pt2())  # 4 features -> 3 outputs
     mid = model["id"]
 
-    def refused(task, field, *words):
-        r = client.post("/v1/jobs", json=job_body(task))
+    def refused(task, field, *words, meta=None):
+        body = job_body(task)
+        if meta:
+            body["meta"] = meta
+        r = client.post("/v1/jobs", json=body)
         assert r.status_code == 422, r.text
         detail = r.json()["detail"]
         assert [d["field"] for d in detail] == [field], detail
@@ -270,7 +273,7 @@ def test_jobs_are_checked_against_the_model(client, app, nothing_changed):
     with_limit = app.state.settings.max_unroll_bytes
     app.state.settings.max_unroll_bytes = 1_000_000
     try:
-        refused(big, "tasks[0].steps", "to differentiate through")
+        refused(big, "tasks[0].steps", "to differentiate through", meta={"method": "reverse"})
     finally:
         app.state.settings.max_unroll_bytes = with_limit
     r = client.post("/v1/jobs", json=job_body({**exported_task(mid, ROWS4, [0, 1, 2, 1]), "model":
