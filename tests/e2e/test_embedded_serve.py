@@ -52,6 +52,7 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["data"]
         _cli_against_live_server(tmp_path, base, env, url.rsplit("/", 1)[1])
         _client_tune_against_live_server(tmp_path, base, env)
+        _example_runs_as_is(base, env)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -155,3 +156,15 @@ def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> No
     bad_csv.write_text("a,b\n1,2\n3\n")
     r = _gradtune({**env, "GRADTUNE_URL": base}, "datasets", "upload", str(bad_csv))
     assert r.returncode == 1 and "422" in r.stderr and "bad.csv" in r.stderr
+
+
+def _example_runs_as_is(base: str, env: dict) -> None:
+    """examples/digits_cnn.py, unchanged, against the live server: the learned settings win."""
+    import re
+
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "digits_cnn.py")], cwd=ROOT,
+                       env={**env, "GRADTUNE_URL": base}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    losses = dict(re.findall(r"validation loss with the (starting|learned) settings.*: ([0-9.]+)$", r.stdout, re.M))
+    assert set(losses) == {"starting", "learned"}, r.stdout
+    assert float(losses["learned"]) < float(losses["starting"]), r.stdout
