@@ -177,7 +177,8 @@ class Client:
     def tune(self, model, train, val, *, loss: str, steps: int, batch_size: int,
              lr: float = 0.01, momentum: float = 0.9, iterations: int = 40, seed: int = 0,
              name: str = "tune", progress: bool = True, timeout: float | None = None,
-             init: str = "default") -> TunedSettings:
+             init: str = "default", per_layer: bool = False, schedule_segments: int = 1,
+             method: str = "auto") -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
         A model ``describe_model`` can describe (an ``nn.Sequential`` of ``Linear`` layers with
@@ -189,8 +190,10 @@ class Client:
         trains fresh PyTorch-default initializations (drawn layer by layer in call order), so your
         model's current weights are not used; ``init="uploaded"`` always exports the model and
         starts every training run from its current weights. The tensors are uploaded as
-        safetensors. Blocks until the job ends (with a progress bar when ``progress``); raises
-        GradtuneError with the server's message if it fails.
+        safetensors. ``per_layer``, ``schedule_segments`` and ``method`` are the job options of the
+        same names (the settings then carry ``param_groups``: ``settings.sgd(model)`` and
+        ``settings.apply_schedule(optimizer, step)`` use them). Blocks until the job ends (with a
+        progress bar when ``progress``); raises GradtuneError with the server's message if it fails.
         """
         if init not in ("default", "uploaded"):
             raise ValueError("init must be 'default' or 'uploaded'")
@@ -220,8 +223,9 @@ class Client:
                          "val": {"dataset": ids[1], "x": "x", "y": "y"}},
                 "model": spec, "loss": loss, "steps": steps, "batch_size": batch_size,
             }],
-            "hyperparameters": {"lr": lr, "momentum": momentum},
-            "meta": {"iterations": iterations, "seed": seed},
+            "hyperparameters": {"lr": lr, "momentum": momentum, "per_layer": per_layer,
+                                "schedule_segments": schedule_segments},
+            "meta": {"iterations": iterations, "seed": seed, "method": method},
         }
         job_id = self.submit(job)["id"]
         if progress:

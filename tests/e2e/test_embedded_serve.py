@@ -136,6 +136,27 @@ def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> No
             assert exc.status_code == 404 and "not found" in str(exc)
         else:
             raise AssertionError("no error for an unknown job")
+        # A model that is not a Sequential goes through torch.export and /v1/models, with per-layer
+        # and scheduled settings that build param groups by the model's own parameter names.
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.hidden = torch.nn.Linear(4, 8)
+                self.out = torch.nn.Linear(8, 3)
+
+            def forward(self, x):
+                return self.out(torch.tanh(self.hidden(x)))
+
+        net = Net()
+        rich = client.tune(net, (xt, yt), (xv, yv), loss="cross_entropy", steps=30, batch_size=16,
+                           iterations=4, per_layer=True, schedule_segments=2, progress=False, timeout=120)
+        assert [g["params"] for g in rich.param_groups] == [["hidden.weight", "hidden.bias"],
+                                                           ["out.weight", "out.bias"]]
+        opt = rich.sgd(net)
+        rich.apply_schedule(opt, 29)  # the last step is in the second segment
+        assert [g["lr"] for g in opt.param_groups] == [g["lr"][1] for g in rich.param_groups]
+        assert rich.evaluation["mean_learned_groups_val_loss"] is not None
+        assert client.models()["total"] == 1
         bad = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
         try:
             client.tune(bad, (xt, yt), (xv, yv), loss="cross_entropy", steps=30, batch_size=16)
