@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from service.db.models import Dataset, ExportedModel, Job, JobDataset, JobIteration, JobModel, utcnow
 from service.schemas import TERMINAL_STATUSES, DatasetItem, DatasetPublic, JobPublic, ModelPublic, Progress
@@ -207,9 +207,72 @@ def to_public(job: Job) -> JobPublic:
     )
 
 
-# ---------------------------------------------------------------- datasets
+# ---------------------------------------------------------------- uploaded files, datasets and models alike
+# ``table`` is the mapped class (Dataset, ExportedModel), with ``id``, ``sha256`` and ``created_at``;
+# ``link`` the job's link table to it (JobDataset, JobModel) and ``column`` that table's id column.
 
 ACTIVE_STATUSES = ("queued", "running")
+
+
+def _get(session: Session, table: type, row_id: str, lock: bool) -> Any:
+    query = select(table).where(table.id == row_id)
+    return session.scalar(query.with_for_update() if lock else query)
+
+
+def _get_by_sha256(session: Session, table: type, sha256: str) -> Any:
+    return session.scalar(select(table).where(table.sha256 == sha256))
+
+
+def _by_id(session: Session, table: type, ids: list[str], lock: bool) -> dict[str, Any]:
+    if not ids:
+        return {}
+    query = select(table).where(table.id.in_(ids)).order_by(table.id)
+    rows = session.scalars(query.with_for_update() if lock else query).all()
+    return {r.id: r for r in rows}
+
+
+def _list(session: Session, table: type, limit: int, offset: int) -> tuple[list[Any], int]:
+    total = session.scalar(select(func.count()).select_from(table)) or 0
+    items = session.scalars(
+        select(table).order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return list(items), total
+
+
+def _active_jobs(session: Session, link: type, column: InstrumentedAttribute, row_id: str) -> list[tuple[str, str]]:
+    """``(job id, status)`` of the queued or running jobs whose ``link`` row has ``column == row_id``."""
+    rows = session.execute(
+        select(Job.id, Job.status)
+        .join(link, link.job_id == Job.id)
+        .where(column == row_id, Job.status.in_(ACTIVE_STATUSES))
+        .order_by(Job.created_at, Job.id)
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+def _delete_unused(
+    session: Session, table: type, row_id: str, *, kind: str, not_found: type[LookupError],
+    link: type, column: InstrumentedAttribute,
+) -> Any:
+    """Delete the row under its row lock; ``not_found(row_id)`` if there is none, ``Conflict``
+    (naming the ``kind``: "dataset", "model") while a queued or running job uses it."""
+    row = _get(session, table, row_id, lock=True)
+    if row is None:
+        raise not_found(row_id)
+    users = _active_jobs(session, link, column, row_id)
+    if users:
+        job_id, status = users[0]
+        more = f" (and {len(users) - 1} more)" if len(users) > 1 else ""
+        raise Conflict(
+            f"{kind} {row_id} is used by {status} job {job_id}{more}; cancel the job or wait "
+            f"until it has finished, then delete the {kind}"
+        )
+    session.delete(row)
+    session.flush()
+    return row
+
+
+# ---------------------------------------------------------------- datasets
 
 
 def create_dataset(
@@ -234,61 +297,31 @@ def create_dataset(
 
 def get_dataset(session: Session, *, dataset_id: str, lock: bool = False) -> Dataset | None:
     """The dataset, or None; ``lock`` takes its row lock until the transaction ends."""
-    query = select(Dataset).where(Dataset.id == dataset_id)
-    return session.scalar(query.with_for_update() if lock else query)
+    return _get(session, Dataset, dataset_id, lock)
 
 
 def get_dataset_by_sha256(session: Session, *, sha256: str) -> Dataset | None:
-    return session.scalar(select(Dataset).where(Dataset.sha256 == sha256))
+    return _get_by_sha256(session, Dataset, sha256)
 
 
 def datasets_by_id(session: Session, *, ids: list[str], lock: bool = False) -> dict[str, Dataset]:
     """The datasets among ``ids`` that exist, by id. With ``lock``, their rows stay locked until
     the transaction ends, so that a dataset a new job names cannot be deleted meanwhile."""
-    if not ids:
-        return {}
-    query = select(Dataset).where(Dataset.id.in_(ids)).order_by(Dataset.id)
-    rows = session.scalars(query.with_for_update() if lock else query).all()
-    return {d.id: d for d in rows}
+    return _by_id(session, Dataset, ids, lock)
 
 
 def list_datasets(session: Session, *, limit: int = 20, offset: int = 0) -> tuple[list[Dataset], int]:
     """A page of datasets, newest first, and the total count."""
-    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
-    items = session.scalars(
-        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit).offset(offset)
-    ).all()
-    return list(items), total
-
-
-def active_jobs_using(session: Session, *, dataset_id: str) -> list[tuple[str, str]]:
-    """``(job id, status)`` of the queued or running jobs that name the dataset, oldest first."""
-    rows = session.execute(
-        select(Job.id, Job.status)
-        .join(JobDataset, JobDataset.job_id == Job.id)
-        .where(JobDataset.dataset_id == dataset_id, Job.status.in_(ACTIVE_STATUSES))
-        .order_by(Job.created_at, Job.id)
-    ).all()
-    return [(r[0], r[1]) for r in rows]
+    return _list(session, Dataset, limit, offset)
 
 
 def delete_dataset(session: Session, *, dataset_id: str) -> Dataset:
     """Delete the dataset's row under its row lock; the caller removes the stored object after
     the commit. ``DatasetNotFound``, or ``Conflict`` while a queued or running job uses it."""
-    dataset = get_dataset(session, dataset_id=dataset_id, lock=True)
-    if dataset is None:
-        raise DatasetNotFound(dataset_id)
-    users = active_jobs_using(session, dataset_id=dataset_id)
-    if users:
-        job_id, status = users[0]
-        more = f" (and {len(users) - 1} more)" if len(users) > 1 else ""
-        raise Conflict(
-            f"dataset {dataset_id} is used by {status} job {job_id}{more}; cancel the job or wait "
-            "until it has finished, then delete the dataset"
-        )
-    session.delete(dataset)
-    session.flush()
-    return dataset
+    return _delete_unused(
+        session, Dataset, dataset_id, kind="dataset", not_found=DatasetNotFound,
+        link=JobDataset, column=JobDataset.dataset_id,
+    )
 
 
 def dataset_to_public(dataset: Dataset) -> DatasetPublic:
@@ -324,63 +357,30 @@ def create_model(
 
 
 def get_model(session: Session, *, model_id: str, lock: bool = False) -> ExportedModel | None:
-    query = select(ExportedModel).where(ExportedModel.id == model_id)
-    return session.scalar(query.with_for_update() if lock else query)
+    return _get(session, ExportedModel, model_id, lock)
 
 
 def get_model_by_sha256(session: Session, *, sha256: str) -> ExportedModel | None:
-    return session.scalar(select(ExportedModel).where(ExportedModel.sha256 == sha256))
+    return _get_by_sha256(session, ExportedModel, sha256)
 
 
 def models_by_id(session: Session, *, ids: list[str], lock: bool = False) -> dict[str, ExportedModel]:
     """The models among ``ids`` that exist, by id (rows locked until the transaction ends with ``lock``)."""
-    if not ids:
-        return {}
-    query = select(ExportedModel).where(ExportedModel.id.in_(ids)).order_by(ExportedModel.id)
-    rows = session.scalars(query.with_for_update() if lock else query).all()
-    return {m.id: m for m in rows}
+    return _by_id(session, ExportedModel, ids, lock)
 
 
 def list_models(session: Session, *, limit: int = 20, offset: int = 0) -> tuple[list[ExportedModel], int]:
     """A page of models, newest first, and the total count."""
-    total = session.scalar(select(func.count()).select_from(ExportedModel)) or 0
-    items = session.scalars(
-        select(ExportedModel)
-        .order_by(ExportedModel.created_at.desc(), ExportedModel.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return list(items), total
-
-
-def active_jobs_using_model(session: Session, *, model_id: str) -> list[tuple[str, str]]:
-    """``(job id, status)`` of the queued or running jobs that name the model, oldest first."""
-    rows = session.execute(
-        select(Job.id, Job.status)
-        .join(JobModel, JobModel.job_id == Job.id)
-        .where(JobModel.model_id == model_id, Job.status.in_(ACTIVE_STATUSES))
-        .order_by(Job.created_at, Job.id)
-    ).all()
-    return [(r[0], r[1]) for r in rows]
+    return _list(session, ExportedModel, limit, offset)
 
 
 def delete_model(session: Session, *, model_id: str) -> ExportedModel:
     """Delete the model's row under its row lock (the caller removes the stored object after the
     commit). ``ModelNotFound``, or ``Conflict`` while a queued or running job uses it."""
-    model = get_model(session, model_id=model_id, lock=True)
-    if model is None:
-        raise ModelNotFound(model_id)
-    users = active_jobs_using_model(session, model_id=model_id)
-    if users:
-        job_id, status = users[0]
-        more = f" (and {len(users) - 1} more)" if len(users) > 1 else ""
-        raise Conflict(
-            f"model {model_id} is used by {status} job {job_id}{more}; cancel the job or wait "
-            "until it has finished, then delete the model"
-        )
-    session.delete(model)
-    session.flush()
-    return model
+    return _delete_unused(
+        session, ExportedModel, model_id, kind="model", not_found=ModelNotFound,
+        link=JobModel, column=JobModel.model_id,
+    )
 
 
 def model_to_public(model: ExportedModel) -> ModelPublic:

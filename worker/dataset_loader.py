@@ -37,7 +37,7 @@ from service.schemas import DatasetData, DatasetRef
 from service.settings import Settings, get_settings
 from service.storage import ArtifactStore, ObjectMissing
 
-__all__ = ["DatasetUnavailable", "load_dataset_task_data", "local_copy"]
+__all__ = ["DatasetUnavailable", "LruCache", "load_dataset_task_data", "local_copy"]
 
 
 class DatasetUnavailable(RuntimeError):
@@ -95,9 +95,37 @@ def local_copy(store: ArtifactStore, sha256: str, cache_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- reading (with a small cache)
 
-_CACHE_SIZE = 4
-_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-_cache_lock = threading.Lock()
+
+class LruCache:
+    """A small thread-safe cache that drops its least recently used entry past ``size`` entries
+    (read results here, and worker/model_loader's programs). Values are never None."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        """The value cached under ``key`` (now the most recently used), or None."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_cache = LruCache(4)  # (path, format, x, y) -> (x, y)
 
 
 def _targets(y: np.ndarray) -> np.ndarray:
@@ -109,10 +137,9 @@ def _targets(y: np.ndarray) -> np.ndarray:
 def _read_xy(path: Path, fmt: str, ref: DatasetRef, label: str) -> tuple[np.ndarray, np.ndarray]:
     """x (float32, (N, F)) and y of one reference, read-only and cached per (file, x, y)."""
     key = (str(path), fmt, ref.x if isinstance(ref.x, str) else tuple(ref.x), ref.y)
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
     try:
         if fmt in TENSOR_FORMATS:
             if not isinstance(ref.x, str):
@@ -135,17 +162,12 @@ def _read_xy(path: Path, fmt: str, ref: DatasetRef, label: str) -> tuple[np.ndar
         )
     x.flags.writeable = False
     y.flags.writeable = False
-    with _cache_lock:
-        _cache[key] = (x, y)
-        _cache.move_to_end(key)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+    _cache.put(key, (x, y))
     return x, y
 
 
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()
 
 
 # ---------------------------------------------------------------- database

@@ -10,8 +10,6 @@ and checked against its sha256). Results are cached per sha256 (the bytes never 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -20,7 +18,7 @@ from service.db.models import ExportedModel
 from service.exported_files import ExportedProgramError, read_pt2, read_weights
 from service.settings import Settings, get_settings
 from service.storage import ArtifactStore
-from worker.dataset_loader import DatasetUnavailable, _sessionmaker, local_copy
+from worker.dataset_loader import DatasetUnavailable, LruCache, _sessionmaker, local_copy
 
 __all__ = ["ModelUnavailable", "load_program"]
 
@@ -30,14 +28,11 @@ class ModelUnavailable(DatasetUnavailable):
     read. A DatasetUnavailable, so the runner fails the job with ``str()`` as its error."""
 
 
-_CACHE_SIZE = 8
-_cache: OrderedDict[str, tuple[dict[str, Any], dict[str, bytes]]] = OrderedDict()
-_lock = threading.Lock()
+_cache = LruCache(8)  # sha256 -> (program, weights)
 
 
 def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def load_program(
@@ -59,10 +54,9 @@ def load_program(
     if found is None:
         raise ModelUnavailable(f"model {model_id} no longer exists; it was deleted")
     sha256, filename = found
-    with _lock:
-        if sha256 in _cache:
-            _cache.move_to_end(sha256)
-            return _cache[sha256]
+    cached = _cache.get(sha256)
+    if cached is not None:
+        return cached
     store = store or settings.artifact_store()
     try:
         path = local_copy(store, sha256, (settings.data_dir / "cache" / "artifacts").resolve())
@@ -73,9 +67,5 @@ def load_program(
         weights = read_weights(path, program)
     except ExportedProgramError as exc:
         raise ModelUnavailable(f"model {model_id} ({filename}) cannot be read: {exc}") from None
-    with _lock:
-        _cache[sha256] = (program, weights)
-        _cache.move_to_end(sha256)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
+    _cache.put(sha256, (program, weights))
     return program, weights

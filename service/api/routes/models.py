@@ -1,7 +1,7 @@
 """/v1/models: upload an exported PyTorch program (``torch.export.save`` -> ``.pt2``), list,
 describe and delete models.
 
-The upload streams exactly like a dataset's (service/api/routes/datasets.py: multipart parsed as
+The upload streams exactly like a dataset's (service/api/uploads.py: multipart parsed as
 it arrives, the file spooled under ``<data_dir>/tmp`` while it is hashed, 413 past
 ``GRADTUNE_MAX_UPLOAD_BYTES``). The archive is then read as data by service.exported_files
 (``read_pt2``: zipfile and json only, never ``torch.export.load`` and never pickle) and
@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request, Response, status
-from sqlalchemy.exc import IntegrityError
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from service import repository
 from service.api.deps import SessionDep, StoreDep
-from service.api.errors import Message, ValidationErrorBody
-from service.api.routes.datasets import FIELD, _file_error, _receive, _Receiver, _Refused
+from service.api.uploads import (
+    Receiver, UploadKind, bad_file_response, delete, delete_responses, file_error, not_found_response,
+    request_body, upload, upload_responses,
+)
 from service.exported_files import ExportedProgramError, describe_program, read_pt2
 from service.schemas import ModelPublic, ModelsPublic
-from service.storage import StoreError
+from service.settings import Settings
 
 logger = logging.getLogger("service.api.models")
 
@@ -52,70 +53,42 @@ def model_format(filename: str) -> str:
     )
 
 
-_NOT_FOUND = {
-    "model": Message,
-    "description": "No model with that id.",
-    "content": {"application/json": {"example": {"detail": "model 0b6f... not found"}}},
-}
-_BAD_FILE = {
-    "model": ValidationErrorBody,
-    "description": "The archive was refused: `msg` names the file and the reason. Nothing was stored.",
-    "content": {
-        "application/json": {
-            "example": {
-                "detail": [
-                    {
-                        "loc": ["body", "file"],
-                        "field": "file",
-                        "msg": "net.pt2: node 3 calls 'softmax.int', which gradtune cannot train through; "
-                        "supported: avg_pool2d, conv2d, flatten, gelu, linear, max_pool2d, relu, sigmoid, tanh",
-                        "type": "unsupported_program",
-                    }
-                ]
-            }
-        }
-    },
-}
+_NOT_FOUND = not_found_response("model")
+_BAD_FILE = bad_file_response(
+    "The archive was refused: `msg` names the file and the reason. Nothing was stored.",
+    "net.pt2: node 3 calls 'softmax.int', which gradtune cannot train through; "
+    "supported: avg_pool2d, conv2d, flatten, gelu, linear, max_pool2d, relu, sigmoid, tanh",
+    "unsupported_program",
+)
 
 
-def _store(request: Request, upload: _Receiver) -> tuple[ModelPublic, bool]:
-    """Read, store and record the uploaded archive; (the model, whether it is new)."""
-    app = request.app
-    settings = app.state.settings
-    store = app.state.store
-    sha256 = upload.sha.hexdigest()
-    assert upload.path is not None and upload.filename
-    with app.state.sessionmaker() as session:
-        existing = repository.get_model_by_sha256(session, sha256=sha256)
-        if existing is not None:
-            store.put_file(sha256, upload.path)  # no-op when present; heals a lost object
-            return repository.model_to_public(existing), False
+def _describe(received: Receiver, settings: Settings) -> dict[str, Any]:
     try:
-        summary = describe_program(read_pt2(upload.path, max_bytes=settings.max_dataset_bytes))
+        return describe_program(read_pt2(received.path, max_bytes=settings.max_dataset_bytes))
     except ExportedProgramError as exc:
-        raise _file_error(f"{upload.filename}: {exc}", "unsupported_program") from None
-    store.put_file(sha256, upload.path)
-    with app.state.sessionmaker() as session:
-        try:
-            row = repository.create_model(
-                session, filename=upload.filename, sha256=sha256, size=upload.size, program=summary
-            )
-            session.commit()
-            return repository.model_to_public(row), True
-        except IntegrityError:  # the same bytes, uploaded concurrently, won the race
-            session.rollback()
-            existing = repository.get_model_by_sha256(session, sha256=sha256)
-            if existing is None:
-                raise
-            return repository.model_to_public(existing), False
-        except BaseException:
-            session.rollback()
-            if repository.get_model_by_sha256(session, sha256=sha256) is None:
-                try:
-                    store.delete(sha256)
-                except StoreError:
-                    logger.warning("could not remove object %s after a failed upload", sha256)
-            raise
+        raise file_error(f"{received.filename}: {exc}", "unsupported_program") from None
+
+
+def _create(session: Session, received: Receiver, sha256: str, program: dict[str, Any]) -> Any:
+    return repository.create_model(
+        session, filename=received.filename, sha256=sha256, size=received.size, program=program
+    )
+
+
+_UPLOAD = UploadKind(
+    noun="model",
+    location=UPLOAD_PATH,
+    logger=logger,
+    check_name=model_format,
+    example="model.pt2",
+    extensions=".pt2",
+    check=_describe,
+    get_by_sha256=repository.get_model_by_sha256,
+    create=_create,
+    to_public=repository.model_to_public,
+    delete=lambda session, model_id: repository.delete_model(session, model_id=model_id),
+    not_found=repository.ModelNotFound,
+)
 
 
 @router.post(
@@ -123,35 +96,8 @@ def _store(request: Request, upload: _Receiver) -> tuple[ModelPublic, bool]:
     status_code=status.HTTP_201_CREATED,
     response_model=ModelPublic,
     summary="Upload an exported PyTorch model (.pt2)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": [FIELD],
-                        "properties": {
-                            FIELD: {"type": "string", "format": "binary",
-                                    "description": "a .pt2 archive written by torch.export.save"}
-                        },
-                    }
-                }
-            },
-        }
-    },
-    responses={
-        200: {"model": ModelPublic, "description": "These bytes were uploaded before: the existing model."},
-        201: {
-            "description": "Stored. `Location` names the model's URL.",
-            "headers": {"Location": {"description": "/v1/models/<id>", "schema": {"type": "string"}}},
-        },
-        400: {"model": Message, "description": "The multipart body is malformed or incomplete."},
-        413: {"model": Message, "description": "The file is larger than GRADTUNE_MAX_UPLOAD_BYTES."},
-        415: {"model": Message, "description": "The body is not multipart/form-data."},
-        422: _BAD_FILE,
-        503: {"model": Message, "description": "The artifact store is unavailable."},
-    },
+    openapi_extra=request_body("a .pt2 archive written by torch.export.save"),
+    responses=upload_responses(_UPLOAD, ModelPublic, _BAD_FILE),
 )
 async def upload_model(request: Request, response: Response) -> ModelPublic:
     """Upload one `.pt2` archive (`torch.export.save(torch.export.export(model, (x,)), path)`) in
@@ -161,27 +107,7 @@ async def upload_model(request: Request, response: Response) -> ModelPublic:
     relu, tanh, sigmoid, gelu, max_pool2d, avg_pool2d, flatten. The answer describes it: the shape
     of one example, the output width, the operators in call order and the parameters (with the
     program's own names) in call order. Anything else is refused with 422 and the reason."""
-    settings = request.app.state.settings
-    upload: _Receiver | None = None
-    try:
-        upload = await _receive(request, settings.max_upload_bytes, settings.tmp_dir(),
-                                check_name=model_format, example="model.pt2", extensions=".pt2")
-        model, created = await run_in_threadpool(_store, request, upload)
-    except _Refused as exc:
-        headers = {"Connection": "close"} if exc.status_code == 413 else None
-        raise HTTPException(status_code=exc.status_code, detail=exc.detail, headers=headers) from None
-    except StoreError as exc:
-        logger.error("artifact store unavailable: %s", exc)
-        raise HTTPException(
-            status_code=503, detail=f"the artifact store is unavailable; try again later ({exc})"
-        ) from None
-    finally:
-        if upload is not None:
-            upload.cleanup()
-    response.headers["Location"] = f"/v1/models/{model.id}"
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    return model
+    return await upload(request, response, _UPLOAD)
 
 
 @router.get("", response_model=ModelsPublic, summary="List uploaded models, newest first")
@@ -206,23 +132,8 @@ def get_model(model_id: ModelId, session: SessionDep) -> ModelPublic:
     "/{model_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a model and its stored file",
-    responses={404: _NOT_FOUND, 409: {"model": Message, "description": "A queued or running job uses the model."}},
+    responses=delete_responses("model"),
 )
 def delete_model(model_id: ModelId, session: SessionDep, store: StoreDep) -> Response:
     """Refused with 409 while a queued or running job names the model."""
-    try:
-        model = repository.delete_model(session, model_id=model_id)
-    except repository.ModelNotFound as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
-    except repository.Conflict as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    sha256 = model.sha256
-    session.commit()
-    # After the commit; unless the same bytes were uploaded again meanwhile (as a model or a dataset).
-    if repository.get_model_by_sha256(session, sha256=sha256) is None and \
-            repository.get_dataset_by_sha256(session, sha256=sha256) is None:
-        try:
-            store.delete(sha256)
-        except StoreError as exc:
-            logger.warning("model %s deleted but its object was not: %s", model_id, exc)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return delete(session, store, _UPLOAD, model_id)
