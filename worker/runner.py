@@ -183,7 +183,7 @@ def _finite(x: float) -> float | None:
 
 def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
     """The settings body: learned values, and the proof with plain torch.optim.SGD."""
-    from worker.engine.modules import evaluate, evaluate_groups  # MLP, cnn and exported tasks alike
+    from worker.engine import evaluate, evaluate_groups  # MLP, cnn and exported tasks alike
 
     hp = job.hyperparameters
     best = engine.best_settings(state)

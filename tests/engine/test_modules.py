@@ -11,15 +11,13 @@ import torch
 from torch import nn
 
 from tests.engine.helpers import synthetic_task
-from worker.engine import EngineError, batch_indices, build_model, train_sgd
+from worker.engine import EngineError, batch_indices, build_model, evaluate, evaluate_groups, train_sgd
 from worker.engine.cnn import build_cnn, cnn_shapes, cnn_task
 from worker.engine.functional import Objective, unrolled_val_loss
 from worker.engine.modules import (
     ModuleObjective,
     ModuleTask,
     as_module_task,
-    evaluate,
-    evaluate_groups,
     layer_groups,
     module_costs,
     seeded_builder,

@@ -495,7 +495,57 @@ def _forward_mode_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) ->
 METHODS: tuple[str, ...] = ("reverse", "forward", "truncated")
 
 
-class Objective:
+class ObjectiveBase:
+    """What Objective and modules.ModuleObjective share: the constant-pair forms of their
+    losses_values and value_and_grad_values, and the checks of a hypergradient method."""
+
+    def losses(self, lrs: Sequence[float], momenta: Sequence[float]) -> list[float]:
+        """Forward only: mean loss of each constant candidate (math.inf where any run diverged)."""
+        lr = torch.tensor([float(x) for x in lrs], dtype=torch.float64).view(-1, 1, 1)
+        mom = torch.tensor([float(x) for x in momenta], dtype=torch.float64).view(-1, 1, 1)
+        return self.losses_values(lr, mom)
+
+    def value_and_grad(
+        self,
+        log_lr: float,
+        momentum_param: float,
+        momentum_bounds: tuple[float, float],
+        method: str = "reverse",
+        truncation: int | None = None,
+    ) -> tuple[float, tuple[float, float]]:
+        """Loss and its gradient w.r.t. (log lr, momentum parameter) of a constant pair.
+
+        momentum = lo + (hi - lo) * sigmoid(momentum_param). Non-finite results come as
+        value_and_grad_values gives them.
+        """
+        a = torch.tensor([[float(log_lr)]], dtype=torch.float64)
+        z = torch.tensor([[float(momentum_param)]], dtype=torch.float64)
+        loss, ga, gz = self.value_and_grad_values(a, z, momentum_bounds, method, truncation)
+        return loss, (float(ga.sum()), float(gz.sum()))
+
+    def value_and_grad_values(
+        self,
+        a: Tensor,
+        z: Tensor,
+        momentum_bounds: tuple[float, float],
+        method: str = "reverse",
+        truncation: int | None = None,
+    ) -> tuple[float, Tensor, Tensor]:
+        """Loss and gradient w.r.t. log lr `a` and momentum parameter `z`, both (slots, segments).
+
+        method: "reverse" (exact; memory grows with the steps), "forward" (exact; one tangent per
+        hyperparameter, memory independent of the steps), "truncated" (reverse through the last
+        `truncation` steps only: biased, it ignores how earlier steps depend on the values).
+        Non-finite results: see the subclass's _value_and_grad.
+        """
+        if method not in METHODS:
+            raise ValueError(f"Unknown hypergradient method {method!r}.")
+        if method == "truncated" and (truncation is None or truncation < 1):
+            raise ValueError("Truncated hypergradients need a window of at least one step.")
+        return self._value_and_grad(a.detach().double(), z.detach().double(), momentum_bounds, method, truncation)
+
+
+class Objective(ObjectiveBase):
     """Mean validation loss over (task, draw) sources, as a function of the hyperparameters.
 
     Preparation (initial weights, mini-batches) is done once; every evaluation reproduces
@@ -518,12 +568,6 @@ class Objective:
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
 
-    def losses(self, lrs: Sequence[float], momenta: Sequence[float]) -> list[float]:
-        """Forward only: mean loss of each constant candidate (math.inf where any run diverged)."""
-        lr = torch.tensor([float(x) for x in lrs], dtype=torch.float64).view(-1, 1, 1)
-        mom = torch.tensor([float(x) for x in momenta], dtype=torch.float64).view(-1, 1, 1)
-        return self.losses_values(lr, mom)
-
     def losses_values(self, lr: Tensor, momentum: Tensor) -> list[float]:
         """Forward only: mean loss of each candidate given as (K, slots, segments) value tables."""
         count = lr.shape[0]
@@ -539,45 +583,12 @@ class Objective:
                         totals[start + i] += v
         return [v / self.n_sources if math.isfinite(v) else math.inf for v in totals]
 
-    def value_and_grad(
-        self,
-        log_lr: float,
-        momentum_param: float,
-        momentum_bounds: tuple[float, float],
-        method: str = "reverse",
-        truncation: int | None = None,
-    ) -> tuple[float, tuple[float, float]]:
-        """Loss and its gradient w.r.t. (log lr, momentum parameter) of a constant pair.
-
-        momentum = lo + (hi - lo) * sigmoid(momentum_param). Non-finite results are returned as
-        they are (inf/nan); callers decide.
-        """
-        a = torch.tensor([[float(log_lr)]], dtype=torch.float64)
-        z = torch.tensor([[float(momentum_param)]], dtype=torch.float64)
-        loss, ga, gz = self.value_and_grad_values(a, z, momentum_bounds, method, truncation)
-        return loss, (float(ga.sum()), float(gz.sum()))
-
-    def value_and_grad_values(
-        self,
-        a: Tensor,
-        z: Tensor,
-        momentum_bounds: tuple[float, float],
-        method: str = "reverse",
-        truncation: int | None = None,
+    def _value_and_grad(
+        self, a: Tensor, z: Tensor, momentum_bounds, method: str, truncation
     ) -> tuple[float, Tensor, Tensor]:
-        """Loss and gradient w.r.t. log lr `a` and momentum parameter `z`, both (slots, segments).
-
-        method: "reverse" (exact; memory grows with the steps), "forward" (exact; one tangent per
-        hyperparameter, memory independent of the steps), "truncated" (reverse through the last
-        `truncation` steps only: biased, it ignores how earlier steps depend on the values).
-        """
-        if method not in METHODS:
-            raise ValueError(f"Unknown hypergradient method {method!r}.")
-        if method == "truncated" and (truncation is None or truncation < 1):
-            raise ValueError("Truncated hypergradients need a window of at least one step.")
+        """value_and_grad_values (a, z: float64, detached; the method checked). Non-finite
+        results are returned as they are (inf/nan); callers decide."""
         lo, hi = momentum_bounds
-        a = a.detach().double()
-        z = z.detach().double()
         total = 0.0
         ga = torch.zeros_like(a)
         gz = torch.zeros_like(z)

@@ -27,13 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import EngineError
-from .tasks import LOSSES, Task, batch_indices, build_model, derive_seed
-
-METHODS: tuple[str, ...] = ("reverse", "forward", "truncated")
+from .functional import METHODS, ObjectiveBase  # noqa: F401  (METHODS: kept importable from here)
+from .reference import fit, loss_of, make_optimizer
+from .tasks import LOSSES, Task, batch_indices, build_model, check_rows, check_targets, derive_seed
 
 
 @dataclass
@@ -99,12 +98,6 @@ def _as_module_tasks(tasks: Sequence[Task | ModuleTask]) -> list[ModuleTask]:
     return [t if isinstance(t, ModuleTask) else as_module_task(t) for t in tasks]
 
 
-def task_loss(loss: str, output: Tensor, target: Tensor) -> Tensor:
-    if loss == "cross_entropy":
-        return F.cross_entropy(output, target)
-    return F.mse_loss(output, target)
-
-
 _STATEFUL = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -120,18 +113,7 @@ def validate_module_task(task: ModuleTask, model: nn.Module | None = None) -> nn
         raise EngineError(f"Task {name!r}: training and validation examples have different shapes.")
     if not task.x_train.is_floating_point():
         raise EngineError(f"Task {name!r}: features must be floating point.")
-    n = task.x_train.shape[0]
-    if task.y_train.shape[0] != n or task.y_val.shape[0] != task.x_val.shape[0]:
-        raise EngineError(f"Task {name!r}: features and targets have different numbers of rows.")
-    if task.x_val.shape[0] < 1:
-        raise EngineError(f"Task {name!r}: the validation set is empty.")
-    if task.steps < 1:
-        raise EngineError(f"Task {name!r}: the number of training steps must be at least 1.")
-    if not 1 <= task.batch_size <= n:
-        raise EngineError(
-            f"Task {name!r}: the batch size ({task.batch_size}) must be between 1 and the number of "
-            f"training rows ({n})."
-        )
+    check_rows(task)
     model = model if model is not None else task.model(0)
     if not any(True for _ in model.parameters()):
         raise EngineError(f"Task {name!r}: the model has no parameters to train.")
@@ -146,21 +128,7 @@ def validate_module_task(task: ModuleTask, model: nn.Module | None = None) -> nn
     if out.dim() != 2 or out.shape[0] != 1:
         raise EngineError(f"Task {name!r}: the model must output (rows, outputs); it gave {list(out.shape)}.")
     width = out.shape[1]
-    if task.loss == "cross_entropy":
-        for y in (task.y_train, task.y_val):
-            if y.dtype != torch.int64 or y.dim() != 1:
-                raise EngineError(f"Task {name!r}: class labels must be a 1-D int64 tensor.")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
-                raise EngineError(
-                    f"Task {name!r}: class labels must lie between 0 and {width - 1} (the model has "
-                    f"{width} outputs)."
-                )
-    else:
-        for y in (task.y_train, task.y_val):
-            if not y.is_floating_point() or y.dim() != 2 or y.shape[1] != width:
-                raise EngineError(
-                    f"Task {name!r}: regression targets must be a float tensor of shape (rows, {width})."
-                )
+    check_targets(task, width, f" (the model has {width} outputs)")
     return model
 
 
@@ -181,40 +149,7 @@ def train_sgd_module(task: ModuleTask, lr: float, momentum: float, draw: int = 0
     """Train task.model(draw) with plain torch.optim.SGD(lr, momentum) for task.steps steps on
     tasks.batch_indices(task, draw); return the validation loss (math.inf if training diverged)."""
     model = validate_module_task(task, task.model(draw))
-    idx = batch_indices(task, draw)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    with torch.enable_grad():
-        for t in range(task.steps):
-            rows = idx[t]
-            loss = task_loss(task.loss, model(task.x_train[rows]), task.y_train[rows])
-            if not torch.isfinite(loss):
-                return math.inf
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        val = float(task_loss(task.loss, model(task.x_val), task.y_val))
-    return val if math.isfinite(val) else math.inf
-
-
-def train_any(task: Task | ModuleTask, lr: float, momentum: float, draw: int = 0) -> float:
-    if isinstance(task, ModuleTask):
-        return train_sgd_module(task, lr, momentum, draw)
-    from .reference import train_sgd
-
-    return train_sgd(task, lr, momentum, draw)
-
-
-def evaluate(tasks: Sequence[Task | ModuleTask], lr: float, momentum: float, draws: Sequence[int]) -> dict:
-    """reference.evaluate for a mix of MLP Tasks and ModuleTasks (same return shape)."""
-    draws = list(draws)
-    if not tasks or not draws:
-        raise ValueError("evaluate needs at least one task and one draw.")
-    rows = []
-    for task in tasks:
-        losses = [train_any(task, lr, momentum, d) for d in draws]
-        rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
-    return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
+    return fit(task, model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), draw)
 
 
 def train_sgd_module_groups(
@@ -222,41 +157,8 @@ def train_sgd_module_groups(
 ) -> float:
     """train_sgd_module with learned per-layer / scheduled settings, by the documented recipe
     (reference.make_optimizer + reference.apply_schedule before every step)."""
-    from .reference import apply_schedule, make_optimizer
-
     model = validate_module_task(task, task.model(draw))
-    idx = batch_indices(task, draw)
-    opt = make_optimizer(model, param_groups, boundaries)
-    with torch.enable_grad():
-        for t in range(task.steps):
-            apply_schedule(opt, param_groups, boundaries, t)
-            rows = idx[t]
-            loss = task_loss(task.loss, model(task.x_train[rows]), task.y_train[rows])
-            if not torch.isfinite(loss):
-                return math.inf
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        val = float(task_loss(task.loss, model(task.x_val), task.y_val))
-    return val if math.isfinite(val) else math.inf
-
-
-def evaluate_groups(
-    tasks: Sequence[Task | ModuleTask], param_groups: Sequence[dict], boundaries: Sequence[int], draws: Sequence[int]
-) -> dict:
-    """reference.evaluate_groups for a mix of MLP Tasks and ModuleTasks (same return shape)."""
-    from .reference import train_sgd_groups
-
-    draws = list(draws)
-    if not tasks or not draws:
-        raise ValueError("evaluate_groups needs at least one task and one draw.")
-    rows = []
-    for task in tasks:
-        run = train_sgd_module_groups if isinstance(task, ModuleTask) else train_sgd_groups
-        losses = [run(task, param_groups, boundaries, d) for d in draws]
-        rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
-    return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
+    return fit(task, model, make_optimizer(model, param_groups, boundaries), draw, (param_groups, boundaries))
 
 
 # --------------------------------------------------------------------------- the unroll
@@ -322,7 +224,7 @@ def _loss_fn(group: _Group):
         out = torch.func.functional_call(skel, {**params, **consts}, (x,))
         if loss_kind == "mse":  # = F.mse_loss; written out because its forward-mode rule under
             return (out - y).square().mean()  # vmap warns about resizing an output
-        return task_loss(loss_kind, out, y)
+        return loss_of(loss_kind, out, y)
 
     return loss
 
@@ -397,7 +299,7 @@ def _unroll(group: _Group, lr: Tensor, momentum: Tensor, grad_from: int = 0) -> 
 # --------------------------------------------------------------------------- the objective
 
 
-class ModuleObjective:
+class ModuleObjective(ObjectiveBase):
     """functional.Objective for ModuleTasks (plain MLP Tasks are accepted too, as as_module_task).
 
     Mean validation loss over (task, draw) sources as a function of the hyperparameters, with the
@@ -418,12 +320,6 @@ class ModuleObjective:
         """Parameter names per slot (of the first task; every task's must have as many slots)."""
         return [list(s) for s in self.groups[0].slots]
 
-    def losses(self, lrs: Sequence[float], momenta: Sequence[float]) -> list[float]:
-        """Forward only: mean loss of each constant candidate (math.inf where any run diverged)."""
-        lr = torch.tensor([float(x) for x in lrs], dtype=torch.float64).view(-1, 1, 1)
-        mom = torch.tensor([float(x) for x in momenta], dtype=torch.float64).view(-1, 1, 1)
-        return self.losses_values(lr, mom)
-
     def losses_values(self, lr: Tensor, momentum: Tensor) -> list[float]:
         """Forward only: mean loss of each candidate given as (K, slots, segments) value tables."""
         lr, momentum = _as_values(lr), _as_values(momentum)
@@ -442,41 +338,13 @@ class ModuleObjective:
                         totals[start + i] += v
         return [v / self.n_sources if math.isfinite(v) else math.inf for v in totals]
 
-    def value_and_grad(
-        self,
-        log_lr: float,
-        momentum_param: float,
-        momentum_bounds: tuple[float, float],
-        method: str = "reverse",
-        truncation: int | None = None,
-    ) -> tuple[float, tuple[float, float]]:
-        """Loss and its gradient w.r.t. (log lr, momentum parameter) of a constant pair;
-        momentum = lo + (hi - lo) * sigmoid(momentum_param). A run whose training diverged makes
-        the loss math.inf (and the gradient nan)."""
-        a = torch.tensor([[float(log_lr)]], dtype=torch.float64)
-        z = torch.tensor([[float(momentum_param)]], dtype=torch.float64)
-        loss, ga, gz = self.value_and_grad_values(a, z, momentum_bounds, method, truncation)
-        return loss, (float(ga.sum()), float(gz.sum()))
-
-    def value_and_grad_values(
-        self,
-        a: Tensor,
-        z: Tensor,
-        momentum_bounds: tuple[float, float],
-        method: str = "reverse",
-        truncation: int | None = None,
+    def _value_and_grad(
+        self, a: Tensor, z: Tensor, momentum_bounds, method: str, truncation
     ) -> tuple[float, Tensor, Tensor]:
-        """Loss and gradient w.r.t. log lr `a` and momentum parameter `z`, both (slots, segments)
-        float64 tables. method: "reverse" (exact), "forward" (exact, torch.func.jvp: no graph is
-        kept, memory independent of the steps), "truncated" (reverse through the last `truncation`
-        steps only: biased)."""
-        if method not in METHODS:
-            raise ValueError(f"Unknown hypergradient method {method!r}.")
-        if method == "truncated" and (truncation is None or truncation < 1):
-            raise ValueError("Truncated hypergradients need a window of at least one step.")
+        """value_and_grad_values (a, z: float64, detached; the method checked; forward mode by
+        torch.func.jvp). A run whose training diverged makes the loss math.inf (and the gradient
+        nan)."""
         lo, hi = momentum_bounds
-        a = a.detach().double()
-        z = z.detach().double()
         total = 0.0
         ga = torch.zeros_like(a)
         gz = torch.zeros_like(z)

@@ -17,46 +17,76 @@ from .tasks import Task, batch_indices, build_model, validate_task
 EVAL_DRAWS: tuple[int, ...] = (1001, 1002, 1003)
 
 
-def task_loss(task: Task, output: Tensor, target: Tensor) -> Tensor:
-    if task.loss == "cross_entropy":
+def loss_of(kind: str, output: Tensor, target: Tensor) -> Tensor:
+    """The loss named `kind` (tasks.LOSSES): cross_entropy or mse."""
+    if kind == "cross_entropy":
         return F.cross_entropy(output, target)
     return F.mse_loss(output, target)
 
 
-def train_sgd(task: Task, lr: float, momentum: float, draw: int = 0) -> float:
-    """Train with torch.optim.SGD(lr, momentum) for task.steps steps; return the validation loss.
+def task_loss(task: Task, output: Tensor, target: Tensor) -> Tensor:
+    return loss_of(task.loss, output, target)
+
+
+def fit(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, draw: int = 0, schedule=None) -> float:
+    """Train `model` with `optimizer` for task.steps steps on batch_indices(task, draw); return the
+    validation loss. With schedule = (param_groups, boundaries), apply_schedule runs before every
+    step. `task`: an MLP Task or a modules.ModuleTask (validated by the caller).
 
     Returns math.inf if training diverges (the training loss or the final validation loss is not
     finite); never raises for that.
     """
-    validate_task(task)
-    model = build_model(task, draw)
     idx = batch_indices(task, draw)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     with torch.enable_grad():
         for t in range(task.steps):
+            if schedule is not None:
+                apply_schedule(optimizer, *schedule, t)
             rows = idx[t]
             loss = task_loss(task, model(task.x_train[rows]), task.y_train[rows])
             if not torch.isfinite(loss):
                 return math.inf
-            opt.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            optimizer.step()
     with torch.no_grad():
         val = float(task_loss(task, model(task.x_val), task.y_val))
     return val if math.isfinite(val) else math.inf
 
 
-def evaluate(tasks: Sequence[Task], lr: float, momentum: float, draws: Sequence[int]) -> dict:
-    """Mean validation loss of train_sgd over draws, per task and over tasks."""
+def train_sgd(task: Task, lr: float, momentum: float, draw: int = 0) -> float:
+    """Train with torch.optim.SGD(lr, momentum) for task.steps steps; return the validation loss
+    (math.inf if training diverged, see fit)."""
+    validate_task(task)
+    model = build_model(task, draw)
+    return fit(task, model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), draw)
+
+
+def _trainers(task) -> tuple:
+    """(train with constants, train with param groups) for the task's kind: an MLP Task or a
+    modules.ModuleTask (imported here: modules imports this file)."""
+    from .modules import ModuleTask, train_sgd_module, train_sgd_module_groups
+
+    if isinstance(task, ModuleTask):
+        return train_sgd_module, train_sgd_module_groups
+    return train_sgd, train_sgd_groups
+
+
+def _mean_over_draws(what: str, tasks: Sequence, draws: Sequence[int], run) -> dict:
+    """Mean of run(task, draw) over draws, per task and over tasks."""
     draws = list(draws)
     if not tasks or not draws:
-        raise ValueError("evaluate needs at least one task and one draw.")
+        raise ValueError(f"{what} needs at least one task and one draw.")
     rows = []
     for task in tasks:
-        losses = [train_sgd(task, lr, momentum, d) for d in draws]
+        losses = [run(task, d) for d in draws]
         rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
     return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
+
+
+def evaluate(tasks: Sequence, lr: float, momentum: float, draws: Sequence[int]) -> dict:
+    """Mean validation loss of plain torch.optim.SGD(lr, momentum) over draws, per task and over
+    tasks: train_sgd for an MLP Task, modules.train_sgd_module for a ModuleTask (mixed freely)."""
+    return _mean_over_draws("evaluate", tasks, draws, lambda task, d: _trainers(task)[0](task, lr, momentum, d))
 
 
 # --------------------------------------------------------------------------- per-layer / scheduled settings
@@ -100,7 +130,7 @@ def apply_schedule(optimizer: torch.optim.Optimizer, param_groups: Sequence[dict
 
 
 def train_sgd_groups(task: Task, param_groups: Sequence[dict], boundaries: Sequence[int], draw: int = 0) -> float:
-    """train_sgd with learned per-layer / scheduled settings: the documented recipe, verbatim.
+    """train_sgd with learned per-layer / scheduled settings, by the documented recipe (fit):
 
         opt = make_optimizer(model, param_groups, boundaries)
         for step in range(steps):
@@ -109,30 +139,14 @@ def train_sgd_groups(task: Task, param_groups: Sequence[dict], boundaries: Seque
     """
     validate_task(task)
     model = build_model(task, draw)
-    idx = batch_indices(task, draw)
-    opt = make_optimizer(model, param_groups, boundaries)
-    with torch.enable_grad():
-        for t in range(task.steps):
-            apply_schedule(opt, param_groups, boundaries, t)
-            rows = idx[t]
-            loss = task_loss(task, model(task.x_train[rows]), task.y_train[rows])
-            if not torch.isfinite(loss):
-                return math.inf
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        val = float(task_loss(task, model(task.x_val), task.y_val))
-    return val if math.isfinite(val) else math.inf
+    return fit(task, model, make_optimizer(model, param_groups, boundaries), draw, (param_groups, boundaries))
 
 
-def evaluate_groups(tasks: Sequence[Task], param_groups: Sequence[dict], boundaries: Sequence[int], draws: Sequence[int]) -> dict:
-    """evaluate() for per-layer / scheduled settings (best_settings' "param_groups", "boundaries")."""
-    draws = list(draws)
-    if not tasks or not draws:
-        raise ValueError("evaluate_groups needs at least one task and one draw.")
-    rows = []
-    for task in tasks:
-        losses = [train_sgd_groups(task, param_groups, boundaries, d) for d in draws]
-        rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
-    return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
+def evaluate_groups(
+    tasks: Sequence, param_groups: Sequence[dict], boundaries: Sequence[int], draws: Sequence[int]
+) -> dict:
+    """evaluate() for per-layer / scheduled settings (best_settings' "param_groups", "boundaries"),
+    MLP Tasks and ModuleTasks alike."""
+    return _mean_over_draws(
+        "evaluate_groups", tasks, draws, lambda task, d: _trainers(task)[1](task, param_groups, boundaries, d)
+    )

@@ -56,6 +56,24 @@ def validate_task(task: Task) -> None:
         raise EngineError(f"Task {task.name!r}: training and validation features differ in width.")
     if not task.x_train.is_floating_point():
         raise EngineError(f"Task {task.name!r}: features must be floating point.")
+    check_rows(task)
+    if task.out_features < 1 or any(h < 1 for h in task.hidden):
+        raise EngineError(f"Task {task.name!r}: layer widths must be positive.")
+    check_targets(task, task.out_features)
+
+
+def check_batch_size(task) -> None:
+    n, b = task.x_train.shape[0], task.batch_size
+    if not 1 <= b <= n:
+        raise EngineError(
+            f"Task {task.name!r}: the batch size ({b}) must be between 1 and the number of "
+            f"training rows ({n})."
+        )
+
+
+def check_rows(task) -> None:
+    """Row counts, steps and batch size of a Task or a modules.ModuleTask (validate_task and
+    modules.validate_module_task)."""
     n = task.x_train.shape[0]
     if task.y_train.shape[0] != n or task.y_val.shape[0] != task.x_val.shape[0]:
         raise EngineError(f"Task {task.name!r}: features and targets have different numbers of rows.")
@@ -63,27 +81,23 @@ def validate_task(task: Task) -> None:
         raise EngineError(f"Task {task.name!r}: the validation set is empty.")
     if task.steps < 1:
         raise EngineError(f"Task {task.name!r}: the number of training steps must be at least 1.")
-    if not 1 <= task.batch_size <= n:
-        raise EngineError(
-            f"Task {task.name!r}: the batch size ({task.batch_size}) must be between 1 and the "
-            f"number of training rows ({n})."
-        )
-    if task.out_features < 1 or any(h < 1 for h in task.hidden):
-        raise EngineError(f"Task {task.name!r}: layer widths must be positive.")
+    check_batch_size(task)
+
+
+def check_targets(task, width: int, note: str = "") -> None:
+    """Targets of a Task or a modules.ModuleTask against the output width: int64 labels in
+    0..width-1 (cross_entropy) or (rows, width) floats (mse); `note` ends the labels' range error."""
     if task.loss == "cross_entropy":
         for y in (task.y_train, task.y_val):
             if y.dtype != torch.int64 or y.dim() != 1:
                 raise EngineError(f"Task {task.name!r}: class labels must be a 1-D int64 tensor.")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= task.out_features):
-                raise EngineError(
-                    f"Task {task.name!r}: class labels must lie between 0 and {task.out_features - 1}."
-                )
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
+                raise EngineError(f"Task {task.name!r}: class labels must lie between 0 and {width - 1}{note}.")
     else:
         for y in (task.y_train, task.y_val):
-            if not y.is_floating_point() or y.dim() != 2 or y.shape[1] != task.out_features:
+            if not y.is_floating_point() or y.dim() != 2 or y.shape[1] != width:
                 raise EngineError(
-                    f"Task {task.name!r}: regression targets must be a float tensor of shape "
-                    f"(rows, {task.out_features})."
+                    f"Task {task.name!r}: regression targets must be a float tensor of shape (rows, {width})."
                 )
 
 
@@ -107,12 +121,8 @@ def build_model(task: Task, draw: int = 0) -> nn.Sequential:
 
 def batch_indices(task: Task, draw: int = 0) -> Tensor:
     """(steps, batch_size) int64 row indices: reshuffled every epoch, last partial batch dropped."""
+    check_batch_size(task)
     n, b = task.x_train.shape[0], task.batch_size
-    if not 1 <= b <= n:
-        raise EngineError(
-            f"Task {task.name!r}: the batch size ({b}) must be between 1 and the number of "
-            f"training rows ({n})."
-        )
     per_epoch = n // b
     gen = torch.Generator(device="cpu")
     gen.manual_seed(derive_seed("batches", task.seed, draw))
