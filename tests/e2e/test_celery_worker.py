@@ -112,3 +112,29 @@ def test_kill_dash_nine_mid_chunk_then_another_worker_finishes(tmp_path, pg_url,
     # Exactly the killed chunk was redone: started one more time than committed.
     assert final.chunks_started - final.chunks_committed == 1
     assert "re-enqueued" in logs([second])
+
+
+def test_two_workers_drain_one_queue_without_duplicating_work(tmp_path, pg_url, redis_url, spawn_worker):
+    """Several jobs, two worker processes on one Redis queue: every job completes once, with a
+    gapless history and no chunk run twice."""
+    env = worker_env(tmp_path, pg_url, redis_url)
+    workers = [spawn_worker(env, "a"), spawn_worker(env, "b")]
+    with _client(env) as client:
+        ids = [client.post("/v1/jobs", json=small_job(iterations=6, steps=40)).json()["id"] for _ in range(4)]
+        try:
+            wait_for(lambda: all(_status(client, j)["status"] == "succeeded" for j in ids), 180,
+                     "all jobs to succeed")
+        except AssertionError:
+            raise AssertionError([_status(client, j)["status"] for j in ids], logs(workers))
+    engine = make_engine(pg_url)
+    with Session(engine) as s:
+        for jid in ids:
+            its = s.execute(select(JobIteration.iteration).where(JobIteration.job_id == jid)
+                            .order_by(JobIteration.iteration)).scalars().all()
+            job = s.get(Job, jid)
+            assert its == list(range(1, 7)), (jid, its)
+            assert (job.chunks_started, job.chunks_committed) == (3, 3), jid
+    engine.dispose()
+    # Both processes did some of the work.
+    text = [open(w.log_path).read() for w in workers]
+    assert all("succeeded" in t or "Task gradtune.run_chunk" in t for t in text), logs(workers)
