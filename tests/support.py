@@ -59,3 +59,15 @@ def decode_message(payload: dict[str, Any]) -> dict[str, Any]:
         body = base64.b64decode(body).decode()
     args, kwargs, _embed = json.loads(body)
     return {"task": payload["headers"]["task"], "args": args, "kwargs": kwargs}
+
+
+def stored_files(app) -> list:
+    """Every object in an app's local artifact store (refused uploads must leave none)."""
+    root = app.state.store.root
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def temp_files(app) -> list:
+    """Files left in an app's upload spool folder (there must be none after a request)."""
+    tmp = app.state.settings.tmp_dir()
+    return sorted(tmp.iterdir()) if tmp.exists() else []

@@ -22,6 +22,7 @@ from service.schemas import DatasetPublic, JobCreate
 from service.validation import check_job
 from tests.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
 from tests.service.conftest import count_jobs, job_body
+from tests.support import stored_files, temp_files
 
 
 def upload(client, filename: str, data: bytes, field: str = "file"):
@@ -32,16 +33,6 @@ def uploaded(client, filename: str, data: bytes) -> dict:
     r = upload(client, filename, data)
     assert r.status_code == 201, r.text
     return r.json()
-
-
-def stored_files(app) -> list:
-    root = app.state.store.root
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-def temp_files(app) -> list:
-    tmp = app.state.settings.tmp_dir()
-    return sorted(tmp.iterdir()) if tmp.exists() else []
 
 
 def count_datasets(app) -> int:

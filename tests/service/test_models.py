@@ -18,6 +18,7 @@ from torch import nn
 from service.db.models import ExportedModel, JobModel
 from tests.dataset_files import safetensors_bytes
 from tests.service.conftest import count_jobs, job_body
+from tests.support import stored_files, temp_files
 
 
 def pt2_bytes(model: nn.Module, example: torch.Tensor, **export_kw) -> bytes:
@@ -54,16 +55,6 @@ def uploaded(client, data: bytes, filename: str = "net.pt2") -> dict:
 def count_models(app) -> int:
     with app.state.sessionmaker() as s:
         return s.scalar(select(func.count()).select_from(ExportedModel))
-
-
-def stored_files(app) -> list:
-    root = app.state.store.root
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-def temp_files(app) -> list:
-    tmp = app.state.settings.tmp_dir()
-    return sorted(tmp.iterdir()) if tmp.exists() else []
 
 
 def assert_nothing_stored(app) -> None:
