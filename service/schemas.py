@@ -328,6 +328,9 @@ class TaskEvaluation(BaseModel):
     initial_val_loss: float | None
     learned_val_loss: float | None
     learned_groups_val_loss: float | None = None
+    seed: int | None = Field(
+        None, description="The task's base seed: initialization and batch order of draw d derive from (seed, d)."
+    )
 
 
 class ParamGroup(BaseModel):
@@ -352,6 +355,9 @@ class Evaluation(BaseModel):
     mean_learned_groups_val_loss: float | None = None
     initial: dict[str, float]
     draws: list[int]
+    training_draws: list[int] | None = Field(
+        None, description="The draws the meta-objective trained on (disjoint from `draws`)."
+    )
 
 
 class SettingsPublic(BaseModel):

@@ -196,7 +196,7 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
     rows = []
     for i, (b, a) in enumerate(zip(before["tasks"], after["tasks"])):
         row = {"name": b["name"], "initial_val_loss": _finite(b["val_loss"]),
-               "learned_val_loss": _finite(a["val_loss"])}
+               "learned_val_loss": _finite(a["val_loss"]), "seed": tasks[i].seed}
         if groups is not None:
             row["learned_groups_val_loss"] = _finite(groups["tasks"][i]["val_loss"])
         rows.append(row)
@@ -212,6 +212,7 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
             "mean_learned_val_loss": _finite(after["mean_val_loss"]),
             "initial": {"lr": hp.lr, "momentum": hp.momentum},
             "draws": draws,
+            "training_draws": list(meta_config(job).draws),
         },
     }
     if groups is not None:

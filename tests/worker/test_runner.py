@@ -61,6 +61,9 @@ def test_chunks_chain_to_succeeded_and_duplicates_do_nothing(env):
     ref = engine.evaluate(tasks, body["lr"], body["momentum"], ev["draws"])
     assert ev["mean_learned_val_loss"] == pytest.approx(ref["mean_val_loss"], rel=1e-6)
     assert ev["tasks"][1]["learned_val_loss"] == pytest.approx(ref["tasks"][1]["val_loss"], rel=1e-6)
+    # The randomness is recorded: each task's seed, and the draws trained on and evaluated on.
+    assert [t["seed"] for t in ev["tasks"]] == [t.seed for t in tasks] and len(set(t.seed for t in tasks)) == 2
+    assert set(ev["training_draws"]).isdisjoint(ev["draws"])
     hist = client.get(f"/v1/jobs/{jid}/history").json()["items"]
     assert [h["iteration"] for h in hist] == [1, 2, 3, 4, 5]
     # Once succeeded, progress shows the learned settings.
