@@ -94,6 +94,13 @@ class MetaConfig:
     # screen the gradient proposal together with the 8 neighbours of theta at the current step
     # (forward only, batched), then verify the best with a reverse pass
     stencil: bool = True
+    # the 4 diagonal neighbours too (8 in all); False screens only the 4 axis neighbours
+    stencil_diagonals: bool = True
+    # verify a winning stencil move with a reverse pass (its loss again, plus its hypergradient).
+    # False accepts it on its screened forward loss (the same quantity, already computed) and
+    # leaves the hypergradient unknown there, so the next iteration screens the stencil only;
+    # hypergradient moves are always verified.
+    verify_stencil: bool = False
     # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
     # "reverse" (exact, memory grows with steps), "forward" (exact, forward mode, memory independent
     # of steps, cost grows with the number of hyperparameters), "truncated" (reverse through the last
@@ -579,6 +586,8 @@ class _Loop:
         if cfg.stencil or d is None:
             for da in (-h, 0.0, h):
                 for dz in (-h, 0.0, h):
+                    if da and dz and not cfg.stencil_diagonals:
+                        continue
                     c = _clamp_theta(cfg, [theta[0] + da, theta[1] + dz])
                     if c != theta and c not in cands:
                         cands.append(c)
@@ -597,7 +606,14 @@ class _Loop:
                 chosen, screened = None, min(finite)[0] if finite else None
         accepted = False
         cand_loss = screened
-        if chosen is not None:
+        unverified = cfg.stencil and not cfg.verify_stencil  # stencil off: its moves are fallbacks
+        if chosen is not None and screened is not None and chosen != gradient_move and unverified:
+            self.note_best(state, chosen, screened)
+            state["theta"] = [float(chosen[0]), float(chosen[1])]
+            state["loss"] = float(screened)
+            state["grad"] = None
+            accepted = True
+        elif chosen is not None:
             loss, grad = self.value_and_grad(chosen)
             cand_loss = loss
             self.note_best(state, chosen, loss)
