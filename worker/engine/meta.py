@@ -14,10 +14,16 @@ is found, EngineError. One reverse pass gives L and the hypergradient at the cho
 Every later iteration ("refine") builds candidates around theta at the current step h: the
 hypergradient move theta - h * sign(g) (sign, because near the edge of stability the hypergradient's
 magnitude is meaningless: 1e4 to 1e17 was measured), projected onto the bounds, with the log-lr
-move capped; and, with the stencil on (default), the 8 neighbours theta + h * {-1, 0, 1}^2. One
-batched forward pass screens them; the best, if lower than L(theta), is verified by a reverse pass
-(which also gives its hypergradient) and accepted if its loss is finite and lower; then h grows,
-otherwise h shrinks. A rejection at the smallest step means convergence: the remaining iterations
+move capped; and, with the stencil on (default), the 8 neighbours theta + h * {-1, 0, 1}^2 (4
+with stencil_diagonals=False). One batched forward pass screens them; the best, if lower than
+L(theta), is accepted; then h grows, otherwise h shrinks. A winning hypergradient move is verified by
+a reverse pass (which also gives its hypergradient) and accepted only if that loss is finite and
+lower. A winning stencil move is accepted on its screened loss, the same full-training meta-loss
+(tests check they agree), and the hypergradient there is left unknown, so the next iteration screens
+the stencil; verify_stencil=True computes the reverse pass for it too. While h <= max_log_lr_step the
+sign move is itself one of the 8 neighbours, so with the stencil on the hypergradient labels a
+candidate rather than adding one: skipping those reverse passes left every benchmark's answer
+unchanged (docs/benchmarks.md). A rejection at the smallest step means convergence: the remaining iterations
 are recorded as "converged" without computing anything. Non-finite losses are never accepted and
 a non-finite hypergradient is stored as None (the stencil still moves). The best point seen is
 what best_settings returns.
