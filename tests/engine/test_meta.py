@@ -155,3 +155,26 @@ def test_best_settings_before_any_iteration_is_the_start():
 def test_invalid_configuration_is_an_engine_error(kwargs, lr, mom):
     with pytest.raises(EngineError):
         init_state(MetaConfig(**kwargs), lr, mom)
+
+
+def test_unverified_stencil_moves_keep_the_true_meta_loss():
+    """verify_stencil=False (default) accepts a stencil move on its screened forward loss: that loss
+    must be the meta-loss a reverse pass and the reference loop give at the same settings."""
+    from worker.engine.functional import Objective
+
+    tasks = _tasks()
+    config = MetaConfig(iterations=12)
+    assert not config.verify_stencil
+    records = []
+    state = run_meta(tasks, config, init_state(config, 0.003, 0.3), 12, on_iteration=records.append)
+    stencil = [r for r in records if r["accepted"] and r.get("move") == "stencil"]
+    assert stencil, "the test needs at least one accepted stencil move"
+    best = best_settings(state)
+    ref = _reference(tasks, best["lr"], best["momentum"], config.draws)
+    assert math.isclose(best["meta_loss"], ref, rel_tol=1e-4)
+    obj = Objective(tasks, config.draws)
+    a, z = state["best"]["theta"]
+    loss, _ = obj.value_and_grad(a, z, config.momentum_bounds, "reverse", config.truncation)
+    assert math.isclose(best["meta_loss"], float(loss), rel_tol=1e-5)
+    verified = run_meta(tasks, MetaConfig(iterations=12, verify_stencil=True), init_state(config, 0.003, 0.3), 12)
+    assert math.isclose(best_settings(verified)["meta_loss"], best["meta_loss"], rel_tol=0.05)

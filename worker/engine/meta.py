@@ -14,10 +14,16 @@ is found, EngineError. One reverse pass gives L and the hypergradient at the cho
 Every later iteration ("refine") builds candidates around theta at the current step h: the
 hypergradient move theta - h * sign(g) (sign, because near the edge of stability the hypergradient's
 magnitude is meaningless: 1e4 to 1e17 was measured), projected onto the bounds, with the log-lr
-move capped; and, with the stencil on (default), the 8 neighbours theta + h * {-1, 0, 1}^2. One
-batched forward pass screens them; the best, if lower than L(theta), is verified by a reverse pass
-(which also gives its hypergradient) and accepted if its loss is finite and lower; then h grows,
-otherwise h shrinks. A rejection at the smallest step means convergence: the remaining iterations
+move capped; and, with the stencil on (default), the 8 neighbours theta + h * {-1, 0, 1}^2 (4
+with stencil_diagonals=False). One batched forward pass screens them; the best, if lower than
+L(theta), is accepted; then h grows, otherwise h shrinks. A winning hypergradient move is verified by
+a reverse pass (which also gives its hypergradient) and accepted only if that loss is finite and
+lower. A winning stencil move is accepted on its screened loss, the same full-training meta-loss
+(tests check they agree), and the hypergradient there is left unknown, so the next iteration screens
+the stencil; verify_stencil=True computes the reverse pass for it too. While h <= max_log_lr_step the
+sign move is itself one of the 8 neighbours, so with the stencil on the hypergradient labels a
+candidate rather than adding one: skipping those reverse passes left every benchmark's answer
+unchanged (docs/benchmarks.md). A rejection at the smallest step means convergence: the remaining iterations
 are recorded as "converged" without computing anything. Non-finite losses are never accepted and
 a non-finite hypergradient is stored as None (the stencil still moves). The best point seen is
 what best_settings returns.
@@ -94,6 +100,13 @@ class MetaConfig:
     # screen the gradient proposal together with the 8 neighbours of theta at the current step
     # (forward only, batched), then verify the best with a reverse pass
     stencil: bool = True
+    # the 4 diagonal neighbours too (8 in all); False screens only the 4 axis neighbours
+    stencil_diagonals: bool = True
+    # verify a winning stencil move with a reverse pass (its loss again, plus its hypergradient).
+    # False accepts it on its screened forward loss (the same quantity, already computed) and
+    # leaves the hypergradient unknown there, so the next iteration screens the stencil only;
+    # hypergradient moves are always verified.
+    verify_stencil: bool = False
     # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
     # "reverse" (exact, memory grows with steps), "forward" (exact, forward mode, memory independent
     # of steps, cost grows with the number of hyperparameters), "truncated" (reverse through the last
@@ -579,6 +592,8 @@ class _Loop:
         if cfg.stencil or d is None:
             for da in (-h, 0.0, h):
                 for dz in (-h, 0.0, h):
+                    if da and dz and not cfg.stencil_diagonals:
+                        continue
                     c = _clamp_theta(cfg, [theta[0] + da, theta[1] + dz])
                     if c != theta and c not in cands:
                         cands.append(c)
@@ -597,7 +612,14 @@ class _Loop:
                 chosen, screened = None, min(finite)[0] if finite else None
         accepted = False
         cand_loss = screened
-        if chosen is not None:
+        unverified = cfg.stencil and not cfg.verify_stencil  # stencil off: its moves are fallbacks
+        if chosen is not None and screened is not None and chosen != gradient_move and unverified:
+            self.note_best(state, chosen, screened)
+            state["theta"] = [float(chosen[0]), float(chosen[1])]
+            state["loss"] = float(screened)
+            state["grad"] = None
+            accepted = True
+        elif chosen is not None:
             loss, grad = self.value_and_grad(chosen)
             cand_loss = loss
             self.note_best(state, chosen, loss)
