@@ -1,7 +1,7 @@
 """Short-horizon bias: a 2,000-step job learned with exact forward-mode hypergradients against the
 same job learned with hypergradients truncated to the last 100 steps.
 
-    .venv/bin/python benchmarks/long_horizon.py           # ~3 min on 2 cores
+    .venv/bin/python benchmarks/long_horizon.py           # ~25 s on 2 cores
     .venv/bin/python benchmarks/long_horizon.py --steps 500 --window 25   # quicker
 
 Tasks: the ill-conditioned teacher regression family of benchmarks/quality.py (2 tasks to learn on,
