@@ -71,3 +71,33 @@ def temp_files(app) -> list:
     """Files left in an app's upload spool folder (there must be none after a request)."""
     tmp = app.state.settings.tmp_dir()
     return sorted(tmp.iterdir()) if tmp.exists() else []
+
+
+def mock_client(seen: dict[str, Any]):
+    """A gradtune.Client on a mock transport that plays a server which accepts everything: dataset
+    uploads (bodies kept in ``seen["uploads"]``, ids ds1, ds2, ...), model uploads (requests kept in
+    ``seen["models"]``, id m1), one job (body kept in ``seen["job"]``) that has succeeded with
+    lr 0.1 and momentum 0.5."""
+    import httpx
+
+    from gradtune.client import Client
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/models":
+            seen.setdefault("models", []).append(request)
+            return httpx.Response(201, json={"id": "m1"})
+        if path == "/v1/datasets":
+            uploads = seen.setdefault("uploads", [])
+            uploads.append(request.content)
+            return httpx.Response(201, json={"id": f"ds{len(uploads)}"})
+        if path == "/v1/jobs" and request.method == "POST":
+            seen["job"] = json.loads(request.content)
+            return httpx.Response(202, json={"id": "j1", "status": "queued"})
+        if path == "/v1/jobs/j1":
+            return httpx.Response(200, json={"id": "j1", "status": "succeeded", "progress": {}})
+        if path == "/v1/jobs/j1/settings":
+            return httpx.Response(200, json={"lr": 0.1, "momentum": 0.5, "evaluation": {}})
+        return httpx.Response(404, json={"detail": "no"})
+
+    return Client("http://test", transport=httpx.MockTransport(handler))

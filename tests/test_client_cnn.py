@@ -3,16 +3,15 @@ recording transport: the body it submits is a valid job)."""
 
 from __future__ import annotations
 
-import json
 
-import httpx
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from gradtune.client import Client, describe_model
+from gradtune.client import describe_model
 from service.schemas import JobCreate
+from tests.support import mock_client
 from worker.engine.cnn import build_cnn
 
 
@@ -66,26 +65,11 @@ def test_describe_cnn_refuses_what_the_server_cannot_build(layer, words):
 
 
 def test_tune_uploads_images_and_submits_a_cnn_job():
-    seen: dict = {"uploads": []}
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if path == "/v1/datasets":
-            seen["uploads"].append(request.content)
-            return httpx.Response(201, json={"id": f"ds{len(seen['uploads'])}"})
-        if path == "/v1/jobs" and request.method == "POST":
-            seen["job"] = json.loads(request.content)
-            return httpx.Response(202, json={"id": "j1", "status": "queued"})
-        if path == "/v1/jobs/j1":
-            return httpx.Response(200, json={"id": "j1", "status": "succeeded", "progress": {}})
-        if path == "/v1/jobs/j1/settings":
-            return httpx.Response(200, json={"lr": 0.1, "momentum": 0.5, "evaluation": {}})
-        return httpx.Response(404, json={"detail": "no"})
-
+    seen: dict = {}
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.normal(size=(20, 1, 8, 8)), dtype=torch.float32)
     y = torch.arange(20) % 10
-    client = Client("http://test", transport=httpx.MockTransport(handler))
+    client = mock_client(seen)
     settings = client.tune(small_cnn(), (x, y), (x[:5], y[:5]), loss="cross_entropy", steps=5,
                            batch_size=4, progress=False)
     assert (settings.lr, settings.momentum) == (0.1, 0.5)

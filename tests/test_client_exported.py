@@ -4,7 +4,6 @@ server side of the same bytes is tests/service/test_models.py), and upload_model
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ from torch import nn
 from gradtune.client import Client, GradtuneError, describe_model
 from service.exported_files import describe_program, read_pt2
 from service.schemas import JobCreate
+from tests.support import mock_client
 
 
 class Residual(nn.Module):  # not an nn.Sequential: describe_model refuses it
@@ -25,26 +25,6 @@ class Residual(nn.Module):  # not an nn.Sequential: describe_model refuses it
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
-
-
-def server(seen: dict):
-    def handler(request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if path == "/v1/models":
-            seen.setdefault("models", []).append(request)
-            return httpx.Response(201, json={"id": "m1"})
-        if path == "/v1/datasets":
-            return httpx.Response(201, json={"id": "ds"})
-        if path == "/v1/jobs" and request.method == "POST":
-            seen["job"] = json.loads(request.content)
-            return httpx.Response(202, json={"id": "j1", "status": "queued"})
-        if path == "/v1/jobs/j1":
-            return httpx.Response(200, json={"id": "j1", "status": "succeeded", "progress": {}})
-        if path == "/v1/jobs/j1/settings":
-            return httpx.Response(200, json={"lr": 0.1, "momentum": 0.5, "evaluation": {}})
-        return httpx.Response(404, json={"detail": "no"})
-
-    return Client("http://test", transport=httpx.MockTransport(handler))
 
 
 def uploaded_pt2(request: httpx.Request, tmp: Path) -> Path:
@@ -65,7 +45,7 @@ def test_tune_exports_a_model_it_cannot_describe(tmp_path):
         describe_model(Residual())
     seen: dict = {}
     x, y = torch.randn(24, 5), torch.arange(24) % 3
-    settings = server(seen).tune(Residual(), (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5,
+    settings = mock_client(seen).tune(Residual(), (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5,
                                  batch_size=8, progress=False)
     assert (settings.lr, settings.momentum) == (0.1, 0.5)
     task = JobCreate.model_validate(seen["job"]).tasks[0]
@@ -78,7 +58,7 @@ def test_tune_exports_a_model_it_cannot_describe(tmp_path):
 
 def test_init_uploaded_exports_even_a_declarable_model_and_checks_outputs(tmp_path):
     seen: dict = {}
-    client = server(seen)
+    client = mock_client(seen)
     mlp = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     x, y = torch.randn(24, 5), torch.arange(24) % 3
     client.tune(mlp, (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5, batch_size=8, progress=False,
@@ -96,7 +76,7 @@ def test_init_uploaded_exports_even_a_declarable_model_and_checks_outputs(tmp_pa
 
 def test_upload_model_sends_a_path_or_bytes_and_surfaces_refusals(tmp_path):
     seen: dict = {}
-    client = server(seen)
+    client = mock_client(seen)
     path = tmp_path / "net.pt2"
     torch.export.save(torch.export.export(Residual(), (torch.randn(2, 5),)), str(path))
     assert client.upload_model(path) == {"id": "m1"}

@@ -64,28 +64,14 @@ def _targets(y: Any, loss: str, dev: torch.device) -> tuple[torch.Tensor, int | 
     return t.to(dev), int(t.shape[1])
 
 
-def _cnn_task(i: int, spec: Any, job: JobCreate, xt: Any, y_train: torch.Tensor, xv: Any,
-              y_val: torch.Tensor, out: int, dev: torch.device) -> Any:
+def _cnn_task(spec: Any, common: dict, out: int) -> Any:
     """A ModuleTask (worker/engine/modules.py) for a ``cnn`` model: images (N, C, H, W)."""
     from worker.engine.cnn import cnn_task
 
-    return cnn_task(
-        name=spec.name or f"task{i}",
-        x_train=torch.as_tensor(xt, dtype=DTYPE).to(dev),
-        y_train=y_train,
-        x_val=torch.as_tensor(xv, dtype=DTYPE).to(dev),
-        y_val=y_val,
-        layers=[layer.model_dump() for layer in spec.model.layers],
-        loss=spec.loss,
-        out_features=out,
-        steps=spec.steps,
-        batch_size=spec.batch_size,
-        seed=task_seed(job.meta.seed, i),
-    )
+    return cnn_task(**common, layers=[layer.model_dump() for layer in spec.model.layers], out_features=out)
 
 
-def _exported_task(i: int, spec: Any, job: JobCreate, xt: Any, y_train: torch.Tensor, xv: Any,
-                   y_val: torch.Tensor, dev: torch.device) -> Any:
+def _exported_task(spec: Any, common: dict) -> Any:
     """A ModuleTask for an ``exported`` model: the uploaded program (worker/model_loader.py, read as
     data) run by worker/engine/exported.ProgramModule, whose parameters carry the program's own
     names; ``init`` "default" re-draws PyTorch-default weights in call order (as an mlp or cnn
@@ -94,20 +80,7 @@ def _exported_task(i: int, spec: Any, job: JobCreate, xt: Any, y_train: torch.Te
     from worker.model_loader import load_program
 
     program, weights = load_program(spec.model.model, get_settings())
-    return exported_task(
-        name=spec.name or f"task{i}",
-        x_train=torch.as_tensor(xt, dtype=DTYPE).to(dev),
-        y_train=y_train,
-        x_val=torch.as_tensor(xv, dtype=DTYPE).to(dev),
-        y_val=y_val,
-        program=program,
-        weights=weights,
-        loss=spec.loss,
-        steps=spec.steps,
-        batch_size=spec.batch_size,
-        seed=task_seed(job.meta.seed, i),
-        init=spec.model.init,
-    )
+    return exported_task(**common, program=program, weights=weights, init=spec.model.init)
 
 
 def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
@@ -136,28 +109,25 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
                 out = int(max(y_train.max().item(), y_val.max().item())) + 1
         else:
             out = int(width)
-        if spec.model.kind == "cnn":
-            tasks.append(_cnn_task(i, spec, job, xt, y_train, xv, y_val, out, dev))
-            continue
-        if spec.model.kind == "exported":
-            tasks.append(_exported_task(i, spec, job, xt, y_train, xv, y_val, dev))
-            continue
-        tasks.append(
-            engine.Task(
-                name=spec.name or f"task{i}",
-                x_train=torch.as_tensor(xt, dtype=DTYPE).to(dev),
-                y_train=y_train,
-                x_val=torch.as_tensor(xv, dtype=DTYPE).to(dev),
-                y_val=y_val,
-                hidden=tuple(spec.model.hidden),
-                activation=spec.model.activation,
-                loss=spec.loss,
-                out_features=out,
-                steps=spec.steps,
-                batch_size=spec.batch_size,
-                seed=task_seed(job.meta.seed, i),
-            )
+        # What every kind of task takes; seeds derive from meta.seed and the task's index.
+        common = dict(
+            name=spec.name or f"task{i}",
+            x_train=torch.as_tensor(xt, dtype=DTYPE).to(dev),
+            y_train=y_train,
+            x_val=torch.as_tensor(xv, dtype=DTYPE).to(dev),
+            y_val=y_val,
+            loss=spec.loss,
+            steps=spec.steps,
+            batch_size=spec.batch_size,
+            seed=task_seed(job.meta.seed, i),
         )
+        if spec.model.kind == "cnn":
+            tasks.append(_cnn_task(spec, common, out))
+        elif spec.model.kind == "exported":
+            tasks.append(_exported_task(spec, common))
+        else:
+            tasks.append(engine.Task(**common, hidden=tuple(spec.model.hidden),
+                                     activation=spec.model.activation, out_features=out))
     return tasks
 
 
