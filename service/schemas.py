@@ -256,6 +256,13 @@ class MetaOptions(_Strict):
         "an estimate of memory; the job records which and why).",
     )
     truncation: int = Field(20, ge=1, description="Window (steps) of the truncated method.")
+    search: Literal["stencil", "line"] = Field(
+        "stencil",
+        description="How the constant pair is refined: stencil (a 36-point start, then each iteration "
+        "screens the hypergradient move with the 8 neighbouring points; the most thorough) or line (a "
+        "5-point start, then each iteration line-searches along the hypergradient: about a third of "
+        "the evaluations per iteration; pair it with few iterations for a quick answer).",
+    )
 
 
 class JobCreate(_Strict):

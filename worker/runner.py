@@ -133,7 +133,9 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
 
 def meta_config(job: JobCreate) -> engine.MetaConfig:
     hp = job.hyperparameters
+    search = engine.LINE_SEARCH if job.meta.search == "line" else {}
     return engine.MetaConfig(
+        **search,
         iterations=job.meta.iterations,
         seed=job.meta.seed,
         lr_bounds=tuple(hp.lr_bounds),

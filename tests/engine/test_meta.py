@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from worker.engine import (
+    LINE_SEARCH,
     EngineError,
     MetaConfig,
     best_settings,
     init_state,
+    momentum_to_param,
     run_meta,
     state_iteration,
     train_sgd,
@@ -45,6 +47,45 @@ def test_meta_loop_improves_on_a_small_problem(population, stencil):
     losses = [r["meta_loss"] for r in records]
     assert all(b <= a for a, b in zip(losses, losses[1:]))
     assert best["meta_loss"] <= min(losses)
+
+
+@pytest.mark.parametrize("preset", [{"search": "line"}, {**LINE_SEARCH}, {**LINE_SEARCH, "population": False}])
+def test_line_search_improves_and_moves_along_the_negative_hypergradient(preset):
+    tasks = _tasks()
+    config = MetaConfig(iterations=8, **preset)
+    records = []
+    state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 8, on_iteration=records.append)
+    best = best_settings(state)
+    assert best["meta_loss"] == pytest.approx(_reference(tasks, best["lr"], best["momentum"], config.draws), rel=1e-9)
+    assert best["meta_loss"] < 0.7 * _reference(tasks, 1e-3, 0.0, config.draws)
+    losses = [r["meta_loss"] for r in records]
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    moves = 0
+    for prev, rec in zip(records, records[1:]):
+        assert rec["move"] == "line"
+        if not rec["accepted"]:
+            continue
+        moves += 1
+        # the accepted point lies on the ray from the previous point along -hypergradient
+        g = prev["hypergradient"]
+        d = [math.log(rec["lr"]) - math.log(prev["lr"]),
+             momentum_to_param(rec["momentum"], config.momentum_bounds)
+             - momentum_to_param(prev["momentum"], config.momentum_bounds)]
+        cos = -(g[0] * d[0] + g[1] * d[1]) / (math.hypot(*g) * math.hypot(*d))
+        assert cos == pytest.approx(1.0, abs=1e-6)
+        assert rec["meta_loss"] < prev["meta_loss"]
+    assert moves >= 1
+
+
+def test_line_search_continues_a_stencil_state_and_resumes_through_json():
+    tasks = _tasks()
+    stencil = MetaConfig(iterations=3)
+    line = MetaConfig(iterations=9, search="line")
+    s0 = run_meta(tasks, stencil, init_state(stencil, 0.003, 0.3), 3)
+    full = run_meta(tasks, line, s0, 6)
+    half = json.loads(json.dumps(run_meta(tasks, line, s0, 3)))
+    assert run_meta(tasks, line, half, 3) == full
+    assert best_settings(full)["meta_loss"] <= best_settings(s0)["meta_loss"]
 
 
 def test_records_and_state_are_plain_json():
@@ -150,6 +191,8 @@ def test_best_settings_before_any_iteration_is_the_start():
         ({"momentum_bounds": (0.0, 1.0)}, 0.1, 0.5),
         ({}, -1.0, 0.5),
         ({}, float("nan"), 0.5),
+        ({"search": "newton"}, 0.1, 0.5),
+        ({"search": "line", "line_steps": (0.0, 1.0)}, 0.1, 0.5),
     ],
 )
 def test_invalid_configuration_is_an_engine_error(kwargs, lr, mom):

@@ -161,3 +161,35 @@ def test_a_job_on_an_uploaded_dataset_runs_to_settings(env):
 
     (task,) = runner.build_tasks(JobCreate.model_validate(job), None)
     assert task.x_val.shape == (15, 4) and task.x_train.shape == (45, 4) and task.out_features == 2
+
+
+def test_a_line_search_job_learns_what_the_engine_learns_with_line_search(env):
+    import torch
+
+    from service.schemas import JobCreate
+    from worker import engine
+
+    client, sent = env
+    spec = small_job(iterations=4, tasks=2)
+    spec["meta"]["search"] = "line"
+    jid = client.post("/v1/jobs", json=spec).json()["id"]
+    sent.append((jid, 0))
+    assert _drain(sent)[-1] == "succeeded"
+    body = client.get(f"/v1/jobs/{jid}/settings").json()
+    job = JobCreate.model_validate(spec)
+    config = runner.meta_config(job)
+    assert config.search == "line" and config.population_momenta == ()
+    assert runner.meta_config(JobCreate.model_validate(small_job())).search == "stencil"
+    tasks = runner.build_tasks(job, torch.device("cpu"))
+    direct = engine.run_meta(tasks, config, engine.init_state(config, 0.01, 0.9), 4)
+    best = engine.best_settings(direct)
+    assert (body["lr"], body["momentum"]) == pytest.approx((best["lr"], best["momentum"]), rel=1e-9)
+
+
+def test_an_unknown_search_is_a_422_naming_the_field(env):
+    client, _ = env
+    spec = small_job()
+    spec["meta"]["search"] = "grid"
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 422
+    assert "meta.search" in r.text and "stencil" in r.text

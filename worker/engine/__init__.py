@@ -8,6 +8,7 @@ piecewise-constant schedule (param groups + boundaries, applied with apply_sched
 from .errors import EngineError
 from .functional import METHODS, hypergradient, segment_boundaries, sgd_init, sgd_step, unrolled_val_loss
 from .meta import (
+    LINE_SEARCH,
     MetaConfig,
     best_settings,
     choose_method,
@@ -42,6 +43,7 @@ __all__ = [
     "segment_at",
     "segment_boundaries",
     "train_sgd_groups",
+    "LINE_SEARCH",
     "LOSSES",
     "EngineError",
     "MetaConfig",

@@ -107,6 +107,14 @@ class MetaConfig:
     # leaves the hypergradient unknown there, so the next iteration screens the stencil only;
     # hypergradient moves are always verified.
     verify_stencil: bool = False
+    # how the constant pair is refined after the start: "stencil" (above: the sign-hypergradient
+    # move screened with the 8 neighbours) or "line" (a line search along the normalised negative
+    # hypergradient: the steps `line_steps` x the current step screened in one batched forward pass,
+    # the best accepted if it lowers the meta-loss, then one hypergradient there; the step follows
+    # the accepted one and shrinks by `step_shrink` ** 2 when none improves). "line" costs about
+    # len(line_steps) + 3 forward evaluations per iteration against the stencil's 9-12.
+    search: str = "stencil"
+    line_steps: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
     # "reverse" (exact, memory grows with steps), "forward" (exact, forward mode, memory independent
     # of steps, cost grows with the number of hyperparameters), "truncated" (reverse through the last
@@ -124,6 +132,12 @@ class MetaConfig:
     constant_fraction: float = 0.5
     # richer phase: besides each value moved alone, this many random joint moves per iteration
     rich_random_directions: int = 8
+
+
+# The cheap search (MetaConfig(**LINE_SEARCH, iterations=3) is the "budget" row of
+# benchmarks/quality.py): a 5-point start (the starting lr times 10**-2 .. 10**2 at the starting
+# momentum) and line searches along the hypergradient.
+LINE_SEARCH = {"search": "line", "population_momenta": (), "population_lr_step": 1.0, "population_lr_span": 2}
 
 
 # --------------------------------------------------------------------------- parametrisation
@@ -183,6 +197,10 @@ def _check_config(config: MetaConfig) -> None:
         raise EngineError("The training draws must be non-empty and distinct from the evaluation draws.")
     if config.iterations < 1:
         raise EngineError("The number of meta-iterations must be at least 1.")
+    if config.search not in ("stencil", "line"):
+        raise EngineError("The search must be 'stencil' or 'line'.")
+    if not config.line_steps or min(config.line_steps) <= 0:
+        raise EngineError("The line-search steps must be positive.")
     if config.method not in ("auto", *METHODS):
         raise EngineError(f"The hypergradient method must be one of auto, {', '.join(METHODS)}.")
     if int(config.truncation) < 1:
@@ -578,8 +596,63 @@ class _Loop:
         da = _clamp(step * d[0], -cfg.max_log_lr_step, cfg.max_log_lr_step)
         return _clamp_theta(cfg, [theta[0] - da, theta[1] - step * d[1]])
 
+    def line_refine(self, state: dict) -> dict:
+        cfg = self.config
+        theta, h = state["theta"], state["step"]
+        evaluations = 0
+        if state["grad"] is None:  # e.g. a state left by the stencil search: its hypergradient first
+            loss, grad = self.value_and_grad(theta)
+            evaluations += 1
+            if _finite(loss):
+                self.accept(state, theta, loss, grad)
+        g = state["grad"]
+        (alo, ahi), (zlo, zhi) = _theta_bounds(cfg)
+        d = None
+        if g is not None and _finite(*g):
+            d = [-g[0], -g[1]]
+            # project: drop components that would push further out through a bound
+            if (theta[0] <= alo and d[0] < 0) or (theta[0] >= ahi and d[0] > 0):
+                d[0] = 0.0
+            if (theta[1] <= zlo and d[1] < 0) or (theta[1] >= zhi and d[1] > 0):
+                d[1] = 0.0
+            norm = math.hypot(*d)
+            d = [d[0] / norm, d[1] / norm] if norm > 0 else None
+        if d is None:  # no usable hypergradient: nothing to search along
+            state["converged"] = True
+            return _record(cfg, state, "refine", False, None, None, evaluations=evaluations, move="line")
+        cands: list[list[float]] = []
+        steps: list[float] = []
+        for t in cfg.line_steps:
+            c = _clamp_theta(cfg, [theta[0] + h * t * d[0], theta[1] + h * t * d[1]])
+            if c != theta and c not in cands:
+                cands.append(c)
+                steps.append(h * t)
+        losses = self.forward(cands) if cands else []
+        evaluations += len(cands)
+        finite = [(l, i) for i, l in enumerate(losses) if _finite(l)]
+        accepted, chosen, cand_loss = False, None, min(finite)[0] if finite else None
+        if finite and min(finite)[0] < state["loss"]:
+            i = min(finite)[1]
+            chosen = cands[i]
+            loss, grad = self.value_and_grad(chosen)
+            evaluations += 1
+            cand_loss = loss
+            self.note_best(state, chosen, loss)
+            if _finite(loss) and loss < state["loss"]:
+                self.accept(state, chosen, loss, grad)
+                accepted = True
+                state["step"] = min(steps[i], cfg.max_step)
+        if not accepted:
+            if h <= cfg.min_step:
+                state["converged"] = True
+            else:
+                state["step"] = max(h * cfg.step_shrink**2, cfg.min_step)
+        return _record(cfg, state, "refine", accepted, cand_loss, chosen, evaluations=evaluations, move="line")
+
     def refine(self, state: dict) -> dict:
         cfg = self.config
+        if cfg.search == "line":
+            return self.line_refine(state)
         theta, h = state["theta"], state["step"]
         cands: list[list[float]] = []
         d = self.direction(state)
