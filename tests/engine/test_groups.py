@@ -214,3 +214,30 @@ def test_best_settings_of_a_constant_job_has_no_groups_and_mismatched_tasks_are_
     cfg = MetaConfig(iterations=2, schedule_segments=20)
     with pytest.raises(EngineError, match="cannot exceed"):
         run_meta([synthetic_task(steps=12)], cfg, init_state(cfg, 0.01, 0.5), 2)
+
+
+def test_richer_moves_must_stay_finite_with_the_lrs_times_the_stability_margin():
+    """A richer move is accepted only if training still converges with every lr times
+    stability_margin (a finite meta-loss within 10x of the move's own). With 1.0 moves are accepted; with a margin so large that every probe diverges
+    none is, and the answer stays the constant pair."""
+    tasks = _tasks(hidden=(8,), loss="mse", out=2)
+    objective = Objective(tasks, (0, 1))
+    outcomes = {}
+    for margin in (1.0, 1.5, 1e6):
+        config = MetaConfig(iterations=16, per_layer=True, schedule_segments=2, stability_margin=margin)
+        records = []
+        state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 16, on_iteration=records.append)
+        rich = [r for r in records if r["phase"] == "rich_refine"]
+        accepted = [r for r in rich if r["accepted"]]
+        for r in accepted:  # the invariant, checked on the objective directly
+            lr = torch.tensor(r["group_lr"], dtype=torch.float64)[None] * margin
+            mom = torch.tensor(r["group_momentum"], dtype=torch.float64)[None]
+            probe = objective.losses_values(lr, mom)[0]
+            assert math.isfinite(probe) and probe <= 10.0 * r["candidate_loss"] * (1 + 1e-9)
+        outcomes[margin] = (len(accepted), sum(r["margin_rejected"] for r in rich), best_settings(state))
+    assert outcomes[1.0][0] > 0 and outcomes[1.0][1] == 0
+    assert outcomes[1e6][0] == 0 and outcomes[1e6][1] > 0
+    best = outcomes[1e6][2]
+    assert best["meta_loss_groups"] == pytest.approx(best["meta_loss"], rel=1e-9)
+    with pytest.raises(EngineError):
+        init_state(MetaConfig(stability_margin=0.5), 0.01, 0.9)

@@ -132,6 +132,12 @@ class MetaConfig:
     constant_fraction: float = 0.5
     # richer phase: besides each value moved alone, this many random joint moves per iteration
     rich_random_directions: int = 8
+    # richer phase: a move is accepted only if training still converges with every learned lr
+    # multiplied by this factor: a finite meta-loss within 10x of the move's own (one more forward
+    # evaluation per accepted move; 1.0 turns it off).
+    # Per-layer and per-segment values can sit right at the edge of stability of the training tasks
+    # and diverge on a new task of the same kind (measured: benchmarks/quality.py, teacher-illcond).
+    stability_margin: float = 1.5
 
 
 # The cheap search (MetaConfig(**LINE_SEARCH, iterations=3) is the "budget" row of
@@ -209,6 +215,8 @@ def _check_config(config: MetaConfig) -> None:
         raise EngineError("The number of schedule segments must be at least 1.")
     if not config.memory_budget_mb > 0:
         raise EngineError("The memory budget must be positive.")
+    if not (math.isfinite(config.stability_margin) and config.stability_margin >= 1.0):
+        raise EngineError("The stability margin must be a number of at least 1.")
     if not 0.0 < config.constant_fraction <= 1.0:
         raise EngineError("The constant fraction must lie in (0, 1].")
 
@@ -482,6 +490,16 @@ class _Loop:
     def rich_forward(self, thetas, slots: int, segs: int) -> list[float]:
         lr, mom = self.rich_tensors(thetas, slots, segs)
         return self.objective.losses_values(lr, mom)
+
+    def rich_stable(self, theta, loss: float, slots: int, segs: int) -> bool:
+        """With every lr of theta times the stability margin, does training still converge: a
+        finite meta-loss within an order of magnitude of theta's own `loss` (a run that blows up
+        in float64 can stay finite)?"""
+        if self.config.stability_margin == 1.0:
+            return True
+        lr, mom = self.rich_tensors([theta], slots, segs)
+        probe = self.objective.losses_values(lr * self.config.stability_margin, mom)[0]
+        return _finite(probe) and probe <= 10.0 * loss
 
     def rich_value_and_grad(self, theta, slots: int, segs: int) -> tuple[float, list[float]]:
         half = slots * segs
@@ -781,13 +799,19 @@ class _Loop:
             if c != theta and c not in cands:
                 cands.append(c)
         accepted, cand_loss, chosen = False, None, None
+        evaluations, margin_rejected = len(cands), 0
         if cands:
             losses = self.rich_forward(cands, slots, segs)
-            finite = [(l, i) for i, l in enumerate(losses) if _finite(l)]
+            finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
             if finite:
-                cand_loss, i = min(finite)
-                if cand_loss < rich["loss"]:
-                    chosen = cands[i]
+                cand_loss = finite[0][0]
+            # the best improving candidates, in order, until one passes the stability probe
+            for loss_i, i in [f for f in finite if f[0] < rich["loss"]][:2]:
+                evaluations += 1
+                if self.rich_stable(cands[i], loss_i, slots, segs):
+                    chosen, cand_loss = cands[i], loss_i
+                    break
+                margin_rejected += 1
         if chosen is not None:
             loss, grad = self.rich_value_and_grad(chosen, slots, segs)
             cand_loss = loss
@@ -804,7 +828,10 @@ class _Loop:
         else:
             rich["step"] = max(h * cfg.step_shrink, cfg.min_step)
         move = None if chosen is None else ("gradient" if chosen == gradient_move else "stencil")
-        return _rich_record(cfg, state, "rich_refine", accepted, cand_loss, evaluations=len(cands), move=move)
+        return _rich_record(
+            cfg, state, "rich_refine", accepted, cand_loss, evaluations=evaluations, move=move,
+            margin_rejected=margin_rejected,
+        )
 
 
 def run_meta(
