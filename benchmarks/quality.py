@@ -8,7 +8,8 @@ and a dense grid chosen on the held-out tasks themselves.
 Families, each a set of same-shape tasks built from what ships offline, scaled the way a user would
 scale them; settings are learned on the "train" tasks (draws (0, 1), MetaConfig's) and judged on the
 other, "held-out" tasks of the family with plain torch.optim.SGD (evaluate / evaluate_groups, draws
-EVAL_DRAWS); 8 train + 8 held-out tasks by default (--tasks):
+JUDGE_DRAWS: draws 1001-1008, the service's 3 evaluation draws and 5 more); 8 train + 8 held-out
+tasks by default (--tasks):
   digits-classes  digits restricted to 5 of the 10 classes (a different subset per task), pixels
                   scaled to [0, 1] (/16, as torchvision's ToTensor does for images), MLP [32] tanh,
                   100 steps of batch 32
@@ -50,7 +51,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from worker.datasets import load_builtin  # noqa: E402
 from worker.engine import (  # noqa: E402
-    EVAL_DRAWS,
     LINE_SEARCH,
     MetaConfig,
     Task,
@@ -68,6 +68,11 @@ LR_BOUNDS = (1e-4, 3.0)
 MOM_BOUNDS = (0.0, 0.99)
 MOMENTA = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
 TRAIN_DRAWS = (0, 1)
+# Held-out judging: 8 draws (initialisation and batch order) per held-out task. With the service's 3
+# (EVAL_DRAWS, 1001-1003) the held-out grid, a minimum over 150 noisy values, picked a pair that won
+# on those draws only: on teacher-illcond it chose lr 0.35, momentum 0.8 where 8 draws choose 0.148,
+# 0.8, and every method's regret carried that noise (the train-grid reference +0.092 against +0.000).
+JUDGE_DRAWS = tuple(range(1001, 1009))
 
 
 def _task(name, xt, yt, xv, yv, hidden, loss, out, seed, steps=100, batch=32) -> Task:
@@ -212,13 +217,14 @@ def main() -> None:
     for fam in args.families:
         tasks = {**FAMILIES, **LEGACY_FAMILIES}[fam](2 * args.tasks)
         train, held = tasks[: args.tasks], tasks[args.tasks :]
-        rows: list[tuple[str, float, float, object]] = []  # name, held-out loss, seconds, settings
+        # name, held-out loss, seconds, settings, meta-loss on the train tasks and training draws
+        rows: list[tuple[str, float, float, object, float]] = []
 
         def score(lr, mom):
-            return evaluate(held, lr, mom, EVAL_DRAWS)["mean_val_loss"]
+            return evaluate(held, lr, mom, JUDGE_DRAWS)["mean_val_loss"]
 
         t0 = time.perf_counter()
-        held_obj = Objective(held, EVAL_DRAWS)
+        held_obj = Objective(held, JUDGE_DRAWS)
         lrs = grid_lrs(n_lr)
         pairs = [(lr, m) for m in MOMENTA for lr in lrs]
         gl = held_obj.losses([p[0] for p in pairs], [p[1] for p in pairs])
@@ -226,9 +232,14 @@ def main() -> None:
         grid_s = time.perf_counter() - t0
         grid = score(g_lr, g_mom)
         default = score(*DEFAULT)
-        rows.append((f"grid {n_lr}x{len(MOMENTA)} on held-out (yardstick)", grid, grid_s, (g_lr, g_mom)))
-        rows.append(("default (0.01, 0.9)", default, 0.0, DEFAULT))
         train_obj = Objective(train, TRAIN_DRAWS)
+
+        def train_loss(lr, mom):
+            return train_obj.losses([lr], [mom])[0]
+
+        rows.append((f"grid {n_lr}x{len(MOMENTA)} on held-out (yardstick)", grid, grid_s, (g_lr, g_mom),
+                     train_loss(g_lr, g_mom)))
+        rows.append(("default (0.01, 0.9)", default, 0.0, DEFAULT, train_loss(*DEFAULT)))
         # the same grid chosen on the train tasks and training draws: the exact minimiser (to grid
         # resolution) of the objective every searcher below minimises, scored held out. Its regret
         # is what minimising the training objective can give on this family, whatever the search.
@@ -236,7 +247,8 @@ def main() -> None:
         tl = train_obj.losses([p[0] for p in pairs], [p[1] for p in pairs])
         t_lr, t_mom = pairs[min(range(len(pairs)), key=lambda i: tl[i] if math.isfinite(tl[i]) else math.inf)]
         secs = time.perf_counter() - t0  # taken before the held-out scoring, which no method pays
-        rows.append((f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)", score(t_lr, t_mom), secs, (t_lr, t_mom)))
+        rows.append((f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)", score(t_lr, t_mom), secs, (t_lr, t_mom),
+                     train_loss(t_lr, t_mom)))
         for name, fn in (
             ("random search 20", lambda: random_search(train_obj, 20)),
             ("optuna TPE 20", lambda: optuna_tpe(train_obj, 20)),
@@ -246,7 +258,17 @@ def main() -> None:
             t0 = time.perf_counter()
             lr, mom = fn()
             secs = time.perf_counter() - t0
-            rows.append((name, score(lr, mom), secs, (lr, mom)))
+            rows.append((name, score(lr, mom), secs, (lr, mom), train_loss(lr, mom)))
+        # TPE's answer depends on its seed: the mean of five seeds (0-4) as well
+        runs = []
+        for seed in range(5):
+            t0 = time.perf_counter()
+            lr, mom = optuna_tpe(train_obj, 20, seed=seed)
+            secs = time.perf_counter() - t0
+            runs.append((score(lr, mom), secs, train_loss(lr, mom)))
+        rows.append(("optuna TPE 20, mean of seeds 0-4", *(sum(r[0] for r in runs) / 5, sum(r[1] for r in runs) / 5),
+                     f"regret of each seed below", sum(r[2] for r in runs) / 5))
+        tpe_seed_losses = [r[0] for r in runs]
         for name, kw in (
             ("gradtune constant", {}),
             ("gradtune constant, line search, 3 iterations", {**LINE_SEARCH, "iterations": 3}),
@@ -257,18 +279,32 @@ def main() -> None:
             best = gradtune(train, iters, **kw)
             secs = time.perf_counter() - t0
             if "param_groups" in best:
-                loss = evaluate_groups(held, best["param_groups"], best["boundaries"], EVAL_DRAWS)["mean_val_loss"]
-                rows.append((name, loss, secs, "groups"))
+                loss = evaluate_groups(held, best["param_groups"], best["boundaries"], JUDGE_DRAWS)["mean_val_loss"]
+                rows.append((name, loss, secs, "groups", best["meta_loss_groups"]))
             else:
-                rows.append((name, score(best["lr"], best["momentum"]), secs, (best["lr"], best["momentum"])))
+                rows.append((name, score(best["lr"], best["momentum"]), secs, (best["lr"], best["momentum"]),
+                             best["meta_loss"]))
         print(f"\n### {fam}: {len(train)} train tasks, {len(held)} held-out tasks\n")
-        print("| method | held-out loss | regret | wall s | settings |")
-        print("|---|---:|---:|---:|---|")
-        for name, loss, secs, st in rows:
+        print("| method | held-out loss | regret | wall s | train meta-loss | settings |")
+        print("|---|---:|---:|---:|---:|---|")
+        for name, loss, secs, st, tr in rows:
             regret = (loss - grid) / (default - grid) if default != grid else float("nan")
             sett = st if isinstance(st, str) else f"lr {st[0]:.4g}, mom {st[1]:.3f}"
-            print(f"| {name} | {loss:.4f} | {regret:+.3f} | {secs:.1f} | {sett} |", flush=True)
-            summary.append((fam, name, loss, regret, secs))
+            if name == "optuna TPE 20, mean of seeds 0-4":
+                sett = "regrets " + ", ".join(f"{(l - grid) / (default - grid):+.3f}" for l in tpe_seed_losses)
+            print(f"| {name} | {loss:.4f} | {regret:+.3f} | {secs:.2f} | {tr:.4f} | {sett} |", flush=True)
+            summary.append((fam, name, regret, secs))
+    # the issue's target, family by family: regret <= 0.03 in less wall time than TPE-20
+    print("\n### Against the target (regret <= 0.03, wall time < optuna TPE 20)\n")
+    print("| family | method | regret | wall s | wall / TPE-20's (mean of 5 seeds) |")
+    print("|---|---|---:|---:|---:|")
+    for fam in args.families:
+        mine = {name: (r, s) for f, name, r, s in summary if f == fam}
+        tpe = mine["optuna TPE 20, mean of seeds 0-4"][1]
+        for name in ("optuna TPE 20", "optuna TPE 20, mean of seeds 0-4", "gradtune constant",
+                     "gradtune constant, line search, 3 iterations"):
+            r, s = mine[name]
+            print(f"| {fam} | {name} | {r:+.3f} | {s:.2f} | {s / tpe:.2f} |")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,21 @@ def test_unverified_stencil_moves_keep_the_true_meta_loss():
     assert math.isclose(best["meta_loss"], float(loss), rel_tol=1e-5)
     verified = run_meta(tasks, MetaConfig(iterations=12, verify_stencil=True), init_state(config, 0.003, 0.3), 12)
     assert math.isclose(best_settings(verified)["meta_loss"], best["meta_loss"], rel_tol=0.05)
+
+
+def test_the_last_line_iteration_accepts_on_the_screened_loss_and_a_longer_run_goes_on_from_it():
+    tasks = _tasks()
+    short = MetaConfig(iterations=3, **LINE_SEARCH)
+    records = []
+    state = run_meta(tasks, short, init_state(short, 1e-3, 0.0), 3, on_iteration=records.append)
+    last = records[-1]
+    assert last["accepted"], "the test needs the last iteration to move"
+    # no hypergradient pass: only the screened points were evaluated, and none is known there
+    assert last["evaluations"] <= len(short.line_steps) and state["grad"] is None
+    best = best_settings(state)
+    assert best["meta_loss"] == pytest.approx(_reference(tasks, best["lr"], best["momentum"], short.draws), rel=1e-9)
+    longer = MetaConfig(iterations=6, **LINE_SEARCH)
+    records = []
+    more = run_meta(tasks, longer, json.loads(json.dumps(state)), 3, on_iteration=records.append)
+    assert records[0]["evaluations"] >= 1 and records[0]["hypergradient"][0] is not None
+    assert best_settings(more)["meta_loss"] <= best["meta_loss"]

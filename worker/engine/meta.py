@@ -111,8 +111,9 @@ class MetaConfig:
     # move screened with the 8 neighbours) or "line" (a line search along the normalised negative
     # hypergradient: the steps `line_steps` x the current step screened in one batched forward pass,
     # the best accepted if it lowers the meta-loss, then one hypergradient there; the step follows
-    # the accepted one and shrinks by `step_shrink` ** 2 when none improves). "line" costs about
-    # len(line_steps) + 3 forward evaluations per iteration against the stencil's 9-12.
+    # the accepted one and shrinks by `step_shrink` ** 2 when none improves; the job's last
+    # iteration skips that hypergradient). "line" costs about len(line_steps) + 3 forward
+    # evaluations per iteration against the stencil's 9-12.
     search: str = "stencil"
     line_steps: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
@@ -618,7 +619,7 @@ class _Loop:
         cfg = self.config
         theta, h = state["theta"], state["step"]
         evaluations = 0
-        if state["grad"] is None:  # e.g. a state left by the stencil search: its hypergradient first
+        if state["grad"] is None:  # a state left by the stencil search or a final line move: gradient first
             loss, grad = self.value_and_grad(theta)
             evaluations += 1
             if _finite(loss):
@@ -650,10 +651,16 @@ class _Loop:
         finite = [(l, i) for i, l in enumerate(losses) if _finite(l)]
         accepted, chosen, cand_loss = False, None, min(finite)[0] if finite else None
         if finite and min(finite)[0] < state["loss"]:
-            i = min(finite)[1]
+            screened, i = min(finite)
             chosen = cands[i]
-            loss, grad = self.value_and_grad(chosen)
-            evaluations += 1
+            if state["iteration"] >= cfg.iterations:
+                # the job's last iteration: no next direction is needed, so the move is accepted on
+                # its screened loss (the same full-training loss) without a hypergradient pass; a
+                # resumed state with more iterations takes the hypergradient first (above)
+                loss, grad = screened, [math.nan, math.nan]
+            else:
+                loss, grad = self.value_and_grad(chosen)
+                evaluations += 1
             cand_loss = loss
             self.note_best(state, chosen, loss)
             if _finite(loss) and loss < state["loss"]:
