@@ -178,7 +178,7 @@ class Client:
              lr: float = 0.01, momentum: float = 0.9, iterations: int = 40, seed: int = 0,
              name: str = "tune", progress: bool = True, timeout: float | None = None,
              init: str = "default", per_layer: bool = False, schedule_segments: int = 1,
-             method: str = "auto") -> TunedSettings:
+             method: str = "auto", search: str = "stencil") -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
         A model ``describe_model`` can describe (an ``nn.Sequential`` of ``Linear`` layers with
@@ -190,8 +190,8 @@ class Client:
         trains fresh PyTorch-default initializations (drawn layer by layer in call order), so your
         model's current weights are not used; ``init="uploaded"`` always exports the model and
         starts every training run from its current weights. The tensors are uploaded as
-        safetensors. ``per_layer``, ``schedule_segments`` and ``method`` are the job options of the
-        same names (the settings then carry ``param_groups``: ``settings.sgd(model)`` and
+        safetensors. ``per_layer``, ``schedule_segments``, ``method`` and ``search`` (``"line"`` with
+        few ``iterations`` for a quick answer) are the job options of the same names (the settings then carry ``param_groups``: ``settings.sgd(model)`` and
         ``settings.apply_schedule(optimizer, step)`` use them). Blocks until the job ends (with a
         progress bar when ``progress``); raises GradtuneError with the server's message if it fails.
         """
@@ -225,7 +225,7 @@ class Client:
             }],
             "hyperparameters": {"lr": lr, "momentum": momentum, "per_layer": per_layer,
                                 "schedule_segments": schedule_segments},
-            "meta": {"iterations": iterations, "seed": seed, "method": method},
+            "meta": {"iterations": iterations, "seed": seed, "method": method, "search": search},
         }
         job_id = self.submit(job)["id"]
         if progress:

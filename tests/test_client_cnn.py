@@ -75,6 +75,11 @@ def test_tune_uploads_images_and_submits_a_cnn_job():
     assert (settings.lr, settings.momentum) == (0.1, 0.5)
     job = JobCreate.model_validate(seen["job"])
     assert job.tasks[0].model.kind == "cnn" and len(job.tasks[0].model.layers) == 10
+    assert job.meta.search == "stencil"
+    client.tune(small_cnn(), (x, y), (x[:5], y[:5]), loss="cross_entropy", steps=5, batch_size=4, progress=False,
+                search="line", iterations=3)
+    job = JobCreate.model_validate(seen["job"])
+    assert (job.meta.search, job.meta.iterations) == ("line", 3)
     assert b'"shape":[20,1,8,8]' in seen["uploads"][0]
     with pytest.raises(ValueError, match=r"images \(N, 1, H, W\)"):
         client.tune(small_cnn(), (x.view(20, 64), y), (x[:5], y[:5]), loss="cross_entropy", steps=5,
