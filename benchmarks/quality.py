@@ -2,7 +2,8 @@
 and a dense grid chosen on the held-out tasks themselves.
 
     pip install -e '.[bench]'
-    .venv/bin/python benchmarks/quality.py            # three families (~5 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py            # three families, 8 + 8 tasks (~7 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py --tasks 12 # 12 + 12 tasks (~11 min)
     .venv/bin/python benchmarks/quality.py --quick    # fewer trials and iterations, smoke run
 
 Families, each a set of same-shape tasks built from what ships offline, scaled the way a user would
