@@ -239,3 +239,21 @@ def test_the_last_line_iteration_accepts_on_the_screened_loss_and_a_longer_run_g
     more = run_meta(tasks, longer, json.loads(json.dumps(state)), 3, on_iteration=records.append)
     assert records[0]["evaluations"] >= 1 and records[0]["hypergradient"][0] is not None
     assert best_settings(more)["meta_loss"] <= best["meta_loss"]
+
+
+def test_line_search_without_a_finite_hypergradient_falls_back_to_the_stencil(monkeypatch):
+    """Near the edge of stability a float32 hypergradient can overflow; the line search then has no
+    direction and screens the stencil's neighbours instead of stopping."""
+    from worker.engine import meta
+
+    real = meta._Loop.value_and_grad
+    monkeypatch.setattr(meta._Loop, "value_and_grad", lambda self, theta: (real(self, theta)[0], [math.inf, math.nan]))
+    tasks = _tasks()
+    config = MetaConfig(iterations=6, search="line")
+    records = []
+    state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 6, on_iteration=records.append)
+    assert {r["move"] for r in records[1:] if r["phase"] == "refine"} == {"stencil"}
+    assert any(r["accepted"] for r in records[1:])
+    best = best_settings(state)
+    assert best["meta_loss"] < records[0]["meta_loss"]
+    assert best["meta_loss"] == pytest.approx(_reference(tasks, best["lr"], best["momentum"], config.draws), rel=1e-9)

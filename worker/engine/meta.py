@@ -112,8 +112,9 @@ class MetaConfig:
     # hypergradient: the steps `line_steps` x the current step screened in one batched forward pass,
     # the best accepted if it lowers the meta-loss, then one hypergradient there; the step follows
     # the accepted one and shrinks by `step_shrink` ** 2 when none improves; the job's last
-    # iteration skips that hypergradient). "line" costs about len(line_steps) + 3 forward
-    # evaluations per iteration against the stencil's 9-12.
+    # iteration skips that hypergradient; without a finite hypergradient the iteration screens the
+    # stencil instead). "line" costs about len(line_steps) + 3 forward evaluations per iteration
+    # against the stencil's 9-12.
     search: str = "stencil"
     line_steps: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
@@ -636,9 +637,8 @@ class _Loop:
                 d[1] = 0.0
             norm = math.hypot(*d)
             d = [d[0] / norm, d[1] / norm] if norm > 0 else None
-        if d is None:  # no usable hypergradient: nothing to search along
-            state["converged"] = True
-            return _record(cfg, state, "refine", False, None, None, evaluations=evaluations, move="line")
+        if d is None:  # no usable hypergradient (non-finite, or zero within the bounds): the stencil
+            return self.stencil_refine(state)
         cands: list[list[float]] = []
         steps: list[float] = []
         for t in cfg.line_steps:
@@ -675,9 +675,10 @@ class _Loop:
         return _record(cfg, state, "refine", accepted, cand_loss, chosen, evaluations=evaluations, move="line")
 
     def refine(self, state: dict) -> dict:
+        return self.line_refine(state) if self.config.search == "line" else self.stencil_refine(state)
+
+    def stencil_refine(self, state: dict) -> dict:
         cfg = self.config
-        if cfg.search == "line":
-            return self.line_refine(state)
         theta, h = state["theta"], state["step"]
         cands: list[list[float]] = []
         d = self.direction(state)
