@@ -8,7 +8,8 @@ It goes through the real API (FastAPI app, SQLite in a temporary folder) and the
 (worker.runner.run_chunk, chunk after chunk, in this process), and the settings are read back from
 GET /v1/jobs/{id}/settings. The grid (25 lr log-spaced over 1e-3..3 x 6 momenta) is scored on the
 same tasks (runner.build_tasks of the same body: same splits and seeds) with the same function the
-settings' evaluation uses (plain torch.optim.SGD on the held-out draws EVAL_DRAWS).
+settings' evaluation uses (plain torch.optim.SGD on the held-out draws EVAL_DRAWS). A second job,
+the same body with "meta": {"search": "line", "iterations": 3}, shows the quick search.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ JOB = {
     "hyperparameters": {"lr": 0.01, "momentum": 0.9},
     "meta": {"iterations": 40, "seed": 0},
 }
+# the same job with the quick search (README: meta.search)
+QUICK_JOB = {**JOB, "name": "digits-mlp-quick", "meta": {"iterations": 3, "seed": 0, "search": "line"}}
 
 
 def main() -> None:
@@ -52,17 +55,21 @@ def main() -> None:
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
     runner.configure_process()
-    with TestClient(create_app(settings)) as client:
+    def run(client, spec):
         t0 = time.perf_counter()
-        job = client.post("/v1/jobs", json=JOB).json()
+        job = client.post("/v1/jobs", json=spec).json()
         iteration = 0
         while job["status"] not in ("succeeded", "failed", "cancelled"):
-            runner.run_chunk(job["id"], iteration, owner=f"bench-{iteration}")
+            runner.run_chunk(job["id"], iteration, owner=f"bench-{job['id']}-{iteration}")
             job = client.get(f"/v1/jobs/{job['id']}").json()
             iteration = job["progress"]["iteration"]
-        job_s = time.perf_counter() - t0
+        secs = time.perf_counter() - t0
         assert job["status"] == "succeeded", job
-        body = client.get(f"/v1/jobs/{job['id']}/settings").json()
+        return client.get(f"/v1/jobs/{job['id']}/settings").json(), secs
+
+    with TestClient(create_app(settings)) as client:
+        body, job_s = run(client, JOB)
+        quick, quick_s = run(client, QUICK_JOB)
     tasks = runner.build_tasks(JobCreate.model_validate(JOB))
     g_lr, g_mom, g_loss, grid_s = grid_search(tasks, list(engine.EVAL_DRAWS), lr_grid(25))
     ev = body["evaluation"]
@@ -71,6 +78,8 @@ def main() -> None:
         ("start (the job's hyperparameters)", ev["initial"]["lr"], ev["initial"]["momentum"],
          ev["mean_initial_val_loss"], 0.0),
         ("learned (GET /v1/jobs/{id}/settings)", body["lr"], body["momentum"], ev["mean_learned_val_loss"], job_s),
+        ("learned, quick: meta.search line, 3 iterations", quick["lr"], quick["momentum"],
+         quick["evaluation"]["mean_learned_val_loss"], quick_s),
     ]
     print("digits through the service: 4 tasks, mlp [32] tanh, 100 steps, batch 32; scored on draws",
           ev["draws"])

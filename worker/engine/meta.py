@@ -111,9 +111,9 @@ class MetaConfig:
     # move screened with the 8 neighbours) or "line" (a line search along the normalised negative
     # hypergradient: the steps `line_steps` x the current step screened in one batched forward pass,
     # the best accepted if it lowers the meta-loss, then one hypergradient there; the step follows
-    # the accepted one and shrinks by `step_shrink` ** 2 when none improves; the job's last
-    # iteration skips that hypergradient; without a finite hypergradient the iteration screens the
-    # stencil instead). "line" costs about len(line_steps) + 3 forward evaluations per iteration
+    # the accepted one; when none improves, the next iteration screens the stencil, which shrinks
+    # the step or ends the search; the job's last iteration skips that hypergradient; without a
+    # finite hypergradient the iteration screens the stencil instead). "line" costs about len(line_steps) + 3 forward evaluations per iteration
     # against the stencil's 9-12.
     search: str = "stencil"
     line_steps: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -618,13 +618,15 @@ class _Loop:
 
     def line_refine(self, state: dict) -> dict:
         cfg = self.config
+        if state.pop("screen_next", False):
+            return self.stencil_refine(state)
         theta, h = state["theta"], state["step"]
         evaluations = 0
         if state["grad"] is None:  # a state left by the stencil search or a final line move: gradient first
             loss, grad = self.value_and_grad(theta)
             evaluations += 1
-            if _finite(loss):
-                self.accept(state, theta, loss, grad)
+            if _finite(loss, *grad):  # the loss there is known already (the same, up to rounding)
+                state["grad"] = [float(x) for x in grad]
         g = state["grad"]
         (alo, ahi), (zlo, zhi) = _theta_bounds(cfg)
         d = None
@@ -668,10 +670,10 @@ class _Loop:
                 accepted = True
                 state["step"] = min(steps[i], cfg.max_step)
         if not accepted:
-            if h <= cfg.min_step:
-                state["converged"] = True
-            else:
-                state["step"] = max(h * cfg.step_shrink**2, cfg.min_step)
+            # the hypergradient's direction did not pay at any step (near the edge of stability its
+            # sign says little about a finite step): the next iteration screens the stencil, which
+            # shrinks the step or ends the search if nothing around the point is better either
+            state["screen_next"] = True
         return _record(cfg, state, "refine", accepted, cand_loss, chosen, evaluations=evaluations, move="line")
 
     def refine(self, state: dict) -> dict:
