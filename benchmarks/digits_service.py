@@ -8,8 +8,8 @@ It goes through the real API (FastAPI app, SQLite in a temporary folder) and the
 (worker.runner.run_chunk, chunk after chunk, in this process), and the settings are read back from
 GET /v1/jobs/{id}/settings. The grid (25 lr log-spaced over 1e-3..3 x 6 momenta) is scored on the
 same tasks (runner.build_tasks of the same body: same splits and seeds) with the same function the
-settings' evaluation uses (plain torch.optim.SGD on the held-out draws EVAL_DRAWS). A second job,
-the same body with "meta": {"search": "line", "iterations": 3}, shows the quick search.
+settings' evaluation uses (plain torch.optim.SGD on the held-out draws EVAL_DRAWS). Two more jobs,
+the same body with "meta": {"search": "line", "iterations": 3 or 5}, show the quick search.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ JOB = {
     "hyperparameters": {"lr": 0.01, "momentum": 0.9},
     "meta": {"iterations": 40, "seed": 0},
 }
-# the same job with the quick search (README: meta.search)
-QUICK_JOB = {**JOB, "name": "digits-mlp-quick", "meta": {"iterations": 3, "seed": 0, "search": "line"}}
+# the same job with the quick search (README: meta.search), 3 and 5 iterations
+QUICK_JOBS = [{**JOB, "name": f"digits-mlp-line-{n}", "meta": {"iterations": n, "seed": 0, "search": "line"}}
+              for n in (3, 5)]
 
 
 def main() -> None:
@@ -69,7 +70,7 @@ def main() -> None:
 
     with TestClient(create_app(settings)) as client:
         body, job_s = run(client, JOB)
-        quick, quick_s = run(client, QUICK_JOB)
+        quick = [run(client, spec) for spec in QUICK_JOBS]
     tasks = runner.build_tasks(JobCreate.model_validate(JOB))
     g_lr, g_mom, g_loss, grid_s = grid_search(tasks, list(engine.EVAL_DRAWS), lr_grid(25))
     ev = body["evaluation"]
@@ -78,8 +79,10 @@ def main() -> None:
         ("start (the job's hyperparameters)", ev["initial"]["lr"], ev["initial"]["momentum"],
          ev["mean_initial_val_loss"], 0.0),
         ("learned (GET /v1/jobs/{id}/settings)", body["lr"], body["momentum"], ev["mean_learned_val_loss"], job_s),
-        ("learned, quick: meta.search line, 3 iterations", quick["lr"], quick["momentum"],
-         quick["evaluation"]["mean_learned_val_loss"], quick_s),
+    ] + [
+        (f"learned, quick: meta.search line, {spec['meta']['iterations']} iterations", q["lr"], q["momentum"],
+         q["evaluation"]["mean_learned_val_loss"], q_s)
+        for spec, (q, q_s) in zip(QUICK_JOBS, quick)
     ]
     print("digits through the service: 4 tasks, mlp [32] tanh, 100 steps, batch 32; scored on draws",
           ev["draws"])
