@@ -275,6 +275,8 @@ def main() -> None:
             ("gradtune constant, line search, 3 iterations", {**LINE_SEARCH, "iterations": 3}),
             ("gradtune per-layer", {"per_layer": True}),
             ("gradtune per-layer x 4 segments", {"per_layer": True, "schedule_segments": 4}),
+            ("gradtune per-layer, line search", {**LINE_SEARCH, "per_layer": True}),
+            ("gradtune per-layer x 4 segments, line search", {**LINE_SEARCH, "per_layer": True, "schedule_segments": 4}),
         ):
             t0 = time.perf_counter()
             best = gradtune(train, iters, **kw)

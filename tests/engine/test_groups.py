@@ -169,10 +169,12 @@ def test_meta_loop_refines_groups_after_the_constant_pair(per_layer, segments):
     assert best["meta_loss_groups"] < best["meta_loss"]  # the richer values found something better
 
 
-def test_groups_never_leave_their_bounds():
+@pytest.mark.parametrize("search", ["stencil", "line"])
+def test_groups_never_leave_their_bounds(search):
     tasks = _tasks()
     config = MetaConfig(
-        iterations=14, lr_bounds=(1e-3, 0.02), momentum_bounds=(0.2, 0.6), per_layer=True, schedule_segments=2
+        iterations=14, lr_bounds=(1e-3, 0.02), momentum_bounds=(0.2, 0.6), per_layer=True, schedule_segments=2,
+        search=search,
     )
     records = []
     state = run_meta(tasks, config, init_state(config, 5.0, 0.95), 14, on_iteration=records.append)
@@ -187,9 +189,10 @@ def test_groups_never_leave_their_bounds():
     assert any(r["phase"] == "rich_refine" for r in records)
 
 
-def test_rich_resume_through_json_gives_the_same_result():
+@pytest.mark.parametrize("search", ["stencil", "line"])
+def test_rich_resume_through_json_gives_the_same_result(search):
     tasks = _tasks()
-    config = MetaConfig(iterations=10, per_layer=True, schedule_segments=2)
+    config = MetaConfig(iterations=10, per_layer=True, schedule_segments=2, search=search)
     s0 = init_state(config, 0.003, 0.3)
     full_records, split_records = [], []
     full = run_meta(tasks, config, s0, 10, on_iteration=full_records.append)
@@ -216,7 +219,8 @@ def test_best_settings_of_a_constant_job_has_no_groups_and_mismatched_tasks_are_
         run_meta([synthetic_task(steps=12)], cfg, init_state(cfg, 0.01, 0.5), 2)
 
 
-def test_richer_moves_must_stay_finite_with_the_lrs_times_the_stability_margin():
+@pytest.mark.parametrize("search", ["stencil", "line"])
+def test_richer_moves_must_stay_finite_with_the_lrs_times_the_stability_margin(search):
     """A richer move is accepted only if training still converges with every lr times
     stability_margin (a finite meta-loss within 10x of the move's own). With 1.0 moves are accepted; with a margin so large that every probe diverges
     none is, and the answer stays the constant pair."""
@@ -224,7 +228,7 @@ def test_richer_moves_must_stay_finite_with_the_lrs_times_the_stability_margin()
     objective = Objective(tasks, (0, 1))
     outcomes = {}
     for margin in (1.0, 1.5, 1e6):
-        config = MetaConfig(iterations=16, per_layer=True, schedule_segments=2, stability_margin=margin)
+        config = MetaConfig(iterations=16, per_layer=True, schedule_segments=2, stability_margin=margin, search=search)
         records = []
         state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 16, on_iteration=records.append)
         rich = [r for r in records if r["phase"] == "rich_refine"]
@@ -241,3 +245,32 @@ def test_richer_moves_must_stay_finite_with_the_lrs_times_the_stability_margin()
     assert best["meta_loss_groups"] == pytest.approx(best["meta_loss"], rel=1e-9)
     with pytest.raises(EngineError):
         init_state(MetaConfig(stability_margin=0.5), 0.01, 0.9)
+
+
+@pytest.mark.parametrize("per_layer,segments", [(True, 1), (True, 2)])
+def test_rich_line_search_moves_every_value_along_the_negative_hypergradient(per_layer, segments):
+    from worker.engine import LINE_SEARCH, momentum_to_param
+
+    tasks = _tasks(hidden=(8,))
+    config = MetaConfig(iterations=16, per_layer=per_layer, schedule_segments=segments, **LINE_SEARCH)
+    records = []
+    state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 16, on_iteration=records.append)
+    best = _check_rich_state(tasks, config, state, records)
+    assert best["meta_loss_groups"] < best["meta_loss"]
+
+    def theta(r):
+        return [math.log(x) for row in r["group_lr"] for x in row] + [
+            momentum_to_param(x, config.momentum_bounds) for row in r["group_momentum"] for x in row
+        ]
+
+    rich = [r for r in records if r["phase"] in ("rich_start", "rich_refine")]
+    line_moves = 0
+    for prev, rec in zip(rich, rich[1:]):
+        if rec["move"] != "line" or not rec["accepted"] or prev["hypergradient"][0] is None:
+            continue
+        line_moves += 1
+        g, d = prev["hypergradient"], [b - a for a, b in zip(theta(prev), theta(rec))]
+        cos = -sum(x * y for x, y in zip(g, d)) / (math.sqrt(sum(x * x for x in g)) * math.sqrt(sum(y * y for y in d)))
+        assert cos == pytest.approx(1.0, abs=1e-6)
+        assert rec["meta_loss"] < prev["meta_loss"]
+    assert line_moves >= 1

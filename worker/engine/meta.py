@@ -114,7 +114,9 @@ class MetaConfig:
     # the accepted one; when none improves, the next iteration screens the stencil, which shrinks
     # the step or ends the search; the job's last iteration skips that hypergradient; without a
     # finite hypergradient the iteration screens the stencil instead). "line" costs about len(line_steps) + 3 forward evaluations per iteration
-    # against the stencil's 9-12.
+    # against the stencil's 9-12. With per_layer / schedule_segments the richer values are line-
+    # searched the same way, all at once (4 candidates per iteration where the stencil screens
+    # 2 per value plus rich_random_directions).
     search: str = "stencil"
     line_steps: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     # hypergradient method: "auto" (picks reverse or forward by memory, see choose_method),
@@ -772,6 +774,79 @@ class _Loop:
             "iteration": state["iteration"],
         }
 
+    def rich_step(self, state: dict) -> dict:
+        return self.rich_line(state) if self.config.search == "line" else self.rich_refine(state)
+
+    def rich_line(self, state: dict) -> dict:
+        """search="line" for the richer values: the line search of line_refine along the normalised
+        negative hypergradient of all of them at once (4 candidates per iteration where the stencil
+        screens two per value plus the random joint moves), each accepted move checked against the
+        stability margin; a line that finds nothing lower, or no finite hypergradient, hands the next
+        iteration (or this one) to rich_refine."""
+        cfg = self.config
+        rich = state["rich"]
+        if rich.pop("screen_next", False):
+            return self.rich_refine(state)
+        slots, segs = rich["slots"], rich["segments"]
+        theta, h = rich["theta"], rich["step"]
+        evaluations = 0
+        if rich["grad"] is None:  # after a stencil move or a final line move: the hypergradient first
+            _, grad = self.rich_value_and_grad(theta, slots, segs)
+            evaluations += 1
+            if _finite(*grad):
+                rich["grad"] = [float(x) for x in grad]
+        g = rich["grad"]
+        if g is None or not _finite(*g):
+            return self.rich_refine(state)
+        (alo, ahi), (zlo, zhi) = _theta_bounds(cfg)
+        half = len(theta) // 2
+        d = [-x for x in g]
+        for i, x in enumerate(theta):  # drop components that would push further out through a bound
+            lo, hi = (alo, ahi) if i < half else (zlo, zhi)
+            if (x <= lo and d[i] < 0) or (x >= hi and d[i] > 0):
+                d[i] = 0.0
+        norm = math.sqrt(sum(x * x for x in d))
+        if norm == 0.0:
+            return self.rich_refine(state)
+        d = [x / norm for x in d]
+        cands: list[list[float]] = []
+        steps: list[float] = []
+        for t in cfg.line_steps:
+            c = _clamp_rich(cfg, [x + h * t * di for x, di in zip(theta, d)])
+            if c != theta and c not in cands:
+                cands.append(c)
+                steps.append(h * t)
+        losses = self.rich_forward(cands, slots, segs) if cands else []
+        evaluations += len(cands)
+        finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
+        accepted, chosen, cand_loss, margin_rejected = False, None, finite[0][0] if finite else None, 0
+        for loss_i, i in [f for f in finite if f[0] < rich["loss"]][:2]:
+            evaluations += 1
+            if self.rich_stable(cands[i], loss_i, slots, segs):
+                chosen, cand_loss, step = cands[i], loss_i, steps[i]
+                break
+            margin_rejected += 1
+        if chosen is not None:
+            if state["iteration"] >= cfg.iterations:  # the job's last iteration: no next direction
+                loss, grad = cand_loss, None
+            else:
+                loss, grad = self.rich_value_and_grad(chosen, slots, segs)
+                evaluations += 1
+                cand_loss = loss
+            self.note_rich_best(state, chosen, loss)
+            if _finite(loss) and loss < rich["loss"]:
+                rich["theta"] = [float(x) for x in chosen]
+                rich["loss"] = float(loss)
+                rich["grad"] = [float(x) for x in grad] if grad is not None and _finite(*grad) else None
+                rich["step"] = min(step, cfg.max_step)
+                accepted = True
+        if not accepted:
+            rich["screen_next"] = True
+        return _rich_record(
+            cfg, state, "rich_refine", accepted, cand_loss, evaluations=evaluations, move="line",
+            margin_rejected=margin_rejected,
+        )
+
     def rich_refine(self, state: dict) -> dict:
         cfg = self.config
         rich = state["rich"]
@@ -882,7 +957,7 @@ def run_meta(
             else:
                 if loop is None:
                     loop = _Loop(tasks, config, state["method"])
-                rec = loop.rich_start(state) if state.get("rich") is None else loop.rich_refine(state)
+                rec = loop.rich_start(state) if state.get("rich") is None else loop.rich_step(state)
         elif started and state["converged"]:
             rec = _record(config, state, "converged", False, None, None, evaluations=0)
         else:
