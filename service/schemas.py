@@ -261,7 +261,8 @@ class MetaOptions(_Strict):
         description="How the constant pair is refined: stencil (a 36-point start, then each iteration "
         "screens the hypergradient move with the 8 neighbouring points; the most thorough) or line (a "
         "5-point start, then each iteration line-searches along the hypergradient: about a third of "
-        "the evaluations per iteration; pair it with few iterations for a quick answer).",
+        "the evaluations per iteration, and per-layer or scheduled values all move at once; pair it "
+        "with few iterations for a quick answer).",
     )
 
 
