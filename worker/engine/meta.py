@@ -468,6 +468,37 @@ def _clamp_rich(config: MetaConfig, theta: Sequence[float]) -> list[float]:
     ]
 
 
+def _line_candidates(
+    config: MetaConfig, theta: Sequence[float], grad: Sequence[float] | None, h: float
+) -> tuple[list[list[float]], list[float]] | None:
+    """The points of a line search from theta along the normalised negative gradient, at h times
+    each of config.line_steps, clamped to the bounds, with their step lengths. None when there is
+    no usable direction: a non-finite gradient, or zero once the components that would push further
+    out through a bound are dropped. theta is the constant pair (log lr, momentum logit) or a richer
+    table (every log lr, then every logit): both are clamped by _clamp_rich."""
+    if grad is None or not _finite(*grad):
+        return None
+    (alo, ahi), (zlo, zhi) = _theta_bounds(config)
+    half = len(theta) // 2
+    d = [-float(x) for x in grad]
+    for i, x in enumerate(theta):
+        lo, hi = (alo, ahi) if i < half else (zlo, zhi)
+        if (x <= lo and d[i] < 0) or (x >= hi and d[i] > 0):
+            d[i] = 0.0
+    norm = math.sqrt(sum(x * x for x in d))
+    if norm == 0.0:
+        return None
+    d = [x / norm for x in d]
+    cands: list[list[float]] = []
+    steps: list[float] = []
+    for t in config.line_steps:
+        c = _clamp_rich(config, [x + h * t * di for x, di in zip(theta, d)])
+        if c != list(theta) and c not in cands:
+            cands.append(c)
+            steps.append(h * t)
+    return cands, steps
+
+
 class _Loop:
     def __init__(self, tasks: Sequence[Task], config: MetaConfig, method: str):
         self.config = config
@@ -629,27 +660,10 @@ class _Loop:
             evaluations += 1
             if _finite(loss, *grad):  # the loss there is known already (the same, up to rounding)
                 state["grad"] = [float(x) for x in grad]
-        g = state["grad"]
-        (alo, ahi), (zlo, zhi) = _theta_bounds(cfg)
-        d = None
-        if g is not None and _finite(*g):
-            d = [-g[0], -g[1]]
-            # project: drop components that would push further out through a bound
-            if (theta[0] <= alo and d[0] < 0) or (theta[0] >= ahi and d[0] > 0):
-                d[0] = 0.0
-            if (theta[1] <= zlo and d[1] < 0) or (theta[1] >= zhi and d[1] > 0):
-                d[1] = 0.0
-            norm = math.hypot(*d)
-            d = [d[0] / norm, d[1] / norm] if norm > 0 else None
-        if d is None:  # no usable hypergradient (non-finite, or zero within the bounds): the stencil
+        line = _line_candidates(cfg, theta, state["grad"], h)
+        if line is None:  # no usable hypergradient (non-finite, or zero within the bounds): the stencil
             return self.stencil_refine(state)
-        cands: list[list[float]] = []
-        steps: list[float] = []
-        for t in cfg.line_steps:
-            c = _clamp_theta(cfg, [theta[0] + h * t * d[0], theta[1] + h * t * d[1]])
-            if c != theta and c not in cands:
-                cands.append(c)
-                steps.append(h * t)
+        cands, steps = line
         losses = self.forward(cands) if cands else []
         evaluations += len(cands)
         finite = [(l, i) for i, l in enumerate(losses) if _finite(l)]
@@ -795,27 +809,10 @@ class _Loop:
             evaluations += 1
             if _finite(*grad):
                 rich["grad"] = [float(x) for x in grad]
-        g = rich["grad"]
-        if g is None or not _finite(*g):
+        line = _line_candidates(cfg, theta, rich["grad"], h)
+        if line is None:
             return self.rich_refine(state)
-        (alo, ahi), (zlo, zhi) = _theta_bounds(cfg)
-        half = len(theta) // 2
-        d = [-x for x in g]
-        for i, x in enumerate(theta):  # drop components that would push further out through a bound
-            lo, hi = (alo, ahi) if i < half else (zlo, zhi)
-            if (x <= lo and d[i] < 0) or (x >= hi and d[i] > 0):
-                d[i] = 0.0
-        norm = math.sqrt(sum(x * x for x in d))
-        if norm == 0.0:
-            return self.rich_refine(state)
-        d = [x / norm for x in d]
-        cands: list[list[float]] = []
-        steps: list[float] = []
-        for t in cfg.line_steps:
-            c = _clamp_rich(cfg, [x + h * t * di for x, di in zip(theta, d)])
-            if c != theta and c not in cands:
-                cands.append(c)
-                steps.append(h * t)
+        cands, steps = line
         losses = self.rich_forward(cands, slots, segs) if cands else []
         evaluations += len(cands)
         finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
