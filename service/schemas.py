@@ -381,6 +381,7 @@ class SettingsPublic(BaseModel):
     boundaries: list[int] | None = None
     method: str | None = Field(None, description="The hypergradient method the job used.")
     method_reason: str | None = Field(None, description="Why auto chose it.")
+    search: str | None = Field(None, description="How the values were searched: stencil or line (meta.search).")
     evaluation: Evaluation
 
 

@@ -178,6 +178,7 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
         "momentum": float(best["momentum"]),
         "method": state.get("method"),
         "method_reason": state.get("method_reason"),
+        "search": job.meta.search,
         "evaluation": {
             "tasks": rows,
             "mean_initial_val_loss": _finite(before["mean_val_loss"]),

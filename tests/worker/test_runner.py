@@ -50,6 +50,7 @@ def test_chunks_chain_to_succeeded_and_duplicates_do_nothing(env):
     job = client.get(f"/v1/jobs/{jid}").json()
     assert job["status"] == "succeeded" and job["progress"]["iteration"] == 5
     body = client.get(f"/v1/jobs/{jid}/settings").json()
+    assert body["search"] == "stencil"
     ev = body["evaluation"]
     # The evaluation is the engine's reference training: recompute one task independently.
     import torch
@@ -176,6 +177,7 @@ def test_a_line_search_job_learns_what_the_engine_learns_with_line_search(env):
     sent.append((jid, 0))
     assert _drain(sent)[-1] == "succeeded"
     body = client.get(f"/v1/jobs/{jid}/settings").json()
+    assert body["search"] == "line"  # the settings say how they were found
     job = JobCreate.model_validate(spec)
     config = runner.meta_config(job)
     assert config.search == "line" and config.population_momenta == ()
