@@ -191,7 +191,8 @@ class Client:
         model's current weights are not used; ``init="uploaded"`` always exports the model and
         starts every training run from its current weights. The tensors are uploaded as
         safetensors. ``per_layer``, ``schedule_segments``, ``method`` and ``search`` (``"line"`` with
-        few ``iterations`` for a quick answer) are the job options of the same names (the settings then carry ``param_groups``: ``settings.sgd(model)`` and
+        few ``iterations`` for a quick answer) are the job options of the same names (the settings
+        then carry ``param_groups``: ``settings.sgd(model)`` and
         ``settings.apply_schedule(optimizer, step)`` use them). Blocks until the job ends (with a
         progress bar when ``progress``); raises GradtuneError with the server's message if it fails.
         """

@@ -113,8 +113,9 @@ class MetaConfig:
     # the best accepted if it lowers the meta-loss, then one hypergradient there; the step follows
     # the accepted one; when none improves, the next iteration screens the stencil, which shrinks
     # the step or ends the search; the job's last iteration skips that hypergradient; without a
-    # finite hypergradient the iteration screens the stencil instead). "line" costs about len(line_steps) + 3 forward evaluations per iteration
-    # against the stencil's 9-12. With per_layer / schedule_segments the richer values are line-
+    # finite hypergradient the iteration screens the stencil instead). "line" costs about
+    # len(line_steps) + 3 forward evaluations per iteration against the stencil's 9-12. With
+    # per_layer / schedule_segments the richer values are line-
     # searched the same way, all at once (4 candidates per iteration where the stencil screens
     # 2 per value plus rich_random_directions).
     search: str = "stencil"
@@ -536,6 +537,19 @@ class _Loop:
         probe = self.objective.losses_values(lr * self.config.stability_margin, mom)[0]
         return _finite(probe) and probe <= 10.0 * loss
 
+    def rich_pick(self, cands, losses, current: float, slots: int, segs: int):
+        """The best candidate that lowers `current` and passes the stability probe (the two best
+        improving ones are probed, in order). Returns (index or None, the lowest finite loss or
+        None, probes run, probes failed)."""
+        finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
+        probes = rejected = 0
+        for loss_i, i in [f for f in finite if f[0] < current][:2]:
+            probes += 1
+            if self.rich_stable(cands[i], loss_i, slots, segs):
+                return i, loss_i, probes, rejected
+            rejected += 1
+        return None, finite[0][0] if finite else None, probes, rejected
+
     def rich_value_and_grad(self, theta, slots: int, segs: int) -> tuple[float, list[float]]:
         half = slots * segs
         t = torch.tensor(list(theta), dtype=torch.float64)
@@ -666,10 +680,10 @@ class _Loop:
         cands, steps = line
         losses = self.forward(cands) if cands else []
         evaluations += len(cands)
-        finite = [(l, i) for i, l in enumerate(losses) if _finite(l)]
-        accepted, chosen, cand_loss = False, None, min(finite)[0] if finite else None
-        if finite and min(finite)[0] < state["loss"]:
-            screened, i = min(finite)
+        finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
+        accepted, chosen, cand_loss = False, None, finite[0][0] if finite else None
+        if finite and finite[0][0] < state["loss"]:
+            screened, i = finite[0]
             chosen = cands[i]
             if state["iteration"] >= cfg.iterations:
                 # the job's last iteration: no next direction is needed, so the move is accepted on
@@ -814,15 +828,9 @@ class _Loop:
             return self.rich_refine(state)
         cands, steps = line
         losses = self.rich_forward(cands, slots, segs) if cands else []
-        evaluations += len(cands)
-        finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
-        accepted, chosen, cand_loss, margin_rejected = False, None, finite[0][0] if finite else None, 0
-        for loss_i, i in [f for f in finite if f[0] < rich["loss"]][:2]:
-            evaluations += 1
-            if self.rich_stable(cands[i], loss_i, slots, segs):
-                chosen, cand_loss, step = cands[i], loss_i, steps[i]
-                break
-            margin_rejected += 1
+        i, cand_loss, probes, margin_rejected = self.rich_pick(cands, losses, rich["loss"], slots, segs)
+        evaluations += len(cands) + probes
+        accepted, chosen = False, None if i is None else cands[i]
         if chosen is not None:
             if state["iteration"] >= cfg.iterations:  # the job's last iteration: no next direction
                 loss, grad = cand_loss, None
@@ -835,7 +843,7 @@ class _Loop:
                 rich["theta"] = [float(x) for x in chosen]
                 rich["loss"] = float(loss)
                 rich["grad"] = [float(x) for x in grad] if grad is not None and _finite(*grad) else None
-                rich["step"] = min(step, cfg.max_step)
+                rich["step"] = min(steps[i], cfg.max_step)
                 accepted = True
         if not accepted:
             rich["screen_next"] = True
@@ -880,20 +888,10 @@ class _Loop:
             c = _clamp_rich(cfg, [x + h * rng.choice((-1.0, 1.0)) for x in theta])
             if c != theta and c not in cands:
                 cands.append(c)
-        accepted, cand_loss, chosen = False, None, None
-        evaluations, margin_rejected = len(cands), 0
-        if cands:
-            losses = self.rich_forward(cands, slots, segs)
-            finite = sorted((l, i) for i, l in enumerate(losses) if _finite(l))
-            if finite:
-                cand_loss = finite[0][0]
-            # the best improving candidates, in order, until one passes the stability probe
-            for loss_i, i in [f for f in finite if f[0] < rich["loss"]][:2]:
-                evaluations += 1
-                if self.rich_stable(cands[i], loss_i, slots, segs):
-                    chosen, cand_loss = cands[i], loss_i
-                    break
-                margin_rejected += 1
+        losses = self.rich_forward(cands, slots, segs) if cands else []
+        i, cand_loss, probes, margin_rejected = self.rich_pick(cands, losses, rich["loss"], slots, segs)
+        evaluations = len(cands) + probes
+        accepted, chosen = False, None if i is None else cands[i]
         if chosen is not None:
             loss, grad = self.rich_value_and_grad(chosen, slots, segs)
             cand_loss = loss
