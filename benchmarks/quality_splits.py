@@ -1,8 +1,9 @@
 """The constant-pair rows of benchmarks/quality.py over several disjoint train / held-out splits of
 each family, with the regret that the family's own optimum scores on each held-out set.
 
-    .venv/bin/python benchmarks/quality_splits.py               # 3 families x 4 splits, 8 + 8 tasks (~12 min)
-    .venv/bin/python benchmarks/quality_splits.py --quick       # smoke run
+    .venv/bin/python benchmarks/quality_splits.py                       # 3 families x 4 splits of 8 + 8 tasks (~9 min)
+    .venv/bin/python benchmarks/quality_splits.py --tasks 32 --splits 2 # 2 splits of 32 + 32 tasks (~13 min)
+    .venv/bin/python benchmarks/quality_splits.py --quick               # smoke run
 
 Why: quality.py judges every method on one held-out set of 8 tasks, against the grid chosen on that
 very set (the yardstick). A method that learns from other tasks pays that set's sampling noise on
