@@ -22,7 +22,6 @@ search (MetaConfig(iterations=40)); wall time is the search alone, as in quality
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import statistics
 import sys
@@ -41,6 +40,7 @@ from quality import (  # noqa: E402
     TRAIN_DRAWS,
     Objective,
     evaluate,
+    grid_argmin,
     grid_lrs,
     gradtune,
     optuna_tpe,
@@ -49,11 +49,6 @@ from quality import (  # noqa: E402
 
 FAMILY_DRAWS = (0, 1, 2, 3)
 FAMILY_TASKS = 64
-
-
-def grid_argmin(obj: Objective, pairs: list[tuple[float, float]]) -> tuple[float, float]:
-    losses = obj.losses([p[0] for p in pairs], [p[1] for p in pairs])
-    return pairs[min(range(len(pairs)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)]
 
 
 def main() -> None:
@@ -76,8 +71,10 @@ def main() -> None:
 
     n, splits, draws = args.tasks, args.splits, tuple(range(args.draws))
     family_tasks = 16 if args.quick else FAMILY_TASKS
-    pairs = [(lr, m) for m in MOMENTA for lr in grid_lrs(9 if args.quick else 25)]
-    methods = ("family optimum (64 other tasks)", "grid 25x6 on train tasks (reference)", "random search 20",
+    n_lr = 9 if args.quick else 25
+    pairs = [(lr, m) for m in MOMENTA for lr in grid_lrs(n_lr)]
+    methods = (f"family optimum ({family_tasks} other tasks)", f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)",
+               "random search 20",
                "optuna TPE 20, mean of seeds 0-4", "gradtune constant, line search, 3 iterations",
                "gradtune constant")
     for fam in args.families:
