@@ -1,0 +1,39 @@
+"""The facts the API, the engine and the client share: standard library only, never torch.
+
+``worker/engine`` (torch), ``service`` (no torch) and the ``gradtune`` client all import what they
+share from here, so each fact is written once:
+
+* :mod:`gradtune.spec.vocab`: the vocabularies (activations, losses, cnn layer types, builtin
+  datasets, job statuses as an enum).
+* :mod:`gradtune.spec.hyper`: the momentum map (momentum <-> the unbounded parameter the search
+  moves) and the learning-rate bounds arithmetic.
+
+Nothing here may import anything outside the standard library (tests/spec checks it).
+"""
+
+from gradtune.spec.hyper import Z_LIMIT, clamp, momentum_to_param, param_to_momentum
+from gradtune.spec.vocab import (
+    ACTIVATIONS,
+    ACTIVE_STATUSES,
+    BUILTIN_DATASETS,
+    CNN_LAYER_TYPES,
+    LOSSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+    JobStatus,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "ACTIVE_STATUSES",
+    "BUILTIN_DATASETS",
+    "CNN_LAYER_TYPES",
+    "LOSSES",
+    "STATUSES",
+    "TERMINAL_STATUSES",
+    "Z_LIMIT",
+    "JobStatus",
+    "clamp",
+    "momentum_to_param",
+    "param_to_momentum",
+]
