@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from worker.datasets import load_builtin  # noqa: E402
-from worker.engine import EVAL_DRAWS, MetaConfig, Task, best_settings, evaluate, init_state, run_meta  # noqa: E402
+from worker.datasets import load_builtin
+from worker.engine import EVAL_DRAWS, MetaConfig, Task, best_settings, evaluate, init_state, run_meta
 
 START = (0.01, 0.9)
 FAR_START = (0.001, 0.0)  # two decades of effective learning rate below the basin

@@ -82,7 +82,7 @@ def main() -> None:
     ] + [
         (f"learned, quick: meta.search line, {spec['meta']['iterations']} iterations", q["lr"], q["momentum"],
          q["evaluation"]["mean_learned_val_loss"], q_s)
-        for spec, (q, q_s) in zip(QUICK_JOBS, quick)
+        for spec, (q, q_s) in zip(QUICK_JOBS, quick, strict=True)
     ]
     print("digits through the service: 4 tasks, mlp [32] tanh, 100 steps, batch 32; scored on draws",
           ev["draws"])
@@ -91,7 +91,8 @@ def main() -> None:
     for name, lr, mom, loss, secs in rows:
         print(f"| {name:<52} | {lr:>8.4g} | {mom:>8.4f} | {loss:>8.4f} | {loss / g_loss:>6.3f} | {secs:>6.1f} |")
     ratio = ev["mean_learned_val_loss"] / g_loss
-    print(f"target: learned within 10% of the grid's best -> ratio {ratio:.3f}: {'met' if ratio <= 1.10 else 'NOT met'}")
+    verdict = "met" if ratio <= 1.10 else "NOT met"
+    print(f"target: learned within 10% of the grid's best -> ratio {ratio:.3f}: {verdict}")
     print(f"(time s: the whole job through API and runner, chunk by chunk; the grid: its "
           f"{25 * len(MOMENTA) * len(tasks) * len(ev['draws'])} trainings)")
 

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from worker.engine import Task  # noqa: E402
-from worker.engine.functional import Objective  # noqa: E402
+from worker.engine import Task
+from worker.engine.functional import Objective
 
 
 def synthetic(n: int, steps: int, dtype, device, rows: int = 512) -> list[Task]:
@@ -34,7 +34,8 @@ def synthetic(n: int, steps: int, dtype, device, rows: int = 512) -> list[Task]:
         y = (x @ torch.randn(64, 10, generator=g, dtype=torch.float64)).argmax(1)
         x = x.to(dtype=dtype, device=device)
         y = y.to(device)
-        tasks.append(Task(f"syn{i}", x[:rows], y[:rows], x[rows:], y[rows:], (32,), "tanh", "cross_entropy", 10, steps, 32, i))
+        split = (x[:rows], y[:rows], x[rows:], y[rows:])
+        tasks.append(Task(f"syn{i}", *split, (32,), "tanh", "cross_entropy", 10, steps, 32, i))
     return tasks
 
 

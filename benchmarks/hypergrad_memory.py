@@ -14,6 +14,7 @@ needed. Peers are skipped above --max-peer-k.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -47,11 +48,11 @@ def one(impl: str, k: int) -> None:
         tasks = digits_tasks(n_tasks=1, steps=steps)
         if impl.startswith("gradtune"):
             obj = Objective(tasks, (0,))
-            call = lambda: obj.value_and_grad(math.log(0.01), 0.0, (0.0, 0.999), impl.split()[1])  # noqa: E731
+            call = functools.partial(obj.value_and_grad, math.log(0.01), 0.0, (0.0, 0.999), impl.split()[1])
         else:
             p = Prepared(tasks[0], 0)
             fn = torchopt_hypergradient if impl == "torchopt" else higher_hypergradient
-            call = lambda: fn(p, math.log(0.01), 0.5)  # noqa: E731
+            call = functools.partial(fn, p, math.log(0.01), 0.5)
         if steps == k:
             base = _status("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
@@ -100,7 +101,8 @@ def main() -> None:
                 continue
             # below 0.5 MB the ratio of two page-granular measurements means nothing
             ratio = f"{r['extra_mb'] / ref['extra_mb']:.2f}" if ref and ref["extra_mb"] >= 0.5 else "-"
-            print(f"| {impl:17s} | {k:6d} | {r['peak_mb']:7.1f} | {r['extra_mb']:8.2f} | {ratio:>22s} | {r['seconds']:6.2f} |")
+            cells = f"{r['peak_mb']:7.1f} | {r['extra_mb']:8.2f} | {ratio:>22s} | {r['seconds']:6.2f}"
+            print(f"| {impl:17s} | {k:6d} | {cells} |")
     fwd = [results.get(("gradtune forward", k)) for k in (100, 10000)]
     if all(fwd):
         print(f"\nforward peak at K=10000 / at K=100: {fwd[1]['peak_mb'] / fwd[0]['peak_mb']:.3f} (target <= 1.5)")

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.digits_grid import digits_tasks  # noqa: E402
-from benchmarks.peers import Prepared, higher_hypergradient, torchopt_hypergradient  # noqa: E402
-from worker.engine.functional import Objective  # noqa: E402
+from benchmarks.digits_grid import digits_tasks
+from benchmarks.peers import Prepared, higher_hypergradient, torchopt_hypergradient
+from worker.engine.functional import Objective
 
 LOG_LR, MOMENTUM = math.log(0.01), 0.5
 BOUNDS = (0.0, 0.999)
@@ -64,8 +64,8 @@ def peer(tasks, fn):
     def call():
         loss, ga, gm = 0.0, 0.0, 0.0
         for p in prepared:
-            l, (a, m) = fn(p, LOG_LR, MOMENTUM)
-            loss, ga, gm = loss + l / len(prepared), ga + a / len(prepared), gm + m / len(prepared)
+            task_loss, (a, m) = fn(p, LOG_LR, MOMENTUM)
+            loss, ga, gm = loss + task_loss / len(prepared), ga + a / len(prepared), gm + m / len(prepared)
         return loss, [ga, gm]
 
     return call
@@ -93,9 +93,13 @@ def main() -> None:
             ref = res["torchopt"][1]
             base = res["torchopt"][0]
             for name, (sec, (loss, g)) in res.items():
-                diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip([loss, *g], [ref[0], *ref[1]]))
+                diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip([loss, *g], [ref[0], *ref[1]], strict=True))
                 rows.append((k, n, name, 1.0 / sec, base / sec, diff))
-                print(f"K={k:5d} tasks={n:2d} {name:17s} {1.0 / sec:9.2f} hg/s  x{base / sec:6.2f} vs torchopt  max rel diff {diff:.1e}", flush=True)
+                print(
+                    f"K={k:5d} tasks={n:2d} {name:17s} {1.0 / sec:9.2f} hg/s  x{base / sec:6.2f} vs torchopt  "
+                    f"max rel diff {diff:.1e}",
+                    flush=True,
+                )
     print()
     print("|     K | tasks | implementation    | hypergradients/s | vs torchopt | max rel diff |")
     print("|------:|------:|-------------------|-----------------:|------------:|-------------:|")

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.quality import teacher_illcond  # noqa: E402
-from worker.engine import EVAL_DRAWS, MetaConfig, best_settings, evaluate, init_state, momentum_to_param, run_meta  # noqa: E402
-from worker.engine.functional import Objective  # noqa: E402
+from benchmarks.quality import teacher_illcond
+from worker.engine import EVAL_DRAWS, MetaConfig, best_settings, evaluate, init_state, momentum_to_param, run_meta
+from worker.engine.functional import Objective
 
 START = (1e-3, 0.5)
 
@@ -71,10 +71,11 @@ def main() -> None:
         best = best_settings(state)
         after = evaluate(held, best["lr"], best["momentum"], EVAL_DRAWS)["mean_val_loss"]
         name = f"{method} (W={args.window})" if method == "truncated" else "forward (exact)"
-        print(f"| {name} | {best['lr']:.4g} | {best['momentum']:.3f} | {best['meta_loss']:.4f} | {after:.4f} | {secs:.1f} |", flush=True)
+        cells = f"{best['lr']:.4g} | {best['momentum']:.3f} | {best['meta_loss']:.4f} | {after:.4f} | {secs:.1f}"
+        print(f"| {name} | {cells} |", flush=True)
     print(f"\nPart 3: the default meta-loop (population + stencil), learned on the full {args.steps}-step runs "
           f"(method forward) or on {args.window}-step runs (a short horizon), both used for {args.steps} steps\n")
-    print("| learned on | lr | momentum | held-out loss at K = %d | wall s |" % args.steps)
+    print(f"| learned on | lr | momentum | held-out loss at K = {args.steps} | wall s |")
     print("|---|---:|---:|---:|---:|")
     for horizon in (args.steps, args.window):
         short = teacher_illcond(4)[:2]

@@ -56,13 +56,14 @@ def torchopt_hypergradient(p: Prepared, log_lr: float, momentum: float) -> tuple
     lr = torch.exp(a)
     params = {k: v.clone().requires_grad_(True) for k, v in p.init.items()}
     # torchopt's functional SGD: trace (buf = mu * buf + g) then scale by -lr, both differentiable
-    opt = torchopt.chain(torchopt.transform.trace(momentum=mu, moment_requires_grad=True), torchopt.transform.scale(-lr))
+    trace = torchopt.transform.trace(momentum=mu, moment_requires_grad=True)
+    opt = torchopt.chain(trace, torchopt.transform.scale(-lr))
     state = opt.init(params)
     for t in range(task.steps):
         rows = p.idx[t]
         loss = task_loss(task, functional_call(p.model, params, (task.x_train[rows],)), task.y_train[rows])
         grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=True)
-        updates, state = opt.update(dict(zip(params.keys(), grads)), state, inplace=False)
+        updates, state = opt.update(dict(zip(params.keys(), grads, strict=True)), state, inplace=False)
         params = torchopt.apply_updates(params, updates, inplace=False)
     val = task_loss(task, functional_call(p.model, params, (task.x_val,)), task.y_val)
     ga, gm = torch.autograd.grad(val, (a, mu))

@@ -32,8 +32,8 @@ themselves: the best any constant pair can do, the yardstick of the regret
 (loss - grid) / (default - grid); the grid is not infinitely fine, so a learned pair between its
 points can score below it (negative regret). A reference row chooses the same grid on the train
 tasks and training draws (the objective every searcher minimises) and scores it held out: the regret
-that minimising the training objective gives on the family, however good the search. Search space for every method: lr in [1e-4, 3], momentum in
-[0, 0.99].
+that minimising the training objective gives on the family, however good the search. Search space
+for every method: lr in [1e-4, 3], momentum in [0, 0.99].
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from worker.datasets import load_builtin  # noqa: E402
-from worker.engine import (  # noqa: E402
+from worker.datasets import load_builtin
+from worker.engine import (
     LINE_SEARCH,
     MetaConfig,
     Task,
@@ -62,7 +62,7 @@ from worker.engine import (  # noqa: E402
     run_meta,
     train_sgd,
 )
-from worker.engine.functional import Objective  # noqa: E402
+from worker.engine.functional import Objective
 
 DEFAULT = (0.01, 0.9)
 LR_BOUNDS = (1e-4, 3.0)
@@ -181,7 +181,7 @@ class PlainLoop:
 
     def losses(self, lrs, moms):
         out = []
-        for lr, mom in zip(lrs, moms):
+        for lr, mom in zip(lrs, moms, strict=True):
             runs = [train_sgd(t, lr, mom, d) for t in self.tasks for d in self.draws]
             out.append(sum(runs) / len(runs))
         return out
@@ -227,7 +227,7 @@ def main() -> None:
         # name, held-out loss, seconds, settings, meta-loss on the train tasks and training draws
         rows: list[tuple[str, float, float, object, float]] = []
 
-        def score(lr, mom):
+        def score(lr, mom, held=held):
             return evaluate(held, lr, mom, JUDGE_DRAWS)["mean_val_loss"]
 
         t0 = time.perf_counter()
@@ -240,7 +240,7 @@ def main() -> None:
         default = score(*DEFAULT)
         train_obj = Objective(train, TRAIN_DRAWS)
 
-        def train_loss(lr, mom):
+        def train_loss(lr, mom, train_obj=train_obj):
             return train_obj.losses([lr], [mom])[0]
 
         rows.append((f"grid {n_lr}x{len(MOMENTA)} on held-out (yardstick)", grid, grid_s, (g_lr, g_mom),
@@ -255,10 +255,10 @@ def main() -> None:
         rows.append((f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)", score(t_lr, t_mom), secs, (t_lr, t_mom),
                      train_loss(t_lr, t_mom)))
         for name, fn in (
-            ("random search 20", lambda: random_search(train_obj, 20)),
-            ("optuna TPE 20", lambda: optuna_tpe(train_obj, 20)),
-            ("optuna TPE 60", lambda: optuna_tpe(train_obj, 60)),
-            ("optuna TPE 20, plain SGD loop per trial", lambda: optuna_tpe(PlainLoop(train, TRAIN_DRAWS), 20)),
+            ("random search 20", lambda obj=train_obj: random_search(obj, 20)),
+            ("optuna TPE 20", lambda obj=train_obj: optuna_tpe(obj, 20)),
+            ("optuna TPE 60", lambda obj=train_obj: optuna_tpe(obj, 60)),
+            ("optuna TPE 20, plain SGD loop per trial", lambda t=train: optuna_tpe(PlainLoop(t, TRAIN_DRAWS), 20)),
         ):
             t0 = time.perf_counter()
             lr, mom = fn()
@@ -280,7 +280,10 @@ def main() -> None:
             ("gradtune per-layer", {"per_layer": True}),
             ("gradtune per-layer x 4 segments", {"per_layer": True, "schedule_segments": 4}),
             ("gradtune per-layer, line search", {**LINE_SEARCH, "per_layer": True}),
-            ("gradtune per-layer x 4 segments, line search", {**LINE_SEARCH, "per_layer": True, "schedule_segments": 4}),
+            (
+                "gradtune per-layer x 4 segments, line search",
+                {**LINE_SEARCH, "per_layer": True, "schedule_segments": 4},
+            ),
         ):
             t0 = time.perf_counter()
             best = gradtune(train, iters, **kw)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from quality import (  # noqa: E402
+from quality import (
     DEFAULT,
     FAMILIES,
     JUDGE_DRAWS,
@@ -40,9 +40,9 @@ from quality import (  # noqa: E402
     TRAIN_DRAWS,
     Objective,
     evaluate,
+    gradtune,
     grid_argmin,
     grid_lrs,
-    gradtune,
     optuna_tpe,
     random_search,
 )
@@ -95,7 +95,7 @@ def main() -> None:
             def regret(lr, mom, grid=grid, default=default, score=score):
                 return (score(lr, mom) - grid) / (default - grid)
 
-            def record(name, lr, mom, sec, regret=regret):
+            def record(name, lr, mom, sec, regret=regret, regrets=regrets, secs=secs):
                 regrets[name].append(regret(lr, mom))
                 secs[name].append(sec)
 

@@ -41,9 +41,14 @@ def digits_images(val_fraction: float = 0.2, seed: int = 0):
 
 def make_cnn() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 8, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 8 x 4 x 4
-        nn.Conv2d(8, 16, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 x 2 x 2
-        nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(1, 8, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 8 x 4 x 4
+        nn.Conv2d(8, 16, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16 x 2 x 2
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -76,20 +81,32 @@ def main() -> None:
     print(f"digits: {len(x)} training and {len(x_val)} validation images of shape {tuple(x.shape[1:])}")
     print(f"tuning SGD for {STEPS} steps of batch {BATCH} on {URL} ...")
     with Client(URL) as client:
-        settings = client.tune(model, (x, y), (x_val, y_val), loss="cross_entropy", steps=STEPS,
-                               batch_size=BATCH, lr=START["lr"], momentum=START["momentum"],
-                               iterations=20, name="digits-cnn")
+        settings = client.tune(
+            model,
+            (x, y),
+            (x_val, y_val),
+            loss="cross_entropy",
+            steps=STEPS,
+            batch_size=BATCH,
+            lr=START["lr"],
+            momentum=START["momentum"],
+            iterations=20,
+            name="digits-cnn",
+        )
     print(f"learned: lr={settings.lr:.4g} momentum={settings.momentum:.4g}")
 
     # the same initialization and the same batches for both runs: only the settings differ
     before = train(copy.deepcopy(model), x, y, x_val, y_val, START["lr"], START["momentum"])
     after = train(copy.deepcopy(model), x, y, x_val, y_val, settings.lr, settings.momentum)
     print(f"validation loss with the starting settings (lr={START['lr']}, momentum={START['momentum']}): {before:.4f}")
-    print(f"validation loss with the learned settings  (lr={settings.lr:.4g}, momentum={settings.momentum:.4g}): {after:.4f}")
+    learned = f"lr={settings.lr:.4g}, momentum={settings.momentum:.4g}"
+    print(f"validation loss with the learned settings  ({learned}): {after:.4f}")
     ev = settings.evaluation
     if ev:
-        print(f"(the server's own check on unseen draws: {ev['mean_initial_val_loss']:.4f} -> "
-              f"{ev['mean_learned_val_loss']:.4f})")
+        print(
+            f"(the server's own check on unseen draws: {ev['mean_initial_val_loss']:.4f} -> "
+            f"{ev['mean_learned_val_loss']:.4f})"
+        )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def __getattr__(name: str):
+# Declared, not bound: the first ``service.main.app`` reaches __getattr__, which builds and binds it.
+app: FastAPI
+
+
+def __getattr__(name: str) -> FastAPI:
     # ``uvicorn service.main:app`` without building an app (and opening a database) at import.
     if name == "app":
         global app

@@ -82,7 +82,12 @@ def _clean_loc(loc: list[Any]) -> list[Any]:
             continue  # union member label
         if out and isinstance(part, str) and part in _UNION_TAGS.get(str(out[-1]), ()):
             continue  # discriminator tag
-        if len(out) > 1 and isinstance(out[-1], int) and isinstance(part, str) and part in _LIST_TAGS.get(str(out[-2]), ()):
+        if (
+            len(out) > 1
+            and isinstance(out[-1], int)
+            and isinstance(part, str)
+            and part in _LIST_TAGS.get(str(out[-2]), ())
+        ):
             continue  # discriminator tag of a list item (a cnn layer's type)
         out.append(part)
     return out
@@ -115,11 +120,11 @@ def format_errors(errors: list[dict[str, Any]] | tuple[Any, ...]) -> list[dict[s
         if type_ in ("union_tag_invalid", "union_tag_not_found"):
             # TaskSpec.model and CNNModel.layers[] are tagged unions: point at the field that picks
             # the member ("model.kind", "layers[2].type"), as before model became a union
-            key = str((e.get("ctx") or {}).get("discriminator", ""))
+            tag = str((e.get("ctx") or {}).get("discriminator", ""))
             at_model = bool(clean) and clean[-1] == "model"
             at_layer = len(clean) > 1 and isinstance(clean[-1], int) and clean[-2] == "layers"
-            if (at_model or at_layer) and len(key) > 2 and key[0] == key[-1] == "'" and key[1:-1].isidentifier():
-                clean.append(key[1:-1])
+            if (at_model or at_layer) and len(tag) > 2 and tag[0] == tag[-1] == "'" and tag[1:-1].isidentifier():
+                clean.append(tag[1:-1])
         msg = _MESSAGES.get(type_, str(e.get("msg", "")))
         if (tuple(clean), msg) in seen:
             continue
@@ -130,7 +135,7 @@ def format_errors(errors: list[dict[str, Any]] | tuple[Any, ...]) -> list[dict[s
 
 def _json_error_sentence(exc: RequestValidationError, error: dict[str, Any]) -> str:
     reason = (error.get("ctx") or {}).get("error") or "invalid JSON"
-    loc = error.get("loc") or ()
+    loc = list(error.get("loc") or ())
     pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
     doc = exc.body if isinstance(exc.body, str) else None
     if pos is None:
@@ -160,9 +165,7 @@ async def database_error_handler(request: Request, exc: Exception) -> JSONRespon
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     ref = uuid.uuid4().hex[:12]
-    logger.error(
-        "unhandled error %s during %s %s", ref, request.method, request.url.path, exc_info=exc
-    )
+    logger.error("unhandled error %s during %s %s", ref, request.method, request.url.path, exc_info=exc)
     return JSONResponse(
         status_code=500,
         content={"detail": f"internal server error; the details were logged under reference {ref}"},
@@ -170,7 +173,9 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> JSONRespo
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    # Starlette types every handler as taking Exception; this one is registered for (and only ever
+    # called with) RequestValidationError.
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, database_error_handler)
     app.add_exception_handler(InterfaceError, database_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)

@@ -21,9 +21,7 @@ def _mib(n: int) -> str:
 
 
 class BodySizeLimitMiddleware:
-    def __init__(
-        self, app: ASGIApp, max_body_bytes: int, passthrough: tuple[tuple[str, str], ...] = ()
-    ) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, passthrough: tuple[tuple[str, str], ...] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.passthrough = {(m.upper(), p.rstrip("/") or "/") for m, p in passthrough}

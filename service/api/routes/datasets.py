@@ -16,14 +16,23 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
 from service import repository
 from service.api.deps import SessionDep, StoreDep
 from service.api.uploads import (
-    Receiver, UploadKind, bad_file_response, delete, delete_responses, file_error, not_found_response,
-    request_body, upload, upload_responses,
+    Receiver,
+    UploadKind,
+    bad_file_response,
+    delete,
+    delete_responses,
+    file_error,
+    not_found_response,
+    request_body,
+    upload,
+    upload_responses,
 )
 from service.dataset_files import DatasetFileError, format_for, inspect_file
 from service.schemas import DatasetPublic, DatasetsPublic
@@ -39,14 +48,14 @@ DatasetId = Annotated[str, PathParam(description="The dataset id returned by POS
 
 _NOT_FOUND = not_found_response("dataset")
 _BAD_FILE = bad_file_response(
-    "The file was refused: `msg` names the file, the tensor or column (and row) and the reason. "
-    "Nothing was stored.",
+    "The file was refused: `msg` names the file, the tensor or column (and row) and the reason. Nothing was stored.",
     "data.csv: the CSV rows are ragged: line 7 has 3 cells but the header has 4 columns",
     "ragged_rows",
 )
 
 
 def _inspect(received: Receiver, settings: Settings) -> dict[str, Any]:
+    assert received.path is not None and received.format is not None  # a completed upload (see upload())
     try:
         return inspect_file(received.path, received.format, max_decoded_bytes=settings.max_dataset_bytes)
     except DatasetFileError as exc:
@@ -54,9 +63,14 @@ def _inspect(received: Receiver, settings: Settings) -> dict[str, Any]:
 
 
 def _create(session: Session, received: Receiver, sha256: str, facts: dict[str, Any]) -> Any:
+    assert received.filename is not None and received.format is not None  # a completed upload
     return repository.create_dataset(
-        session, filename=received.filename, format=received.format, sha256=sha256,
-        size=received.size, facts=facts,
+        session,
+        filename=received.filename,
+        format=received.format,
+        sha256=sha256,
+        size=received.size,
+        facts=facts,
     )
 
 
@@ -108,7 +122,9 @@ def list_datasets(
 
 
 @router.get(
-    "/{dataset_id}", response_model=DatasetPublic, summary="A dataset's description",
+    "/{dataset_id}",
+    response_model=DatasetPublic,
+    summary="A dataset's description",
     responses={404: _NOT_FOUND},
 )
 def get_dataset(dataset_id: DatasetId, session: SessionDep) -> DatasetPublic:

@@ -174,9 +174,7 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
 ) -> JobsPublic:
     items, total = repository.list_jobs(session, status=status, limit=limit, offset=offset)
-    return JobsPublic(
-        items=[repository.to_public(j) for j in items], total=total, limit=limit, offset=offset
-    )
+    return JobsPublic(items=[repository.to_public(j) for j in items], total=total, limit=limit, offset=offset)
 
 
 @router.get(

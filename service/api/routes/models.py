@@ -16,14 +16,23 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
 from service import repository
 from service.api.deps import SessionDep, StoreDep
 from service.api.uploads import (
-    Receiver, UploadKind, bad_file_response, delete, delete_responses, file_error, not_found_response,
-    request_body, upload, upload_responses,
+    Receiver,
+    UploadKind,
+    bad_file_response,
+    delete,
+    delete_responses,
+    file_error,
+    not_found_response,
+    request_body,
+    upload,
+    upload_responses,
 )
 from service.exported_files import ExportedProgramError, describe_program, read_pt2
 from service.schemas import ModelPublic, ModelsPublic
@@ -49,7 +58,8 @@ def model_format(filename: str) -> str:
         return "pt2"
     got = f"extension {suffix!r}" if suffix else "no extension"
     raise ModelFileError(
-        f"{filename!r} has {got}; upload a .pt2 file written by torch.export.save(torch.export.export(model, (x,)), path)"
+        f"{filename!r} has {got}; upload a .pt2 file written by "
+        "torch.export.save(torch.export.export(model, (x,)), path)"
     )
 
 
@@ -63,6 +73,7 @@ _BAD_FILE = bad_file_response(
 
 
 def _describe(received: Receiver, settings: Settings) -> dict[str, Any]:
+    assert received.path is not None  # a completed upload (see upload())
     try:
         return describe_program(read_pt2(received.path, max_bytes=settings.max_dataset_bytes))
     except ExportedProgramError as exc:
@@ -70,6 +81,7 @@ def _describe(received: Receiver, settings: Settings) -> dict[str, Any]:
 
 
 def _create(session: Session, received: Receiver, sha256: str, program: dict[str, Any]) -> Any:
+    assert received.filename is not None  # a completed upload
     return repository.create_model(
         session, filename=received.filename, sha256=sha256, size=received.size, program=program
     )
