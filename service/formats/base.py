@@ -4,7 +4,8 @@ A format is one ``DatasetFormat``: its ``name`` (the value stored in the databas
 ``suffixes`` that select it, what it ``holds`` (named ``"tensors"`` or ``"columns"``), and two
 functions: ``inspect(path, max_decoded)`` checks a whole file and describes it (or raises
 ``DatasetFileError``), ``read(path, names)`` returns the named tensors or columns as numpy arrays
-(``KeyError`` for a name the file lacks).
+(``KeyError`` for a name the file lacks; for parquet, pyarrow's own ``ArrowInvalid``, as before the
+split: jobs are checked against the file's recorded names before anything reads it).
 
 numpy is imported inside the functions that need it, so importing this module stays light.
 """
@@ -37,7 +38,7 @@ class DatasetFormat:
     holds: Literal["tensors", "columns"]
     # (path, max_decoded_bytes) -> {"kind", "rows", "items"}; DatasetFileError when refused
     inspect: Callable[[Path, int], dict[str, Any]]
-    # (path, names) -> {name: numpy array}; KeyError for a name the file lacks
+    # (path, names) -> {name: numpy array}; KeyError for a name the file lacks (parquet: ArrowInvalid)
     read: Callable[[Path, list[str]], dict[str, Any]]
 
 
