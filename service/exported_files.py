@@ -116,14 +116,9 @@ def _json(zf: zipfile.ZipFile, name: str) -> Any:
         raise _fail(f"{name.split('/', 1)[1]} is not valid JSON: {exc}") from None
 
 
-def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
-    """The program of a ``.pt2`` archive as plain data, or ExportedProgramError with the reason.
-
-    Returns ``{"input": name, "output": name, "params": [{"name", "arg", "dtype", "shape",
-    "file"}], "ops": [{"target", "short", "args": {name: value}, "out"}], "input_shape": [...] }``
-    where an argument value is ``{"tensor": name}``, an int, a list of ints, a bool, a string or None.
-    """
-    zf, prefix = _open(Path(path), max_bytes)
+def _load(path: Path, max_bytes: int) -> tuple[Any, Any, dict[str, int], str]:
+    """(model.json, the weights config, entry sizes, the archive's folder) of a checked archive."""
+    zf, prefix = _open(path, max_bytes)
     with zf:
         model = _json(zf, f"{prefix}/models/model.json")
         weights_cfg = _json(zf, f"{prefix}/data/weights/model_weights_config.json").get("config", {})
@@ -133,6 +128,11 @@ def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
             raise _fail("the program has constant tensors or objects; gradtune trains programs whose state "
                         "is parameters only")
         sizes = {i.filename: i.file_size for i in zf.infolist()}
+    return model, weights_cfg, sizes, prefix
+
+
+def _graph(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(graph, signature) of a static exported program."""
     if not isinstance(model, dict) or not isinstance(model.get("schema_version"), dict):
         raise _fail("models/model.json is not an exported program")
     if model["schema_version"].get("major") != _SCHEMA_MAJOR:
@@ -145,8 +145,11 @@ def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
             raise _fail("the program has symbolic shapes; export the model with static shapes")
     if graph.get("custom_obj_values"):
         raise _fail("the program holds custom objects; gradtune trains tensors only")
-    signature = model["graph_module"].get("signature") or {}
+    return graph, model["graph_module"].get("signature") or {}
 
+
+def _inputs(signature: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(parameters as {name, arg}, user input names) of the signature's input specs."""
     params: list[dict[str, Any]] = []
     user_inputs: list[str] = []
     for spec in signature.get("input_specs", []):
@@ -158,6 +161,12 @@ def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
         else:
             raise _fail(f"the program has a {kind or 'malformed'} input; gradtune trains programs with one "
                         "input tensor and parameters (no buffers, constants or non-tensor inputs)")
+    return params, user_inputs
+
+
+def _signature(signature: dict[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """(parameters, the input's name, the output's spec): one tensor in, one out, some parameters."""
+    params, user_inputs = _inputs(signature)
     outputs = signature.get("output_specs", [])
     if len(user_inputs) != 1:
         raise _fail(f"the program takes {len(user_inputs)} inputs; it must take one tensor (the batch)")
@@ -166,82 +175,112 @@ def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
         raise _fail("the program must return one tensor (and no mutated buffers or extra outputs)")
     if not params:
         raise _fail("the program has no parameters to train")
+    return params, user_inputs[0], outputs[0]
 
+
+def _contiguous_strides(shape: list[int]) -> tuple[list[int], int]:
+    """(the strides of a contiguous tensor of ``shape``, its number of values)."""
+    want, acc = [], 1
+    for s in reversed(shape):
+        want.append(acc)
+        acc *= s
+    return list(reversed(want)), acc
+
+
+def _check_param(p: dict[str, Any], cfg: Any, sizes: dict[str, int], prefix: str) -> None:
+    """Add dtype, shape and file to parameter ``p`` after checking its stored weight ``cfg``."""
+    if not isinstance(cfg, dict):
+        raise _fail(f"parameter {p['name']!r} has no stored weight")
+    if cfg.get("use_pickle") is not False:
+        raise _fail(f"parameter {p['name']!r} is stored with pickle (a tensor subclass); refused: gradtune "
+                    "never unpickles uploaded files")
+    meta = cfg.get("tensor_meta") or {}
+    if meta.get("dtype") not in _DTYPES:
+        raise _fail(f"parameter {p['name']!r} has dtype code {meta.get('dtype')}; only float32 and float64 are trained")
+    if meta.get("layout") != _STRIDED:
+        raise _fail(f"parameter {p['name']!r} is not a dense (strided) tensor")
+    shape = _ints(meta.get("sizes"), f"parameter {p['name']!r}'s shape")
+    strides = _ints(meta.get("strides"), f"parameter {p['name']!r}'s strides")
+    want, count = _contiguous_strides(shape)
+    if strides != want or _ints([meta.get("storage_offset")], "offset") != [0]:
+        raise _fail(f"parameter {p['name']!r} is not stored contiguously")
+    dtype, item = _DTYPES[meta["dtype"]]
+    file = f"{prefix}/data/weights/{cfg.get('path_name')}"
+    if sizes.get(file) != count * item:
+        raise _fail(f"parameter {p['name']!r}: the stored bytes do not match its shape {shape} and dtype {dtype}")
+    p.update(dtype=dtype, shape=shape, file=file)
+
+
+def _argument(where: str, a: Any, allowed: dict[str, tuple[str, ...]], defined: set[str]) -> tuple[Any, Any]:
+    """(name, value) of one node argument; ``where`` names the node ("node 3 (target)")."""
+    name, arg = a.get("name"), a.get("arg") or {}
+    if name not in allowed or len(arg) != 1 or next(iter(arg)) not in allowed[name]:
+        raise _fail(f"{where} has an unsupported argument {name!r} ({list(arg)})")
+    kind, v = next(iter(arg.items()))
+    if kind == _T:
+        if v.get("name") not in defined:
+            raise _fail(f"{where} uses {v.get('name')!r} before it is defined")
+        v = {"tensor": v["name"]}
+    elif kind == _IS and not (isinstance(v, list) and all(isinstance(x, int) for x in v)):
+        raise _fail(f"{where}: argument {name!r} must be a list of integers")
+    elif kind == _I and not isinstance(v, int):
+        raise _fail(f"{where}: argument {name!r} must be an integer")
+    elif kind == _B and not isinstance(v, bool):
+        raise _fail(f"{where}: argument {name!r} must be true or false")
+    elif kind == _S and v not in ("none", "tanh"):
+        raise _fail(f"{where}: argument {name!r} is {v!r}")
+    elif kind == _N:
+        v = None
+    return name, v
+
+
+def _node(i: int, node: Any, defined: set[str], values: Any) -> dict[str, Any]:
+    """The checked ``i``-th node as an op; its output joins ``defined``."""
+    target = node.get("target")
+    allowed = OPS.get(target)
+    if allowed is None:
+        short = str(target).replace("torch.ops.aten.", "")
+        raise _fail(f"node {i} calls {short!r}, which gradtune cannot train through; supported: "
+                    + ", ".join(sorted(t.replace("torch.ops.aten.", "").split(".")[0] for t in OPS)))
+    args: dict[str, Any] = {}
+    for a in node.get("inputs", []):
+        name, v = _argument(f"node {i} ({target})", a, allowed, defined)
+        args[name] = v
+    first = next(iter(allowed))
+    if first not in args:
+        raise _fail(f"node {i} ({target}) has no input tensor")
+    outs = node.get("outputs", [])
+    if len(outs) != 1 or set(outs[0]) != {_T}:
+        raise _fail(f"node {i} ({target}) must produce one tensor")
+    out = outs[0][_T]["name"]
+    defined.add(out)
+    out_meta = values.get(out) or {}
+    return {"target": target, "short": target.split(".")[3], "args": args, "out": out,
+            "shape": _ints(out_meta.get("sizes"), f"node {i}'s output shape") if out_meta else None}
+
+
+def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
+    """The program of a ``.pt2`` archive as plain data, or ExportedProgramError with the reason.
+
+    Returns ``{"input": name, "output": name, "params": [{"name", "arg", "dtype", "shape",
+    "file"}], "ops": [{"target", "short", "args": {name: value}, "out"}], "input_shape": [...] }``
+    where an argument value is ``{"tensor": name}``, an int, a list of ints, a bool, a string or None.
+    """
+    model, weights_cfg, sizes, prefix = _load(Path(path), max_bytes)
+    graph, signature = _graph(model)
+    params, user_input, output_spec = _signature(signature)
     values = graph.get("tensor_values", {})
     for p in params:
-        cfg = weights_cfg.get(p["name"])
-        if not isinstance(cfg, dict):
-            raise _fail(f"parameter {p['name']!r} has no stored weight")
-        if cfg.get("use_pickle") is not False:
-            raise _fail(f"parameter {p['name']!r} is stored with pickle (a tensor subclass); refused: gradtune "
-                        "never unpickles uploaded files")
-        meta = cfg.get("tensor_meta") or {}
-        if meta.get("dtype") not in _DTYPES:
-            raise _fail(f"parameter {p['name']!r} has dtype code {meta.get('dtype')}; only float32 and float64 are trained")
-        if meta.get("layout") != _STRIDED:
-            raise _fail(f"parameter {p['name']!r} is not a dense (strided) tensor")
-        shape = _ints(meta.get("sizes"), f"parameter {p['name']!r}'s shape")
-        strides = _ints(meta.get("strides"), f"parameter {p['name']!r}'s strides")
-        want, acc = [], 1
-        for s in reversed(shape):
-            want.append(acc)
-            acc *= s
-        if strides != list(reversed(want)) or _ints([meta.get("storage_offset")], "offset") != [0]:
-            raise _fail(f"parameter {p['name']!r} is not stored contiguously")
-        dtype, item = _DTYPES[meta["dtype"]]
-        file = f"{prefix}/data/weights/{cfg.get('path_name')}"
-        if sizes.get(file) != acc * item:
-            raise _fail(f"parameter {p['name']!r}: the stored bytes do not match its shape {shape} and dtype {dtype}")
-        p.update(dtype=dtype, shape=shape, file=file)
-
-    defined = {p["arg"] for p in params} | set(user_inputs)
-    ops: list[dict[str, Any]] = []
-    for i, node in enumerate(graph.get("nodes", [])):
-        target = node.get("target")
-        allowed = OPS.get(target)
-        if allowed is None:
-            short = str(target).replace("torch.ops.aten.", "")
-            raise _fail(f"node {i} calls {short!r}, which gradtune cannot train through; supported: "
-                        + ", ".join(sorted(t.replace("torch.ops.aten.", "").split(".")[0] for t in OPS)))
-        args: dict[str, Any] = {}
-        for a in node.get("inputs", []):
-            name, arg = a.get("name"), a.get("arg") or {}
-            if name not in allowed or len(arg) != 1 or next(iter(arg)) not in allowed[name]:
-                raise _fail(f"node {i} ({target}) has an unsupported argument {name!r} ({list(arg)})")
-            kind, v = next(iter(arg.items()))
-            if kind == _T:
-                if v.get("name") not in defined:
-                    raise _fail(f"node {i} ({target}) uses {v.get('name')!r} before it is defined")
-                v = {"tensor": v["name"]}
-            elif kind == _IS and not (isinstance(v, list) and all(isinstance(x, int) for x in v)):
-                raise _fail(f"node {i} ({target}): argument {name!r} must be a list of integers")
-            elif kind == _I and not isinstance(v, int):
-                raise _fail(f"node {i} ({target}): argument {name!r} must be an integer")
-            elif kind == _B and not isinstance(v, bool):
-                raise _fail(f"node {i} ({target}): argument {name!r} must be true or false")
-            elif kind == _S and v not in ("none", "tanh"):
-                raise _fail(f"node {i} ({target}): argument {name!r} is {v!r}")
-            elif kind == _N:
-                v = None
-            args[name] = v
-        first = next(iter(allowed))
-        if first not in args:
-            raise _fail(f"node {i} ({target}) has no input tensor")
-        outs = node.get("outputs", [])
-        if len(outs) != 1 or set(outs[0]) != {_T}:
-            raise _fail(f"node {i} ({target}) must produce one tensor")
-        out = outs[0][_T]["name"]
-        defined.add(out)
-        out_meta = values.get(out) or {}
-        ops.append({"target": target, "short": target.split(".")[3], "args": args, "out": out,
-                    "shape": _ints(out_meta.get("sizes"), f"node {i}'s output shape") if out_meta else None})
-    output = outputs[0]["user_output"]["arg"]["as_tensor"]["name"]
+        _check_param(p, weights_cfg.get(p["name"]), sizes, prefix)
+    defined = {p["arg"] for p in params} | {user_input}
+    ops = [_node(i, node, defined, values) for i, node in enumerate(graph.get("nodes", []))]
+    output = output_spec["user_output"]["arg"]["as_tensor"]["name"]
     if output not in defined:
         raise _fail("the program's output is not computed by its graph")
-    in_meta = values.get(user_inputs[0]) or {}
+    in_meta = values.get(user_input) or {}
     out_meta = values.get(output) or {}
     return {
-        "input": user_inputs[0],
+        "input": user_input,
         "output": output,
         "params": params,
         "ops": ops,
