@@ -73,6 +73,7 @@ def _sqlite_foreign_keys_off(connection: Connection) -> Iterator[None]:
         yield
         return
     driver = connection.connection.driver_connection
+    assert driver is not None, "an open SQLite connection has its driver's connection"
     was_on = driver.execute("PRAGMA foreign_keys").fetchone()[0]
     driver.execute("PRAGMA foreign_keys=OFF")
     try:

@@ -40,13 +40,52 @@ def _refuse_unknown_statuses() -> None:
         )
 
 
+def _jobs(with_check: bool) -> sa.Table | None:
+    """The jobs table as 0001-0003 left it (plus the constraint, ``with_check``), for ``--sql`` on
+    SQLite: batch mode cannot reflect a table without a database. Online it reflects the table."""
+    if not context.is_offline_mode():
+        return None
+    constraints: list[sa.SchemaItem] = [sa.PrimaryKeyConstraint("id")]
+    if with_check:
+        constraints.append(sa.CheckConstraint(CHECK, name="ck_jobs_status"))
+    table = sa.Table(
+        "jobs",
+        sa.MetaData(),
+        sa.Column("id", sa.String(length=36), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("spec", sa.JSON(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("iteration", sa.Integer(), nullable=False),
+        sa.Column("iterations", sa.Integer(), nullable=False),
+        sa.Column("meta_loss", sa.Float(), nullable=True),
+        sa.Column("lr", sa.Float(), nullable=True),
+        sa.Column("momentum", sa.Float(), nullable=True),
+        sa.Column("checkpoint", sa.JSON(), nullable=True),
+        sa.Column("result", sa.JSON(), nullable=True),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("cancel_requested", sa.Boolean(), nullable=False),
+        sa.Column("chunks_started", sa.Integer(), nullable=False),
+        sa.Column("chunks_committed", sa.Integer(), nullable=False),
+        sa.Column("device", sa.String(length=32), nullable=True),
+        *constraints,
+    )
+    sa.Index("ix_jobs_status_created_at", table.c.status, table.c.created_at)
+    return table
+
+
 def upgrade() -> None:
     if not context.is_offline_mode():
         _refuse_unknown_statuses()
-    with op.batch_alter_table("jobs") as batch:
+    with op.batch_alter_table("jobs", copy_from=_jobs(with_check=False)) as batch:
         batch.create_check_constraint("ck_jobs_status", CHECK)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
+    with op.batch_alter_table("jobs", copy_from=_jobs(with_check=True)) as batch:
         batch.drop_constraint("ck_jobs_status", type_="check")

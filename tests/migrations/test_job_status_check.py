@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -189,18 +190,51 @@ def test_downgrade_to_0003_drops_only_the_constraint(empty_url):
     assert diff(empty_url) == []
 
 
-def test_upgrade_sql_offline_for_postgresql(tmp_path):
-    """``alembic upgrade 0003:0004 --sql`` prints the constraint without a database to read."""
+def _offline_sql(url: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADTUNE_")}
-    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"
     out = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "-x", f"url={url}"]
-        + ["upgrade", "0003:0004", "--sql"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "-x", f"url={url}", *args, "--sql"],
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "ALTER TABLE jobs ADD CONSTRAINT ck_jobs_status CHECK (status IN ('queued'," in out.stdout
+    return out.stdout
+
+
+def test_upgrade_sql_offline_for_postgresql():
+    """``alembic upgrade 0003:0004 --sql`` prints the constraint without a database to read."""
+    sql = _offline_sql("postgresql+psycopg://nobody@127.0.0.1:1/none", "upgrade", "0003:0004")
+    assert "ALTER TABLE jobs ADD CONSTRAINT ck_jobs_status CHECK (status IN ('queued'," in sql
+    sql = _offline_sql("postgresql+psycopg://nobody@127.0.0.1:1/none", "downgrade", "0004:0003")
+    assert "ALTER TABLE jobs DROP CONSTRAINT ck_jobs_status" in sql
+
+
+def test_upgrade_sql_offline_for_sqlite_runs_on_a_0003_database(tmp_path):
+    """On SQLite the ``--sql`` script rebuilds jobs from the migration's copy of the table; run
+    with the sqlite3 shell's defaults (foreign keys off) it keeps every row, and so does the
+    downgrade script."""
+    url = f"sqlite:///{tmp_path / 'offline.db'}"
+    upgrade(url, "0003")
+    _populate_0003(url)
+    before = _snapshot(url)
+    up = _offline_sql(f"sqlite:///{tmp_path / 'unused.db'}", "upgrade", "0003:0004")
+    down = _offline_sql(f"sqlite:///{tmp_path / 'unused.db'}", "downgrade", "0004:0003")
+    assert not (tmp_path / "unused.db").exists()
+    conn = sqlite3.connect(tmp_path / "offline.db")
+    try:
+        conn.executescript(up)
+    finally:
+        conn.close()
+    assert version(url) == HEAD and diff(url) == [] and _snapshot(url) == before
+    assert _checks(url) == {"ck_jobs_status": set(STATUSES)}
+    with pytest.raises(IntegrityError):
+        _add_job(url, "j-bad", "paused")
+    conn = sqlite3.connect(tmp_path / "offline.db")
+    try:
+        conn.executescript(down)
+    finally:
+        conn.close()
+    assert version(url) == "0003" and _checks(url) == {} and _snapshot(url) == before
