@@ -10,20 +10,26 @@ Invariants (every function here keeps them; tests/worker checks them):
   and only by the owner that still holds the claim, so history has no gap and no
   duplicate iteration whatever crashes in between.
 - Finished jobs (succeeded, failed, cancelled) never change again.
+- Liveness is judged by the database's clock only (service.db.clock): a transaction reads the
+  database's now once and writes and compares with it; a heartbeat writes ``db_now()`` itself.
+  The hosts' clocks never enter, so workers and API processes with drifting clocks agree.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import Job, JobIteration, utcnow
-from service.schemas import TERMINAL_STATUSES
+from gradtune.spec import TERMINAL_STATUSES, JobStatus
+from service.db.clock import as_utc, database_now, db_now
+from service.db.models import Job, JobIteration
+
+QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
 
 
 @dataclass(frozen=True)
@@ -37,13 +43,6 @@ class Claim:
     cancel_requested: bool
 
 
-def _aware(ts: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; they were written in UTC.
-    if ts is not None and ts.tzinfo is None:
-        return ts.replace(tzinfo=timezone.utc)
-    return ts
-
-
 def _lock(session: Session, job_id: str) -> Job | None:
     return session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
 
@@ -55,18 +54,21 @@ def _finite(x: Any) -> float | None:
 def claim_job(
     session: Session, *, job_id: str, owner: str, iteration: int | None, stale_after_s: float
 ) -> Claim | None:
-    """Take the job for one chunk, or return None when the message has nothing to do."""
-    now = utcnow()
+    """Take the job for one chunk, or return None when the message has nothing to do.
+
+    Another owner's claim stands while its heartbeat is younger than ``stale_after_s`` by the
+    database's clock.
+    """
     job = _lock(session, job_id)
     if job is None or job.status in TERMINAL_STATUSES:
         return None
     if iteration is not None and iteration != job.iteration:
         return None  # a stale or duplicate message
-    if job.lease_owner and job.lease_owner != owner:
-        beat = _aware(job.heartbeat_at)
-        if beat is not None and now - beat < timedelta(seconds=stale_after_s):
+    now = database_now(session)
+    if job.lease_owner and job.lease_owner != owner and job.heartbeat_at is not None:
+        if now - as_utc(job.heartbeat_at) < timedelta(seconds=stale_after_s):
             return None  # someone alive is on it
-    job.status = "running"
+    job.status = RUNNING
     job.started_at = job.started_at or now
     job.lease_owner = owner
     job.heartbeat_at = now
@@ -86,12 +88,15 @@ def claim_job(
 
 
 def heartbeat(session: Session, *, job_id: str, owner: str) -> bool:
-    """Refresh the claim; False means it was lost (the chunk's work will be discarded)."""
-    now = utcnow()
+    """Refresh the claim; False means it was lost (the chunk's work will be discarded).
+
+    The new heartbeat is the database's time, written by the UPDATE itself.
+    """
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-        .values(heartbeat_at=now)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == RUNNING)
+        .values(heartbeat_at=db_now())
+        .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1
 
@@ -113,11 +118,10 @@ def commit_chunk(
 
     Returns False (writing nothing) when the claim was lost meanwhile.
     """
-    now = utcnow()
     job = _lock(session, job_id)
     if (
         job is None
-        or job.status != "running"
+        or job.status != RUNNING
         or job.lease_owner != owner
         or job.iteration != start_iteration
     ):
@@ -126,6 +130,7 @@ def commit_chunk(
     got = [int(r["iteration"]) for r in records]
     if got != expected:
         raise ValueError(f"chunk iterations {got} do not follow iteration {start_iteration}")
+    now = database_now(session)
     core = {"iteration", "meta_loss", "lr", "momentum", "accepted", "step_size"}
     for r in records:
         session.add(
@@ -160,7 +165,7 @@ def _finish(session: Session, job_id: str, owner: str, **values: Any) -> bool:
     job = _lock(session, job_id)
     if job is None or job.status in TERMINAL_STATUSES or job.lease_owner != owner:
         return False
-    now = utcnow()
+    now = database_now(session)
     for k, v in values.items():
         setattr(job, k, v)
     job.finished_at = now
@@ -172,17 +177,17 @@ def _finish(session: Session, job_id: str, owner: str, **values: Any) -> bool:
 
 def finish_job(session: Session, *, job_id: str, owner: str, result: dict[str, Any]) -> bool:
     return _finish(
-        session, job_id, owner, status="succeeded", result=result,
+        session, job_id, owner, status=JobStatus.SUCCEEDED.value, result=result,
         lr=result["lr"], momentum=result["momentum"],
     )
 
 
 def fail_job(session: Session, *, job_id: str, owner: str, error: str) -> bool:
-    return _finish(session, job_id, owner, status="failed", error=error)
+    return _finish(session, job_id, owner, status=JobStatus.FAILED.value, error=error)
 
 
 def cancel_job(session: Session, *, job_id: str, owner: str) -> bool:
-    return _finish(session, job_id, owner, status="cancelled")
+    return _finish(session, job_id, owner, status=JobStatus.CANCELLED.value)
 
 
 def sweep(session: Session, *, stale_after_s: float) -> list[tuple[str, int]]:
@@ -190,14 +195,16 @@ def sweep(session: Session, *, stale_after_s: float) -> list[tuple[str, int]]:
 
     Marks each as just seen, so the next sweep waits another ``stale_after_s``,
     and returns (job_id, iteration) pairs to enqueue once this transaction commits.
+    "Stale" is older than ``stale_after_s`` by the database's clock: the cutoff is computed from
+    one read of it and compared in SQL.
     """
-    now = utcnow()
+    now = database_now(session)
     cutoff = now - timedelta(seconds=stale_after_s)
     stmt = (
         select(Job)
         .where(
-            ((Job.status == "running") & ((Job.heartbeat_at == None) | (Job.heartbeat_at < cutoff)))  # noqa: E711
-            | ((Job.status == "queued") & (Job.updated_at < cutoff))
+            ((Job.status == RUNNING) & (Job.heartbeat_at.is_(None) | (Job.heartbeat_at < cutoff)))
+            | ((Job.status == QUEUED) & (Job.updated_at < cutoff))
         )
         .order_by(Job.created_at)
         .limit(100)
@@ -205,7 +212,7 @@ def sweep(session: Session, *, stale_after_s: float) -> list[tuple[str, int]]:
     )
     out = []
     for job in session.execute(stmt).scalars():
-        if job.status == "running":
+        if job.status == RUNNING:
             job.lease_owner = None
             job.heartbeat_at = now
         job.updated_at = now

@@ -4,6 +4,9 @@ Every function takes an open ``Session`` and leaves committing to the caller, so
 request does its writes in one transaction and can enqueue work only after that commit.
 Nothing here returns a job's ``spec`` to a client: ``to_public`` builds the public view from
 the progress columns only (a spec can hold megabytes of inline arrays).
+
+Every time written here comes from the database's clock (service.db.clock), like the worker's
+heartbeats: the sweep compares a queued job's ``updated_at`` with that clock.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
-from service.db.models import Dataset, ExportedModel, Job, JobDataset, JobIteration, JobModel, utcnow
-from service.schemas import TERMINAL_STATUSES, DatasetItem, DatasetPublic, JobPublic, ModelPublic, Progress
+from gradtune.spec import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus
+from service.db.clock import database_now
+from service.db.models import Dataset, ExportedModel, Job, JobDataset, JobIteration, JobModel
+from service.schemas import DatasetItem, DatasetPublic, JobPublic, ModelPublic, Progress
 
 
 class NotFound(LookupError):
@@ -59,11 +64,11 @@ def create_job(session: Session, *, spec: dict[str, Any], name: str, iterations:
     queued job already sees the values the tuning begins from.
     """
     hyper = spec.get("hyperparameters") or {}
-    now = utcnow()
+    now = database_now(session)
     job = Job(
         id=str(uuid.uuid4()),
         name=name,
-        status="queued",
+        status=JobStatus.QUEUED.value,
         spec=spec,
         created_at=now,
         updated_at=now,
@@ -145,19 +150,19 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
     )
     if job is None:
         raise NotFound(job_id)
-    now = utcnow()
-    if job.status == "queued":
-        job.status = "cancelled"
+    now = database_now(session)
+    if job.status == JobStatus.QUEUED:
+        job.status = JobStatus.CANCELLED.value
         job.finished_at = now
         job.updated_at = now
-    elif job.status == "running":
+    elif job.status == JobStatus.RUNNING:
         job.cancel_requested = True
         job.updated_at = now
     elif job.status in TERMINAL_STATUSES:
         raise Conflict(
             f"job {job_id} is already {job.status}; only queued or running jobs can be cancelled"
         )
-    else:  # pragma: no cover - a status the schema does not know
+    else:  # pragma: no cover - the ck_jobs_status constraint admits no other status
         raise Conflict(f"job {job_id} has status {job.status!r} and cannot be cancelled")
     session.flush()
     return job
@@ -210,8 +215,7 @@ def to_public(job: Job) -> JobPublic:
 # ---------------------------------------------------------------- uploaded files, datasets and models alike
 # ``table`` is the mapped class (Dataset, ExportedModel), with ``id``, ``sha256`` and ``created_at``;
 # ``link`` the job's link table to it (JobDataset, JobModel) and ``column`` that table's id column.
-
-ACTIVE_STATUSES = ("queued", "running")
+# A queued or running job (gradtune.spec's ACTIVE_STATUSES) keeps the files it names.
 
 
 def _get(session: Session, table: type, row_id: str, lock: bool) -> Any:
@@ -288,7 +292,7 @@ def create_dataset(
         size=size,
         rows=facts.get("rows"),
         items=facts["items"],
-        created_at=utcnow(),
+        created_at=database_now(session),
     )
     session.add(dataset)
     session.flush()
@@ -349,7 +353,12 @@ def create_model(
     """Insert a model row; ``program`` is service.exported_files.describe_program's summary.
     A second row with the same sha256 violates a unique index (IntegrityError at flush)."""
     model = ExportedModel(
-        id=str(uuid.uuid4()), filename=filename, sha256=sha256, size=size, program=program, created_at=utcnow()
+        id=str(uuid.uuid4()),
+        filename=filename,
+        sha256=sha256,
+        size=size,
+        program=program,
+        created_at=database_now(session),
     )
     session.add(model)
     session.flush()

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from gradtune.spec import STATUSES, TERMINAL_STATUSES  # noqa: F401 - re-exported: service.schemas.STATUSES
+
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
 LOSSES = ("cross_entropy", "mse")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 # Facts about the scikit-learn datasets a task can name, kept here so the API can
 # validate a job without importing scikit-learn. tests/worker checks them against
@@ -30,6 +30,7 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 
 Activation = Literal["tanh", "relu", "sigmoid", "gelu"]
 Loss = Literal["cross_entropy", "mse"]
+# gradtune.spec's JobStatus values, spelled out for type checkers (tests/service checks they agree).
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes"]
 

@@ -1,12 +1,30 @@
-"""Database models. The schema itself exists only through Alembic migrations."""
+"""Database models. The schema itself exists only through Alembic migrations.
+
+The ``utcnow`` defaults below are for rows built by hand (tests); service.repository and
+service.lifecycle write every time themselves, from the database's clock (service.db.clock).
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from gradtune.spec import STATUSES, JobStatus
 
 
 def utcnow() -> datetime:
@@ -17,12 +35,17 @@ class Base(DeclarativeBase):
     pass
 
 
+# A job's status is one of gradtune.spec's JobStatus values, enforced by the database too
+# (migration 0004 added the constraint; it lists the same values).
+JOB_STATUS_CHECK = "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")"
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     # The validated job body (service.schemas.JobCreate, JSON mode).
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -57,7 +80,10 @@ class Job(Base):
         back_populates="job", cascade="all, delete-orphan", order_by="JobIteration.iteration"
     )
 
-    __table_args__ = (Index("ix_jobs_status_created_at", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_jobs_status_created_at", "status", "created_at"),
+        CheckConstraint(JOB_STATUS_CHECK, name="ck_jobs_status"),
+    )
 
 
 class JobIteration(Base):

@@ -1,5 +1,6 @@
 """The schema exists only through migrations: upgrade empty SQLite and PostgreSQL databases to
-head, compare with the models, go down to base and up again."""
+head, compare with the models, go down to base and up again. tests/migrations/test_job_status_check.py
+upgrades a populated 0003 database to the status CHECK constraint."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0003"
+HEAD = "0004"
 TABLES = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
 
 
@@ -145,6 +146,7 @@ def test_alembic_command_line_from_another_directory(tmp_path):
     assert "Running upgrade  -> 0001" in out.stderr
     assert "Running upgrade 0001 -> 0002" in out.stderr
     assert "Running upgrade 0002 -> 0003" in out.stderr
+    assert "Running upgrade 0003 -> 0004" in out.stderr
     assert version(url) == HEAD
 
 

@@ -1,6 +1,7 @@
 """The claim protocol that makes redelivered, duplicated and orphaned chunks harmless.
 
-Runs against SQLite and PostgreSQL (the db_url fixture), on migrated databases.
+Runs against SQLite and PostgreSQL (the db_url fixture), on migrated databases. Liveness goes by
+the database's clock, whatever the hosts' clocks say (the tests at the end).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from service import lifecycle
 from service.db.models import Job, JobIteration, utcnow
 from service.db.session import make_engine
+from tests.service.test_repository_clock import db_clock, near_db_clock, python_clock_shifter
 
 
 @pytest.fixture
@@ -139,3 +141,66 @@ def test_sweep_finds_stale_running_and_old_queued_jobs_once(Session):
     with Session.begin() as s:  # marked as seen: not found again right away
         assert lifecycle.sweep(s, stale_after_s=30) == []
     assert _claim(Session, run, "new", iteration=0) is not None
+
+
+# ---------------------------------------------------------------- liveness by the database's clock
+# The host clock service code could read is moved far away (shift_python_clock); claims,
+# heartbeats and the sweep must not notice, because they read and write the database's time.
+
+
+@pytest.fixture
+def shift_python_clock(monkeypatch):
+    return python_clock_shifter(monkeypatch)
+
+
+def _set_heartbeat(Session, jid, seconds_ago: float) -> None:
+    """The job's heartbeat ``seconds_ago`` by the database's clock (read with plain SQL)."""
+    beat = db_clock(Session) - timedelta(seconds=seconds_ago)
+    with Session.begin() as s:
+        s.get(Job, jid).heartbeat_at = beat
+
+
+def test_claim_heartbeat_commit_and_finish_write_the_database_clock(Session, shift_python_clock):
+    jid = _job(Session, iterations=2)
+    shift_python_clock(timedelta(days=3))
+    assert _claim(Session, jid, "a") is not None
+    job = _get(Session, jid)
+    assert near_db_clock(Session, job.heartbeat_at) and near_db_clock(Session, job.started_at)
+    _set_heartbeat(Session, jid, 600)
+    with Session.begin() as s:
+        assert lifecycle.heartbeat(s, job_id=jid, owner="a") is True
+    assert near_db_clock(Session, _get(Session, jid).heartbeat_at)
+    assert _commit(Session, jid, "a", 0, 2) is True
+    with Session() as s:
+        created = [r.created_at for r in s.execute(select(JobIteration).where(JobIteration.job_id == jid)).scalars()]
+    assert len(created) == 2 and all(near_db_clock(Session, c) for c in created)
+    _claim(Session, jid, "b", iteration=2)
+    with Session.begin() as s:
+        assert lifecycle.finish_job(s, job_id=jid, owner="b", result={"lr": 0.3, "momentum": 0.8})
+    job = _get(Session, jid)
+    assert near_db_clock(Session, job.finished_at) and near_db_clock(Session, job.updated_at)
+
+
+@pytest.mark.parametrize("offset", [timedelta(hours=1), timedelta(hours=-1)])
+def test_staleness_is_judged_by_the_database_clock(Session, shift_python_clock, offset):
+    """With the host clock an hour ahead a fresh job would look dead, an hour behind a dead one
+    alive; by the database's clock, the one 120 s silent is stale and the one just beating is not."""
+    dead, alive, waiting = _job(Session), _job(Session), _job(Session)
+    shift_python_clock(offset)
+    assert _claim(Session, dead, "dead") is not None and _claim(Session, alive, "alive") is not None
+    _set_heartbeat(Session, dead, 120)
+    with Session.begin() as s:
+        found = dict(lifecycle.sweep(s, stale_after_s=30))
+    assert found == {dead: 0}, "the sweep went by the host's clock"
+    assert near_db_clock(Session, _get(Session, dead).heartbeat_at)  # marked as seen, by the database
+
+    _set_heartbeat(Session, dead, 120)
+    assert _claim(Session, alive, "thief", stale=30.0) is None  # alive by the database's clock
+    assert _claim(Session, dead, "heir", stale=30.0) is not None  # dead by it: taken over
+    # A queued job 120 s untouched by the database's clock is found, one just touched is not.
+    with Session.begin() as s:
+        s.get(Job, waiting).updated_at = db_clock(Session) - timedelta(seconds=120)
+    with Session.begin() as s:
+        assert dict(lifecycle.sweep(s, stale_after_s=30)) == {waiting: 0}
+    with Session.begin() as s:
+        assert lifecycle.sweep(s, stale_after_s=30) == []
