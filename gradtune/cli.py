@@ -266,7 +266,8 @@ def models_list(url: str = URL) -> None:
     with _api(url) as client:
         page = client.models()
     for m in page["items"]:
-        typer.echo(f"{m['id']}  {str(tuple(m['input_shape'])):<14} -> {m['output_width']:<4} {m['size']:>10}  {m['filename']}")
+        shape = str(tuple(m["input_shape"]))
+        typer.echo(f"{m['id']}  {shape:<14} -> {m['output_width']:<4} {m['size']:>10}  {m['filename']}")
 
 
 def _redact(url: str) -> str:

@@ -53,7 +53,7 @@ class TunedSettings:
     boundaries: list[int] | None = None
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> "TunedSettings":
+    def from_body(cls, body: dict[str, Any]) -> TunedSettings:
         return cls(lr=body["lr"], momentum=body["momentum"], evaluation=body.get("evaluation") or {},
                    raw=body, param_groups=body.get("param_groups"), boundaries=body.get("boundaries"))
 
@@ -113,7 +113,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

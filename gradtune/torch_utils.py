@@ -36,7 +36,8 @@ def make_optimizer(model: torch.nn.Module, param_groups: Sequence[dict[str, Any]
         missing = [n for n in spec["params"] if n not in named]
         if missing:
             raise ValueError(f"The model has no parameters named {', '.join(missing)}.")
-        groups.append({"params": [named[n] for n in spec["params"]], "lr": spec["lr"][0], "momentum": spec["momentum"][0]})
+        params = [named[n] for n in spec["params"]]
+        groups.append({"params": params, "lr": spec["lr"][0], "momentum": spec["momentum"][0]})
     opt = torch.optim.SGD(groups, lr=float(param_groups[0]["lr"][0]))
     apply_schedule(opt, param_groups, boundaries, 0)
     return opt
@@ -53,6 +54,6 @@ def apply_schedule(
     trained: buf = momentum * buf + grad; p = p - lr * buf, with the values of the current segment.
     """
     seg = segment_at(boundaries, step)
-    for group, spec in zip(optimizer.param_groups, param_groups):
+    for group, spec in zip(optimizer.param_groups, param_groups, strict=False):
         group["lr"] = float(spec["lr"][seg])
         group["momentum"] = float(spec["momentum"][seg])

@@ -1,4 +1,5 @@
-"""No import cycles among the project's own modules (worker/, service/, gradtune/).
+"""No import cycles among the project's own modules (worker/, service/, gradtune/), and the engine's
+task kinds behind one protocol (worker/engine/kinds.py) rather than told apart along the way.
 
 The graph is read from the sources with ``ast``: every ``import`` and ``from ... import`` anywhere in
 a module (module level, inside functions, under ``if TYPE_CHECKING``), relative imports resolved,
@@ -146,3 +147,35 @@ def test_the_scan_finds_cycles_through_function_level_and_relative_imports(tmp_p
     assert not _tolerated(["pkg.a", "pkg.c"])
     assert _tolerated(["worker.engine.meta", "worker.engine.meta.loop"])
     assert not _tolerated(["worker.engine.meta", "worker.engine.modules"])
+
+
+def test_task_kinds_are_told_apart_in_one_place():
+    """isinstance against a task class appears only in kinds.kind_of (the MLP Task's adapter)."""
+    kinds = {"Task", "ModuleTask", "MLPKind"}
+    seen = []
+    for path in sorted((ROOT / "worker").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.Lambda)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+                    classes = node.args[1]
+                    names = {getattr(n, "id", getattr(n, "attr", None)) for n in ast.walk(classes)}
+                    if names & kinds:
+                        seen.append(f"{path.relative_to(ROOT)}:{getattr(fn, 'name', 'lambda')}")
+    assert seen == ["worker/engine/kinds.py:kind_of"], seen
+
+
+def test_every_kind_implements_the_protocol():
+    import inspect
+
+    from worker.engine.kinds import MLPKind, ModuleTask, TaskKind
+
+    members = {n for n in vars(TaskKind) if not n.startswith("_")}
+    assert {"layout", "cost_terms", "as_mlp_task", "as_module_task", "train_sgd", "train_sgd_groups", "name"} <= members
+    for kind in (ModuleTask, MLPKind):
+        for name in members - {"name"}:
+            want = list(inspect.signature(getattr(TaskKind, name)).parameters)
+            assert list(inspect.signature(getattr(kind, name)).parameters) == want, (kind.__name__, name)
+    assert "name" in ModuleTask.__dataclass_fields__ and isinstance(MLPKind.name, property)

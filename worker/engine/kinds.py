@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -110,7 +111,7 @@ class ModuleTask:
         return train_sgd_module_groups(self, param_groups, boundaries, draw)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MLPKind:
     """The TaskKind of a plain MLP tasks.Task (build_model's Linear, act, ..., Linear)."""
 
@@ -191,7 +192,7 @@ def as_module_task(task: Task) -> ModuleTask:
         steps=task.steps,
         batch_size=task.batch_size,
         seed=task.seed,
-        make_model=lambda draw, _t=task: build_model(_t, draw),
+        make_model=partial(build_model, task),  # make_model(draw) = build_model(task, draw)
     )
 
 

@@ -17,8 +17,9 @@ torch.optim.SGD on the same model and batches).
 
 ``ModuleObjective`` has the public methods and return conventions of functional.Objective, so the
 meta-loop can use either; ``make_objective`` picks one through the kinds' protocol (kinds.TaskKind,
-where ModuleTask and its helpers live; they stay importable from here). Module buffers (if any) are passed to functional_call unchanged: models
-whose forward updates buffers in place (BatchNorm in training mode) are refused.
+where ModuleTask and its helpers live; they stay importable from here). Module buffers (if any) are
+passed to functional_call unchanged: models whose forward updates buffers in place (BatchNorm in
+training mode) are refused.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def _mean_over_draws(
     draws = list(draws)
     if not tasks or not draws:
         raise ValueError(f"{what} needs at least one task and one draw.")
-    rows = []
+    rows: list[dict] = []
     for task in tasks:
         kind = kind_of(task)
         losses = [run(kind, d) for d in draws]

@@ -44,7 +44,13 @@ def task_loss(task, output: Tensor, target: Tensor) -> Tensor:
     return loss_of(task.loss, output, target)
 
 
-def fit(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, draw: int = 0, schedule=None) -> float:
+def fit(
+    task,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    draw: int = 0,
+    schedule: tuple[Sequence[dict], Sequence[int]] | None = None,
+) -> float:
     """Train `model` with `optimizer` for task.steps steps on batch_indices(task, draw); return the
     validation loss. With schedule = (param_groups, boundaries), apply_schedule runs before every
     step. `task`: any kind of task (kinds.TaskKind's data: x_*, y_*, loss, steps, batch_size,
@@ -57,7 +63,7 @@ def fit(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, draw: in
     with torch.enable_grad():
         for t in range(task.steps):
             if schedule is not None:
-                apply_schedule(optimizer, *schedule, t)
+                apply_schedule(optimizer, schedule[0], schedule[1], t)
             rows = idx[t]
             loss = task_loss(task, model(task.x_train[rows]), task.y_train[rows])
             if not torch.isfinite(loss):
