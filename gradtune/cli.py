@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -26,9 +27,37 @@ def worker_argv(queue: str, loglevel: str = "INFO") -> list[str]:
     ]
 
 
+# The client commands need the base install only (httpx, typer, rich). The server-side commands
+# import service/ and worker/ inside their bodies, after _require has checked that the extras they
+# need are installed: these modules (import names) stand for each extra.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "api": ("fastapi", "uvicorn", "sqlalchemy", "alembic", "pydantic_settings", "celery"),
+    "worker": ("torch", "numpy", "sqlalchemy", "pydantic_settings", "celery"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _require(command: str, *extras: str) -> None:
+    """Exit 1, naming the extras and the pip command, when `command` needs an extra not installed."""
+    missing = sorted({m for extra in extras for m in EXTRA_MODULES[extra] if not _installed(m)})
+    if missing:
+        what = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
+        _fail(RuntimeError(
+            f"gradtune {command} needs the {what}: pip install 'gradtune[{','.join(extras)}]' "
+            f"(not installed: {', '.join(missing)})"
+        ))
+
+
 @cli.command()
 def migrate() -> None:
     """Create or upgrade the database schema (alembic upgrade head)."""
+    _require("migrate", "api")
     from service.db.migrate import upgrade
     from service.settings import get_settings
 
@@ -41,6 +70,7 @@ def migrate() -> None:
 @cli.command()
 def worker(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> None:
     """Run one worker process: it drains the queue, one chunk at a time, on CUDA when present."""
+    _require("worker", "worker")
     from service.settings import get_settings
 
     settings = get_settings()
@@ -56,6 +86,7 @@ def serve(
     workers: int = typer.Option(1, min=0, help="Embedded worker processes to start (0: none)."),
 ) -> None:
     """API on :8000 plus embedded workers; SQLite and a server-less broker unless configured."""
+    _require("serve", *(("api", "worker") if workers else ("api",)))
     import uvicorn
 
     from service.db.migrate import upgrade
@@ -235,7 +266,8 @@ def models_list(url: str = URL) -> None:
     with _api(url) as client:
         page = client.models()
     for m in page["items"]:
-        typer.echo(f"{m['id']}  {str(tuple(m['input_shape'])):<14} -> {m['output_width']:<4} {m['size']:>10}  {m['filename']}")
+        shape = str(tuple(m["input_shape"]))
+        typer.echo(f"{m['id']}  {shape:<14} -> {m['output_width']:<4} {m['size']:>10}  {m['filename']}")
 
 
 def _redact(url: str) -> str:

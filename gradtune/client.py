@@ -1,4 +1,9 @@
-"""A small HTTP client for the gradtune API (httpx only: no server dependencies)."""
+"""A small HTTP client for the gradtune API (httpx only: no server dependencies).
+
+Installed by ``pip install gradtune`` alone; it never imports ``service`` or ``worker``. torch and
+numpy are imported inside the functions that handle models and tensors (``tune``,
+``TunedSettings.sgd``), from the user's own environment.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ class TunedSettings:
     boundaries: list[int] | None = None
 
     @classmethod
-    def from_body(cls, body: dict[str, Any]) -> "TunedSettings":
+    def from_body(cls, body: dict[str, Any]) -> TunedSettings:
         return cls(lr=body["lr"], momentum=body["momentum"], evaluation=body.get("evaluation") or {},
                    raw=body, param_groups=body.get("param_groups"), boundaries=body.get("boundaries"))
 
@@ -61,7 +66,7 @@ class TunedSettings:
         import torch
 
         if self.param_groups and not constant and isinstance(model_or_params, torch.nn.Module):
-            from worker.engine.reference import make_optimizer
+            from gradtune.torch_utils import make_optimizer
 
             return make_optimizer(model_or_params, self.param_groups, self.boundaries or [0])
         params = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
@@ -70,7 +75,7 @@ class TunedSettings:
     def apply_schedule(self, optimizer, step: int) -> None:
         """Set each param group's lr and momentum for ``step`` (no-op for constant settings)."""
         if self.param_groups:
-            from worker.engine.reference import apply_schedule
+            from gradtune.torch_utils import apply_schedule
 
             apply_schedule(optimizer, self.param_groups, self.boundaries or [0], step)
 
@@ -108,7 +113,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,6 @@
-"""worker.engine is a pure library: torch and the standard library only, no CUDA at import."""
+"""worker.engine is a pure library: torch and the standard library only (plus gradtune.spec and
+gradtune.torch_utils, which it shares with the client, not the client's HTTP stack), no CUDA at
+import."""
 
 import ast
 import pathlib
@@ -8,7 +10,12 @@ import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "worker" / "engine"
-FORBIDDEN = ("numpy", "sklearn", "scipy", "celery", "sqlalchemy", "fastapi", "pydantic", "service")
+# The only gradtune modules the engine may import: the shared spec (standard library only) and the
+# optimizer helpers the client gives users (torch imported inside them).
+SHARED = ("gradtune.spec", "gradtune.torch_utils")
+FORBIDDEN = (
+    "numpy", "sklearn", "scipy", "celery", "sqlalchemy", "fastapi", "pydantic", "service", "httpx", "typer", "rich"
+)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -31,7 +38,8 @@ def test_engine_sources_import_only_torch_and_the_standard_library():
                 continue
             for name in names:
                 top = name.split(".")[0]
-                assert top == "torch" or top in sys.stdlib_module_names or top == "__future__", (
+                shared = any(name == m or name.startswith(m + ".") for m in SHARED)
+                assert top == "torch" or top in sys.stdlib_module_names or top == "__future__" or shared, (
                     f"{path.name} imports {name}"
                 )
 
@@ -74,7 +82,8 @@ def test_importing_the_engine_leaves_service_stack_out():
         """
         import sys
         import worker.engine
-        print(sorted(m for m in ("sklearn", "celery", "sqlalchemy", "fastapi", "pydantic", "service") if m in sys.modules))
+        stack = ("sklearn", "celery", "sqlalchemy", "fastapi", "pydantic", "service", "httpx", "typer")
+        print(sorted(m for m in stack if m in sys.modules))
         """
     )
     assert result.returncode == 0, result.stderr

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import EngineError
-from .modules import ModuleTask
+from .kinds import ModuleTask
 from .tasks import derive_seed
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -16,149 +16,57 @@ reshuffles, last partial batch dropped), so a run reproduces ``train_sgd_module`
 torch.optim.SGD on the same model and batches).
 
 ``ModuleObjective`` has the public methods and return conventions of functional.Objective, so the
-meta-loop can use either. Module buffers (if any) are passed to functional_call unchanged: models
-whose forward updates buffers in place (BatchNorm in training mode) are refused.
+meta-loop can use either; ``make_objective`` picks one through the kinds' protocol (kinds.TaskKind,
+where ModuleTask and its helpers live; they stay importable from here). Module buffers (if any) are
+passed to functional_call unchanged: models whose forward updates buffers in place (BatchNorm in
+training mode) are refused.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .errors import EngineError
-from .functional import METHODS, ObjectiveBase  # noqa: F401  (METHODS: kept importable from here)
-from .reference import fit, loss_of, make_optimizer
-from .tasks import LOSSES, Task, batch_indices, build_model, check_rows, check_targets, derive_seed
+from .functional import METHODS, Objective, ObjectiveBase
+from .kinds import (
+    ModuleTask,
+    TaskKind,
+    as_module_task,
+    cost_terms,
+    kind_of,
+    layer_groups,
+    module_costs,
+    param_layout,
+    seeded_builder,
+    train_sgd_module,
+    train_sgd_module_groups,
+    validate_module_task,
+)
+from .tasks import Task, batch_indices
+from .training import loss_of
 
-
-@dataclass
-class ModuleTask:
-    """One training problem for an arbitrary nn.Module. Tensors are on the target device and dtype.
-
-    x_*: (N, ...) float features (images (N, C, H, W) for a CNN). cross_entropy: y_* int64 labels
-    (N,) in 0..C-1 (C: the model's output width); mse: y_* float (N, D) with D the output width.
-    make_model(draw) returns a fresh model, deterministic in (seed, draw) (see seeded_builder);
-    the engine moves it to x_train's device and dtype.
-    """
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    loss: str
-    steps: int
-    batch_size: int
-    seed: int
-    make_model: Callable[[int], nn.Module]
-
-    def model(self, draw: int = 0) -> nn.Module:
-        """The model of `draw`, on the task's device and dtype (the global RNG is left untouched)."""
-        with torch.random.fork_rng(devices=[]):
-            model = self.make_model(int(draw))
-        if not isinstance(model, nn.Module):
-            raise EngineError(f"Task {self.name!r}: make_model must return an nn.Module.")
-        return model.to(device=self.x_train.device, dtype=self.x_train.dtype)
-
-
-def seeded_builder(build: Callable[[], nn.Module], seed: int) -> Callable[[int], nn.Module]:
-    """make_model for ModuleTask: `build()` under torch.manual_seed(derive_seed("init", seed, draw)),
-    the same seed rule as tasks.build_model, so an MLP built this way starts from build_model's
-    weights. `build` should create its layers in float32 on the CPU (PyTorch's default)."""
-
-    def make(draw: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed("init", seed, draw))
-            return build()
-
-    return make
-
-
-def as_module_task(task: Task) -> ModuleTask:
-    """The MLP task as a ModuleTask with the same weights (build_model) and batches."""
-    return ModuleTask(
-        name=task.name,
-        x_train=task.x_train,
-        y_train=task.y_train,
-        x_val=task.x_val,
-        y_val=task.y_val,
-        loss=task.loss,
-        steps=task.steps,
-        batch_size=task.batch_size,
-        seed=task.seed,
-        make_model=lambda draw, _t=task: build_model(_t, draw),
-    )
-
-
-def _as_module_tasks(tasks: Sequence[Task | ModuleTask]) -> list[ModuleTask]:
-    return [t if isinstance(t, ModuleTask) else as_module_task(t) for t in tasks]
-
-
-_STATEFUL = (nn.modules.batchnorm._BatchNorm,)
-
-
-def validate_module_task(task: ModuleTask, model: nn.Module | None = None) -> nn.Module:
-    """Raise EngineError with a plain sentence when the task cannot be trained; returns the model
-    of draw 0 (built if not given), after checking its output against the targets."""
-    name = task.name
-    if task.loss not in LOSSES:
-        raise EngineError(f"Task {name!r}: loss must be one of {', '.join(LOSSES)}.")
-    if task.x_train.dim() < 2 or task.x_val.dim() != task.x_train.dim():
-        raise EngineError(f"Task {name!r}: features must be (rows, ...) with the same rank in train and validation.")
-    if task.x_train.shape[1:] != task.x_val.shape[1:]:
-        raise EngineError(f"Task {name!r}: training and validation examples have different shapes.")
-    if not task.x_train.is_floating_point():
-        raise EngineError(f"Task {name!r}: features must be floating point.")
-    check_rows(task)
-    model = model if model is not None else task.model(0)
-    if not any(True for _ in model.parameters()):
-        raise EngineError(f"Task {name!r}: the model has no parameters to train.")
-    for m in model.modules():
-        if isinstance(m, _STATEFUL):
-            raise EngineError(
-                f"Task {name!r}: the model has a {type(m).__name__} layer, whose forward updates "
-                "running statistics in place; it cannot be trained functionally."
-            )
-    with torch.no_grad():
-        out = model(task.x_val[:1])
-    if out.dim() != 2 or out.shape[0] != 1:
-        raise EngineError(f"Task {name!r}: the model must output (rows, outputs); it gave {list(out.shape)}.")
-    width = out.shape[1]
-    check_targets(task, width, f" (the model has {width} outputs)")
-    return model
-
-
-def layer_groups(model: nn.Module) -> list[list[str]]:
-    """Trainable parameter names grouped by the module that owns them, in named_parameters() order:
-    [["0.weight", "0.bias"], ["4.weight", "4.bias"], ...]. The per-layer slots of the engine."""
-    groups: dict[str, list[str]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(name.rpartition(".")[0], []).append(name)
-    return list(groups.values())
-
-
-# --------------------------------------------------------------------------- the reference
-
-
-def train_sgd_module(task: ModuleTask, lr: float, momentum: float, draw: int = 0) -> float:
-    """Train task.model(draw) with plain torch.optim.SGD(lr, momentum) for task.steps steps on
-    tasks.batch_indices(task, draw); return the validation loss (math.inf if training diverged)."""
-    model = validate_module_task(task, task.model(draw))
-    return fit(task, model, torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), draw)
-
-
-def train_sgd_module_groups(
-    task: ModuleTask, param_groups: Sequence[dict], boundaries: Sequence[int], draw: int = 0
-) -> float:
-    """train_sgd_module with learned per-layer / scheduled settings, by the documented recipe
-    (reference.make_optimizer + reference.apply_schedule before every step)."""
-    model = validate_module_task(task, task.model(draw))
-    return fit(task, model, make_optimizer(model, param_groups, boundaries), draw, (param_groups, boundaries))
+# Kept importable from here (callers and tests import the module path's names from this module).
+__all__ = [
+    "METHODS",
+    "ModuleObjective",
+    "ModuleTask",
+    "TaskKind",
+    "as_module_task",
+    "cost_terms",
+    "layer_groups",
+    "make_objective",
+    "module_costs",
+    "param_layout",
+    "seeded_builder",
+    "train_sgd_module",
+    "train_sgd_module_groups",
+    "unrolled_val_loss_module",
+    "validate_module_task",
+]
 
 
 # --------------------------------------------------------------------------- the unroll
@@ -308,10 +216,10 @@ class ModuleObjective(ObjectiveBase):
     task must then have the same number) and segments split the steps into equal blocks.
     """
 
-    def __init__(self, tasks: Sequence[Task | ModuleTask], draws: Sequence[int], max_runs: int = 128):
+    def __init__(self, tasks: Sequence[Task | TaskKind], draws: Sequence[int], max_runs: int = 128):
         if not tasks or not draws:
             raise ValueError("An objective needs at least one task and one draw.")
-        self.tasks = _as_module_tasks(tasks)
+        self.tasks = [kind_of(t).as_module_task() for t in tasks]
         self.groups = [_make_group(t, [int(d) for d in draws]) for t in self.tasks]
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
@@ -426,52 +334,11 @@ def unrolled_val_loss_module(
     return val.reshape(())
 
 
-def module_costs(task: ModuleTask) -> dict:
-    """Sizes for memory estimates: trainable parameter count and activations per example (sum of
-    every leaf module's output size, measured with a forward hook on one validation example)."""
-    model = task.model(0)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sizes: list[int] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() if isinstance(out, Tensor) else 0))
-        for m in model.modules()
-        if not list(m.children())
-    ]
-    try:
-        with torch.no_grad():
-            model(task.x_val[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    per_example = int(task.x_val[:1].numel()) + sum(sizes)
-    return {"params": int(n_params), "activations_per_example": per_example}
-
-
-def param_layout(task: Task | ModuleTask) -> list[list[str]]:
-    """The per-layer slots of any task: parameter names grouped by layer, named_parameters() order
-    (for an MLP Task: [["0.weight", "0.bias"], ["2.weight", "2.bias"], ...])."""
-    if isinstance(task, ModuleTask):
-        return layer_groups(task.model(0))
-    return [[f"{2 * i}.weight", f"{2 * i}.bias"] for i in range(len(task.hidden) + 1)]
-
-
-def cost_terms(task: Task | ModuleTask) -> tuple[int, int]:
-    """(trainable parameters, activations per example) of any task, for memory estimates. For an
-    MLP Task exactly meta.estimate_costs' terms (sizes[0] + 2 * sum(sizes[1:]) per example); for a
-    ModuleTask module_costs (the input plus every leaf module's output)."""
-    if isinstance(task, ModuleTask):
-        c = module_costs(task)
-        return c["params"], c["activations_per_example"]
-    sizes = [task.x_train.shape[1], *task.hidden, task.out_features]
-    n_params = sum(sizes[i] * sizes[i + 1] + sizes[i + 1] for i in range(len(sizes) - 1))
-    return n_params, sizes[0] + 2 * sum(sizes[1:])
-
-
-def make_objective(tasks: Sequence[Task | ModuleTask], draws: Sequence[int]):
-    """functional.Objective when every task is an MLP Task (the fast batched path), else
-    ModuleObjective (which also takes MLP Tasks). The one-line dispatch for meta._Loop."""
-    if all(isinstance(t, Task) for t in tasks):
-        from .functional import Objective
-
-        return Objective(tasks, draws)
+def make_objective(tasks: Sequence[Task | TaskKind], draws: Sequence[int]) -> Objective | ModuleObjective:
+    """functional.Objective (the fast batched path) when every task has an MLP view
+    (TaskKind.as_mlp_task), else ModuleObjective on every task's module view. The one-line
+    dispatch for meta._Loop."""
+    mlps = [kind_of(t).as_mlp_task() for t in tasks]
+    if all(m is not None for m in mlps):
+        return Objective([m for m in mlps if m is not None], draws)
     return ModuleObjective(tasks, draws)
