@@ -1,4 +1,4 @@
-"""worker.engine is a pure library: torch and the standard library only, no CUDA at import."""
+"""worker.engine is a pure library: torch, the standard library and gradtune.spec only, no CUDA at import."""
 
 import ast
 import pathlib
@@ -31,7 +31,8 @@ def test_engine_sources_import_only_torch_and_the_standard_library():
                 continue
             for name in names:
                 top = name.split(".")[0]
-                assert top == "torch" or top in sys.stdlib_module_names or top == "__future__", (
+                spec = name == "gradtune.spec" or name.startswith("gradtune.spec.")  # stdlib-only shared spec
+                assert top == "torch" or top in sys.stdlib_module_names or top == "__future__" or spec, (
                     f"{path.name} imports {name}"
                 )
 

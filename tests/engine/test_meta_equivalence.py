@@ -71,11 +71,13 @@ def test_the_unified_search_reproduces_the_pre_refactor_loop(case, legacy_runs):
     assert MetaState.from_json(old_state).to_json() == state
 
 
-@pytest.mark.parametrize("case", ["line, converges", "per layer x 2 segments, line", "3 segments, margin rejects, converges"])
+@pytest.mark.parametrize(
+    "case", ["line, converges", "per layer x 2 segments, line", "3 segments, margin rejects, converges"]
+)
 def test_a_version_1_checkpoint_resumes_to_the_old_loops_result(case, legacy_runs):
     old_state, old_records = legacy_runs[case]
     n = CASES[case]["iterations"]
-    for split in range(1, n, 2):
+    for split in range(1, n):
         checkpoint, records = _run(legacy, case, split)
         assert checkpoint["version"] == 1
         state, records = _run(meta, case, n - split, state=json.loads(json.dumps(checkpoint)), records=records)

@@ -25,7 +25,8 @@ def test_a_stored_version_1_state_resumes_to_what_the_old_engine_reached(case):
     # read as it is: the search's position, step and best point carry over
     typed = MetaState.from_json(checkpoint)
     assert typed.iteration == case["split"] and typed.constant.theta == checkpoint["theta"]
-    assert typed.constant.step == checkpoint["step"] and typed.constant.screen_next == checkpoint.get("screen_next", False)
+    assert typed.constant.step == checkpoint["step"]
+    assert typed.constant.screen_next == checkpoint.get("screen_next", False)
     assert typed.constant.best.meta_loss == checkpoint["best"]["meta_loss"]
     records = []
     state = run_meta(tasks, config, checkpoint, config.iterations, on_iteration=records.append)
