@@ -299,8 +299,6 @@ class Search:
         ranked = sorted((loss, i) for i, loss in enumerate(losses) if finite(loss))
         improving = [f for f in ranked if f[0] < current]
         probes = rejected = 0
-        if not self.policy.margin_probe:
-            improving = improving[:1]
         for loss_i, i in improving[:2]:
             if self.policy.margin_probe:
                 probes += 1
