@@ -137,7 +137,6 @@ def meta_config(job: JobCreate) -> engine.MetaConfig:
     return engine.MetaConfig(
         **search,
         iterations=job.meta.iterations,
-        seed=job.meta.seed,
         lr_bounds=tuple(hp.lr_bounds),
         momentum_bounds=tuple(hp.momentum_bounds),
         per_layer=hp.per_layer,

@@ -249,10 +249,10 @@ def test_the_last_line_iteration_accepts_on_the_screened_loss_and_a_longer_run_g
 def test_line_search_without_a_finite_hypergradient_falls_back_to_the_stencil(monkeypatch):
     """Near the edge of stability a float32 hypergradient can overflow; the line search then has no
     direction and screens the stencil's neighbours instead of stopping."""
-    from worker.engine import meta
+    from worker.engine.meta.evaluate import PairEvaluator
 
-    real = meta._Loop.value_and_grad
-    monkeypatch.setattr(meta._Loop, "value_and_grad", lambda self, theta: (real(self, theta)[0], [math.inf, math.nan]))
+    real = PairEvaluator.value_and_grad
+    monkeypatch.setattr(PairEvaluator, "value_and_grad", lambda self, theta: (real(self, theta)[0], [math.inf, math.nan]))
     tasks = _tasks()
     config = MetaConfig(iterations=6, search="line")
     records = []

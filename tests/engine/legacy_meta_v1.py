@@ -1,58 +1,12 @@
-"""The meta-loop: learn (lr, momentum) for torch.optim.SGD, robustly; then, optionally, per layer
-and per block of steps.
+"""FROZEN pre-refactor reference: worker/engine/meta.py as of commit 5ebbf85 (state version 1).
 
-Parameters theta = (log lr, z), momentum = lo + (hi - lo) * sigmoid(z), both kept inside bounds.
-The meta-loss L(theta) is the mean validation loss after training, over every task and every draw
-in MetaConfig.draws (all runs are batched into one unroll).
-
-Iteration 1 ("start") finds a finite starting point. With the population on (default) it evaluates,
-forward only and batched, the starting lr times 10**(k/2), |k| <= 4, at the starting momentum and at
-0, 0.5, 0.9, 0.99, and starts from the best. Without it, the starting point itself is used. Either way,
-if training diverges there the lr is backed off (/ backoff_factor, a few times); if nothing finite
-is found, EngineError. One reverse pass gives L and the hypergradient at the chosen point.
-
-Every later iteration ("refine") builds candidates around theta at the current step h: the
-hypergradient move theta - h * sign(g) (sign, because near the edge of stability the hypergradient's
-magnitude is meaningless: 1e4 to 1e17 was measured), projected onto the bounds, with the log-lr
-move capped; and, with the stencil on (default), the 8 neighbours theta + h * {-1, 0, 1}^2 (4
-with stencil_diagonals=False). One batched forward pass screens them; the best, if lower than
-L(theta), is accepted; then h grows, otherwise h shrinks. A winning hypergradient move is verified by
-a reverse pass (which also gives its hypergradient) and accepted only if that loss is finite and
-lower. A winning stencil move is accepted on its screened loss, the same full-training meta-loss
-(tests check they agree), and the hypergradient there is left unknown, so the next iteration screens
-the stencil; verify_stencil=True computes the reverse pass for it too. While h <= max_log_lr_step the
-sign move is itself one of the 8 neighbours, so with the stencil on the hypergradient labels a
-candidate rather than adding one: skipping those reverse passes left every benchmark's answer
-unchanged (docs/benchmarks.md). A rejection at the smallest step means convergence: the remaining iterations
-are recorded as "converged" without computing anything. Non-finite losses are never accepted and
-a non-finite hypergradient is stored as None (the stencil still moves). The best point seen is
-what best_settings returns.
-
-Measured (docs/benchmarks.md): the population and the stencil do most of the work; near the edge
-of stability, where the best settings sit, the hypergradient is dominated by chaos and is rarely
-the move that wins. It wins where the loss is smooth (small learning rates, regression).
-
-Hypergradient method (MetaConfig.method): "reverse", "forward", "truncated" or "auto"; the one
-used is chosen once, at the first run_meta call, and kept in state["method"] with a sentence saying
-why in state["method_reason"] (choose_method); every record carries "method". Only hypergradients
-depend on it: losses are always those of the full training run.
-
-Richer hyperparameters (MetaConfig.per_layer, MetaConfig.schedule_segments): the constant pair is
-learned first, as above, for at most iterations * constant_fraction iterations (fewer if it
-converges). Then ("rich_start") the (slots x segments) table of values starts at the best constant
-pair, and every "rich_refine" iteration screens, in one batched forward pass, the sign-hypergradient
-move of all values at once, each value alone moved up and down by the step, and
-rich_random_directions random joint moves (every value +-step, seeded by the iteration); the best, if lower,
-is verified with a hypergradient pass and accepted if its loss really is lower. Values are clamped
-to the same bounds as the constant pair. Those records carry the richer loss as "meta_loss", the
-best constant pair as "lr"/"momentum", and "group_lr"/"group_momentum" ([slot][segment]) and
-"meta_loss_groups" (best richer loss so far). best_settings keeps the best constant pair at the top
-level and adds "param_groups", "boundaries", "meta_loss_groups".
-
-All randomness derives from the tasks' seeds and draws; the state is plain JSON, so a run split into
-chunks (with a JSON round trip between them) gives the same result as one run.
+The tests compare the refactored worker.engine.meta package against it (same records, same
+best_settings) and use it to write version-1 checkpoints that the new engine must resume.
+Only the imports were changed (relative -> absolute). Do not edit; delete this file (and the tests
+that load it) once a release with the refactored engine has passed.
 """
 
+# ruff: noqa: C901, E501
 from __future__ import annotations
 
 import json
@@ -63,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EngineError
-from .functional import METHODS, segment_boundaries
-from .reference import EVAL_DRAWS
-from .tasks import Task, derive_seed
+from worker.engine.errors import EngineError
+from worker.engine.functional import METHODS, segment_boundaries
+from worker.engine.reference import EVAL_DRAWS
+from worker.engine.tasks import Task, derive_seed
 
 STATE_VERSION = 1
 _Z_LIMIT = 10.0  # |momentum parameter| limit: keeps sigmoid out of saturation
@@ -296,7 +250,7 @@ def _rich_enabled(hyper: dict | MetaConfig) -> bool:
 
 def _layout(tasks: Sequence[Task], config: MetaConfig) -> dict:
     """Parameter groups (names as nn.Sequential's named_parameters()) and segment boundaries."""
-    from .modules import param_layout  # MLP Tasks and any-module ModuleTasks alike
+    from worker.engine.modules import param_layout  # MLP Tasks and any-module ModuleTasks alike
 
     layouts = [param_layout(t) for t in tasks]
     steps = {t.steps for t in tasks}
@@ -329,7 +283,7 @@ def estimate_costs(tasks: Sequence[Task], config: MetaConfig) -> dict:
     hyperparameter and run, tangents of the weights and buffers plus one step's activations;
     truncated keeps `truncation` steps of reverse.
     """
-    from .modules import cost_terms, param_layout  # MLP Tasks and any-module ModuleTasks alike
+    from worker.engine.modules import cost_terms, param_layout  # MLP Tasks and any-module ModuleTasks alike
 
     segs = int(config.schedule_segments)
     slots = max(len(param_layout(t)) for t in tasks) if config.per_layer else 1
@@ -503,7 +457,7 @@ def _line_candidates(
 class _Loop:
     def __init__(self, tasks: Sequence[Task], config: MetaConfig, method: str):
         self.config = config
-        from .modules import make_objective  # functional.Objective for MLP Tasks, else ModuleObjective
+        from worker.engine.modules import make_objective  # functional.Objective for MLP Tasks, else ModuleObjective
 
         self.method = method
         self.objective = make_objective(tasks, config.draws)

@@ -1,0 +1,270 @@
+"""The meta-loop: states in and out as JSON, the two phases' starts, and which phase runs when."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from gradtune.spec.hyper import momentum_to_param
+
+from ..errors import EngineError
+from ..functional import segment_boundaries
+from ..tasks import Task
+from .config import MetaConfig, check_config, rich_enabled
+from .costs import choose_method
+from .evaluate import PairEvaluator, TableEvaluator
+from .search import Search, clamp_theta, constant_policy, finite, table_policy, values
+from .state import Layout, MetaState, SearchState
+
+
+def init_state(config: MetaConfig, lr: float, momentum: float) -> dict:
+    """A fresh, JSON-serializable meta-state starting from (lr, momentum), clamped to the bounds."""
+    check_config(config)
+    if not (math.isfinite(lr) and lr > 0.0):
+        raise EngineError("The starting learning rate must be a positive number.")
+    if not math.isfinite(momentum):
+        raise EngineError("The starting momentum must be a number.")
+    theta = clamp_theta(config, [math.log(lr), momentum_to_param(momentum, config.momentum_bounds)])
+    lrs, moms = values(config, theta, 1, 1)
+    state = MetaState(
+        iteration=0,
+        start_lr=lrs[0][0],
+        start_momentum=moms[0][0],
+        per_layer=bool(config.per_layer),
+        segments=int(config.schedule_segments),
+        constant=SearchState(slots=1, segments=1, theta=theta, loss=None, grad=None, step=float(config.step_size)),
+    )
+    return state.to_json()
+
+
+def state_iteration(state: dict) -> int:
+    return int(state["iteration"])
+
+
+def best_settings(state: dict) -> dict:
+    """The best (lr, momentum) seen so far and its meta-loss (on the training draws).
+
+    With per_layer or schedule_segments > 1 (once run_meta has seen the tasks) it adds
+    "param_groups": [{"params": [names as nn.Sequential's named_parameters()], "lr": [one per
+    segment], "momentum": [one per segment]}, ...] (one group per Linear layer with per_layer, else
+    a single group of every parameter), "boundaries": the step where each segment starts, and
+    "meta_loss_groups": their meta-loss. Before the richer phase starts they hold the best constant
+    pair. Apply them with reference.make_optimizer / apply_schedule (train_sgd_groups is the recipe).
+    Reads version-1 and version-2 states.
+    """
+    s = MetaState.from_json(state)
+    best = s.constant.best
+    if best is None:
+        out = {"lr": s.start_lr, "momentum": s.start_momentum, "meta_loss": None}
+    else:
+        out = {"lr": best.lr, "momentum": best.momentum, "meta_loss": best.meta_loss}
+    layout = s.layout
+    if layout is None or not s.rich_enabled:
+        return out
+    if s.rich is not None and s.rich.best is not None:
+        lrs, moms, loss = s.rich.best.lrs, s.rich.best.momenta, s.rich.best.meta_loss
+    else:  # the richer phase has not started: the constant pair, in the richer form
+        segs = len(layout.boundaries)
+        lrs = [[out["lr"]] * segs for _ in range(layout.slots)]
+        moms = [[out["momentum"]] * segs for _ in range(layout.slots)]
+        loss = out["meta_loss"]
+    out["param_groups"] = [
+        {"params": list(names), "lr": list(lrs[i]), "momentum": list(moms[i])} for i, names in enumerate(layout.groups)
+    ]
+    out["boundaries"] = list(layout.boundaries)
+    out["meta_loss_groups"] = loss
+    return out
+
+
+def _layout(tasks: Sequence[Task], config: MetaConfig) -> Layout:
+    """Parameter groups (names as nn.Sequential's named_parameters()) and segment boundaries."""
+    from ..modules import param_layout  # MLP Tasks and any-module ModuleTasks alike
+
+    layouts = [param_layout(t) for t in tasks]
+    steps = {t.steps for t in tasks}
+    if config.per_layer and any(lay != layouts[0] for lay in layouts[1:]):
+        raise EngineError("Per-layer settings need every task to have the same number of layers.")
+    segs = int(config.schedule_segments)
+    if segs > 1 and len(steps) > 1:
+        raise EngineError("A learned schedule needs every task to train for the same number of steps.")
+    n_steps = min(steps)
+    if segs > n_steps:
+        raise EngineError(f"The number of schedule segments ({segs}) cannot exceed the number of steps ({n_steps}).")
+    names = max(layouts, key=len)
+    if config.per_layer:
+        groups = [list(g) for g in names]
+    else:
+        groups = [[n for g in names for n in g]]
+    return Layout(groups=groups, boundaries=segment_boundaries(n_steps, segs))
+
+
+class _LazyObjective:
+    """The tasks' objective (modules.make_objective), prepared on first use: an iteration that only
+    records convergence needs none."""
+
+    def __init__(self, tasks: Sequence[Task], draws: Sequence[int]):
+        self._tasks, self._draws, self._objective = tasks, draws, None
+
+    def __getattr__(self, name: str):
+        if self._objective is None:
+            from ..modules import make_objective  # functional.Objective for MLP Tasks, else ModuleObjective
+
+            self._objective = make_objective(self._tasks, self._draws)
+        return getattr(self._objective, name)
+
+
+class _Phases:
+    """The two searches of one run_meta call: the constant pair and, with a layout, the table."""
+
+    def __init__(self, tasks: Sequence[Task], config: MetaConfig, method: str, layout: Layout | None):
+        objective = _LazyObjective(tasks, config.draws)
+        self.layout = layout
+        self.constant = Search(config, constant_policy(config), PairEvaluator(objective, config, method))
+        self.table = None
+        if layout is not None:
+            evaluator = TableEvaluator(objective, config, method, layout.slots, len(layout.boundaries))
+            self.table = Search(config, table_policy(config), evaluator)
+
+
+# --------------------------------------------------------------------------- the starts
+
+
+def _population(config: MetaConfig, theta0: Sequence[float]) -> list[list[float]]:
+    """The starting lr times 10**(k * population_lr_step), |k| <= population_lr_span, at the
+    starting momentum and at each of population_momenta."""
+    ln10 = math.log(10.0)
+    ks = range(-config.population_lr_span, config.population_lr_span + 1)
+    zs = [theta0[1]] + [momentum_to_param(m, config.momentum_bounds) for m in config.population_momenta]
+    cands: list[list[float]] = []
+    for z in zs:
+        for k in ks:
+            th = clamp_theta(config, [theta0[0] + k * config.population_lr_step * ln10, z])
+            if th not in cands:
+                cands.append(th)
+    return cands
+
+
+def _first_finite(search: Search, thetas: Sequence[Sequence[float]]) -> tuple[tuple | None, int]:
+    """(theta, loss, grad) of the first theta with a finite loss, or None; and the passes run."""
+    for n, theta in enumerate(thetas, start=1):
+        loss, grad = search.evaluator.value_and_grad(theta)
+        if finite(loss):
+            return (theta, loss, grad), n
+    return None, len(thetas)
+
+
+def _backoff(search: Search, theta0: Sequence[float], lowest: float) -> tuple[tuple | None, int, float]:
+    """Divide the lowest lr tried by backoff_factor, a few times, until training converges."""
+    cfg = search.config
+    backoffs = 0
+    a, a_min = lowest, math.log(cfg.lr_bounds[0])
+    while backoffs < cfg.backoff_tries and a > a_min:
+        a = max(a - math.log(cfg.backoff_factor), a_min)
+        backoffs += 1
+        chosen, _ = _first_finite(search, [clamp_theta(cfg, [a, theta0[1]])])
+        if chosen is not None:
+            return chosen, backoffs, a
+    return None, backoffs, a
+
+
+def start_constant(search: Search, state: MetaState) -> dict:
+    """Iteration 1: a finite starting point for the constant pair (population, then backoff)."""
+    cfg, s = search.config, state.constant
+    theta0 = list(s.theta)
+    evaluations = 0
+    if cfg.population:
+        cands = _population(cfg, theta0)
+        losses = search.evaluator.forward(cands)
+        evaluations += len(cands)
+        ranked = [cands[i] for _, i in sorted((loss, i) for i, loss in enumerate(losses) if finite(loss))]
+        lowest = min(c[0] for c in cands)
+    else:
+        ranked, lowest = [theta0], theta0[0]
+    chosen, passes = _first_finite(search, ranked[:3])
+    evaluations += passes
+    backoffs, a = 0, lowest
+    if chosen is None:
+        chosen, backoffs, a = _backoff(search, theta0, lowest)
+        evaluations += backoffs
+    if chosen is None:
+        raise EngineError(
+            "Training diverged (the loss became infinite or NaN) at every learning rate tried, "
+            f"down to {math.exp(a):.3g}. Check the data for missing or extreme values, scale "
+            "the features, or start from a smaller learning rate."
+        )
+    theta, loss, grad = chosen
+    search.accept(s, theta, loss, grad)
+    search.note_best(state, theta, loss)
+    return search.record(state, "start", True, loss, theta, evaluations=evaluations, backoffs=backoffs)
+
+
+def start_table(search: Search, state: MetaState, layout: Layout) -> dict:
+    """The richer phase's first iteration: every value of the table at the best constant pair."""
+    slots, segs = layout.slots, len(layout.boundaries)
+    best = state.constant.best
+    assert best is not None
+    theta = [best.theta[0]] * (slots * segs) + [best.theta[1]] * (slots * segs)
+    loss, grad = search.evaluator.value_and_grad(theta)
+    state.rich = SearchState(
+        slots=slots,
+        segments=segs,
+        theta=theta,
+        loss=float(loss) if finite(loss) else best.meta_loss,
+        grad=[float(g) for g in grad] if finite(*grad) else None,
+        step=float(search.config.step_size),
+    )
+    search.note_best(state, theta, state.rich.loss)
+    return search.record(state, "rich_start", True, loss, None, evaluations=1)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _iterate(phases: _Phases, state: MetaState, constant_budget: int) -> dict:
+    """One iteration (state.iteration already counts it): the constant pair until it converges or
+    its budget is spent, then the table (when there is one)."""
+    constant, table = phases.constant, phases.table
+    started = state.constant.loss is not None
+    if table is not None and started and (state.constant.converged or state.iteration > constant_budget):
+        if state.rich is None:
+            return start_table(table, state, phases.layout)
+        return table.converged_record(state) if state.rich.converged else table.refine(state)
+    if not started:
+        return start_constant(constant, state)
+    return constant.converged_record(state) if state.constant.converged else constant.refine(state)
+
+
+def run_meta(
+    tasks: Sequence[Task],
+    config: MetaConfig,
+    state: dict,
+    max_iterations: int,
+    on_iteration: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Run at most max_iterations more meta-iterations (never past config.iterations).
+
+    Takes a version-1 or version-2 JSON state and returns a new version-2 one (the argument is not
+    modified). on_iteration(record) is called after each iteration; should_stop() is checked before
+    each one.
+    """
+    check_config(config)
+    s = MetaState.from_json(state)
+    todo = min(int(max_iterations), config.iterations - s.iteration)
+    if todo <= 0:
+        return s.to_json()
+    rich = rich_enabled(config)
+    if rich:
+        s.layout = _layout(tasks, config)
+    if not s.method:
+        s.method, s.method_reason = choose_method(tasks, config)
+    constant_budget = max(1, int(config.iterations * config.constant_fraction)) if rich else config.iterations
+    phases = _Phases(tasks, config, s.method, s.layout if rich else None)
+    for _ in range(todo):
+        if should_stop is not None and should_stop():
+            break
+        s.iteration += 1
+        rec = _iterate(phases, s, constant_budget)
+        if on_iteration is not None:
+            on_iteration(rec)
+    return s.to_json()
