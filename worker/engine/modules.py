@@ -337,7 +337,7 @@ def unrolled_val_loss_module(
 def make_objective(tasks: Sequence[Task | TaskKind], draws: Sequence[int]) -> Objective | ModuleObjective:
     """functional.Objective (the fast batched path) when every task has an MLP view
     (TaskKind.as_mlp_task), else ModuleObjective on every task's module view. The one-line
-    dispatch for meta._Loop."""
+    dispatch for meta.evaluate's evaluators."""
     mlps = [kind_of(t).as_mlp_task() for t in tasks]
     if all(m is not None for m in mlps):
         return Objective([m for m in mlps if m is not None], draws)
