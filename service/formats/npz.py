@@ -7,6 +7,7 @@ and readers use ``numpy.load(allow_pickle=False)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def _inspect_members(zf, max_decoded: int) -> list[dict[str, Any]]:
             count = math.prod(shape)
             decoded += count * dtype.itemsize
             budget(decoded, max_decoded, "the arrays")
-            stats = Stats(what, lambda i, s=shape, f=fortran: where(s, i, f))
+            stats = Stats(what, functools.partial(where, shape, fortran=fortran))
             _feed_values(fp, stats, dtype, count, what)
             items.append({"name": name, "shape": list(shape), "dtype": dtype.name, **stats.facts()})
     return items

@@ -7,6 +7,7 @@ a memory map in chunks; bfloat16 is widened to float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -196,7 +197,7 @@ def inspect(path: Path, max_decoded: int) -> dict[str, Any]:
     items = []
     for e in sorted(entries, key=lambda e: e["name"]):
         shape = tuple(e["shape"])
-        stats = Stats(f"tensor {e['name']!r}", lambda i, s=shape: where(s, i))
+        stats = Stats(f"tensor {e['name']!r}", functools.partial(where, shape))
         for chunk in _chunks(path, start, e):
             stats.update(chunk)
         items.append({"name": e["name"], "shape": list(shape), "dtype": e["dtype"], **stats.facts()})
