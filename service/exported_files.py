@@ -139,11 +139,11 @@ def _member(zf: zipfile.ZipFile, name: str, cap: int) -> bytes:
     """Member ``name`` (KeyError when absent), read in chunks: refused past ``cap`` bytes or corrupt."""
     short = name.split("/", 1)[-1]
     try:
-        return read_member(zf, name, cap)
+        return read_member(zf, name, cap, short)
     except KeyError:
         raise
     except LimitError as exc:
-        raise _fail(f"{short} is too large: {str(exc).split(' ', 1)[1]}") from None
+        raise _fail(str(exc)) from None
     except ZIP_ERRORS as exc:
         raise _fail(f"{short} is corrupt in the archive ({sentence(exc)})") from None
 
@@ -153,7 +153,7 @@ def _open(path: Path, max_bytes: int) -> tuple[zipfile.ZipFile, str]:
         zip_directory(path, MAX_ENTRIES)  # before ZipFile() builds a record per entry
         zf = zipfile.ZipFile(path)
     except LimitError as exc:
-        raise _fail(f"{exc}") from None
+        raise _fail(str(exc)) from None
     except ZIP_ERRORS as exc:
         raise _fail(f"not a .pt2 archive (a zip file written by torch.export.save): {exc}") from None
     try:

@@ -94,11 +94,13 @@ def _zip64(f, at: int) -> tuple[int, int] | None:
     return max(fields[6], fields[7]), fields[8]
 
 
-def zip_directory(path: Path, max_entries: int, max_directory_bytes: int | None = None) -> None:
+def zip_directory(
+    path: Path, max_entries: int, what: str = "the archive", max_directory_bytes: int | None = None
+) -> None:
     """``LimitError`` when the zip archive at ``path`` has more than ``max_entries`` entries (as
     its end record declares them, or as its central directory's records count them) or a central
-    directory over ``max_directory_bytes`` (default: 1 KiB per allowed entry). Reads the end record
-    and the directory only.
+    directory over ``max_directory_bytes`` (default: 1 KiB per allowed entry); ``what`` names the
+    archive in the sentence. Reads the end record and the directory only.
 
     A file that is not a zip, or a directory that is corrupt, passes: ``zipfile`` then refuses it
     in its own words, having read at most the capped directory.
@@ -117,21 +119,19 @@ def zip_directory(path: Path, max_entries: int, max_directory_bytes: int | None 
             entries, cd_size = z64
             start = at - cd_size - _EOCD64.size - _EOCD64_LOCATOR.size
         if entries > max_entries:
-            raise LimitError(
-                f"the archive has {entries} entries; at most {max_entries} are accepted", "too_many_entries"
-            )
+            raise LimitError(f"{what} has {entries} entries; at most {max_entries} are accepted", "too_many_entries")
         if cd_size > cap:
             raise LimitError(
-                f"the archive's central directory is {cd_size} bytes, above the limit of {cap} bytes "
+                f"{what}'s central directory is {cd_size} bytes, above the limit of {cap} bytes "
                 f"({max_entries} entries)",
                 "too_many_entries",
             )
         if start >= 0:
             f.seek(start)
-            _count_records(f.read(cd_size), max_entries)
+            _count_records(f.read(cd_size), max_entries, what)
 
 
-def _count_records(directory: bytes, max_entries: int) -> None:
+def _count_records(directory: bytes, max_entries: int, what: str) -> None:
     """Walk a central directory's records as ``zipfile`` does, refusing one past the cap."""
     pos = count = 0
     while pos < len(directory):
@@ -142,23 +142,24 @@ def _count_records(directory: bytes, max_entries: int) -> None:
         count += 1
         if count > max_entries:
             raise LimitError(
-                f"the archive has more than {max_entries} entries; at most {max_entries} are accepted",
+                f"{what} has more than {max_entries} entries; at most {max_entries} are accepted",
                 "too_many_entries",
             )
 
 
-def read_member(zf: zipfile.ZipFile, name: str, cap: int) -> bytes:
+def read_member(zf: zipfile.ZipFile, name: str, cap: int, what: str | None = None) -> bytes:
     """The bytes of member ``name`` (``KeyError`` if absent), read in chunks; ``LimitError`` when its
-    declared or its actual decompressed size is over ``cap``."""
+    declared or its actual decompressed size is over ``cap`` (``what`` names it: default its name)."""
+    what = what or name
     info = zf.getinfo(name)
     if info.file_size > cap:
-        raise LimitError(f"{name} is {info.file_size} bytes once unpacked, above the limit of {cap} bytes", "too_large")
+        raise LimitError(f"{what} is {info.file_size} bytes once unpacked, above the limit of {cap} bytes", "too_large")
     parts, total = [], 0
     with zf.open(info) as fp:
         while chunk := fp.read(min(MEMBER_CHUNK, cap + 1 - total)):
             total += len(chunk)
             if total > cap:
-                raise LimitError(f"{name} unpacks to more than its limit of {cap} bytes", "too_large")
+                raise LimitError(f"{what} unpacks to more than its limit of {cap} bytes", "too_large")
             parts.append(chunk)
     return b"".join(parts)
 

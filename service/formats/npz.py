@@ -150,13 +150,13 @@ def inspect(path: Path, max_decoded: int) -> dict[str, Any]:
     import zipfile
 
     try:
-        zip_directory(path, MAX_ENTRIES)  # before ZipFile() builds a record per entry
+        zip_directory(path, MAX_ENTRIES, "the npz archive")  # before ZipFile() builds a record per entry
         with zipfile.ZipFile(path) as zf:
             items = _inspect_members(zf, max_decoded)
     except DatasetFileError:
         raise
     except LimitError as exc:
-        raise DatasetFileError(f"the npz archive is refused: {exc}", exc.code) from None
+        raise DatasetFileError(str(exc), exc.code) from None
     except ZIP_ERRORS as exc:
         raise DatasetFileError(f"the npz archive is corrupt or truncated ({sentence(exc)})", "corrupt") from None
     return {"kind": "tensors", "rows": None, "items": items}
