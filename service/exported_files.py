@@ -91,8 +91,11 @@ def _kind_word(kind: type) -> str:
 
 def _get(obj: Any, key: str, kind: type, what: str, default: Any = _REQUIRED) -> Any:
     """``obj[key]`` checked to be a ``kind`` (``default`` when absent, null or empty, if given);
-    ExportedProgramError naming ``what`` (the object) when it is missing or of another kind."""
-    value = obj.get(key) if isinstance(obj, dict) else None
+    ExportedProgramError naming ``what`` (the object) when ``obj`` is not an object, or the value
+    is missing or of another kind."""
+    if not isinstance(obj, dict):
+        raise _fail(f"{what} is not an object")
+    value = obj.get(key)
     if value is None or (default is not _REQUIRED and not value):
         if default is _REQUIRED:
             raise _fail(f"{what} has no {key!r}")
@@ -213,7 +216,7 @@ def _graph(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _fail(f"export schema version {model['schema_version']} is not supported (major {_SCHEMA_MAJOR} is)")
     if model.get("range_constraints") or model.get("guards_code"):
         raise _fail("the program has dynamic shapes; export the model with static shapes (no dynamic_shapes)")
-    module = _get(model, "graph_module", dict, "models/model.json", {})
+    module = _get(model, "graph_module", dict, "models/model.json")
     graph = _get(module, "graph", dict, "the graph module", {})
     for key in ("sym_int_values", "sym_bool_values", "sym_float_values"):
         if graph.get(key):
@@ -225,7 +228,7 @@ def _graph(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _tensor_name(arg: Any, what: str) -> str:
     """The name of an argument ``{"as_tensor": {"name": ...}}`` (or ``{"name": ...}`` when ``arg`` is the inner one)."""
-    inner = arg.get("as_tensor", arg) if isinstance(arg, dict) else None
+    inner = arg.get("as_tensor", arg) if isinstance(arg, dict) else arg
     return _get(inner, "name", str, what)
 
 

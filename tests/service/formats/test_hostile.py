@@ -39,30 +39,90 @@ def _safetensors_many_values() -> bytes:
 
 # (id, format, the file, code, words the sentence holds)
 CRAFTED = [
-    ("npz: 200,000 entries (zip64 end record)", "npz", lambda: H.zip_many_entries(200_000),
-     "too_many_entries", "the npz archive has 200000 entries; at most 4096 are accepted"),
-    ("npz: 100,000 entries, end record says 1", "npz", lambda: H.zip_many_entries(100_000, declare=1),
-     "too_many_entries", "the npz archive's central directory is 5100000 bytes"),
-    ("npz: 4097 entries, end record says 1", "npz", lambda: H.zip_many_entries(4097, declare=1),
-     "too_many_entries", "the npz archive has more than 4096 entries"),
-    ("npz: shape (-1, -1)", "npz", H.npz_negative_shape,
-     "corrupt", "member 'x.npy' declares shape (-1, -1), with a negative dimension"),
-    ("npz: a 4 GiB .npy header", "npz", H.npz_huge_header,
-     "corrupt", "member 'x.npy' declares a 4293918708-byte .npy header, above the limit of 10000 bytes"),
-    ("csv: 10^4 columns", "csv", lambda: H.csv_wide_header(10_000),
-     "too_many_entries", "the file has 10000 columns; at most 4096 are accepted"),
-    ("csv: 10^6 columns", "csv", lambda: H.csv_wide_header(1_000_000),
-     "too_many_entries", "the CSV header (line 1) has more than 4096 columns; at most 4096 are accepted"),
-    ("csv: a 2 MiB row", "csv", lambda: b"a\n" + b"1" * 2**21 + b"\n",
-     "too_large", "the CSV row starting at line 2 is longer than 1048576 characters"),
-    ("parquet: 65,536 rows x 4096 columns", "parquet", H.parquet_wide,
-     "missing_values", "column 'c0' has missing values (null), the first at row 0"),
-    ("parquet: 17 MiB of metadata", "parquet", _parquet_huge_footer,
-     "too_large", "the Parquet file's metadata is 17825792 bytes, above the limit of 16777216 bytes"),
-    ("safetensors: header nested 10^5 deep", "safetensors", H.safetensors_deep,
-     "corrupt", "the safetensors header nests more than 64 levels deep"),
-    ("safetensors: header of 1.1M values", "safetensors", _safetensors_many_values,
-     "corrupt", "the safetensors header holds more than 1000000 JSON values"),
+    (
+        "npz: 200,000 entries (zip64 end record)",
+        "npz",
+        lambda: H.zip_many_entries(200_000),
+        "too_many_entries",
+        "the npz archive has 200000 entries; at most 4096 are accepted",
+    ),
+    (
+        "npz: 100,000 entries, end record says 1",
+        "npz",
+        lambda: H.zip_many_entries(100_000, declare=1),
+        "too_many_entries",
+        "the npz archive's central directory is 5100000 bytes",
+    ),
+    (
+        "npz: 4097 entries, end record says 1",
+        "npz",
+        lambda: H.zip_many_entries(4097, declare=1),
+        "too_many_entries",
+        "the npz archive has more than 4096 entries",
+    ),
+    (
+        "npz: shape (-1, -1)",
+        "npz",
+        H.npz_negative_shape,
+        "corrupt",
+        "member 'x.npy' declares shape (-1, -1), with a negative dimension",
+    ),
+    (
+        "npz: a 4 GiB .npy header",
+        "npz",
+        H.npz_huge_header,
+        "corrupt",
+        "member 'x.npy' declares a 4293918708-byte .npy header, above the limit of 10000 bytes",
+    ),
+    (
+        "csv: 10^4 columns",
+        "csv",
+        lambda: H.csv_wide_header(10_000),
+        "too_many_entries",
+        "the file has 10000 columns; at most 4096 are accepted",
+    ),
+    (
+        "csv: 10^6 columns",
+        "csv",
+        lambda: H.csv_wide_header(1_000_000),
+        "too_many_entries",
+        "the CSV header (line 1) has more than 4096 columns; at most 4096 are accepted",
+    ),
+    (
+        "csv: a 2 MiB row",
+        "csv",
+        lambda: b"a\n" + b"1" * 2**21 + b"\n",
+        "too_large",
+        "the CSV row starting at line 2 is longer than 1048576 characters",
+    ),
+    (
+        "parquet: 65,536 rows x 4096 columns",
+        "parquet",
+        H.parquet_wide,
+        "missing_values",
+        "column 'c0' has missing values (null), the first at row 0",
+    ),
+    (
+        "parquet: 17 MiB of metadata",
+        "parquet",
+        _parquet_huge_footer,
+        "too_large",
+        "the Parquet file's metadata is 17825792 bytes, above the limit of 16777216 bytes",
+    ),
+    (
+        "safetensors: header nested 10^5 deep",
+        "safetensors",
+        H.safetensors_deep,
+        "corrupt",
+        "the safetensors header nests more than 64 levels deep",
+    ),
+    (
+        "safetensors: header of 1.1M values",
+        "safetensors",
+        _safetensors_many_values,
+        "corrupt",
+        "the safetensors header holds more than 1000000 JSON values",
+    ),
 ]
 IDS = [c[0] for c in CRAFTED]
 
@@ -157,4 +217,6 @@ def test_the_crc_helper_matches_zlib():
     assert H.crc32_combine(zlib.crc32(b"hello"), zlib.crc32(b"world!"), 6) == zlib.crc32(b"helloworld!")
     assert H.crc32_repeated(b"ab", 7) == zlib.crc32(b"ab" * 7)
     data, crc = H.deflate_bomb(3 * H.BLOCK + 5, b" ", prefix=b"{")
-    assert zlib.decompress(data, -15) == b"{" + b" " * (3 * H.BLOCK + 4) and crc == zlib.crc32(b"{" + b" " * (3 * H.BLOCK + 4))
+    assert zlib.decompress(data, -15) == b"{" + b" " * (3 * H.BLOCK + 4) and crc == zlib.crc32(
+        b"{" + b" " * (3 * H.BLOCK + 4)
+    )
