@@ -108,18 +108,14 @@ class _Lines:
         self.first = 1  # the line the current record starts on
         self.pending = 0  # characters of the current record so far
 
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        text = self.f.readline(MAX_RECORD_CHARS + 1)
-        if not text:
-            raise StopIteration
-        self.line += 1
-        self.pending += len(text)
-        if self.pending > MAX_RECORD_CHARS:
-            raise self._too_long(text)
-        return text
+    def __iter__(self) -> Iterator[str]:
+        readline, cap = self.f.readline, MAX_RECORD_CHARS
+        while text := readline(cap + 1):
+            self.line += 1
+            self.pending += len(text)
+            if self.pending > cap:
+                raise self._too_long(text)
+            yield text
 
     def record_done(self) -> None:
         self.first, self.pending = self.line + 1, 0
