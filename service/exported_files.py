@@ -26,6 +26,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from service.formats.base import sentence
+from service.formats.guards import ZIP_ERRORS, LimitError, check_json, read_member, zip_directory
+
 __all__ = ["OPS", "ExportedProgramError", "describe_program", "read_pt2", "read_weights"]
 
 
@@ -38,20 +41,34 @@ _T, _I, _IS, _B, _N, _S, _F = "as_tensor", "as_int", "as_ints", "as_bool", "as_n
 OPS: dict[str, dict[str, tuple[str, ...]]] = {
     "torch.ops.aten.linear.default": {"input": (_T,), "weight": (_T,), "bias": (_T, _N)},
     "torch.ops.aten.conv2d.default": {
-        "input": (_T,), "weight": (_T,), "bias": (_T, _N), "stride": (_IS,), "padding": (_IS,),
-        "dilation": (_IS,), "groups": (_I,),
+        "input": (_T,),
+        "weight": (_T,),
+        "bias": (_T, _N),
+        "stride": (_IS,),
+        "padding": (_IS,),
+        "dilation": (_IS,),
+        "groups": (_I,),
     },
     "torch.ops.aten.relu.default": {"self": (_T,)},
     "torch.ops.aten.tanh.default": {"self": (_T,)},
     "torch.ops.aten.sigmoid.default": {"self": (_T,)},
     "torch.ops.aten.gelu.default": {"self": (_T,), "approximate": (_S,)},
     "torch.ops.aten.max_pool2d.default": {
-        "self": (_T,), "kernel_size": (_IS,), "stride": (_IS,), "padding": (_IS,), "dilation": (_IS,),
+        "self": (_T,),
+        "kernel_size": (_IS,),
+        "stride": (_IS,),
+        "padding": (_IS,),
+        "dilation": (_IS,),
         "ceil_mode": (_B,),
     },
     "torch.ops.aten.avg_pool2d.default": {
-        "self": (_T,), "kernel_size": (_IS,), "stride": (_IS,), "padding": (_IS,), "ceil_mode": (_B,),
-        "count_include_pad": (_B,), "divisor_override": (_N,),
+        "self": (_T,),
+        "kernel_size": (_IS,),
+        "stride": (_IS,),
+        "padding": (_IS,),
+        "ceil_mode": (_B,),
+        "count_include_pad": (_B,),
+        "divisor_override": (_N,),
     },
     "torch.ops.aten.flatten.using_ints": {"self": (_T,), "start_dim": (_I,), "end_dim": (_I,)},
 }
@@ -60,29 +77,52 @@ _DTYPES = {7: ("float32", 4), 8: ("float64", 8)}
 _STRIDED = 7
 _SCHEMA_MAJOR = 8
 MAX_ENTRIES = 4096
+MAX_JSON_BYTES = 16 * 1024 * 1024  # models/model.json and the configs, once unpacked (a 60-node MLP: 84 KB)
+_REQUIRED = object()
 
 
 def _fail(msg: str) -> ExportedProgramError:
     return ExportedProgramError(msg)
 
 
+def _kind_word(kind: type) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer"}.get(kind, kind.__name__)
+
+
+def _get(obj: Any, key: str, kind: type, what: str, default: Any = _REQUIRED) -> Any:
+    """``obj[key]`` checked to be a ``kind`` (``default`` when absent, null or empty, if given);
+    ExportedProgramError naming ``what`` (the object) when ``obj`` is not an object, or the value
+    is missing or of another kind."""
+    if not isinstance(obj, dict):
+        raise _fail(f"{what} is not an object")
+    value = obj.get(key)
+    if value is None or (default is not _REQUIRED and not value):
+        if default is _REQUIRED:
+            raise _fail(f"{what} has no {key!r}")
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _fail(f"{what}: {key!r} is not {_kind_word(kind)}")
+    return value
+
+
 def _ints(values: Any, what: str) -> list[int]:
+    """A static shape (or strides): a list of ``{"as_int": n}`` with n >= 0."""
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise _fail(f"{what} is not a list")
     out = []
-    for v in values or []:
-        if not isinstance(v, dict) or set(v) != {"as_int"} or not isinstance(v["as_int"], int):
+    for v in values:
+        if not isinstance(v, dict) or set(v) != {"as_int"} or type(v["as_int"]) is not int:
             raise _fail(f"{what} is symbolic (a dynamic shape); export the model with static shapes")
+        if v["as_int"] < 0:
+            raise _fail(f"{what} has a negative size ({v['as_int']}): the archive is corrupt")
         out.append(v["as_int"])
     return out
 
 
-def _open(path: Path, max_bytes: int) -> tuple[zipfile.ZipFile, str]:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise _fail(f"not a .pt2 archive (a zip file written by torch.export.save): {exc}") from None
-    infos = zf.infolist()
-    if len(infos) > MAX_ENTRIES:
-        raise _fail(f"the archive has {len(infos)} entries, more than {MAX_ENTRIES}")
+def _check_names(infos: list[zipfile.ZipInfo], max_bytes: int) -> str:
+    """The archive's one top-level folder, after checking entry names and the unpacked size."""
     total = 0
     prefixes = set()
     for info in infos:
@@ -95,25 +135,60 @@ def _open(path: Path, max_bytes: int) -> tuple[zipfile.ZipFile, str]:
         raise _fail(f"the archive unpacks to {total} bytes, above the limit of {max_bytes}")
     if len(prefixes) != 1:
         raise _fail("a .pt2 archive has one top-level folder")
-    prefix = prefixes.pop()
-    names = {i.filename for i in infos}
-    if f"{prefix}/archive_format" not in names or zf.read(f"{prefix}/archive_format").strip() != b"pt2":
-        raise _fail("not a torch.export archive (archive_format is not pt2)")
-    if f"{prefix}/byteorder" in names and zf.read(f"{prefix}/byteorder").strip() != b"little":
-        raise _fail("the archive's tensors are big-endian; only little-endian archives are read")
-    models = sorted(n for n in names if n.startswith(f"{prefix}/models/") and n.endswith(".json"))
-    if models != [f"{prefix}/models/model.json"]:
-        raise _fail("the archive must hold exactly one program, saved as torch.export.save(program, file)")
+    return prefixes.pop()
+
+
+def _member(zf: zipfile.ZipFile, name: str, cap: int) -> bytes:
+    """Member ``name`` (KeyError when absent), read in chunks: refused past ``cap`` bytes or corrupt."""
+    short = name.split("/", 1)[-1]
+    try:
+        return read_member(zf, name, cap, short)
+    except KeyError:
+        raise
+    except LimitError as exc:
+        raise _fail(str(exc)) from None
+    except ZIP_ERRORS as exc:
+        raise _fail(f"{short} is corrupt in the archive ({sentence(exc)})") from None
+
+
+def _open(path: Path, max_bytes: int) -> tuple[zipfile.ZipFile, str]:
+    try:
+        zip_directory(path, MAX_ENTRIES)  # before ZipFile() builds a record per entry
+        zf = zipfile.ZipFile(path)
+    except LimitError as exc:
+        raise _fail(str(exc)) from None
+    except ZIP_ERRORS as exc:
+        raise _fail(f"not a .pt2 archive (a zip file written by torch.export.save): {exc}") from None
+    try:
+        prefix = _check_names(zf.infolist(), max_bytes)
+        names = set(zf.namelist())
+        if f"{prefix}/archive_format" not in names or _member(zf, f"{prefix}/archive_format", 64).strip() != b"pt2":
+            raise _fail("not a torch.export archive (archive_format is not pt2)")
+        if f"{prefix}/byteorder" in names and _member(zf, f"{prefix}/byteorder", 64).strip() != b"little":
+            raise _fail("the archive's tensors are big-endian; only little-endian archives are read")
+        models = sorted(n for n in names if n.startswith(f"{prefix}/models/") and n.endswith(".json"))
+        if models != [f"{prefix}/models/model.json"]:
+            raise _fail("the archive must hold exactly one program, saved as torch.export.save(program, file)")
+    except BaseException:
+        zf.close()
+        raise
     return zf, prefix
 
 
 def _json(zf: zipfile.ZipFile, name: str) -> Any:
+    """A JSON member, its size and nesting bounded before it is parsed."""
+    short = name.split("/", 1)[1]
     try:
-        return json.loads(zf.read(name))
+        raw = _member(zf, name, MAX_JSON_BYTES)
     except KeyError:
-        raise _fail(f"the archive has no {name.split('/', 1)[1]}") from None
+        raise _fail(f"the archive has no {short}") from None
+    try:
+        check_json(raw, short)
+        return json.loads(raw)
+    except LimitError as exc:
+        raise _fail(str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(f"{name.split('/', 1)[1]} is not valid JSON: {exc}") from None
+        raise _fail(f"{short} is not valid JSON: {exc}") from None
 
 
 def _load(path: Path, max_bytes: int) -> tuple[Any, Any, dict[str, int], str]:
@@ -121,12 +196,14 @@ def _load(path: Path, max_bytes: int) -> tuple[Any, Any, dict[str, int], str]:
     zf, prefix = _open(path, max_bytes)
     with zf:
         model = _json(zf, f"{prefix}/models/model.json")
-        weights_cfg = _json(zf, f"{prefix}/data/weights/model_weights_config.json").get("config", {})
+        weights_name = f"{prefix}/data/weights/model_weights_config.json"
+        weights_cfg = _get(_json(zf, weights_name), "config", dict, "model_weights_config.json", {})
         names = set(zf.namelist())
         consts_name = f"{prefix}/data/constants/model_constants_config.json"
-        if consts_name in names and _json(zf, consts_name).get("config"):
-            raise _fail("the program has constant tensors or objects; gradtune trains programs whose state "
-                        "is parameters only")
+        if consts_name in names and _get(_json(zf, consts_name), "config", dict, "model_constants_config.json", {}):
+            raise _fail(
+                "the program has constant tensors or objects; gradtune trains programs whose state is parameters only"
+            )
         sizes = {i.filename: i.file_size for i in zf.infolist()}
     return model, weights_cfg, sizes, prefix
 
@@ -139,43 +216,59 @@ def _graph(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _fail(f"export schema version {model['schema_version']} is not supported (major {_SCHEMA_MAJOR} is)")
     if model.get("range_constraints") or model.get("guards_code"):
         raise _fail("the program has dynamic shapes; export the model with static shapes (no dynamic_shapes)")
-    graph = (model.get("graph_module") or {}).get("graph") or {}
+    module = _get(model, "graph_module", dict, "models/model.json")
+    graph = _get(module, "graph", dict, "the graph module", {})
     for key in ("sym_int_values", "sym_bool_values", "sym_float_values"):
         if graph.get(key):
             raise _fail("the program has symbolic shapes; export the model with static shapes")
     if graph.get("custom_obj_values"):
         raise _fail("the program holds custom objects; gradtune trains tensors only")
-    return graph, model["graph_module"].get("signature") or {}
+    return graph, _get(module, "signature", dict, "the graph module", {})
+
+
+def _tensor_name(arg: Any, what: str) -> str:
+    """The name of an argument ``{"as_tensor": {"name": ...}}`` (or ``{"name": ...}`` when ``arg`` is the inner one)."""
+    inner = arg.get("as_tensor", arg) if isinstance(arg, dict) else arg
+    return _get(inner, "name", str, what)
 
 
 def _inputs(signature: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """(parameters as {name, arg}, user input names) of the signature's input specs."""
     params: list[dict[str, Any]] = []
     user_inputs: list[str] = []
-    for spec in signature.get("input_specs", []):
-        (kind, body), = spec.items() if isinstance(spec, dict) and len(spec) == 1 else ((None, None),)
+    for i, spec in enumerate(_get(signature, "input_specs", list, "the signature", [])):
+        ((kind, body),) = spec.items() if isinstance(spec, dict) and len(spec) == 1 else ((None, None),)
+        what = f"input spec {i} ({kind})"
         if kind == "parameter":
-            params.append({"name": body["parameter_name"], "arg": body["arg"]["name"]})
-        elif kind == "user_input" and set(body.get("arg", {})) == {"as_tensor"}:
-            user_inputs.append(body["arg"]["as_tensor"]["name"])
+            params.append(
+                {
+                    "name": _get(body, "parameter_name", str, what),
+                    "arg": _tensor_name(_get(body, "arg", dict, what), f"{what}'s argument"),
+                }
+            )
+        elif kind == "user_input" and isinstance(body, dict) and set(body.get("arg") or {}) == {"as_tensor"}:
+            user_inputs.append(_tensor_name(body["arg"], f"{what}'s argument"))
         else:
-            raise _fail(f"the program has a {kind or 'malformed'} input; gradtune trains programs with one "
-                        "input tensor and parameters (no buffers, constants or non-tensor inputs)")
+            raise _fail(
+                f"the program has a {kind if isinstance(kind, str) else 'malformed'} input; gradtune trains "
+                "programs with one input tensor and parameters (no buffers, constants or non-tensor inputs)"
+            )
     return params, user_inputs
 
 
-def _signature(signature: dict[str, Any]) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
-    """(parameters, the input's name, the output's spec): one tensor in, one out, some parameters."""
+def _signature(signature: dict[str, Any]) -> tuple[list[dict[str, Any]], str, str]:
+    """(parameters, the input's name, the output's name): one tensor in, one out, some parameters."""
     params, user_inputs = _inputs(signature)
-    outputs = signature.get("output_specs", [])
+    outputs = _get(signature, "output_specs", list, "the signature", [])
     if len(user_inputs) != 1:
         raise _fail(f"the program takes {len(user_inputs)} inputs; it must take one tensor (the batch)")
-    if (len(outputs) != 1 or set(outputs[0]) != {"user_output"}
-            or set(outputs[0]["user_output"].get("arg", {})) != {"as_tensor"}):
+    spec = outputs[0] if len(outputs) == 1 and isinstance(outputs[0], dict) else {}
+    body = spec.get("user_output") if set(spec) == {"user_output"} else None
+    if not isinstance(body, dict) or set(body.get("arg") or {}) != {"as_tensor"}:
         raise _fail("the program must return one tensor (and no mutated buffers or extra outputs)")
     if not params:
         raise _fail("the program has no parameters to train")
-    return params, user_inputs[0], outputs[0]
+    return params, user_inputs[0], _tensor_name(body["arg"], "the output spec's argument")
 
 
 def _contiguous_strides(shape: list[int]) -> tuple[list[int], int]:
@@ -192,11 +285,14 @@ def _check_param(p: dict[str, Any], cfg: Any, sizes: dict[str, int], prefix: str
     if not isinstance(cfg, dict):
         raise _fail(f"parameter {p['name']!r} has no stored weight")
     if cfg.get("use_pickle") is not False:
-        raise _fail(f"parameter {p['name']!r} is stored with pickle (a tensor subclass); refused: gradtune "
-                    "never unpickles uploaded files")
-    meta = cfg.get("tensor_meta") or {}
-    if meta.get("dtype") not in _DTYPES:
-        raise _fail(f"parameter {p['name']!r} has dtype code {meta.get('dtype')}; only float32 and float64 are trained")
+        raise _fail(
+            f"parameter {p['name']!r} is stored with pickle (a tensor subclass); refused: gradtune "
+            "never unpickles uploaded files"
+        )
+    meta = _get(cfg, "tensor_meta", dict, f"parameter {p['name']!r}'s stored weight", {})
+    code = meta.get("dtype")
+    if type(code) is not int or code not in _DTYPES:
+        raise _fail(f"parameter {p['name']!r} has dtype code {code}; only float32 and float64 are trained")
     if meta.get("layout") != _STRIDED:
         raise _fail(f"parameter {p['name']!r} is not a dense (strided) tensor")
     shape = _ints(meta.get("sizes"), f"parameter {p['name']!r}'s shape")
@@ -204,23 +300,25 @@ def _check_param(p: dict[str, Any], cfg: Any, sizes: dict[str, int], prefix: str
     want, count = _contiguous_strides(shape)
     if strides != want or _ints([meta.get("storage_offset")], "offset") != [0]:
         raise _fail(f"parameter {p['name']!r} is not stored contiguously")
-    dtype, item = _DTYPES[meta["dtype"]]
+    dtype, item = _DTYPES[code]
     file = f"{prefix}/data/weights/{cfg.get('path_name')}"
     if sizes.get(file) != count * item:
         raise _fail(f"parameter {p['name']!r}: the stored bytes do not match its shape {shape} and dtype {dtype}")
     p.update(dtype=dtype, shape=shape, file=file)
 
 
-def _argument(where: str, a: Any, allowed: dict[str, tuple[str, ...]], defined: set[str]) -> tuple[Any, Any]:
+def _argument(where: str, a: Any, allowed: dict[str, tuple[str, ...]], defined: set[str]) -> tuple[str, Any]:
     """(name, value) of one node argument; ``where`` names the node ("node 3 (target)")."""
-    name, arg = a.get("name"), a.get("arg") or {}
+    name = _get(a, "name", str, f"{where}: an argument")
+    arg = _get(a, "arg", dict, f"{where}: argument {name!r}", {})
     if name not in allowed or len(arg) != 1 or next(iter(arg)) not in allowed[name]:
         raise _fail(f"{where} has an unsupported argument {name!r} ({list(arg)})")
     kind, v = next(iter(arg.items()))
     if kind == _T:
-        if v.get("name") not in defined:
-            raise _fail(f"{where} uses {v.get('name')!r} before it is defined")
-        v = {"tensor": v["name"]}
+        tensor = _tensor_name(v, f"{where}: argument {name!r}")
+        if tensor not in defined:
+            raise _fail(f"{where} uses {tensor!r} before it is defined")
+        v = {"tensor": tensor}
     elif kind == _IS and not (isinstance(v, list) and all(isinstance(x, int) for x in v)):
         raise _fail(f"{where}: argument {name!r} must be a list of integers")
     elif kind == _I and not isinstance(v, int):
@@ -234,29 +332,45 @@ def _argument(where: str, a: Any, allowed: dict[str, tuple[str, ...]], defined: 
     return name, v
 
 
-def _node(i: int, node: Any, defined: set[str], values: Any) -> dict[str, Any]:
+def _shape_of(values: dict[str, Any], name: str, what: str) -> list[int] | None:
+    """The static shape ``tensor_values`` records for tensor ``name``, or None when it records none."""
+    meta = values.get(name)
+    if not meta:
+        return None
+    if not isinstance(meta, dict):
+        raise _fail(f"{what}: its tensor_values entry is not an object")
+    return _ints(meta.get("sizes"), what)
+
+
+def _node(i: int, node: Any, defined: set[str], values: dict[str, Any]) -> dict[str, Any]:
     """The checked ``i``-th node as an op; its output joins ``defined``."""
-    target = node.get("target")
-    allowed = OPS.get(target)
-    if allowed is None:
+    target = node.get("target") if isinstance(node, dict) else None
+    allowed = OPS.get(target) if isinstance(target, str) else None
+    if target is None or allowed is None:
         short = str(target).replace("torch.ops.aten.", "")
-        raise _fail(f"node {i} calls {short!r}, which gradtune cannot train through; supported: "
-                    + ", ".join(sorted(t.replace("torch.ops.aten.", "").split(".")[0] for t in OPS)))
+        raise _fail(
+            f"node {i} calls {short!r}, which gradtune cannot train through; supported: "
+            + ", ".join(sorted(t.replace("torch.ops.aten.", "").split(".")[0] for t in OPS))
+        )
     args: dict[str, Any] = {}
-    for a in node.get("inputs", []):
+    for a in _get(node, "inputs", list, f"node {i} ({target})", []):
         name, v = _argument(f"node {i} ({target})", a, allowed, defined)
         args[name] = v
     first = next(iter(allowed))
     if first not in args:
         raise _fail(f"node {i} ({target}) has no input tensor")
-    outs = node.get("outputs", [])
-    if len(outs) != 1 or set(outs[0]) != {_T}:
+    outs = _get(node, "outputs", list, f"node {i} ({target})", [])
+    if len(outs) != 1 or not isinstance(outs[0], dict) or set(outs[0]) != {_T}:
         raise _fail(f"node {i} ({target}) must produce one tensor")
-    out = outs[0][_T]["name"]
+    out = _tensor_name(outs[0], f"node {i} ({target})'s output")
     defined.add(out)
-    out_meta = values.get(out) or {}
-    return {"target": target, "short": target.split(".")[3], "args": args, "out": out,
-            "shape": _ints(out_meta.get("sizes"), f"node {i}'s output shape") if out_meta else None}
+    return {
+        "target": target,
+        "short": target.split(".")[3],
+        "args": args,
+        "out": out,
+        "shape": _shape_of(values, out, f"node {i}'s output shape"),
+    }
 
 
 def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
@@ -265,27 +379,26 @@ def read_pt2(path: str | Path, max_bytes: int = 1 << 31) -> dict[str, Any]:
     Returns ``{"input": name, "output": name, "params": [{"name", "arg", "dtype", "shape",
     "file"}], "ops": [{"target", "short", "args": {name: value}, "out"}], "input_shape": [...] }``
     where an argument value is ``{"tensor": name}``, an int, a list of ints, a bool, a string or None.
+    Every malformed archive (a member missing, corrupt or too large, JSON of the wrong shape or
+    nested too deep) is an ExportedProgramError naming what is wrong.
     """
     model, weights_cfg, sizes, prefix = _load(Path(path), max_bytes)
     graph, signature = _graph(model)
-    params, user_input, output_spec = _signature(signature)
-    values = graph.get("tensor_values", {})
+    params, user_input, output = _signature(signature)
+    values = _get(graph, "tensor_values", dict, "the graph", {})
     for p in params:
         _check_param(p, weights_cfg.get(p["name"]), sizes, prefix)
     defined = {p["arg"] for p in params} | {user_input}
-    ops = [_node(i, node, defined, values) for i, node in enumerate(graph.get("nodes", []))]
-    output = output_spec["user_output"]["arg"]["as_tensor"]["name"]
+    ops = [_node(i, node, defined, values) for i, node in enumerate(_get(graph, "nodes", list, "the graph", []))]
     if output not in defined:
         raise _fail("the program's output is not computed by its graph")
-    in_meta = values.get(user_input) or {}
-    out_meta = values.get(output) or {}
     return {
         "input": user_input,
         "output": output,
         "params": params,
         "ops": ops,
-        "input_shape": _ints(in_meta.get("sizes"), "the input's shape") if in_meta else None,
-        "output_shape": _ints(out_meta.get("sizes"), "the output's shape") if out_meta else None,
+        "input_shape": _shape_of(values, user_input, "the input's shape"),
+        "output_shape": _shape_of(values, output, "the output's shape"),
     }
 
 
@@ -314,8 +427,10 @@ def describe_program(program: dict[str, Any]) -> dict[str, Any]:
     if batch < 1:
         raise _fail("the program was exported with an empty batch; export it with at least one example")
     if not out_shape or len(out_shape) != 2 or out_shape[0] != batch:
-        raise _fail(f"the program returns shape {out_shape}; it must return (rows, outputs) for a batch of "
-                    f"{batch} rows (class scores or regression targets)")
+        raise _fail(
+            f"the program returns shape {out_shape}; it must return (rows, outputs) for a batch of "
+            f"{batch} rows (class scores or regression targets)"
+        )
     by_arg = {p["arg"]: p for p in program["params"]}
     order: list[str] = []
     uses: dict[str, list[tuple[str, str]]] = {}
@@ -356,6 +471,15 @@ def describe_program(program: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_weights(path: str | Path, program: dict[str, Any]) -> dict[str, bytes]:
-    """The raw bytes of every parameter of ``program`` (as read_pt2 checked them)."""
-    with zipfile.ZipFile(path) as zf:
-        return {p["name"]: zf.read(p["file"]) for p in program["params"]}
+    """The raw bytes of every parameter of ``program`` (as read_pt2 checked them), each read in
+    chunks up to the size its shape and dtype need; ExportedProgramError for a corrupt member."""
+    item = {name: size for name, size in _DTYPES.values()}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {p["name"]: _member(zf, p["file"], _prod(p["shape"]) * item[p["dtype"]]) for p in program["params"]}
+    except KeyError as exc:
+        raise _fail(f"the archive has no {exc.args[0]}") from None
+    except ExportedProgramError:
+        raise
+    except ZIP_ERRORS as exc:
+        raise _fail(f"not a .pt2 archive (a zip file written by torch.export.save): {exc}") from None

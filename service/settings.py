@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     max_unroll_bytes: int = 2 * 1024**3  # reverse-mode memory the engine may hold per task
     max_upload_bytes: int = 1024**3  # one dataset file; larger uploads get 413 while streaming
     max_dataset_bytes: int = 4 * 1024**3  # a dataset's values once decoded (npz and parquet compress)
+    # Uploads received and checked at once by one API process; one more is answered 503 with Retry-After.
+    max_concurrent_uploads: int = Field(default=4, ge=1)
 
     # Artifact store (uploaded datasets). Empty means file://<data_dir>/artifacts.
     artifact_url: str = ""

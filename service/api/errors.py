@@ -3,7 +3,8 @@
 * Validation errors -> 422 ``{"detail": [{"loc", "field", "msg", "type"}]}``. The offending
   input and pydantic's ``ctx`` are never echoed (a body can be megabytes of numbers).
 * Malformed JSON -> 400 ``{"detail": "the request body is not valid JSON: ... at line L column C"}``.
-* Database unreachable -> 503; anything unexpected -> 500 with a reference to the logged traceback.
+* Database unreachable -> 503; a capacity limit -> 503 with ``Retry-After`` (``retry_later``);
+  anything unexpected -> 500 with a reference to the logged traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -170,6 +171,12 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> JSONRespo
         status_code=500,
         content={"detail": f"internal server error; the details were logged under reference {ref}"},
     )
+
+
+def retry_later(detail: str, seconds: int, headers: dict[str, str] | None = None) -> HTTPException:
+    """503 with ``Retry-After: seconds``: the server is at a capacity limit, the request was not
+    started, and the same request may succeed later."""
+    return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(seconds), **(headers or {})})
 
 
 def install_error_handlers(app: FastAPI) -> None:

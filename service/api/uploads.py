@@ -18,10 +18,11 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fastapi import HTTPException, Request, Response, status
 from sqlalchemy.exc import IntegrityError
@@ -30,11 +31,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from service import repository
-from service.api.errors import Message, ValidationErrorBody
+from service.api.errors import Message, ValidationErrorBody, retry_later
 from service.settings import Settings
 from service.storage import ArtifactStore, StoreError
 
 FIELD = "file"
+UPLOAD_RETRY_AFTER = 5  # seconds a client is asked to wait when every upload slot is taken
 # Multipart framing around the file (boundaries, part headers, small extra fields).
 FRAMING_BYTES = 64 * 1024
 
@@ -77,8 +79,9 @@ class Receiver:
     ``check_name(filename) -> format`` refuses a wrong extension (an exception with ``code``)
     before any of the file is written; ``example`` is the file named in hints (curl -F ...)."""
 
-    def __init__(self, tmp_dir: Path, limit: int, *, check_name: Callable[[str], str],
-                 example: str, extensions: str) -> None:
+    def __init__(
+        self, tmp_dir: Path, limit: int, *, check_name: Callable[[str], str], example: str, extensions: str
+    ) -> None:
         self.tmp_dir = tmp_dir
         self.limit = limit
         self.check_name = check_name
@@ -91,7 +94,7 @@ class Receiver:
         self.sha = hashlib.sha256()
         self.file_done = False
         self.ended = False
-        self._fh = None
+        self._fh: IO[bytes] | None = None
         self._in_file = False
         self._headers: dict[str, bytes] = {}
         self._field = bytearray()
@@ -121,7 +124,9 @@ class Receiver:
             self._in_file = False
             return
         if self.path is not None:
-            raise file_error("the upload holds more than one part named 'file'; send one file per request", "too_many_files")
+            raise file_error(
+                "the upload holds more than one part named 'file'; send one file per request", "too_many_files"
+            )
         if b"filename" not in params:
             raise file_error(
                 "the 'file' part is not a file (it has no filename); send it as a file, e.g. "
@@ -147,10 +152,12 @@ class Receiver:
         if self.size > self.limit:
             raise _TooLarge()
         self.sha.update(chunk)
+        assert self._fh is not None  # set with _in_file
         self._fh.write(chunk)
 
     def on_part_end(self) -> None:
         if self._in_file:
+            assert self._fh is not None  # set with _in_file
             self._fh.close()
             self._in_file = False
             self.file_done = True
@@ -158,12 +165,18 @@ class Receiver:
     def on_end(self) -> None:
         self.ended = True
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> Any:  # python_multipart's MultipartCallbacks (a TypedDict of its stubs only)
         return {
             name: getattr(self, name)
             for name in (
-                "on_part_begin", "on_header_field", "on_header_value", "on_header_end",
-                "on_headers_finished", "on_part_data", "on_part_end", "on_end",
+                "on_part_begin",
+                "on_header_field",
+                "on_header_value",
+                "on_header_end",
+                "on_headers_finished",
+                "on_part_data",
+                "on_part_end",
+                "on_end",
             )
         }
 
@@ -185,13 +198,17 @@ def _too_large(limit: int, filename: str | None) -> Refused:
     what = f"file {filename!r}" if filename else "the upload"
     return Refused(
         413,
-        f"{what} is larger than the upload limit of {limit} bytes ({_human(limit)}, "
-        "GRADTUNE_MAX_UPLOAD_BYTES)",
+        f"{what} is larger than the upload limit of {limit} bytes ({_human(limit)}, GRADTUNE_MAX_UPLOAD_BYTES)",
     )
 
 
 async def receive(
-    request: Request, limit: int, tmp_dir: Path, *, check_name: Callable[[str], str], example: str,
+    request: Request,
+    limit: int,
+    tmp_dir: Path,
+    *,
+    check_name: Callable[[str], str],
+    example: str,
     extensions: str,
 ) -> Receiver:
     from python_multipart.exceptions import MultipartParseError
@@ -239,8 +256,15 @@ async def receive(
         receiver.cleanup()
         raise Refused(
             422,
-            [{"loc": ["body", FIELD], "field": FIELD, "msg": "Field required: send the file in a "
-              f"multipart field named 'file' (curl -F file=@{receiver.example})", "type": "missing"}],
+            [
+                {
+                    "loc": ["body", FIELD],
+                    "field": FIELD,
+                    "msg": "Field required: send the file in a "
+                    f"multipart field named 'file' (curl -F file=@{receiver.example})",
+                    "type": "missing",
+                }
+            ],
         )
     if not (receiver.file_done and receiver.ended):
         receiver.cleanup()
@@ -302,16 +326,47 @@ def _store(request: Request, upload: Receiver, kind: UploadKind) -> tuple[Any, b
             raise
 
 
+def _slots(app: Any) -> threading.BoundedSemaphore:
+    """The app's upload slots (``GRADTUNE_MAX_CONCURRENT_UPLOADS``), made on first use; only the
+    event loop's thread calls this, so the first use cannot race."""
+    slots = getattr(app.state, "upload_slots", None)
+    if slots is None:
+        slots = app.state.upload_slots = threading.BoundedSemaphore(app.state.settings.max_concurrent_uploads)
+    return slots
+
+
 async def upload(request: Request, response: Response, kind: UploadKind) -> Any:
     """The body of an upload route: receive, check, store, record; 201 with ``Location`` for new
     bytes, 200 with the existing row for bytes uploaded before. Refusals answer their status
-    (413 with ``Connection: close``), an unavailable artifact store 503."""
+    (413 with ``Connection: close``), an unavailable artifact store 503. At most
+    ``GRADTUNE_MAX_CONCURRENT_UPLOADS`` uploads are received and checked at once (each may hold a
+    temporary file and a reader's bounded memory); one more is answered at once, before its body
+    is read, with 503 and ``Retry-After``."""
     settings = request.app.state.settings
+    slots = _slots(request.app)
+    if not slots.acquire(blocking=False):
+        raise retry_later(
+            f"{settings.max_concurrent_uploads} uploads are already being received and checked "
+            f"(GRADTUNE_MAX_CONCURRENT_UPLOADS); try again in {UPLOAD_RETRY_AFTER} seconds",
+            UPLOAD_RETRY_AFTER,
+            headers={"Connection": "close"},
+        )
+    try:
+        return await _upload(request, response, kind, settings)
+    finally:
+        slots.release()
+
+
+async def _upload(request: Request, response: Response, kind: UploadKind, settings: Settings) -> Any:
     received: Receiver | None = None
     try:
         received = await receive(
-            request, settings.max_upload_bytes, settings.tmp_dir(),
-            check_name=kind.check_name, example=kind.example, extensions=kind.extensions,
+            request,
+            settings.max_upload_bytes,
+            settings.tmp_dir(),
+            check_name=kind.check_name,
+            example=kind.example,
+            extensions=kind.extensions,
         )
         row, created = await run_in_threadpool(_store, request, received, kind)
     except Refused as exc:
@@ -343,8 +398,10 @@ def delete(session: Session, store: ArtifactStore, kind: UploadKind, row_id: str
     sha256 = row.sha256
     session.commit()
     # After the commit; unless the same bytes were uploaded again meanwhile (as a dataset or a model).
-    if repository.get_dataset_by_sha256(session, sha256=sha256) is None and \
-            repository.get_model_by_sha256(session, sha256=sha256) is None:
+    if (
+        repository.get_dataset_by_sha256(session, sha256=sha256) is None
+        and repository.get_model_by_sha256(session, sha256=sha256) is None
+    ):
         try:
             store.delete(sha256)
         except StoreError as exc:  # the row is gone; an orphaned object only costs space
@@ -406,7 +463,11 @@ def upload_responses(kind: UploadKind, public: type, bad_file: dict[str, Any]) -
         413: {"model": Message, "description": "The file is larger than GRADTUNE_MAX_UPLOAD_BYTES."},
         415: {"model": Message, "description": "The body is not multipart/form-data."},
         422: bad_file,
-        503: {"model": Message, "description": "The artifact store is unavailable."},
+        503: {
+            "model": Message,
+            "description": "The artifact store is unavailable, or GRADTUNE_MAX_CONCURRENT_UPLOADS uploads are "
+            "in progress (`Retry-After` says when to try again).",
+        },
     }
 
 

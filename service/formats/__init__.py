@@ -14,7 +14,5 @@ from service.formats.base import DatasetFileError, DatasetFormat
 __all__ = ["BY_SUFFIX", "REGISTRY", "DatasetFileError", "DatasetFormat"]
 
 # In the order messages list them.
-REGISTRY: dict[str, DatasetFormat] = {
-    f.name: f for f in (safetensors.FORMAT, npz.FORMAT, csv.FORMAT, parquet.FORMAT)
-}
+REGISTRY: dict[str, DatasetFormat] = {f.name: f for f in (safetensors.FORMAT, npz.FORMAT, csv.FORMAT, parquet.FORMAT)}
 BY_SUFFIX: dict[str, str] = {suffix: f.name for f in REGISTRY.values() for suffix in f.suffixes}

@@ -4,8 +4,8 @@ A format is one ``DatasetFormat``: its ``name`` (the value stored in the databas
 ``suffixes`` that select it, what it ``holds`` (named ``"tensors"`` or ``"columns"``), and two
 functions: ``inspect(path, max_decoded)`` checks a whole file and describes it (or raises
 ``DatasetFileError``), ``read(path, names)`` returns the named tensors or columns as numpy arrays
-(``KeyError`` for a name the file lacks; for parquet, pyarrow's own ``ArrowInvalid``, as before the
-split: jobs are checked against the file's recorded names before anything reads it).
+(``KeyError`` for a name the file lacks, whatever the format; jobs are checked against the file's
+recorded names before anything reads it).
 
 numpy is imported inside the functions that need it, so importing this module stays light.
 """
@@ -38,7 +38,7 @@ class DatasetFormat:
     holds: Literal["tensors", "columns"]
     # (path, max_decoded_bytes) -> {"kind", "rows", "items"}; DatasetFileError when refused
     inspect: Callable[[Path, int], dict[str, Any]]
-    # (path, names) -> {name: numpy array}; KeyError for a name the file lacks (parquet: ArrowInvalid)
+    # (path, names) -> {name: numpy array}; KeyError for a name the file lacks
     read: Callable[[Path, list[str]], dict[str, Any]]
 
 
@@ -47,16 +47,13 @@ class DatasetFormat:
 
 def check_entries(count: int, kind: str) -> None:
     if count > MAX_ENTRIES:
-        raise DatasetFileError(
-            f"the file has {count} {kind}; at most {MAX_ENTRIES} are accepted", "too_many_entries"
-        )
+        raise DatasetFileError(f"the file has {count} {kind}; at most {MAX_ENTRIES} are accepted", "too_many_entries")
 
 
 def budget(need: int, limit: int, what: str) -> None:
     if need > limit:
         raise DatasetFileError(
-            f"{what} hold {need} bytes once decoded, above the limit of {limit} bytes "
-            "(GRADTUNE_MAX_DATASET_BYTES)",
+            f"{what} hold {need} bytes once decoded, above the limit of {limit} bytes (GRADTUNE_MAX_DATASET_BYTES)",
             "too_large",
         )
 
@@ -72,9 +69,12 @@ def non_finite_word(value: float) -> str:
 
 
 def duplicate(names: list[str]) -> str | None:
-    """The first (sorted) name that occurs more than once, or None."""
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    return dupes[0] if dupes else None
+    """The first (sorted) name that occurs more than once, or None (linear in the number of names)."""
+    seen: set[str] = set()
+    dupes: set[str] = set()
+    for n in names:
+        (dupes if n in seen else seen).add(n)
+    return min(dupes) if dupes else None
 
 
 def where(shape: tuple[int, ...], flat: int, fortran: bool = False) -> str:

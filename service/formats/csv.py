@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from service.formats.base import (
-    DatasetFileError, DatasetFormat, Stats, budget, check_entries, duplicate, non_finite_word,
+    MAX_ENTRIES,
+    DatasetFileError,
+    DatasetFormat,
+    Stats,
+    budget,
+    check_entries,
+    duplicate,
+    non_finite_word,
 )
+
+MAX_RECORD_CHARS = 1 << 20  # characters in one row (the header or a data row) of the CSV text
 
 
 def _plural(n: int, word: str) -> str:
@@ -38,6 +47,7 @@ def _header(header: list[str] | None) -> list[str]:
     """The checked column names of the first row (None: the file is empty)."""
     if header is None:
         raise DatasetFileError("the CSV file is empty: it needs a header row of column names", "empty")
+    check_entries(len(header), "columns")  # before any work per column
     names = [h.strip() for h in header]
     for j, name in enumerate(names):
         if not name:
@@ -50,7 +60,6 @@ def _header(header: list[str] | None) -> list[str]:
             "the first line of the CSV file holds numbers, not column names; add a header row naming the columns",
             "bad_header",
         )
-    check_entries(len(names), "columns")
     return names
 
 
@@ -59,8 +68,10 @@ def _cell(cell: str, column: str, line: int) -> int | float:
     v = _number(cell)
     if v is None:
         shown = cell.strip()
-        why = "has an empty cell (missing values are not allowed)" if not shown else (
-            f"holds {shown[:40]!r}, which is not a number"
+        why = (
+            "has an empty cell (missing values are not allowed)"
+            if not shown
+            else (f"holds {shown[:40]!r}, which is not a number")
         )
         raise DatasetFileError(f"column {column!r} is not numeric: line {line} {why}", "non_numeric")
     if isinstance(v, float) and not math.isfinite(v):
@@ -86,22 +97,59 @@ def _blank(row: list[str]) -> bool:
     return not row or (len(row) == 1 and not row[0].strip())
 
 
+class _Lines:
+    """The file's lines for ``csv.reader``, refused once one record (its header or a row, which
+    quoted cells may spread over several lines) passes ``MAX_RECORD_CHARS``: no line is ever read
+    whole, and the reader never holds more than one bounded record. ``record_done()`` after each."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.line = 0
+        self.first = 1  # the line the current record starts on
+        self.pending = 0  # characters of the current record so far
+
+    def __iter__(self) -> Iterator[str]:
+        readline, cap = self.f.readline, MAX_RECORD_CHARS
+        while text := readline(cap + 1):
+            self.line += 1
+            self.pending += len(text)
+            if self.pending > cap:
+                raise self._too_long(text)
+            yield text
+
+    def record_done(self) -> None:
+        self.first, self.pending = self.line + 1, 0
+
+    def _too_long(self, text: str) -> DatasetFileError:
+        if self.first == 1 and text.count(",") >= MAX_ENTRIES:
+            return DatasetFileError(
+                f"the CSV header (line 1) has more than {MAX_ENTRIES} columns; at most {MAX_ENTRIES} are accepted",
+                "too_many_entries",
+            )
+        where = "the CSV header (line 1)" if self.first == 1 else f"the CSV row starting at line {self.first}"
+        return DatasetFileError(
+            f"{where} is longer than {MAX_RECORD_CHARS} characters, the most one row may hold", "too_large"
+        )
+
+
 def rows(path: Path) -> Iterator[tuple[int, Any]]:
     """``(0, header)`` then ``(line number, numbers)`` per data row, every cell checked."""
     import csv
 
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, strict=True)
+            lines = _Lines(f)
+            reader = csv.reader(lines, strict=True)
             names = _header(next(reader, None))
+            lines.record_done()
             yield 0, names
             for row in reader:
+                lines.record_done()
                 if not _blank(row):
                     yield reader.line_num, _row(row, names, reader.line_num)
     except UnicodeDecodeError as exc:
         raise DatasetFileError(
-            f"the CSV file is not UTF-8 text (undecodable byte at position {exc.start}); "
-            "is it really a CSV file?",
+            f"the CSV file is not UTF-8 text (undecodable byte at position {exc.start}); is it really a CSV file?",
             "corrupt",
         ) from None
     except csv.Error as exc:
@@ -157,7 +205,8 @@ def read(path: Path, names: list[str]) -> dict[str, Any]:
                 is_int[n] = False
             cols[n].append(float(v))
     return {
-        n: np.frombuffer(ints[n], dtype=np.int64).copy() if is_int[n]
+        n: np.frombuffer(ints[n], dtype=np.int64).copy()
+        if is_int[n]
         else np.frombuffer(cols[n], dtype=np.float64).copy()
         for n in names
     }

@@ -7,35 +7,75 @@ and readers use ``numpy.load(allow_pickle=False)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
 
 from service.formats.base import (
-    CHUNK_BYTES, DatasetFileError, DatasetFormat, Stats, budget, check_entries, sentence, where,
+    CHUNK_BYTES,
+    MAX_ENTRIES,
+    DatasetFileError,
+    DatasetFormat,
+    Stats,
+    budget,
+    check_entries,
+    sentence,
+    where,
 )
+from service.formats.guards import ZIP_ERRORS, LimitError, zip_directory
+
+MAX_NPY_HEADER = 10_000  # bytes: numpy's own limit for headers it parses safely (max_header_size)
+
+
+def _header_bytes(fp, member: str) -> bytes:
+    """The magic, length and header of a .npy stream, the length checked before the header is read.
+
+    numpy reads a header of any declared length (version 2 allows 4 GiB) before checking it
+    against its ``max_header_size``; this reads at most ``MAX_NPY_HEADER`` bytes.
+    """
+    magic = fp.read(8)
+    if len(magic) < 8 or magic[:6] != b"\x93NUMPY":
+        return magic  # numpy's read_magic names what is wrong
+    size = fp.read(2 if magic[6] == 1 else 4)
+    length = int.from_bytes(size, "little")
+    if length > MAX_NPY_HEADER:
+        raise DatasetFileError(
+            f"member {member!r} declares a {length}-byte .npy header, above the limit of {MAX_NPY_HEADER} "
+            "bytes: the file is corrupt",
+            "corrupt",
+        )
+    return magic + size + fp.read(length)
 
 
 def _npy_header(fp, member: str):
     """(shape, fortran_order, dtype) of a .npy stream, with numpy's own (literal-only) parser."""
+    import io
+
     import numpy as np
     from numpy.lib import format as npy
 
     try:
-        version = npy.read_magic(fp)
+        head = io.BytesIO(_header_bytes(fp, member))
+        version = npy.read_magic(head)
         if version == (1, 0):
-            shape, fortran, dtype = npy.read_array_header_1_0(fp)
+            shape, fortran, dtype = npy.read_array_header_1_0(head)
         elif version == (2, 0):
-            shape, fortran, dtype = npy.read_array_header_2_0(fp)
+            shape, fortran, dtype = npy.read_array_header_2_0(head)
         else:
             raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
     except DatasetFileError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # numpy's parser raises ValueError, SyntaxError, RecursionError, ...
         raise DatasetFileError(
             f"member {member!r} is not a valid .npy array ({sentence(exc)}): the file is corrupt",
             "corrupt",
         ) from None
+    if any(d < 0 for d in shape):
+        raise DatasetFileError(
+            f"member {member!r} declares shape {tuple(shape)}, with a negative dimension: the file is corrupt",
+            "corrupt",
+        )
     return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
 
 
@@ -61,9 +101,7 @@ def _members(zf) -> list[tuple[str, Any]]:
         if info.is_dir():
             continue
         if not info.filename.endswith(".npy"):
-            raise DatasetFileError(
-                f"member {info.filename!r} of the npz archive is not a .npy array", "corrupt"
-            )
+            raise DatasetFileError(f"member {info.filename!r} of the npz archive is not a .npy array", "corrupt")
         name = info.filename[:-4]
         if name in seen:
             raise DatasetFileError(f"the npz archive holds array {name!r} twice", "corrupt")
@@ -102,7 +140,7 @@ def _inspect_members(zf, max_decoded: int) -> list[dict[str, Any]]:
             count = math.prod(shape)
             decoded += count * dtype.itemsize
             budget(decoded, max_decoded, "the arrays")
-            stats = Stats(what, lambda i, s=shape, f=fortran: where(s, i, f))
+            stats = Stats(what, functools.partial(where, shape, fortran=fortran))
             _feed_values(fp, stats, dtype, count, what)
             items.append({"name": name, "shape": list(shape), "dtype": dtype.name, **stats.facts()})
     return items
@@ -110,17 +148,17 @@ def _inspect_members(zf, max_decoded: int) -> list[dict[str, Any]]:
 
 def inspect(path: Path, max_decoded: int) -> dict[str, Any]:
     import zipfile
-    import zlib
 
     try:
+        zip_directory(path, MAX_ENTRIES, "the npz archive")  # before ZipFile() builds a record per entry
         with zipfile.ZipFile(path) as zf:
             items = _inspect_members(zf, max_decoded)
     except DatasetFileError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, ValueError, RuntimeError) as exc:
-        raise DatasetFileError(
-            f"the npz archive is corrupt or truncated ({sentence(exc)})", "corrupt"
-        ) from None
+    except LimitError as exc:
+        raise DatasetFileError(str(exc), exc.code) from None
+    except ZIP_ERRORS as exc:
+        raise DatasetFileError(f"the npz archive is corrupt or truncated ({sentence(exc)})", "corrupt") from None
     return {"kind": "tensors", "rows": None, "items": items}
 
 

@@ -7,6 +7,7 @@ a memory map in chunks; bfloat16 is widened to float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.formats.base import CHUNK_BYTES, DatasetFileError, DatasetFormat, Stats, budget, check_entries, where
+from service.formats.guards import LimitError, check_json
 
 MAX_HEADER = 100 * 1024 * 1024  # as the reference implementation
 
@@ -56,11 +58,14 @@ def _read_header(path: Path, size: int) -> tuple[int, Any]:
             )
         if 8 + n > size:
             raise DatasetFileError(
-                f"the safetensors file is truncated: its header needs {n} bytes but only "
-                f"{size - 8} follow the length",
+                f"the safetensors file is truncated: its header needs {n} bytes but only {size - 8} follow the length",
                 "truncated",
             )
         raw = f.read(n)
+    try:
+        check_json(raw, "the safetensors header")  # before json.loads: no RecursionError, bounded objects
+    except LimitError as exc:
+        raise DatasetFileError(f"{exc}: the file is corrupt or not safetensors", "corrupt") from None
     try:
         return n, json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -75,9 +80,7 @@ def _check_metadata(header: Any) -> None:
     if not isinstance(header, dict):
         raise DatasetFileError("the safetensors header is not a JSON object: the file is corrupt", "corrupt")
     meta = header.pop("__metadata__", None)
-    if meta is not None and not (
-        isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
-    ):
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise DatasetFileError("the safetensors __metadata__ must map strings to strings", "corrupt")
 
 
@@ -94,9 +97,7 @@ def _entry(name: str, info: Any) -> dict[str, Any]:
     """One checked header entry: name, dtypes, shape, data offsets and value count."""
     what = f"tensor {name!r}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise DatasetFileError(
-            f"{what}: the header entry must have exactly dtype, shape and data_offsets", "corrupt"
-        )
+        raise DatasetFileError(f"{what}: the header entry must have exactly dtype, shape and data_offsets", "corrupt")
     st_dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if st_dtype not in DTYPES:
         raise DatasetFileError(
@@ -116,8 +117,16 @@ def _entry(name: str, info: Any) -> dict[str, Any]:
             f"data_offsets span {offsets[1] - offsets[0]}: the file is corrupt",
             "corrupt",
         )
-    return {"name": name, "st_dtype": st_dtype, "np_dtype": np_dtype, "dtype": public,
-            "shape": shape, "begin": offsets[0], "end": offsets[1], "count": count}
+    return {
+        "name": name,
+        "st_dtype": st_dtype,
+        "np_dtype": np_dtype,
+        "dtype": public,
+        "shape": shape,
+        "begin": offsets[0],
+        "end": offsets[1],
+        "count": count,
+    }
 
 
 def _check_back_to_back(entries: list[dict[str, Any]], available: int) -> None:
@@ -139,8 +148,7 @@ def _check_back_to_back(entries: list[dict[str, Any]], available: int) -> None:
         )
     if expected < available:
         raise DatasetFileError(
-            f"the safetensors file has {available - expected} bytes after its last tensor: "
-            "the file is corrupt",
+            f"the safetensors file has {available - expected} bytes after its last tensor: the file is corrupt",
             "corrupt",
         )
 
@@ -189,7 +197,7 @@ def inspect(path: Path, max_decoded: int) -> dict[str, Any]:
     items = []
     for e in sorted(entries, key=lambda e: e["name"]):
         shape = tuple(e["shape"])
-        stats = Stats(f"tensor {e['name']!r}", lambda i, s=shape: where(s, i))
+        stats = Stats(f"tensor {e['name']!r}", functools.partial(where, shape))
         for chunk in _chunks(path, start, e):
             stats.update(chunk)
         items.append({"name": e["name"], "shape": list(shape), "dtype": e["dtype"], **stats.facts()})
