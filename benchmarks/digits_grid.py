@@ -123,8 +123,7 @@ def main() -> None:
         loss = evaluate(tasks, lr, mom, EVAL_DRAWS)["mean_val_loss"]
         it = "" if iters is None else str(iters)
         print(
-            f"| {label:62s} | {lr:8.4g} | {mom:8.4f} | {loss:8.4f} | {loss / g_loss:6.3f} "
-            f"| {seconds:7.1f} | {it:>5s} |"
+            f"| {label:62s} | {lr:8.4g} | {mom:8.4f} | {loss:8.4f} | {loss / g_loss:6.3f} | {seconds:7.1f} | {it:>5s} |"
         )
     print("ratio: val loss / grid best. time s: wall time to choose the settings (grid: all its")
     print("evaluations; learned: run_meta). iters: meta-iterations before convergence (of the budget).")

@@ -26,18 +26,23 @@ sys.path.insert(0, str(ROOT))
 JOB = {
     "name": "digits-mlp",
     "tasks": [
-        {"name": f"split{seed}",
-         "data": {"source": "builtin", "name": "digits", "val_fraction": 0.2, "seed": seed},
-         "model": {"kind": "mlp", "hidden": [32], "activation": "tanh"},
-         "loss": "cross_entropy", "steps": 100, "batch_size": 32}
+        {
+            "name": f"split{seed}",
+            "data": {"source": "builtin", "name": "digits", "val_fraction": 0.2, "seed": seed},
+            "model": {"kind": "mlp", "hidden": [32], "activation": "tanh"},
+            "loss": "cross_entropy",
+            "steps": 100,
+            "batch_size": 32,
+        }
         for seed in range(4)
     ],
     "hyperparameters": {"lr": 0.01, "momentum": 0.9},
     "meta": {"iterations": 40, "seed": 0},
 }
 # the same job with the quick search (README: meta.search), 3 and 5 iterations
-QUICK_JOBS = [{**JOB, "name": f"digits-mlp-line-{n}", "meta": {"iterations": n, "seed": 0, "search": "line"}}
-              for n in (3, 5)]
+QUICK_JOBS = [
+    {**JOB, "name": f"digits-mlp-line-{n}", "meta": {"iterations": n, "seed": 0, "search": "line"}} for n in (3, 5)
+]
 
 
 def main() -> None:
@@ -56,6 +61,7 @@ def main() -> None:
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
     runner.configure_process()
+
     def run(client, spec):
         t0 = time.perf_counter()
         job = client.post("/v1/jobs", json=spec).json()
@@ -76,16 +82,25 @@ def main() -> None:
     ev = body["evaluation"]
     rows = [
         (f"grid best ({25}x{len(MOMENTA)}, chosen on the evaluation draws)", g_lr, g_mom, g_loss, grid_s),
-        ("start (the job's hyperparameters)", ev["initial"]["lr"], ev["initial"]["momentum"],
-         ev["mean_initial_val_loss"], 0.0),
+        (
+            "start (the job's hyperparameters)",
+            ev["initial"]["lr"],
+            ev["initial"]["momentum"],
+            ev["mean_initial_val_loss"],
+            0.0,
+        ),
         ("learned (GET /v1/jobs/{id}/settings)", body["lr"], body["momentum"], ev["mean_learned_val_loss"], job_s),
     ] + [
-        (f"learned, quick: meta.search line, {spec['meta']['iterations']} iterations", q["lr"], q["momentum"],
-         q["evaluation"]["mean_learned_val_loss"], q_s)
+        (
+            f"learned, quick: meta.search line, {spec['meta']['iterations']} iterations",
+            q["lr"],
+            q["momentum"],
+            q["evaluation"]["mean_learned_val_loss"],
+            q_s,
+        )
         for spec, (q, q_s) in zip(QUICK_JOBS, quick, strict=True)
     ]
-    print("digits through the service: 4 tasks, mlp [32] tanh, 100 steps, batch 32; scored on draws",
-          ev["draws"])
+    print("digits through the service: 4 tasks, mlp [32] tanh, 100 steps, batch 32; scored on draws", ev["draws"])
     print(f"| {'settings':<52} | {'lr':>8} | {'momentum':>8} | {'val loss':>8} | {'ratio':>6} | {'time s':>6} |")
     print(f"|{'-' * 54}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 8}|")
     for name, lr, mom, loss, secs in rows:
@@ -93,8 +108,10 @@ def main() -> None:
     ratio = ev["mean_learned_val_loss"] / g_loss
     verdict = "met" if ratio <= 1.10 else "NOT met"
     print(f"target: learned within 10% of the grid's best -> ratio {ratio:.3f}: {verdict}")
-    print(f"(time s: the whole job through API and runner, chunk by chunk; the grid: its "
-          f"{25 * len(MOMENTA) * len(tasks) * len(ev['draws'])} trainings)")
+    print(
+        f"(time s: the whole job through API and runner, chunk by chunk; the grid: its "
+        f"{25 * len(MOMENTA) * len(tasks) * len(ev['draws'])} trainings)"
+    )
 
 
 if __name__ == "__main__":

@@ -80,7 +80,9 @@ def main() -> None:
                 continue
             out = subprocess.run(
                 [sys.executable, "-W", "ignore", __file__, "--one", impl, str(k)],
-                cwd=ROOT, capture_output=True, text=True,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
             )
             if out.returncode != 0:
                 print(f"{impl} K={k}: failed\n{out.stderr[-2000:]}", flush=True)
@@ -88,8 +90,11 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["extra_mb"] = r["peak_mb"] - r["base_mb"]
             results[(impl, k)] = r
-            print(f"{impl:17s} K={k:6d} base {r['base_mb']:7.1f} MB  peak {r['peak_mb']:7.1f} MB  "
-                  f"extra {r['extra_mb']:7.1f} MB  {r['seconds']:7.2f} s", flush=True)
+            print(
+                f"{impl:17s} K={k:6d} base {r['base_mb']:7.1f} MB  peak {r['peak_mb']:7.1f} MB  "
+                f"extra {r['extra_mb']:7.1f} MB  {r['seconds']:7.2f} s",
+                flush=True,
+            )
     print()
     print("| implementation    |      K | peak MB | extra MB | extra / extra at K=100 | time s |")
     print("|-------------------|-------:|--------:|---------:|-----------------------:|-------:|")

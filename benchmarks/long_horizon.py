@@ -62,8 +62,14 @@ def main() -> None:
     print(f"| start | {START[0]:g} | {START[1]:.3f} | | {before:.4f} | |")
     for method in ("forward", "truncated"):
         config = MetaConfig(
-            iterations=args.iterations, method=method, truncation=args.window, population=False,
-            stencil=False, draws=(0,), step_size=1.0, max_step=2.0,
+            iterations=args.iterations,
+            method=method,
+            truncation=args.window,
+            population=False,
+            stencil=False,
+            draws=(0,),
+            step_size=1.0,
+            max_step=2.0,
         )
         t0 = time.perf_counter()
         state = run_meta(train, config, init_state(config, *START), args.iterations)
@@ -73,8 +79,10 @@ def main() -> None:
         name = f"{method} (W={args.window})" if method == "truncated" else "forward (exact)"
         cells = f"{best['lr']:.4g} | {best['momentum']:.3f} | {best['meta_loss']:.4f} | {after:.4f} | {secs:.1f}"
         print(f"| {name} | {cells} |", flush=True)
-    print(f"\nPart 3: the default meta-loop (population + stencil), learned on the full {args.steps}-step runs "
-          f"(method forward) or on {args.window}-step runs (a short horizon), both used for {args.steps} steps\n")
+    print(
+        f"\nPart 3: the default meta-loop (population + stencil), learned on the full {args.steps}-step runs "
+        f"(method forward) or on {args.window}-step runs (a short horizon), both used for {args.steps} steps\n"
+    )
     print(f"| learned on | lr | momentum | held-out loss at K = {args.steps} | wall s |")
     print("|---|---:|---:|---:|---:|")
     for horizon in (args.steps, args.window):

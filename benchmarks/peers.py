@@ -36,9 +36,10 @@ def higher_hypergradient(p: Prepared, log_lr: float, momentum: float) -> tuple[f
     mu = torch.tensor(momentum, dtype=task.x_train.dtype, requires_grad=True)
     lr = torch.exp(a)
     opt = torch.optim.SGD(p.model.parameters(), lr=0.1, momentum=0.5)
-    with higher.innerloop_ctx(
-        p.model, opt, copy_initial_weights=True, override={"lr": [lr], "momentum": [mu]}
-    ) as (fmodel, diffopt):
+    with higher.innerloop_ctx(p.model, opt, copy_initial_weights=True, override={"lr": [lr], "momentum": [mu]}) as (
+        fmodel,
+        diffopt,
+    ):
         for t in range(task.steps):
             rows = p.idx[t]
             diffopt.step(task_loss(task, fmodel(task.x_train[rows]), task.y_train[rows]))

@@ -103,8 +103,19 @@ def digits_classes(n: int, pixel_scale: float = 1 / 16) -> list[Task]:
         remap = np.full(10, -1)
         remap[classes] = np.arange(5)
         mt, mv = np.isin(yt, classes), np.isin(yv, classes)
-        tasks.append(_task(f"digits-{''.join(map(str, classes))}", xt[mt], remap[yt[mt]], xv[mv], remap[yv[mv]],
-                           (32,), "cross_entropy", 5, seed=i))
+        tasks.append(
+            _task(
+                f"digits-{''.join(map(str, classes))}",
+                xt[mt],
+                remap[yt[mt]],
+                xv[mv],
+                remap[yv[mv]],
+                (32,),
+                "cross_entropy",
+                5,
+                seed=i,
+            )
+        )
     return tasks
 
 
@@ -119,8 +130,9 @@ def cancer_features(n: int, scaling: str = "minmax") -> list[Task]:
             lo, span = xt.min(0), xt.max(0) - xt.min(0) + 1e-6
         else:  # "standard": StandardScaler
             lo, span = xt.mean(0), xt.std(0) + 1e-6
-        tasks.append(_task(f"cancer-f{i}", (xt - lo) / span, yt, (xv - lo) / span, yv, (16,), "cross_entropy", 2,
-                           seed=i))
+        tasks.append(
+            _task(f"cancer-f{i}", (xt - lo) / span, yt, (xv - lo) / span, yv, (16,), "cross_entropy", 2, seed=i)
+        )
     return tasks
 
 
@@ -243,8 +255,15 @@ def main() -> None:
         def train_loss(lr, mom, train_obj=train_obj):
             return train_obj.losses([lr], [mom])[0]
 
-        rows.append((f"grid {n_lr}x{len(MOMENTA)} on held-out (yardstick)", grid, grid_s, (g_lr, g_mom),
-                     train_loss(g_lr, g_mom)))
+        rows.append(
+            (
+                f"grid {n_lr}x{len(MOMENTA)} on held-out (yardstick)",
+                grid,
+                grid_s,
+                (g_lr, g_mom),
+                train_loss(g_lr, g_mom),
+            )
+        )
         rows.append(("default (0.01, 0.9)", default, 0.0, DEFAULT, train_loss(*DEFAULT)))
         # the same grid chosen on the train tasks and training draws: the exact minimiser (to grid
         # resolution) of the objective every searcher below minimises, scored held out. Its regret
@@ -252,8 +271,15 @@ def main() -> None:
         t0 = time.perf_counter()
         t_lr, t_mom = grid_argmin(train_obj, pairs)
         secs = time.perf_counter() - t0  # taken before the held-out scoring, which no method pays
-        rows.append((f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)", score(t_lr, t_mom), secs, (t_lr, t_mom),
-                     train_loss(t_lr, t_mom)))
+        rows.append(
+            (
+                f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)",
+                score(t_lr, t_mom),
+                secs,
+                (t_lr, t_mom),
+                train_loss(t_lr, t_mom),
+            )
+        )
         for name, fn in (
             ("random search 20", lambda obj=train_obj: random_search(obj, 20)),
             ("optuna TPE 20", lambda obj=train_obj: optuna_tpe(obj, 20)),
@@ -272,8 +298,15 @@ def main() -> None:
             secs = time.perf_counter() - t0
             runs.append((score(lr, mom), secs, train_loss(lr, mom)))
         seed_regrets = ", ".join(f"{(r[0] - grid) / (default - grid):+.3f}" for r in runs)
-        rows.append(("optuna TPE 20, mean of seeds 0-4", sum(r[0] for r in runs) / 5, sum(r[1] for r in runs) / 5,
-                     f"regrets {seed_regrets}", sum(r[2] for r in runs) / 5))
+        rows.append(
+            (
+                "optuna TPE 20, mean of seeds 0-4",
+                sum(r[0] for r in runs) / 5,
+                sum(r[1] for r in runs) / 5,
+                f"regrets {seed_regrets}",
+                sum(r[2] for r in runs) / 5,
+            )
+        )
         for name, kw in (
             ("gradtune constant", {}),
             ("gradtune constant, line search, 3 iterations", {**LINE_SEARCH, "iterations": 3}),
@@ -292,8 +325,9 @@ def main() -> None:
                 loss = evaluate_groups(held, best["param_groups"], best["boundaries"], JUDGE_DRAWS)["mean_val_loss"]
                 rows.append((name, loss, secs, "groups", best["meta_loss_groups"]))
             else:
-                rows.append((name, score(best["lr"], best["momentum"]), secs, (best["lr"], best["momentum"]),
-                             best["meta_loss"]))
+                rows.append(
+                    (name, score(best["lr"], best["momentum"]), secs, (best["lr"], best["momentum"]), best["meta_loss"])
+                )
         print(f"\n### {fam}: {len(train)} train tasks, {len(held)} held-out tasks\n")
         print("| method | held-out loss | regret | wall s | train meta-loss | settings |")
         print("|---|---:|---:|---:|---:|---|")
@@ -309,8 +343,12 @@ def main() -> None:
     for fam in args.families:
         mine = {name: (r, s) for f, name, r, s in summary if f == fam}
         tpe = mine["optuna TPE 20, mean of seeds 0-4"][1]
-        for name in ("optuna TPE 20", "optuna TPE 20, mean of seeds 0-4", "gradtune constant",
-                     "gradtune constant, line search, 3 iterations"):
+        for name in (
+            "optuna TPE 20",
+            "optuna TPE 20, mean of seeds 0-4",
+            "gradtune constant",
+            "gradtune constant, line search, 3 iterations",
+        ):
             r, s = mine[name]
             print(f"| {fam} | {name} | {r:+.3f} | {s:.2f} | {s / tpe:.2f} |")
 

@@ -57,8 +57,12 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--tasks", type=int, default=8, help="train tasks and held-out tasks per split")
-    ap.add_argument("--draws", type=int, default=len(TRAIN_DRAWS),
-                    help="training draws per train task, for every method (default: quality.py's 2)")
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=len(TRAIN_DRAWS),
+        help="training draws per train task, for every method (default: quality.py's 2)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     import optuna  # noqa: F401  (imported before any clock starts)
@@ -73,17 +77,21 @@ def main() -> None:
     family_tasks = 16 if args.quick else FAMILY_TASKS
     n_lr = 9 if args.quick else 25
     pairs = [(lr, m) for m in MOMENTA for lr in grid_lrs(n_lr)]
-    methods = (f"family optimum ({family_tasks} other tasks)", f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)",
-               "random search 20",
-               "optuna TPE 20, mean of seeds 0-4", "gradtune constant, line search, 3 iterations",
-               "gradtune constant")
+    methods = (
+        f"family optimum ({family_tasks} other tasks)",
+        f"grid {n_lr}x{len(MOMENTA)} on train tasks (reference)",
+        "random search 20",
+        "optuna TPE 20, mean of seeds 0-4",
+        "gradtune constant, line search, 3 iterations",
+        "gradtune constant",
+    )
     for fam in args.families:
         tasks = FAMILIES[fam](2 * n * splits + family_tasks)
-        family_opt = grid_argmin(Objective(tasks[2 * n * splits:], FAMILY_DRAWS), pairs)
+        family_opt = grid_argmin(Objective(tasks[2 * n * splits :], FAMILY_DRAWS), pairs)
         regrets: dict[str, list[float]] = {m: [] for m in methods}
         secs: dict[str, list[float]] = {m: [] for m in methods}
         for s in range(splits):
-            train, held = tasks[2 * n * s: 2 * n * s + n], tasks[2 * n * s + n: 2 * n * (s + 1)]
+            train, held = tasks[2 * n * s : 2 * n * s + n], tasks[2 * n * s + n : 2 * n * (s + 1)]
 
             def score(lr, mom, held=held):
                 return evaluate(held, lr, mom, JUDGE_DRAWS)["mean_val_loss"]
@@ -118,20 +126,32 @@ def main() -> None:
                 t0 = time.perf_counter()
                 best = gradtune(train, 15 if args.quick else 40, draws=draws, **kw)
                 record(name, best["lr"], best["momentum"], time.perf_counter() - t0)
-            print(f"{fam} split {s}: " + "; ".join(f"{m} {regrets[m][-1]:+.3f}" for m in methods),
-                  file=sys.stderr, flush=True)
-        print(f"\n### {fam}: {splits} splits of {n} train + {n} held-out tasks, {len(draws)} training draws; "
-              f"family optimum lr "
-              f"{family_opt[0]:.4g}, momentum {family_opt[1]}\n")
-        print("| method | " + " | ".join(f"regret, split {s}" for s in range(splits))
-              + " | mean regret | splits <= 0.03 | mean wall s | wall / TPE-20's |")
+            print(
+                f"{fam} split {s}: " + "; ".join(f"{m} {regrets[m][-1]:+.3f}" for m in methods),
+                file=sys.stderr,
+                flush=True,
+            )
+        print(
+            f"\n### {fam}: {splits} splits of {n} train + {n} held-out tasks, {len(draws)} training draws; "
+            f"family optimum lr "
+            f"{family_opt[0]:.4g}, momentum {family_opt[1]}\n"
+        )
+        print(
+            "| method | "
+            + " | ".join(f"regret, split {s}" for s in range(splits))
+            + " | mean regret | splits <= 0.03 | mean wall s | wall / TPE-20's |"
+        )
         print("|---|" + "---:|" * (splits + 4))
         tpe_s = statistics.mean(secs[methods[3]])
         for m in methods:
             r, t = regrets[m], statistics.mean(secs[m])
             wall = "- | -" if m == methods[0] else f"{t:.2f} | {t / tpe_s:.2f}"
-            print(f"| {m} | " + " | ".join(f"{x:+.3f}" for x in r)
-                  + f" | {statistics.mean(r):+.3f} | {sum(x <= 0.03 for x in r)}/{splits} | {wall} |", flush=True)
+            print(
+                f"| {m} | "
+                + " | ".join(f"{x:+.3f}" for x in r)
+                + f" | {statistics.mean(r):+.3f} | {sum(x <= 0.03 for x in r)}/{splits} | {wall} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -21,9 +20,22 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 def worker_argv(queue: str, loglevel: str = "INFO") -> list[str]:
     """The command line of one worker process (solo pool: one chunk at a time, one device)."""
     return [
-        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "solo", "--concurrency", "1", "-Q", queue,
-        "--without-mingle", "--without-gossip", "--loglevel", loglevel,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "-Q",
+        queue,
+        "--without-mingle",
+        "--without-gossip",
+        "--loglevel",
+        loglevel,
     ]
 
 
@@ -48,10 +60,12 @@ def _require(command: str, *extras: str) -> None:
     missing = sorted({m for extra in extras for m in EXTRA_MODULES[extra] if not _installed(m)})
     if missing:
         what = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
-        _fail(RuntimeError(
-            f"gradtune {command} needs the {what}: pip install 'gradtune[{','.join(extras)}]' "
-            f"(not installed: {', '.join(missing)})"
-        ))
+        _fail(
+            RuntimeError(
+                f"gradtune {command} needs the {what}: pip install 'gradtune[{','.join(extras)}]' "
+                f"(not installed: {', '.join(missing)})"
+            )
+        )
 
 
 @cli.command()
@@ -81,8 +95,8 @@ def worker(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> No
 
 @cli.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Bind address (default GRADTUNE_HOST, 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="Port (default GRADTUNE_PORT, 8000)."),
+    host: str | None = typer.Option(None, help="Bind address (default GRADTUNE_HOST, 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default GRADTUNE_PORT, 8000)."),
     workers: int = typer.Option(1, min=0, help="Embedded worker processes to start (0: none)."),
 ) -> None:
     """API on :8000 plus embedded workers; SQLite and a server-less broker unless configured."""
@@ -182,7 +196,7 @@ def status(job_id: str, url: str = URL) -> None:
 
 @cli.command()
 def jobs(
-    status: Optional[str] = typer.Option(None, help="Only jobs with this status."),
+    status: str | None = typer.Option(None, help="Only jobs with this status."),
     limit: int = typer.Option(20, help="How many (1..100)."),
     url: str = URL,
 ) -> None:
@@ -220,8 +234,7 @@ cli.add_typer(datasets_cli, name="datasets")
 
 @datasets_cli.command("upload")
 def datasets_upload(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                help="A .safetensors, .npz, .csv or .parquet file."),
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .safetensors, .npz, .csv or .parquet file."),
     url: str = URL,
 ) -> None:
     """Upload a dataset file; prints its id and the tensors or columns found."""
@@ -247,8 +260,7 @@ cli.add_typer(models_cli, name="models")
 
 @models_cli.command("upload")
 def models_upload(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                help="A .pt2 archive written by torch.export.save."),
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .pt2 archive written by torch.export.save."),
     url: str = URL,
 ) -> None:
     """Upload an exported model; prints its id, the example shape, outputs and parameters."""

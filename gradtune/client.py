@@ -54,8 +54,14 @@ class TunedSettings:
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> TunedSettings:
-        return cls(lr=body["lr"], momentum=body["momentum"], evaluation=body.get("evaluation") or {},
-                   raw=body, param_groups=body.get("param_groups"), boundaries=body.get("boundaries"))
+        return cls(
+            lr=body["lr"],
+            momentum=body["momentum"],
+            evaluation=body.get("evaluation") or {},
+            raw=body,
+            param_groups=body.get("param_groups"),
+            boundaries=body.get("boundaries"),
+        )
 
     def sgd(self, model_or_params, constant: bool = False):
         """``torch.optim.SGD`` with the learned values.
@@ -86,8 +92,14 @@ class TunedSettings:
                 "import torch\n"
                 f"optimizer = torch.optim.SGD(model.parameters(), lr={self.lr!r}, momentum={self.momentum!r})\n"
             )
-        lines = ["import bisect", "import torch", "", "named = dict(model.named_parameters())",
-                 f"boundaries = {list(self.boundaries or [0])!r}", "param_groups = ["]
+        lines = [
+            "import bisect",
+            "import torch",
+            "",
+            "named = dict(model.named_parameters())",
+            f"boundaries = {list(self.boundaries or [0])!r}",
+            "param_groups = [",
+        ]
         for g in self.param_groups:
             lines.append(f"    {{'params': {g['params']!r}, 'lr': {g['lr']!r}, 'momentum': {g['momentum']!r}}},")
         lines += [
@@ -105,8 +117,9 @@ class TunedSettings:
 
 
 class Client:
-    def __init__(self, url: str = "http://localhost:8000", timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, url: str = "http://localhost:8000", timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
 
@@ -179,11 +192,28 @@ class Client:
     def models(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         return self._call("GET", "/v1/models", params={"limit": limit, "offset": offset})
 
-    def tune(self, model, train, val, *, loss: str, steps: int, batch_size: int,
-             lr: float = 0.01, momentum: float = 0.9, iterations: int = 40, seed: int = 0,
-             name: str = "tune", progress: bool = True, timeout: float | None = None,
-             init: str = "default", per_layer: bool = False, schedule_segments: int = 1,
-             method: str = "auto", search: str = "stencil") -> TunedSettings:
+    def tune(
+        self,
+        model,
+        train,
+        val,
+        *,
+        loss: str,
+        steps: int,
+        batch_size: int,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        iterations: int = 40,
+        seed: int = 0,
+        name: str = "tune",
+        progress: bool = True,
+        timeout: float | None = None,
+        init: str = "default",
+        per_layer: bool = False,
+        schedule_segments: int = 1,
+        method: str = "auto",
+        search: str = "stencil",
+    ) -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
         A model ``describe_model`` can describe (an ``nn.Sequential`` of ``Linear`` layers with
@@ -210,11 +240,17 @@ class Client:
             except ValueError:
                 spec = None  # not declarative: exported below
         xs, ys = _as_float32(train[0]), _targets(train[1], loss)
-        want_out = int(max(ys.max(), _targets(val[1], loss).max())) + 1 if loss == "cross_entropy" else (
-            1 if ys.ndim == 1 else ys.shape[1])
+        want_out = (
+            int(max(ys.max(), _targets(val[1], loss).max())) + 1
+            if loss == "cross_entropy"
+            else (1 if ys.ndim == 1 else ys.shape[1])
+        )
         if spec is None:
-            spec = {"kind": "exported", "model": self._export_and_upload(model, xs, batch_size, loss, want_out, name),
-                    "init": init}
+            spec = {
+                "kind": "exported",
+                "model": self._export_and_upload(model, xs, batch_size, loss, want_out, name),
+                "init": init,
+            }
         else:
             _check_declared(model, spec, xs, loss, want_out)
         ids = []
@@ -223,14 +259,26 @@ class Client:
             ids.append(self.upload_dataset(blob, filename=f"{name}-{part}.safetensors")["id"])
         job = {
             "name": name,
-            "tasks": [{
-                "name": name,
-                "data": {"source": "dataset", "train": {"dataset": ids[0], "x": "x", "y": "y"},
-                         "val": {"dataset": ids[1], "x": "x", "y": "y"}},
-                "model": spec, "loss": loss, "steps": steps, "batch_size": batch_size,
-            }],
-            "hyperparameters": {"lr": lr, "momentum": momentum, "per_layer": per_layer,
-                                "schedule_segments": schedule_segments},
+            "tasks": [
+                {
+                    "name": name,
+                    "data": {
+                        "source": "dataset",
+                        "train": {"dataset": ids[0], "x": "x", "y": "y"},
+                        "val": {"dataset": ids[1], "x": "x", "y": "y"},
+                    },
+                    "model": spec,
+                    "loss": loss,
+                    "steps": steps,
+                    "batch_size": batch_size,
+                }
+            ],
+            "hyperparameters": {
+                "lr": lr,
+                "momentum": momentum,
+                "per_layer": per_layer,
+                "schedule_segments": schedule_segments,
+            },
             "meta": {"iterations": iterations, "seed": seed, "method": method, "search": search},
         }
         job_id = self.submit(job)["id"]
@@ -272,8 +320,14 @@ class Client:
         torch.export.save(program, buf)
         return self.upload_model(buf.getvalue(), filename=f"{name}.pt2")["id"]
 
-    def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        poll: float = 1.0,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until the job finishes; returns the final job (whatever its status)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -336,10 +390,15 @@ def describe_cnn(model) -> dict[str, Any]:
                 raise ValueError(f"layer {i} ({layer!r}): groups and dilation must be 1")
             if layer.bias is None or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 raise ValueError(f"layer {i} ({layer!r}): needs a bias and numeric zero padding")
-            layers.append({"type": "conv2d", "out_channels": layer.out_channels,
-                           "kernel_size": _square(layer.kernel_size, "kernel_size", i, layer),
-                           "stride": _square(layer.stride, "stride", i, layer),
-                           "padding": _square(layer.padding, "padding", i, layer)})
+            layers.append(
+                {
+                    "type": "conv2d",
+                    "out_channels": layer.out_channels,
+                    "kernel_size": _square(layer.kernel_size, "kernel_size", i, layer),
+                    "stride": _square(layer.stride, "stride", i, layer),
+                    "padding": _square(layer.padding, "padding", i, layer),
+                }
+            )
         elif isinstance(layer, (nn.ReLU, nn.Tanh)) and type(layer) in (nn.ReLU, nn.Tanh):
             layers.append({"type": kind.lower()})
         elif type(layer) in (nn.MaxPool2d, nn.AvgPool2d):
@@ -351,10 +410,17 @@ def describe_cnn(model) -> dict[str, Any]:
             else:
                 plain = plain and layer.divisor_override is None
             if not plain:
-                raise ValueError(f"layer {i} ({layer!r}): pools need padding 0, ceil_mode False (and no "
-                                 "dilation, indices or divisor_override)")
-            layers.append({"type": "maxpool" if isinstance(layer, nn.MaxPool2d) else "avgpool",
-                           "kernel_size": k, "stride": stride})
+                raise ValueError(
+                    f"layer {i} ({layer!r}): pools need padding 0, ceil_mode False (and no "
+                    "dilation, indices or divisor_override)"
+                )
+            layers.append(
+                {
+                    "type": "maxpool" if isinstance(layer, nn.MaxPool2d) else "avgpool",
+                    "kernel_size": k,
+                    "stride": stride,
+                }
+            )
         elif type(layer) is nn.Flatten:
             if layer.start_dim != 1 or layer.end_dim != -1:
                 raise ValueError(f"layer {i} ({layer!r}): Flatten must keep the batch dimension (start_dim=1)")
@@ -364,8 +430,10 @@ def describe_cnn(model) -> dict[str, Any]:
                 raise ValueError(f"layer {i} ({layer!r}): Linear needs a bias")
             layers.append({"type": "linear", "out_features": layer.out_features})
         else:
-            raise ValueError(f"layer {i} is {layer!r}; a gradtune cnn takes Conv2d, ReLU, Tanh, MaxPool2d, "
-                             "AvgPool2d, Flatten and Linear")
+            raise ValueError(
+                f"layer {i} is {layer!r}; a gradtune cnn takes Conv2d, ReLU, Tanh, MaxPool2d, "
+                "AvgPool2d, Flatten and Linear"
+            )
     if not layers or layers[-1]["type"] != "linear":
         raise ValueError("a gradtune cnn must end with a Linear layer")
     return {"kind": "cnn", "layers": layers}
@@ -422,8 +490,11 @@ def safetensors_bytes(arrays: dict[str, Any]) -> bytes:
     chunks, offset = [], 0
     for name, a in arrays.items():
         raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": _ST_DTYPES[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         chunks.append(raw)
         offset += len(raw)
     head = json.dumps(header, separators=(",", ":")).encode()

@@ -12,8 +12,13 @@ def job_progress(job_id: str) -> Iterator[Callable[[dict[str, Any]], None]]:
     """Yields a callback that redraws the bar from a job body (as GET /v1/jobs/{id} returns it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[info]}")) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    ) as bar:
         task = bar.add_task(job_id[:8], total=None, info="")
 
         def show(job: dict[str, Any]) -> None:

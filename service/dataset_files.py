@@ -31,8 +31,17 @@ from service.formats.base import CHUNK_BYTES, MAX_ENTRIES
 from service.formats.safetensors import MAX_HEADER as MAX_SAFETENSORS_HEADER
 
 __all__ = [
-    "CHUNK_BYTES", "COLUMN_FORMATS", "FORMATS", "MAX_ENTRIES", "MAX_SAFETENSORS_HEADER", "TENSOR_FORMATS",
-    "DatasetFileError", "format_for", "inspect_file", "read_columns", "read_tensor",
+    "CHUNK_BYTES",
+    "COLUMN_FORMATS",
+    "FORMATS",
+    "MAX_ENTRIES",
+    "MAX_SAFETENSORS_HEADER",
+    "TENSOR_FORMATS",
+    "DatasetFileError",
+    "format_for",
+    "inspect_file",
+    "read_columns",
+    "read_tensor",
 ]
 
 FORMATS = dict(BY_SUFFIX)  # extension -> format name

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from gradtune.spec import TERMINAL_STATUSES, JobStatus
@@ -98,7 +98,7 @@ def heartbeat(session: Session, *, job_id: str, owner: str) -> bool:
         .values(heartbeat_at=db_now())
         .execution_options(synchronize_session=False)
     )
-    return res.rowcount == 1
+    return cast("CursorResult[Any]", res).rowcount == 1
 
 
 def set_device(session: Session, *, job_id: str, owner: str, device: str) -> None:
@@ -119,12 +119,7 @@ def commit_chunk(
     Returns False (writing nothing) when the claim was lost meanwhile.
     """
     job = _lock(session, job_id)
-    if (
-        job is None
-        or job.status != RUNNING
-        or job.lease_owner != owner
-        or job.iteration != start_iteration
-    ):
+    if job is None or job.status != RUNNING or job.lease_owner != owner or job.iteration != start_iteration:
         return False
     expected = list(range(start_iteration + 1, start_iteration + 1 + len(records)))
     got = [int(r["iteration"]) for r in records]
@@ -177,8 +172,13 @@ def _finish(session: Session, job_id: str, owner: str, **values: Any) -> bool:
 
 def finish_job(session: Session, *, job_id: str, owner: str, result: dict[str, Any]) -> bool:
     return _finish(
-        session, job_id, owner, status=JobStatus.SUCCEEDED.value, result=result,
-        lr=result["lr"], momentum=result["momentum"],
+        session,
+        job_id,
+        owner,
+        status=JobStatus.SUCCEEDED.value,
+        result=result,
+        lr=result["lr"],
+        momentum=result["momentum"],
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -116,9 +116,7 @@ def spec_dataset_ids(spec: dict[str, Any]) -> list[str]:
 
 def get_job(session: Session, *, job_id: str) -> Job | None:
     """The job, or None. Its spec and checkpoint load only if accessed."""
-    return session.scalar(
-        select(Job).where(Job.id == job_id).options(defer(Job.spec), defer(Job.checkpoint))
-    )
+    return session.scalar(select(Job).where(Job.id == job_id).options(defer(Job.spec), defer(Job.checkpoint)))
 
 
 def list_jobs(
@@ -145,9 +143,7 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
     stays running until its current chunk ends; a finished job raises ``Conflict``.
     Requesting again for a running job is harmless.
     """
-    job = session.scalar(
-        select(Job).where(Job.id == job_id).options(*_HEAVY).with_for_update()
-    )
+    job = session.scalar(select(Job).where(Job.id == job_id).options(*_HEAVY).with_for_update())
     if job is None:
         raise NotFound(job_id)
     now = database_now(session)
@@ -159,9 +155,7 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
         job.cancel_requested = True
         job.updated_at = now
     elif job.status in TERMINAL_STATUSES:
-        raise Conflict(
-            f"job {job_id} is already {job.status}; only queued or running jobs can be cancelled"
-        )
+        raise Conflict(f"job {job_id} is already {job.status}; only queued or running jobs can be cancelled")
     else:  # pragma: no cover - the ck_jobs_status constraint admits no other status
         raise Conflict(f"job {job_id} has status {job.status!r} and cannot be cancelled")
     session.flush()
@@ -172,9 +166,7 @@ def list_history(session: Session, *, job_id: str) -> list[JobIteration]:
     """The job's meta-iterations in order (empty for an unknown job: check with get_job)."""
     return list(
         session.scalars(
-            select(JobIteration)
-            .where(JobIteration.job_id == job_id)
-            .order_by(JobIteration.iteration)
+            select(JobIteration).where(JobIteration.job_id == job_id).order_by(JobIteration.iteration)
         ).all()
     )
 
@@ -182,7 +174,7 @@ def list_history(session: Session, *, job_id: str) -> list[JobIteration]:
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands datetimes back without a zone; every stored time is UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 
@@ -197,7 +189,7 @@ def to_public(job: Job) -> JobPublic:
     return JobPublic(
         id=job.id,
         name=job.name,
-        status=job.status,  # type: ignore[arg-type]
+        status=job.status,
         progress=Progress(
             iteration=job.iteration or 0,
             iterations=job.iterations,
@@ -218,16 +210,16 @@ def to_public(job: Job) -> JobPublic:
 # A queued or running job (gradtune.spec's ACTIVE_STATUSES) keeps the files it names.
 
 
-def _get(session: Session, table: type, row_id: str, lock: bool) -> Any:
+def _get(session: Session, table: Any, row_id: str, lock: bool) -> Any:
     query = select(table).where(table.id == row_id)
     return session.scalar(query.with_for_update() if lock else query)
 
 
-def _get_by_sha256(session: Session, table: type, sha256: str) -> Any:
+def _get_by_sha256(session: Session, table: Any, sha256: str) -> Any:
     return session.scalar(select(table).where(table.sha256 == sha256))
 
 
-def _by_id(session: Session, table: type, ids: list[str], lock: bool) -> dict[str, Any]:
+def _by_id(session: Session, table: Any, ids: list[str], lock: bool) -> dict[str, Any]:
     if not ids:
         return {}
     query = select(table).where(table.id.in_(ids)).order_by(table.id)
@@ -235,7 +227,7 @@ def _by_id(session: Session, table: type, ids: list[str], lock: bool) -> dict[st
     return {r.id: r for r in rows}
 
 
-def _list(session: Session, table: type, limit: int, offset: int) -> tuple[list[Any], int]:
+def _list(session: Session, table: Any, limit: int, offset: int) -> tuple[list[Any], int]:
     total = session.scalar(select(func.count()).select_from(table)) or 0
     items = session.scalars(
         select(table).order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset)
@@ -243,7 +235,7 @@ def _list(session: Session, table: type, limit: int, offset: int) -> tuple[list[
     return list(items), total
 
 
-def _active_jobs(session: Session, link: type, column: InstrumentedAttribute, row_id: str) -> list[tuple[str, str]]:
+def _active_jobs(session: Session, link: Any, column: InstrumentedAttribute, row_id: str) -> list[tuple[str, str]]:
     """``(job id, status)`` of the queued or running jobs whose ``link`` row has ``column == row_id``."""
     rows = session.execute(
         select(Job.id, Job.status)
@@ -255,8 +247,14 @@ def _active_jobs(session: Session, link: type, column: InstrumentedAttribute, ro
 
 
 def _delete_unused(
-    session: Session, table: type, row_id: str, *, kind: str, not_found: type[LookupError],
-    link: type, column: InstrumentedAttribute,
+    session: Session,
+    table: Any,
+    row_id: str,
+    *,
+    kind: str,
+    not_found: type[LookupError],
+    link: Any,
+    column: InstrumentedAttribute,
 ) -> Any:
     """Delete the row under its row lock; ``not_found(row_id)`` if there is none, ``Conflict``
     (naming the ``kind``: "dataset", "model") while a queued or running job uses it."""
@@ -323,8 +321,13 @@ def delete_dataset(session: Session, *, dataset_id: str) -> Dataset:
     """Delete the dataset's row under its row lock; the caller removes the stored object after
     the commit. ``DatasetNotFound``, or ``Conflict`` while a queued or running job uses it."""
     return _delete_unused(
-        session, Dataset, dataset_id, kind="dataset", not_found=DatasetNotFound,
-        link=JobDataset, column=JobDataset.dataset_id,
+        session,
+        Dataset,
+        dataset_id,
+        kind="dataset",
+        not_found=DatasetNotFound,
+        link=JobDataset,
+        column=JobDataset.dataset_id,
     )
 
 
@@ -334,7 +337,7 @@ def dataset_to_public(dataset: Dataset) -> DatasetPublic:
     return DatasetPublic(
         id=dataset.id,
         filename=dataset.filename,
-        format=dataset.format,  # type: ignore[arg-type]
+        format=dataset.format,
         sha256=dataset.sha256,
         size=dataset.size,
         rows=dataset.rows,
@@ -347,9 +350,7 @@ def dataset_to_public(dataset: Dataset) -> DatasetPublic:
 # ---------------------------------------------------------------- models (uploaded torch.export programs)
 
 
-def create_model(
-    session: Session, *, filename: str, sha256: str, size: int, program: dict[str, Any]
-) -> ExportedModel:
+def create_model(session: Session, *, filename: str, sha256: str, size: int, program: dict[str, Any]) -> ExportedModel:
     """Insert a model row; ``program`` is service.exported_files.describe_program's summary.
     A second row with the same sha256 violates a unique index (IntegrityError at flush)."""
     model = ExportedModel(
@@ -387,8 +388,13 @@ def delete_model(session: Session, *, model_id: str) -> ExportedModel:
     """Delete the model's row under its row lock (the caller removes the stored object after the
     commit). ``ModelNotFound``, or ``Conflict`` while a queued or running job uses it."""
     return _delete_unused(
-        session, ExportedModel, model_id, kind="model", not_found=ModelNotFound,
-        link=JobModel, column=JobModel.model_id,
+        session,
+        ExportedModel,
+        model_id,
+        kind="model",
+        not_found=ModelNotFound,
+        link=JobModel,
+        column=JobModel.model_id,
     )
 
 

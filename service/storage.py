@@ -217,6 +217,4 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None) -> ArtifactStore
         return LocalStore(unquote(parsed.path))
     if parsed.scheme == "s3":
         return S3Store(parsed.netloc, unquote(parsed.path), endpoint_url=s3_endpoint_url)
-    raise ValueError(
-        f"unsupported artifact store URL {url!r}: use file:///absolute/path or s3://bucket/prefix"
-    )
+    raise ValueError(f"unsupported artifact store URL {url!r}: use file:///absolute/path or s3://bucket/prefix")

@@ -28,7 +28,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from service.db.migrate import upgrade
-from tests.support import PG_ADMIN_URLS, REDIS_SERVER_URL, REDIS_TEST_DB, make_settings as _make_settings
+from tests.support import PG_ADMIN_URLS, REDIS_SERVER_URL, REDIS_TEST_DB
+from tests.support import make_settings as _make_settings
 
 
 def pytest_configure(config):
@@ -75,7 +76,10 @@ def _pg_admin():
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
         except Exception as exc:
-            errors.append(f"{make_url(url).render_as_string(hide_password=True)}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            errors.append(
+                f"{make_url(url).render_as_string(hide_password=True)}: "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            )
             engine.dispose()
             continue
         yield engine

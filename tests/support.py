@@ -32,8 +32,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     under ``<data_dir>/broker``. Any Settings field can be overridden by keyword.
     """
     values: dict[str, Any] = {
-        name: field.get_default(call_default_factory=True)
-        for name, field in Settings.model_fields.items()
+        name: field.get_default(call_default_factory=True) for name, field in Settings.model_fields.items()
     }
     values["data_dir"] = Path(tmp_path) / "data"
     values.update(overrides)

@@ -45,8 +45,9 @@ def test_tune_exports_a_model_it_cannot_describe(tmp_path):
         describe_model(Residual())
     seen: dict = {}
     x, y = torch.randn(24, 5), torch.arange(24) % 3
-    settings = mock_client(seen).tune(Residual(), (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5,
-                                 batch_size=8, progress=False)
+    settings = mock_client(seen).tune(
+        Residual(), (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5, batch_size=8, progress=False
+    )
     assert (settings.lr, settings.momentum) == (0.1, 0.5)
     task = JobCreate.model_validate(seen["job"]).tasks[0]
     assert task.model.kind == "exported" and task.model.model == "m1" and task.model.init == "default"
@@ -61,15 +62,30 @@ def test_init_uploaded_exports_even_a_declarable_model_and_checks_outputs(tmp_pa
     client = mock_client(seen)
     mlp = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     x, y = torch.randn(24, 5), torch.arange(24) % 3
-    client.tune(mlp, (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5, batch_size=8, progress=False,
-                init="uploaded")
+    client.tune(
+        mlp, (x, y), (x[:6], y[:6]), loss="cross_entropy", steps=5, batch_size=8, progress=False, init="uploaded"
+    )
     assert seen["job"]["tasks"][0]["model"] == {"kind": "exported", "model": "m1", "init": "uploaded"}
     with pytest.raises(ValueError, match="targets need 4"):
-        client.tune(Residual(), (x, torch.arange(24) % 4), (x[:6], y[:6]), loss="cross_entropy", steps=5,
-                    batch_size=8, progress=False)
+        client.tune(
+            Residual(),
+            (x, torch.arange(24) % 4),
+            (x[:6], y[:6]),
+            loss="cross_entropy",
+            steps=5,
+            batch_size=8,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="cannot run on x_train"):
-        client.tune(Residual(), (torch.randn(24, 7), y), (x[:6], y[:6]), loss="cross_entropy", steps=5,
-                    batch_size=8, progress=False)
+        client.tune(
+            Residual(),
+            (torch.randn(24, 7), y),
+            (x[:6], y[:6]),
+            loss="cross_entropy",
+            steps=5,
+            batch_size=8,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="init must be"):
         client.tune(Residual(), (x, y), (x, y), loss="cross_entropy", steps=5, batch_size=8, init="mine")
 
@@ -85,8 +101,19 @@ def test_upload_model_sends_a_path_or_bytes_and_surfaces_refusals(tmp_path):
     assert names == [b"net.pt2", b"model.pt2"]
 
     def refuse(request):
-        return httpx.Response(422, json={"detail": [{"loc": ["body", "file"], "field": "file",
-                                                     "msg": "x.pt2: not a .pt2 archive", "type": "unsupported_program"}]})
+        return httpx.Response(
+            422,
+            json={
+                "detail": [
+                    {
+                        "loc": ["body", "file"],
+                        "field": "file",
+                        "msg": "x.pt2: not a .pt2 archive",
+                        "type": "unsupported_program",
+                    }
+                ]
+            },
+        )
 
     bad = Client("http://test", transport=httpx.MockTransport(refuse))
     with pytest.raises(GradtuneError, match="file: x.pt2: not a .pt2 archive"):

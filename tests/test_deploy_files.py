@@ -43,7 +43,10 @@ def test_urls_point_at_the_compose_services_and_parse():
     assert "@postgres:5432/" in s.resolved_database_url()
     assert s.resolved_broker_url().startswith("redis://redis:6379")
     pg = COMPOSE["services"]["postgres"]["environment"]
-    assert f"{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}" in env["GRADTUNE_DATABASE_URL"]
+    assert (
+        f"{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+        in env["GRADTUNE_DATABASE_URL"]
+    )
     for name in ("migrate", "worker"):
         assert COMPOSE["services"][name]["environment"]["GRADTUNE_DATABASE_URL"] == env["GRADTUNE_DATABASE_URL"]
 

@@ -84,8 +84,7 @@ def local_copy(store: ArtifactStore, sha256: str, cache_dir: Path) -> Path:
             got = _sha256_of(tmp_path)
             if got != sha256:
                 raise DatasetUnavailable(
-                    f"the file downloaded for {sha256} from {store.url} has sha256 {got}: "
-                    "the stored object is corrupt"
+                    f"the file downloaded for {sha256} from {store.url} has sha256 {got}: the stored object is corrupt"
                 )
             os.replace(tmp_path, dest)
         finally:

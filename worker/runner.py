@@ -126,8 +126,11 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
         elif spec.model.kind == "exported":
             tasks.append(_exported_task(spec, common))
         else:
-            tasks.append(engine.Task(**common, hidden=tuple(spec.model.hidden),
-                                     activation=spec.model.activation, out_features=out))
+            tasks.append(
+                engine.Task(
+                    **common, hidden=tuple(spec.model.hidden), activation=spec.model.activation, out_features=out
+                )
+            )
     return tasks
 
 
@@ -165,9 +168,13 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
     if "param_groups" in best:
         groups = evaluate_groups(tasks, best["param_groups"], best["boundaries"], draws)
     rows = []
-    for i, (b, a) in enumerate(zip(before["tasks"], after["tasks"])):
-        row = {"name": b["name"], "initial_val_loss": _finite(b["val_loss"]),
-               "learned_val_loss": _finite(a["val_loss"]), "seed": tasks[i].seed}
+    for i, (b, a) in enumerate(zip(before["tasks"], after["tasks"], strict=True)):
+        row = {
+            "name": b["name"],
+            "initial_val_loss": _finite(b["val_loss"]),
+            "learned_val_loss": _finite(a["val_loss"]),
+            "seed": tasks[i].seed,
+        }
         if groups is not None:
             row["learned_groups_val_loss"] = _finite(groups["tasks"][i]["val_loss"])
         rows.append(row)
@@ -213,7 +220,7 @@ class _Heartbeat:
             except Exception:  # a missed beat is not fatal; the next one may work
                 log.exception("heartbeat for job %s failed", self.job_id)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
@@ -233,7 +240,10 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
     settings = get_settings()
     with session_scope() as db:
         claim = lifecycle.claim_job(
-            db, job_id=job_id, owner=owner, iteration=iteration,
+            db,
+            job_id=job_id,
+            owner=owner,
+            iteration=iteration,
             stale_after_s=settings.stale_after_seconds,
         )
         if claim is not None:
@@ -251,9 +261,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
             job = JobCreate.model_validate(claim.spec)
             tasks = build_tasks(job)
             config = meta_config(job)
-            state = claim.checkpoint or engine.init_state(
-                config, job.hyperparameters.lr, job.hyperparameters.momentum
-            )
+            state = claim.checkpoint or engine.init_state(config, job.hyperparameters.lr, job.hyperparameters.momentum)
             if claim.iteration >= claim.iterations:
                 result = evaluate_settings(tasks, job, state)
                 with session_scope() as db:
@@ -274,14 +282,20 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
         log.exception("job %s: internal error", job_id)
         with session_scope() as db:
             lifecycle.fail_job(
-                db, job_id=job_id, owner=owner,
+                db,
+                job_id=job_id,
+                owner=owner,
                 error=f"The worker hit an internal error ({type(exc).__name__}); the job cannot continue.",
             )
         return "failed"
     with session_scope() as db:
         ok = lifecycle.commit_chunk(
-            db, job_id=job_id, owner=owner, start_iteration=claim.iteration,
-            records=records, checkpoint=state,
+            db,
+            job_id=job_id,
+            owner=owner,
+            start_iteration=claim.iteration,
+            records=records,
+            checkpoint=state,
         )
     if not ok:
         log.warning("job %s: claim lost during chunk at iteration %d; work discarded", job_id, claim.iteration)

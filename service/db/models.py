@@ -6,7 +6,7 @@ service.lifecycle write every time themselves, from the database's clock (servic
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -28,7 +28,7 @@ from gradtune.spec import STATUSES, JobStatus
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -76,7 +76,7 @@ class Job(Base):
     # Where the engine ran (e.g. "cpu", "cuda:0"), for the record.
     device: Mapped[str | None] = mapped_column(String(32))
 
-    history: Mapped[list["JobIteration"]] = relationship(
+    history: Mapped[list[JobIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobIteration.iteration"
     )
 
@@ -91,9 +91,7 @@ class JobIteration(Base):
 
     __tablename__ = "job_iterations"
 
-    job_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     iteration: Mapped[int] = mapped_column(Integer, primary_key=True)
     meta_loss: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float] = mapped_column(Float)
@@ -138,9 +136,7 @@ class JobDataset(Base):
 
     __tablename__ = "job_datasets"
 
-    job_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     dataset_id: Mapped[str] = mapped_column(String(36), primary_key=True)
 
     __table_args__ = (Index("ix_job_datasets_dataset_id", "dataset_id"),)
@@ -175,9 +171,7 @@ class JobModel(Base):
 
     __tablename__ = "job_models"
 
-    job_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(36), primary_key=True)
 
     __table_args__ = (Index("ix_job_models_model_id", "model_id"),)

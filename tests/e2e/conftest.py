@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -40,8 +39,14 @@ def spawn_worker(tmp_path):
 
     def spawn(env: dict[str, str], name: str = "worker") -> subprocess.Popen:
         log = open(tmp_path / f"{name}-{len(procs)}.log", "wb")
-        p = subprocess.Popen(worker_argv(env["GRADTUNE_QUEUE_NAME"]), env=env, cwd=ROOT,
-                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            worker_argv(env["GRADTUNE_QUEUE_NAME"]),
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         p.log_path = log.name  # type: ignore[attr-defined]
         procs.append(p)
         return p
@@ -71,9 +76,14 @@ def small_job(iterations: int = 4, tasks: int = 2, steps: int = 20) -> dict:
     return {
         "name": "iris-e2e",
         "tasks": [
-            {"name": f"t{i}", "data": {"source": "builtin", "name": "iris", "val_fraction": 0.3, "seed": i},
-             "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
-             "loss": "cross_entropy", "steps": steps, "batch_size": 16}
+            {
+                "name": f"t{i}",
+                "data": {"source": "builtin", "name": "iris", "val_fraction": 0.3, "seed": i},
+                "model": {"kind": "mlp", "hidden": [8], "activation": "tanh"},
+                "loss": "cross_entropy",
+                "steps": steps,
+                "batch_size": 16,
+            }
             for i in range(tasks)
         ],
         "hyperparameters": {"lr": 0.01, "momentum": 0.9},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,8 +18,10 @@ from tests.e2e.conftest import logs, small_job, wait_for, worker_env
 
 def _client(env) -> TestClient:
     settings = Settings(
-        data_dir=env["GRADTUNE_DATA_DIR"], database_url=env["GRADTUNE_DATABASE_URL"],
-        broker_url=env["GRADTUNE_BROKER_URL"], queue_name=env["GRADTUNE_QUEUE_NAME"],
+        data_dir=env["GRADTUNE_DATA_DIR"],
+        database_url=env["GRADTUNE_DATABASE_URL"],
+        broker_url=env["GRADTUNE_BROKER_URL"],
+        queue_name=env["GRADTUNE_QUEUE_NAME"],
     )
     return TestClient(create_app(settings))
 
@@ -43,10 +44,11 @@ def test_job_runs_to_settings_on_postgres_and_redis(tmp_path, pg_url, redis_url,
         assert r.status_code == 409
         assert any(word in r.json()["detail"] for word in ("queued", "running")), r.text
         try:
-            job = wait_for(lambda: (j := _status(client, jid))["status"] in ("succeeded", "failed") and j,
-                           120, "the job to finish")
-        except AssertionError:
-            raise AssertionError(logs([w]))
+            job = wait_for(
+                lambda: (j := _status(client, jid))["status"] in ("succeeded", "failed") and j, 120, "the job to finish"
+            )
+        except AssertionError as exc:
+            raise AssertionError(logs([w])) from exc
         assert job["status"] == "succeeded", (job, logs([w]))
         assert job["progress"]["iteration"] == 5 and job["progress"]["iterations"] == 5
         assert job["started_at"] and job["finished_at"]
@@ -90,22 +92,36 @@ def test_kill_dash_nine_mid_chunk_then_another_worker_finishes(tmp_path, pg_url,
         jid = client.post("/v1/jobs", json=job).json()["id"]
         # Kill once a chunk has been committed and the next one is half way.
         try:
-            wait_for(lambda: (r := row(jid)).chunks_committed >= 1 and r.chunks_started == r.chunks_committed + 1
-                     and r.status == "running", 120, "the second chunk to start", interval=0.05)
-        except AssertionError:
-            raise AssertionError(logs([first]))
+            wait_for(
+                lambda: (
+                    (r := row(jid)).chunks_committed >= 1
+                    and r.chunks_started == r.chunks_committed + 1
+                    and r.status == "running"
+                ),
+                120,
+                "the second chunk to start",
+                interval=0.05,
+            )
+        except AssertionError as exc:
+            raise AssertionError(logs([first])) from exc
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
         before = row(jid)
         assert before.iteration < iterations and before.lease_owner is not None
         second = spawn_worker(env, "second")
-        done = wait_for(lambda: (j := _status(client, jid))["status"] in ("succeeded", "failed") and j,
-                        180, "the job to finish after the kill")
+        done = wait_for(
+            lambda: (j := _status(client, jid))["status"] in ("succeeded", "failed") and j,
+            180,
+            "the job to finish after the kill",
+        )
         assert done["status"] == "succeeded", logs([first, second])
         assert client.get(f"/v1/jobs/{jid}/settings").status_code == 200
     with Session(engine) as s:
-        its = s.execute(select(JobIteration.iteration).where(JobIteration.job_id == jid)
-                        .order_by(JobIteration.iteration)).scalars().all()
+        its = (
+            s.execute(select(JobIteration.iteration).where(JobIteration.job_id == jid).order_by(JobIteration.iteration))
+            .scalars()
+            .all()
+        )
         final = s.get(Job, jid)
     engine.dispose()
     assert its == list(range(1, iterations + 1))  # no gap, no duplicate
@@ -122,15 +138,19 @@ def test_two_workers_drain_one_queue_without_duplicating_work(tmp_path, pg_url, 
     with _client(env) as client:
         ids = [client.post("/v1/jobs", json=small_job(iterations=6, steps=40)).json()["id"] for _ in range(4)]
         try:
-            wait_for(lambda: all(_status(client, j)["status"] == "succeeded" for j in ids), 180,
-                     "all jobs to succeed")
-        except AssertionError:
-            raise AssertionError([_status(client, j)["status"] for j in ids], logs(workers))
+            wait_for(lambda: all(_status(client, j)["status"] == "succeeded" for j in ids), 180, "all jobs to succeed")
+        except AssertionError as exc:
+            raise AssertionError([_status(client, j)["status"] for j in ids], logs(workers)) from exc
     engine = make_engine(pg_url)
     with Session(engine) as s:
         for jid in ids:
-            its = s.execute(select(JobIteration.iteration).where(JobIteration.job_id == jid)
-                            .order_by(JobIteration.iteration)).scalars().all()
+            its = (
+                s.execute(
+                    select(JobIteration.iteration).where(JobIteration.job_id == jid).order_by(JobIteration.iteration)
+                )
+                .scalars()
+                .all()
+            )
             job = s.get(Job, jid)
             assert its == list(range(1, 7)), (jid, its)
             assert (job.chunks_started, job.chunks_committed) == (3, 3), jid

@@ -26,8 +26,14 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADTUNE_")}
     env.update(GRADTUNE_DATA_DIR=str(tmp_path / "data"), GRADTUNE_CHUNK_ITERATIONS="2", PYTHONPATH=str(ROOT))
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gradtune.cli", "serve", "--port", str(port)],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradtune.cli", "serve", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up():
@@ -42,8 +48,9 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=3, tasks=1))
         assert r.status_code == 202, r.text
         url = base + r.headers["location"]
-        job = wait_for(lambda: (j := httpx.get(url).json())["status"] in ("succeeded", "failed") and j,
-                       120, "the job to finish")
+        job = wait_for(
+            lambda: (j := httpx.get(url).json())["status"] in ("succeeded", "failed") and j, 120, "the job to finish"
+        )
         assert job["status"] == "succeeded", Path(log.name).read_text()
         s = httpx.get(url + "/settings").json()
         assert s["optimizer"] == "SGD" and s["lr"] > 0
@@ -62,8 +69,9 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
 
 
 def _gradtune(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradtune.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "gradtune.cli", *args], env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 def _cli_against_live_server(tmp_path: Path, base: str, env: dict, done_id: str) -> None:
@@ -122,8 +130,17 @@ def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> No
     xv, yv = torch.tensor(x[perm[100:]], dtype=torch.float32), torch.tensor(y[perm[100:]])
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     with Client(base) as client:
-        s = client.tune(model, (xt, yt), (xv, yv), loss="cross_entropy", steps=30, batch_size=16,
-                        iterations=2, progress=False, timeout=120)
+        s = client.tune(
+            model,
+            (xt, yt),
+            (xv, yv),
+            loss="cross_entropy",
+            steps=30,
+            batch_size=16,
+            iterations=2,
+            progress=False,
+            timeout=120,
+        )
         opt = s.sgd(model.parameters())
         assert isinstance(opt, torch.optim.SGD)
         assert opt.param_groups[0]["lr"] == s.lr and opt.param_groups[0]["momentum"] == s.momentum
@@ -136,6 +153,7 @@ def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> No
             assert exc.status_code == 404 and "not found" in str(exc)
         else:
             raise AssertionError("no error for an unknown job")
+
         # A model that is not a Sequential goes through torch.export and /v1/models, with per-layer
         # and scheduled settings that build param groups by the model's own parameter names.
         class Net(torch.nn.Module):
@@ -148,10 +166,23 @@ def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> No
                 return self.out(torch.tanh(self.hidden(x)))
 
         net = Net()
-        rich = client.tune(net, (xt, yt), (xv, yv), loss="cross_entropy", steps=30, batch_size=16,
-                           iterations=4, per_layer=True, schedule_segments=2, progress=False, timeout=120)
-        assert [g["params"] for g in rich.param_groups] == [["hidden.weight", "hidden.bias"],
-                                                           ["out.weight", "out.bias"]]
+        rich = client.tune(
+            net,
+            (xt, yt),
+            (xv, yv),
+            loss="cross_entropy",
+            steps=30,
+            batch_size=16,
+            iterations=4,
+            per_layer=True,
+            schedule_segments=2,
+            progress=False,
+            timeout=120,
+        )
+        assert [g["params"] for g in rich.param_groups] == [
+            ["hidden.weight", "hidden.bias"],
+            ["out.weight", "out.bias"],
+        ]
         opt = rich.sgd(net)
         rich.apply_schedule(opt, 29)  # the last step is in the second segment
         assert [g["lr"] for g in opt.param_groups] == [g["lr"][1] for g in rich.param_groups]
@@ -183,8 +214,14 @@ def _example_runs_as_is(base: str, env: dict) -> None:
     """examples/digits_cnn.py, unchanged, against the live server: the learned settings win."""
     import re
 
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "digits_cnn.py")], cwd=ROOT,
-                       env={**env, "GRADTUNE_URL": base}, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "digits_cnn.py")],
+        cwd=ROOT,
+        env={**env, "GRADTUNE_URL": base},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     losses = dict(re.findall(r"validation loss with the (starting|learned) settings.*: ([0-9.]+)$", r.stdout, re.M))
     assert set(losses) == {"starting", "learned"}, r.stdout

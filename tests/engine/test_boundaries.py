@@ -14,7 +14,17 @@ ENGINE = ROOT / "worker" / "engine"
 # optimizer helpers the client gives users (torch imported inside them).
 SHARED = ("gradtune.spec", "gradtune.torch_utils")
 FORBIDDEN = (
-    "numpy", "sklearn", "scipy", "celery", "sqlalchemy", "fastapi", "pydantic", "service", "httpx", "typer", "rich"
+    "numpy",
+    "sklearn",
+    "scipy",
+    "celery",
+    "sqlalchemy",
+    "fastapi",
+    "pydantic",
+    "service",
+    "httpx",
+    "typer",
+    "rich",
 )
 
 

@@ -52,7 +52,7 @@ def test_split_is_reproducible_and_depends_on_seed():
     a = load_builtin("iris", seed=0)
     b = load_builtin("iris", seed=0)
     c = load_builtin("iris", seed=1)
-    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
     assert not np.array_equal(a[2], c[2])
     assert load_builtin("iris", val_fraction=0.001)[2].shape[0] == 1  # at least one validation row
 

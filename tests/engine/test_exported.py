@@ -43,8 +43,19 @@ def test_exported_mlp_trains_exactly_like_the_declared_mlp(tmp_path):
     program = read_pt2(path)
     assert [op["short"] for op in program["ops"]] == ["linear", "tanh", "linear"]
     assert [p["name"] for p in program["params"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    etask = exported_task("exp", task.x_train, task.y_train, task.x_val, task.y_val, program,
-                          read_weights(path, program), task.loss, task.steps, task.batch_size, task.seed)
+    etask = exported_task(
+        "exp",
+        task.x_train,
+        task.y_train,
+        task.x_val,
+        task.y_val,
+        program,
+        read_weights(path, program),
+        task.loss,
+        task.steps,
+        task.batch_size,
+        task.seed,
+    )
     for d in (0, 1):  # fresh default initializations, the same values build_model draws
         want = build_model(task, d).state_dict()
         got = etask.model(d).state_dict()
@@ -61,9 +72,19 @@ def test_exported_mlp_trains_exactly_like_the_declared_mlp(tmp_path):
 
 def test_exported_cnn_runs_the_uploaded_weights(tmp_path):
     torch.manual_seed(0)
-    cnn = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 2, 2),
-                        nn.Tanh(), nn.AvgPool2d(2, stride=1), nn.Flatten(), nn.Linear(8, 3), nn.GELU(),
-                        nn.Linear(3, 3), nn.Sigmoid())
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(2, 2, 2),
+        nn.Tanh(),
+        nn.AvgPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+        nn.GELU(),
+        nn.Linear(3, 3),
+        nn.Sigmoid(),
+    )
     path = export(cnn, torch.randn(5, 1, 8, 8), tmp_path / "cnn.pt2")
     program = read_pt2(path)
     module = ProgramModule(program, read_weights(path, program))
@@ -73,10 +94,21 @@ def test_exported_cnn_runs_the_uploaded_weights(tmp_path):
     g = torch.Generator().manual_seed(1)
     xs = torch.randn(30, 1, 8, 8, generator=g, dtype=torch.float64)
     ys = torch.randint(0, 3, (30,), generator=g)
-    t = exported_task("e", xs[:20], ys[:20], xs[20:], ys[20:], program, read_weights(path, program),
-                      "cross_entropy", 5, 4, 0, init="uploaded")
-    assert torch.equal(dict(t.model(3).named_parameters())["0.weight"],
-                       cnn[0].weight.double())
+    t = exported_task(
+        "e",
+        xs[:20],
+        ys[:20],
+        xs[20:],
+        ys[20:],
+        program,
+        read_weights(path, program),
+        "cross_entropy",
+        5,
+        4,
+        0,
+        init="uploaded",
+    )
+    assert torch.equal(dict(t.model(3).named_parameters())["0.weight"], cnn[0].weight.double())
     obj = ModuleObjective([t], (0,))
     assert obj.losses([0.3], [0.5])[0] == pytest.approx(train_sgd_module(t, 0.3, 0.5, 0), rel=1e-12)
 
@@ -135,8 +167,9 @@ def test_refusals_name_the_reason(tmp_path):
 
     with pytest.raises(ExportedProgramError, match="calls 'softmax.int'.*supported: "):
         read_pt2(export(Odd(), torch.randn(5, 3), tmp_path / "odd.pt2"))
-    dyn = torch.export.export(nn.Sequential(nn.Linear(3, 2)), (torch.randn(5, 3),),
-                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    dyn = torch.export.export(
+        nn.Sequential(nn.Linear(3, 2)), (torch.randn(5, 3),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     torch.export.save(dyn, str(tmp_path / "dyn.pt2"))
     with pytest.raises(ExportedProgramError, match="static shapes"):
         read_pt2(tmp_path / "dyn.pt2")

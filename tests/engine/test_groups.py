@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
+from tests.engine.helpers import synthetic_task
 from worker.engine import (
-    EVAL_DRAWS,
     EngineError,
     MetaConfig,
     apply_schedule,
     best_settings,
     build_model,
-    evaluate,
     evaluate_groups,
     init_state,
     make_optimizer,
@@ -27,7 +26,6 @@ from worker.engine import (
     unrolled_val_loss,
 )
 from worker.engine.functional import Objective
-from tests.engine.helpers import synthetic_task
 
 BOUNDS = (0.05, 0.95)
 
@@ -44,7 +42,7 @@ def test_segment_boundaries_rule():
 
 
 def _groups(names, lrs, moms):
-    return [{"params": n, "lr": l, "momentum": m} for n, l, m in zip(names, lrs, moms)]
+    return [{"params": n, "lr": lr, "momentum": m} for n, lr, m in zip(names, lrs, moms, strict=True)]
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
@@ -55,8 +53,8 @@ def test_unroll_with_groups_equals_torch_sgd_with_param_groups(per_layer, segmen
     n_layers = len(hidden) + 1
     slots = n_layers if per_layer else 1
     g = torch.Generator().manual_seed(3)
-    lrs = (0.02 + 0.2 * torch.rand(slots, segments, generator=g, dtype=torch.float64))
-    moms = (0.1 + 0.8 * torch.rand(slots, segments, generator=g, dtype=torch.float64))
+    lrs = 0.02 + 0.2 * torch.rand(slots, segments, generator=g, dtype=torch.float64)
+    moms = 0.1 + 0.8 * torch.rand(slots, segments, generator=g, dtype=torch.float64)
     names = [n for n, _ in build_model(task).named_parameters()]
     layer_names = [names[2 * i : 2 * i + 2] for i in range(n_layers)]
     group_names = layer_names if per_layer else [names]
@@ -120,8 +118,10 @@ def test_hypergradient_of_every_coordinate_matches_finite_differences(method):
                 else:
                     zp[i, j] += h
                     zm[i, j] -= h
-                fd = (_fd_loss(tasks, draws, names_groups, boundaries, plus, zp)
-                      - _fd_loss(tasks, draws, names_groups, boundaries, minus, zm)) / (2 * h)
+                fd = (
+                    _fd_loss(tasks, draws, names_groups, boundaries, plus, zp)
+                    - _fd_loss(tasks, draws, names_groups, boundaries, minus, zm)
+                ) / (2 * h)
                 assert abs(fd) > 1e-7, (which, i, j)
                 assert float(grad[i, j]) == pytest.approx(fd, rel=1e-5, abs=1e-9), (which, i, j)
 
@@ -173,16 +173,20 @@ def test_meta_loop_refines_groups_after_the_constant_pair(per_layer, segments):
 def test_groups_never_leave_their_bounds(search):
     tasks = _tasks()
     config = MetaConfig(
-        iterations=14, lr_bounds=(1e-3, 0.02), momentum_bounds=(0.2, 0.6), per_layer=True, schedule_segments=2,
+        iterations=14,
+        lr_bounds=(1e-3, 0.02),
+        momentum_bounds=(0.2, 0.6),
+        per_layer=True,
+        schedule_segments=2,
         search=search,
     )
     records = []
     state = run_meta(tasks, config, init_state(config, 5.0, 0.95), 14, on_iteration=records.append)
     best = _check_rich_state(tasks, config, state, records)
-    values = [(l, m) for g in best["param_groups"] for l, m in zip(g["lr"], g["momentum"])]
+    values = [(lr, m) for g in best["param_groups"] for lr, m in zip(g["lr"], g["momentum"], strict=True)]
     for r in records:
-        for row_l, row_m in zip(r.get("group_lr") or [], r.get("group_momentum") or []):
-            values += list(zip(row_l, row_m))
+        for row_l, row_m in zip(r.get("group_lr") or [], r.get("group_momentum") or [], strict=True):
+            values += list(zip(row_l, row_m, strict=True))
     assert len(values) > 4
     for lr, mom in values:
         assert 1e-3 <= lr <= 0.02 and 0.2 <= mom <= 0.6
@@ -222,7 +226,8 @@ def test_best_settings_of_a_constant_job_has_no_groups_and_mismatched_tasks_are_
 @pytest.mark.parametrize("search", ["stencil", "line"])
 def test_richer_moves_must_stay_finite_with_the_lrs_times_the_stability_margin(search):
     """A richer move is accepted only if training still converges with every lr times
-    stability_margin (a finite meta-loss within 10x of the move's own). With 1.0 moves are accepted; with a margin so large that every probe diverges
+    stability_margin (a finite meta-loss within 10x of the move's own). With 1.0 moves are accepted; with a
+    margin so large that every probe diverges
     none is, and the answer stays the constant pair."""
     tasks = _tasks(hidden=(8,), loss="mse", out=2)
     objective = Objective(tasks, (0, 1))
@@ -265,12 +270,13 @@ def test_rich_line_search_moves_every_value_along_the_negative_hypergradient(per
 
     rich = [r for r in records if r["phase"] in ("rich_start", "rich_refine")]
     line_moves = 0
-    for prev, rec in zip(rich, rich[1:]):
+    for prev, rec in zip(rich, rich[1:], strict=True):
         if rec["move"] != "line" or not rec["accepted"] or prev["hypergradient"][0] is None:
             continue
         line_moves += 1
-        g, d = prev["hypergradient"], [b - a for a, b in zip(theta(prev), theta(rec))]
-        cos = -sum(x * y for x, y in zip(g, d)) / (math.sqrt(sum(x * x for x in g)) * math.sqrt(sum(y * y for y in d)))
+        g, d = prev["hypergradient"], [b - a for a, b in zip(theta(prev), theta(rec), strict=True)]
+        norms = math.sqrt(sum(x * x for x in g)) * math.sqrt(sum(y * y for y in d))
+        cos = -sum(x * y for x, y in zip(g, d, strict=True)) / norms
         assert cos == pytest.approx(1.0, abs=1e-6)
         assert rec["meta_loss"] < prev["meta_loss"]
     assert line_moves >= 1

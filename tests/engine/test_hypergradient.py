@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from worker.engine import MetaConfig, hypergradient, momentum_to_param, param_to_momentum, train_sgd
 from tests.engine.helpers import synthetic_task
+from worker.engine import MetaConfig, hypergradient, momentum_to_param, param_to_momentum, train_sgd
 
 H = 1e-5
 

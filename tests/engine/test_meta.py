@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tests.engine.helpers import synthetic_task
 from worker.engine import (
     LINE_SEARCH,
     EngineError,
@@ -17,7 +18,6 @@ from worker.engine import (
     state_iteration,
     train_sgd,
 )
-from tests.engine.helpers import synthetic_task
 
 
 def _tasks(**kw):
@@ -45,7 +45,7 @@ def test_meta_loop_improves_on_a_small_problem(population, stencil):
     assert state_iteration(state) == 12
     # the accepted loss never goes up, and the best is the minimum of everything accepted
     losses = [r["meta_loss"] for r in records]
-    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=True))
     assert best["meta_loss"] <= min(losses)
 
 
@@ -59,9 +59,9 @@ def test_line_search_improves_and_moves_along_the_negative_hypergradient(preset)
     assert best["meta_loss"] == pytest.approx(_reference(tasks, best["lr"], best["momentum"], config.draws), rel=1e-9)
     assert best["meta_loss"] < 0.7 * _reference(tasks, 1e-3, 0.0, config.draws)
     losses = [r["meta_loss"] for r in records]
-    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=True))
     moves = 0
-    for prev, rec in zip(records, records[1:]):
+    for prev, rec in zip(records, records[1:], strict=True):
         if rec["phase"] == "converged":
             continue
         # a line that found nothing lower is followed by one stencil screen (move "stencil", or
@@ -73,9 +73,11 @@ def test_line_search_improves_and_moves_along_the_negative_hypergradient(preset)
         moves += 1
         # the accepted point lies on the ray from the previous point along -hypergradient
         g = prev["hypergradient"]
-        d = [math.log(rec["lr"]) - math.log(prev["lr"]),
-             momentum_to_param(rec["momentum"], config.momentum_bounds)
-             - momentum_to_param(prev["momentum"], config.momentum_bounds)]
+        d = [
+            math.log(rec["lr"]) - math.log(prev["lr"]),
+            momentum_to_param(rec["momentum"], config.momentum_bounds)
+            - momentum_to_param(prev["momentum"], config.momentum_bounds),
+        ]
         cos = -(g[0] * d[0] + g[1] * d[1]) / (math.hypot(*g) * math.hypot(*d))
         assert cos == pytest.approx(1.0, abs=1e-6)
         assert rec["meta_loss"] < prev["meta_loss"]
@@ -101,7 +103,16 @@ def test_records_and_state_are_plain_json():
     json.dumps(state, allow_nan=False)
     for r in records:
         json.dumps(r, allow_nan=False)
-        for key in ("iteration", "meta_loss", "lr", "momentum", "accepted", "step_size", "hypergradient", "candidate_loss"):
+        for key in (
+            "iteration",
+            "meta_loss",
+            "lr",
+            "momentum",
+            "accepted",
+            "step_size",
+            "hypergradient",
+            "candidate_loss",
+        ):
             assert key in r
         assert len(r["hypergradient"]) == 2
 
@@ -157,7 +168,11 @@ def test_bounds_are_never_exceeded():
     state = run_meta(tasks, config, init_state(config, 5.0, 0.95), 10, on_iteration=records.append)
     assert state_iteration(state) == 10
     for r in records:
-        for lr_key, mom_key in (("lr", "momentum"), ("candidate_lr", "candidate_momentum"), ("best_lr", "best_momentum")):
+        for lr_key, mom_key in (
+            ("lr", "momentum"),
+            ("candidate_lr", "candidate_momentum"),
+            ("best_lr", "best_momentum"),
+        ):
             if r[lr_key] is not None:
                 assert 1e-3 <= r[lr_key] <= 0.02
                 assert 0.2 <= r[mom_key] <= 0.6
@@ -175,8 +190,12 @@ def test_max_iterations_and_should_stop():
     assert run_meta(tasks, config, state, 5) == state  # never past config.iterations
     calls = []
     stopped = run_meta(
-        tasks, MetaConfig(iterations=10), init_state(config, 0.01, 0.5), 10,
-        on_iteration=calls.append, should_stop=lambda: len(calls) >= 2,
+        tasks,
+        MetaConfig(iterations=10),
+        init_state(config, 0.01, 0.5),
+        10,
+        on_iteration=calls.append,
+        should_stop=lambda: len(calls) >= 2,
     )
     assert state_iteration(stopped) == 2 and len(calls) == 2
 
@@ -252,7 +271,9 @@ def test_line_search_without_a_finite_hypergradient_falls_back_to_the_stencil(mo
     from worker.engine.meta.evaluate import PairEvaluator
 
     real = PairEvaluator.value_and_grad
-    monkeypatch.setattr(PairEvaluator, "value_and_grad", lambda self, theta: (real(self, theta)[0], [math.inf, math.nan]))
+    monkeypatch.setattr(
+        PairEvaluator, "value_and_grad", lambda self, theta: (real(self, theta)[0], [math.inf, math.nan])
+    )
     tasks = _tasks()
     config = MetaConfig(iterations=6, search="line")
     records = []

@@ -21,7 +21,10 @@ CASES = {
     "per layer": {"iterations": 10, "per_layer": True},
     "per layer x 2 segments, line": {"iterations": 10, "per_layer": True, "schedule_segments": 2, "search": "line"},
     "3 segments, margin rejects, converges": {
-        "iterations": 12, "schedule_segments": 3, "stability_margin": 30.0, "constant_fraction": 0.25,
+        "iterations": 12,
+        "schedule_segments": 3,
+        "stability_margin": 30.0,
+        "constant_fraction": 0.25,
     },
     "regression, forward method": {"iterations": 8, "per_layer": True, "method": "forward", "tasks": "mse"},
 }
@@ -53,8 +56,13 @@ def test_the_cases_cover_every_kind_of_iteration(legacy_runs):
     records = [r for _, recs in legacy_runs.values() for r in recs]
     assert {r["phase"] for r in records} == {"start", "refine", "converged", "rich_start", "rich_refine"}
     moves = {(r["phase"], r.get("move")) for r in records if r["accepted"]}
-    assert {("refine", "gradient"), ("refine", "stencil"), ("refine", "line"),
-            ("rich_refine", "stencil"), ("rich_refine", "line")} <= moves
+    assert {
+        ("refine", "gradient"),
+        ("refine", "stencil"),
+        ("refine", "line"),
+        ("rich_refine", "stencil"),
+        ("rich_refine", "line"),
+    } <= moves
     assert any(r.get("margin_rejected") for r in records)
     assert any(r["phase"] == "refine" and r["move"] is None for r in records)  # a rejected stencil
 

@@ -38,6 +38,6 @@ def test_a_stored_version_1_state_resumes_to_what_the_old_engine_reached(case):
     for key in ("lr", "momentum", "meta_loss", "meta_loss_groups"):
         if key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
-    for g, w in zip(got.get("param_groups", []), want.get("param_groups", [])):
+    for g, w in zip(got.get("param_groups", []), want.get("param_groups", []), strict=True):
         assert g["params"] == w["params"]
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-9) and g["momentum"] == pytest.approx(w["momentum"], rel=1e-9)

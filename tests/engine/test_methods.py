@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from tests.engine.helpers import synthetic_task
 from worker.engine import (
     METHODS,
     EngineError,
@@ -26,7 +27,6 @@ from worker.engine import (
     train_sgd,
 )
 from worker.engine.functional import Objective
-from tests.engine.helpers import synthetic_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 H = 1e-5
@@ -62,8 +62,12 @@ def test_all_methods_agree_with_each_other_and_with_finite_differences(loss, hid
         "reverse": hypergradient(tasks, a, z, config, method="reverse"),
         "forward": hypergradient(tasks, a, z, config, method="forward"),
         # a window at least as long as the run is the whole run: exactly reverse
-        "truncated": hypergradient(tasks, a, z, MetaConfig(draws=(0, 3), momentum_bounds=(0.1, 0.95), truncation=10), method="truncated"),
-        "truncated-long": hypergradient(tasks, a, z, MetaConfig(draws=(0, 3), momentum_bounds=(0.1, 0.95), truncation=500), method="truncated"),
+        "truncated": hypergradient(
+            tasks, a, z, MetaConfig(draws=(0, 3), momentum_bounds=(0.1, 0.95), truncation=10), method="truncated"
+        ),
+        "truncated-long": hypergradient(
+            tasks, a, z, MetaConfig(draws=(0, 3), momentum_bounds=(0.1, 0.95), truncation=500), method="truncated"
+        ),
     }
     ref_loss = _reference(tasks, a, z, config)
     rev = results["reverse"][1]
@@ -85,8 +89,10 @@ def test_truncated_is_the_gradient_through_the_last_window_only():
     _, (ta, tz) = obj.value_and_grad(a, z, config.momentum_bounds, "truncated", 5)
     _, (ra, rz) = obj.value_and_grad(a, z, config.momentum_bounds, "reverse")
     _, ga, gz = obj.value_and_grad_values(
-        torch.full((1, 2), a, dtype=torch.float64), torch.full((1, 2), z, dtype=torch.float64),
-        config.momentum_bounds, "reverse",
+        torch.full((1, 2), a, dtype=torch.float64),
+        torch.full((1, 2), z, dtype=torch.float64),
+        config.momentum_bounds,
+        "reverse",
     )
     assert ta == pytest.approx(float(ga[0, 1]), rel=1e-10)
     assert tz == pytest.approx(float(gz[0, 1]), rel=1e-10)
@@ -163,7 +169,9 @@ def test_meta_loop_runs_with_every_method(method):
     state = run_meta(tasks, config, init_state(config, 1e-3, 0.0), 6)
     assert state["method"] == method
     # truncation covering the whole run is reverse, and forward is exact: identical paths
-    assert state["best"]["meta_loss"] < 0.8 * _reference(tasks, math.log(1e-3), momentum_to_param(0.0, config.momentum_bounds), config)
+    assert state["best"]["meta_loss"] < 0.8 * _reference(
+        tasks, math.log(1e-3), momentum_to_param(0.0, config.momentum_bounds), config
+    )
 
 
 @pytest.mark.parametrize("hidden,batch", [((8,), 16), ((16, 8), 32), ((), 16)])

@@ -70,12 +70,24 @@ def _ref_meta(tasks, draws, a, z):
 def test_cnn_names_shapes_and_seeded_init():
     model = build_cnn(LAYERS, (2, 6, 6), draw_seed=7, out_features=3)
     assert [n for n, _ in model.named_parameters()] == [
-        "0.weight", "0.bias", "3.weight", "3.bias", "6.weight", "6.bias", "8.weight", "8.bias",
+        "0.weight",
+        "0.bias",
+        "3.weight",
+        "3.bias",
+        "6.weight",
+        "6.bias",
+        "8.weight",
+        "8.bias",
     ]
-    assert layer_groups(model) == [["0.weight", "0.bias"], ["3.weight", "3.bias"], ["6.weight", "6.bias"], ["8.weight", "8.bias"]]
+    assert layer_groups(model) == [
+        ["0.weight", "0.bias"],
+        ["3.weight", "3.bias"],
+        ["6.weight", "6.bias"],
+        ["8.weight", "8.bias"],
+    ]
     x = torch.randn(4, 2, 6, 6)
     h = x
-    for layer, shape in zip(model, cnn_shapes(LAYERS, (2, 6, 6), 3)):
+    for layer, shape in zip(model, cnn_shapes(LAYERS, (2, 6, 6), 3), strict=True):
         h = layer(h)
         assert tuple(h.shape[1:]) == shape
     assert h.shape == (4, 3)
@@ -83,14 +95,18 @@ def test_cnn_names_shapes_and_seeded_init():
     again = build_cnn(LAYERS, (2, 6, 6), draw_seed=7, out_features=3)
     other = build_cnn(LAYERS, (2, 6, 6), draw_seed=8, out_features=3)
     assert torch.equal(torch.random.get_rng_state(), before)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(), strict=True))
     assert not torch.equal(model[0].weight, other[0].weight)
 
 
 @pytest.mark.parametrize(
     "layers, in_shape, match",
     [
-        ([{"type": "conv2d", "out_channels": 2, "kernel_size": 5}, {"type": "flatten"}, {"type": "linear"}], (1, 4, 4), "layer 0"),
+        (
+            [{"type": "conv2d", "out_channels": 2, "kernel_size": 5}, {"type": "flatten"}, {"type": "linear"}],
+            (1, 4, 4),
+            "layer 0",
+        ),
         ([{"type": "flatten"}, {"type": "maxpool", "kernel_size": 2}, {"type": "linear"}], (1, 4, 4), "after flatten"),
         ([{"type": "linear", "out_features": 3}], (1, 4, 4), "flatten"),
         ([{"type": "flatten"}, {"type": "linear", "out_features": 4}], (1, 4, 4), "4 outputs but the targets need 3"),
@@ -118,7 +134,9 @@ def test_cnn_unroll_equals_torch_optim_sgd(loss, lr, mom):
     assert train_sgd_module(task, lr, mom, 0) != train_sgd_module(task, lr, mom, 2)
     obj = ModuleObjective([task], [0, 2])
     both = obj.losses([lr, 2 * lr], [mom, mom / 2])
-    assert both[0] == pytest.approx((train_sgd_module(task, lr, mom, 0) + train_sgd_module(task, lr, mom, 2)) / 2, rel=1e-12)
+    assert both[0] == pytest.approx(
+        (train_sgd_module(task, lr, mom, 0) + train_sgd_module(task, lr, mom, 2)) / 2, rel=1e-12
+    )
     assert both[1] == pytest.approx(
         (train_sgd_module(task, 2 * lr, mom / 2, 0) + train_sgd_module(task, 2 * lr, mom / 2, 2)) / 2, rel=1e-12
     )
@@ -131,9 +149,9 @@ def test_many_candidates_are_chunked_and_divergence_is_inf():
     # so only an lr near the float64 limit overflows for certain
     lrs, moms = [0.01, 0.1, 0.5, 1e308, 0.2], [0.0, 0.5, 0.9, 0.9, 0.99]
     got = obj.losses(lrs, moms)
-    want = [sum(train_sgd_module(task, l, m, d) for d in (0, 1)) / 2 for l, m in zip(lrs, moms)]
+    want = [sum(train_sgd_module(task, lr, m, d) for d in (0, 1)) / 2 for lr, m in zip(lrs, moms, strict=True)]
     assert got[3] == math.inf and want[3] == math.inf
-    for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):
+    for g, w in zip(got[:3] + got[4:], want[:3] + want[4:], strict=True):
         assert g == pytest.approx(w, rel=1e-12)
     loss, (ga, gz) = obj.value_and_grad(math.log(1e308), 2.0, BOUNDS)
     assert loss == math.inf and math.isnan(ga) and math.isnan(gz)
@@ -171,7 +189,7 @@ def test_truncated_hypergradient_differs_and_full_window_is_exact():
 def _train_groups(task, draw, groups, lrs, moms, boundaries):
     """torch.optim.SGD with per-layer param groups and a piecewise-constant schedule."""
     model = task.model(draw)
-    spec = [{"params": g, "lr": l, "momentum": m} for g, l, m in zip(groups, lrs, moms)]
+    spec = [{"params": g, "lr": lr, "momentum": m} for g, lr, m in zip(groups, lrs, moms, strict=True)]
     opt = make_optimizer(model, spec, boundaries)
     idx = batch_indices(task, draw)
     for t in range(task.steps):
@@ -196,7 +214,7 @@ def test_per_layer_and_scheduled_values_equal_sgd_param_groups_and_fd():
     # (An exact momentum of 0 in one segment is avoided: torch.optim.SGD keeps no buffer while
     # momentum == 0 and restarts it at g afterwards; the engine's momenta are never exactly 0.)
     want = _train_groups(task, 1, groups, lrs, moms, boundaries)
-    spec = [{"params": g, "lr": l, "momentum": m} for g, l, m in zip(groups, lrs, moms)]
+    spec = [{"params": g, "lr": lr, "momentum": m} for g, lr, m in zip(groups, lrs, moms, strict=True)]
     assert train_sgd_module_groups(task, spec, boundaries, 1) == pytest.approx(want, rel=1e-12)
     assert evaluate_groups([task], spec, boundaries, [1])["mean_val_loss"] == pytest.approx(want, rel=1e-12)
     got = obj.losses_values(torch.tensor([lrs], dtype=torch.float64), torch.tensor([moms], dtype=torch.float64))
@@ -247,8 +265,15 @@ def test_mlp_through_modules_equals_the_batched_mlp_path(loss, hidden, activatio
         return nn.Sequential(*layers)
 
     seeded = ModuleTask(
-        name="seeded", x_train=task.x_train, y_train=task.y_train, x_val=task.x_val, y_val=task.y_val,
-        loss=loss, steps=task.steps, batch_size=task.batch_size, seed=task.seed,
+        name="seeded",
+        x_train=task.x_train,
+        y_train=task.y_train,
+        x_val=task.x_val,
+        y_val=task.y_val,
+        loss=loss,
+        steps=task.steps,
+        batch_size=task.batch_size,
+        seed=task.seed,
         make_model=seeded_builder(build, task.seed),
     )
     for d in (0, 3):
@@ -271,7 +296,9 @@ def test_mlp_through_modules_equals_the_batched_mlp_path(loss, hidden, activatio
     assert gen[1][1] == pytest.approx(mlp[1][1], rel=1e-9)
     assert abs(mlp[1][0]) > 1e-4
     lrs, moms = [0.05, 0.3], [0.9, 0.2]
-    assert ModuleObjective([task], draws).losses(lrs, moms) == pytest.approx(Objective([task], draws).losses(lrs, moms), rel=1e-12)
+    assert ModuleObjective([task], draws).losses(lrs, moms) == pytest.approx(
+        Objective([task], draws).losses(lrs, moms), rel=1e-12
+    )
 
 
 def test_mixed_tasks_and_evaluate():
@@ -279,7 +306,9 @@ def test_mixed_tasks_and_evaluate():
     img = image_task(steps=5)
     obj = ModuleObjective([mlp, img], (0, 1))
     got = obj.losses([0.1], [0.5])[0]
-    want = (sum(train_sgd(mlp, 0.1, 0.5, d) for d in (0, 1)) + sum(train_sgd_module(img, 0.1, 0.5, d) for d in (0, 1))) / 4
+    want = (
+        sum(train_sgd(mlp, 0.1, 0.5, d) for d in (0, 1)) + sum(train_sgd_module(img, 0.1, 0.5, d) for d in (0, 1))
+    ) / 4
     assert got == pytest.approx(want, rel=1e-12)
     ev = evaluate([mlp, img], 0.1, 0.5, (0, 1))
     assert ev["mean_val_loss"] == pytest.approx(want, rel=1e-12)
@@ -294,7 +323,14 @@ def test_refusals_are_sentences():
     bad_labels = ModuleTask(**{**task.__dict__, "y_val": task.y_val + 5})
     with pytest.raises(EngineError, match="between 0 and 2"):
         ModuleObjective([bad_labels], (0,))
-    bn = ModuleTask(**{**task.__dict__, "make_model": lambda d: nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3))})
+    bn = ModuleTask(
+        **{
+            **task.__dict__,
+            "make_model": lambda d: nn.Sequential(
+                nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)
+            ),
+        }
+    )
     with pytest.raises(EngineError, match="BatchNorm2d"):
         ModuleObjective([bn], (0,))
     with pytest.raises(EngineError, match="batch size"):

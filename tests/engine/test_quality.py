@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from worker.engine import EVAL_DRAWS, MetaConfig, best_settings, evaluate, init_state, run_meta
 from benchmarks.digits_grid import digits_tasks
+from worker.engine import EVAL_DRAWS, MetaConfig, best_settings, evaluate, init_state, run_meta
 
 
 @pytest.fixture(scope="module")

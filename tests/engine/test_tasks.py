@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from worker.engine import EngineError, batch_indices, build_model
 from tests.engine.helpers import synthetic_task
+from worker.engine import EngineError, batch_indices, build_model
 
 
 def test_build_model_layout_and_names():

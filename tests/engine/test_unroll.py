@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from tests.engine.helpers import synthetic_task
 from worker.engine import EVAL_DRAWS, MetaConfig, evaluate, train_sgd, unrolled_val_loss
 from worker.engine.functional import Objective
-from tests.engine.helpers import synthetic_task
 
 
 def _t(x):
@@ -43,7 +43,7 @@ def test_batched_objective_equals_train_sgd_for_every_candidate_and_source():
     draws = (0, 3)
     lrs, moms = [0.01, 0.1, 0.3, 0.05], [0.0, 0.5, 0.9, 0.99]
     got = Objective(tasks, draws, max_runs=5).losses(lrs, moms)  # max_runs forces chunking
-    for lr, mom, value in zip(lrs, moms, got):
+    for lr, mom, value in zip(lrs, moms, got, strict=True):
         ref = sum(train_sgd(t, lr, mom, d) for t in tasks for d in draws) / (len(tasks) * len(draws))
         assert value == pytest.approx(ref, rel=1e-12)
 
@@ -60,7 +60,7 @@ def test_evaluate_averages_draws_then_tasks():
     out = evaluate(tasks, 0.1, 0.5, draws=(1, 2))
     per = [[train_sgd(t, 0.1, 0.5, d) for d in (1, 2)] for t in tasks]
     assert [r["name"] for r in out["tasks"]] == [t.name for t in tasks]
-    for row, values in zip(out["tasks"], per):
+    for row, values in zip(out["tasks"], per, strict=True):
         assert row["val_loss"] == pytest.approx(sum(values) / 2, rel=1e-15)
     assert out["mean_val_loss"] == pytest.approx(sum(sum(v) for v in per) / 4, rel=1e-15)
 

@@ -21,8 +21,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = (
-    "torch", "fastapi", "sqlalchemy", "celery", "starlette", "psycopg", "numpy", "service", "worker",
-    "uvicorn", "alembic", "pydantic_settings", "kombu", "sklearn", "pyarrow", "boto3", "multipart",
+    "torch",
+    "fastapi",
+    "sqlalchemy",
+    "celery",
+    "starlette",
+    "psycopg",
+    "numpy",
+    "service",
+    "worker",
+    "uvicorn",
+    "alembic",
+    "pydantic_settings",
+    "kombu",
+    "sklearn",
+    "pyarrow",
+    "boto3",
+    "multipart",
     "python_multipart",
 )
 SERVE_MESSAGE = "gradtune serve needs the api and worker extras: pip install 'gradtune[api,worker]'"
@@ -181,8 +196,9 @@ def test_a_fresh_venv_gets_the_client_only(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "-q", str(src)], check=True, timeout=600)
-    listed = subprocess.run([python, "-m", "pip", "list", "--format", "freeze"], capture_output=True, text=True,
-                            check=True).stdout.lower()
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format", "freeze"], capture_output=True, text=True, check=True
+    ).stdout.lower()
     installed = {line.split("==")[0] for line in listed.splitlines()}
     assert {"gradtune", "httpx", "typer", "rich"} <= installed
     assert not installed & {"torch", "fastapi", "sqlalchemy", "celery", "psycopg", "numpy", "uvicorn", "alembic"}
@@ -190,4 +206,3 @@ def test_a_fresh_venv_gets_the_client_only(tmp_path):
     _assert_client_works(_run_checks(python, tmp_path))
     serve = subprocess.run([str(venv / "bin" / "gradtune"), "serve"], capture_output=True, text=True, timeout=60)
     assert serve.returncode == 1 and SERVE_MESSAGE in serve.stderr
-

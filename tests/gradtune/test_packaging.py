@@ -32,10 +32,32 @@ CLIENT = {"httpx", "typer", "rich"}
 FROM_USER_ENV = {"torch", "numpy"}
 SERVER_SIDE = {"service", "worker", "uvicorn"}
 
-API = {"fastapi", "uvicorn", "pydantic", "pydantic-settings", "sqlalchemy", "alembic", "psycopg", "celery",
-       "python-multipart", "numpy", "pyarrow", "boto3"}
-WORKER = {"celery", "sqlalchemy", "psycopg", "pydantic", "pydantic-settings", "torch", "numpy", "scikit-learn",
-          "pyarrow", "boto3"}
+API = {
+    "fastapi",
+    "uvicorn",
+    "pydantic",
+    "pydantic-settings",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "celery",
+    "python-multipart",
+    "numpy",
+    "pyarrow",
+    "boto3",
+}
+WORKER = {
+    "celery",
+    "sqlalchemy",
+    "psycopg",
+    "pydantic",
+    "pydantic-settings",
+    "torch",
+    "numpy",
+    "scikit-learn",
+    "pyarrow",
+    "boto3",
+}
 
 
 def _names(reqs: list[str]) -> set[str]:

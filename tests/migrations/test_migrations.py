@@ -84,11 +84,13 @@ def test_upgrade_from_0001_keeps_the_jobs_and_adds_the_dataset_tables(empty_url)
     assert tables(empty_url) == {"jobs", "job_iterations", "alembic_version"}
     engine = create_engine(empty_url)
     with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO jobs (id, name, status, spec, created_at, updated_at, iteration, iterations, "
-            "cancel_requested, chunks_started, chunks_committed) VALUES ('j1', 'old', 'queued', '{}', "
-            "'2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00', 0, 5, false, 0, 0)"
-        ))
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, name, status, spec, created_at, updated_at, iteration, iterations, "
+                "cancel_requested, chunks_started, chunks_committed) VALUES ('j1', 'old', 'queued', '{}', "
+                "'2026-01-01 00:00:00+00:00', '2026-01-01 00:00:00+00:00', 0, 5, false, 0, 0)"
+            )
+        )
     engine.dispose()
     upgrade(empty_url)
     assert version(empty_url) == HEAD and tables(empty_url) == TABLES
@@ -109,10 +111,12 @@ def test_upgrade_from_0002_keeps_datasets_and_adds_the_model_tables(empty_url):
     assert tables(empty_url) == TABLES - {"models", "job_models"}
     engine = create_engine(empty_url)
     with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO datasets (id, filename, format, sha256, size, items, created_at) VALUES "
-            "('d1', 'a.npz', 'npz', 'ab', 3, '[]', '2026-01-01 00:00:00+00:00')"
-        ))
+        conn.execute(
+            text(
+                "INSERT INTO datasets (id, filename, format, sha256, size, items, created_at) VALUES "
+                "('d1', 'a.npz', 'npz', 'ab', 3, '[]', '2026-01-01 00:00:00+00:00')"
+            )
+        )
     engine.dispose()
     upgrade(empty_url)
     assert version(empty_url) == HEAD and tables(empty_url) == TABLES and diff(empty_url) == []
@@ -140,7 +144,11 @@ def test_alembic_command_line_from_another_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADTUNE_")}
     out = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "-x", f"url={url}", "upgrade", "head"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "Running upgrade  -> 0001" in out.stderr
@@ -156,7 +164,11 @@ def test_alembic_falls_back_to_the_settings(tmp_path):
     env["GRADTUNE_DATA_DIR"] = str(tmp_path / "data")
     out = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert version(f"sqlite:///{tmp_path / 'data' / 'gradtune.db'}") == HEAD

@@ -70,9 +70,7 @@ def test_readyz_503_when_the_database_is_not_migrated(tmp_path, make_settings):
     with TestClient(create_app(settings)) as c:
         r = c.get("/readyz")
     assert r.status_code == 503
-    assert r.json()["checks"]["database"] == (
-        "reachable but not migrated (run the migrations: alembic upgrade head)"
-    )
+    assert r.json()["checks"]["database"] == ("reachable but not migrated (run the migrations: alembic upgrade head)")
 
 
 def test_unexpected_errors_are_a_sentence_not_a_traceback(app, monkeypatch, caplog):
@@ -140,11 +138,13 @@ def test_importing_the_api_leaves_torch_numpy_pyarrow_boto3_and_the_worker_out(t
         "import service.main\n"
         "from service.settings import Settings\n"
         "app = service.main.create_app(Settings(data_dir='data'))\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'worker', 'sklearn', 'pyarrow', 'boto3', 'botocore', 'safetensors'))))\n"
+        "heavy = ('torch', 'numpy', 'worker', 'sklearn', 'pyarrow', 'boto3', 'botocore', 'safetensors')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
@@ -152,7 +152,8 @@ def test_importing_the_api_leaves_torch_numpy_pyarrow_boto3_and_the_worker_out(t
 def test_importing_service_main_opens_and_creates_nothing(tmp_path):
     code = "import service.main, os; print(sorted(os.listdir('.')))"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

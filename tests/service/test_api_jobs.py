@@ -154,8 +154,7 @@ def test_get_job_and_404(client):
 def test_progress_shows_what_the_worker_recorded(client, app):
     job = submit(client)
     started = utcnow()
-    set_job(app, job["id"], status="running", iteration=3, meta_loss=0.42, lr=0.05, momentum=0.8,
-            started_at=started)
+    set_job(app, job["id"], status="running", iteration=3, meta_loss=0.42, lr=0.05, momentum=0.8, started_at=started)
     got = client.get(f"/v1/jobs/{job['id']}").json()
     assert got["status"] == "running"
     assert got["progress"] == {"iteration": 3, "iterations": 5, "meta_loss": 0.42, "lr": 0.05, "momentum": 0.8}
@@ -188,7 +187,11 @@ def test_list_newest_first_paginated_and_filtered(client):
     page = client.get("/v1/jobs", params={"status": "queued"}).json()
     assert page["total"] == 4 and ids[1] not in [j["id"] for j in page["items"]]
     assert client.get("/v1/jobs", params={"status": "succeeded"}).json() == {
-        "items": [], "total": 0, "limit": 20, "offset": 0}
+        "items": [],
+        "total": 0,
+        "limit": 20,
+        "offset": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -214,14 +217,30 @@ def test_history_in_order_and_404(client, app):
     assert client.get(f"/v1/jobs/{job['id']}/history").json() == {"job_id": job["id"], "items": []}
     with app.state.sessionmaker.begin() as s:
         for i in (2, 1, 3):
-            s.add(JobIteration(job_id=job["id"], iteration=i, meta_loss=1.0 / i, lr=0.01 * i,
-                               momentum=0.9, accepted=i != 2, step_size=0.1, extra={"hypergradient": [1, 2]}))
+            s.add(
+                JobIteration(
+                    job_id=job["id"],
+                    iteration=i,
+                    meta_loss=1.0 / i,
+                    lr=0.01 * i,
+                    momentum=0.9,
+                    accepted=i != 2,
+                    step_size=0.1,
+                    extra={"hypergradient": [1, 2]},
+                )
+            )
     r = client.get(f"/v1/jobs/{job['id']}/history")
     assert r.status_code == 200
     items = r.json()["items"]
     assert [h["iteration"] for h in items] == [1, 2, 3]
-    assert items[1] == {"iteration": 2, "meta_loss": 0.5, "lr": 0.02, "momentum": 0.9,
-                        "accepted": False, "step_size": 0.1}
+    assert items[1] == {
+        "iteration": 2,
+        "meta_loss": 0.5,
+        "lr": 0.02,
+        "momentum": 0.9,
+        "accepted": False,
+        "step_size": 0.1,
+    }
     missing = str(uuid.uuid4())
     r = client.get(f"/v1/jobs/{missing}/history")
     assert r.status_code == 404 and r.json() == {"detail": f"job {missing} not found"}
@@ -294,8 +313,7 @@ def test_cancel_queued_job_is_immediate(client, app):
     assert client.get(f"/v1/jobs/{jid}").json()["status"] == "cancelled"
     again = client.post(f"/v1/jobs/{jid}/cancel")
     assert again.status_code == 409
-    assert again.json() == {
-        "detail": f"job {jid} is already cancelled; only queued or running jobs can be cancelled"}
+    assert again.json() == {"detail": f"job {jid} is already cancelled; only queued or running jobs can be cancelled"}
 
 
 def test_cancel_running_job_is_requested(client, app):

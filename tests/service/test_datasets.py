@@ -5,7 +5,6 @@ name datasets."""
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import uuid
 from datetime import datetime, timedelta
@@ -93,11 +92,23 @@ def test_safetensors_round_trip(client, app):
     created = datetime.fromisoformat(body["created_at"].replace("Z", "+00:00"))
     assert abs(created - utcnow()) < timedelta(minutes=1)
     assert [t["name"] for t in body["tensors"]] == ["w", "x", "y"]
-    assert item(body, "x") == {"name": "x", "shape": [12, 3], "dtype": "float32",
-                               "min": pytest.approx(float(x.min())), "max": pytest.approx(float(x.max())),
-                               "integer": False}
+    assert item(body, "x") == {
+        "name": "x",
+        "shape": [12, 3],
+        "dtype": "float32",
+        "min": pytest.approx(float(x.min())),
+        "max": pytest.approx(float(x.max())),
+        "integer": False,
+    }
     assert item(body, "y") == {"name": "y", "shape": [12], "dtype": "int64", "min": 0, "max": 2, "integer": True}
-    assert item(body, "w") == {"name": "w", "shape": [1, 2], "dtype": "float64", "min": -2.0, "max": 1.5, "integer": False}
+    assert item(body, "w") == {
+        "name": "w",
+        "shape": [1, 2],
+        "dtype": "float64",
+        "min": -2.0,
+        "max": 1.5,
+        "integer": False,
+    }
     # stored under its sha256, byte for byte; GET answers the same description
     assert app.state.store.exists(body["sha256"])
     assert app.state.store.local_path(body["sha256"]).read_bytes() == data
@@ -107,17 +118,33 @@ def test_safetensors_round_trip(client, app):
 
 def test_safetensors_bfloat16_float16_and_bool(client):
     bf16 = (np.array([1.0, -2.5, 3.0], dtype=np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
-    data = safetensors_raw([
-        ("h", "F16", [3], np.array([0.5, 1, 2], dtype="<f2").tobytes()),
-        ("b", "BF16", [3], bf16),
-        ("m", "BOOL", [2, 2], np.array([1, 0, 1, 1], dtype=np.uint8).tobytes()),
-        ("e", "F32", [0, 4], b""),
-    ])
+    data = safetensors_raw(
+        [
+            ("h", "F16", [3], np.array([0.5, 1, 2], dtype="<f2").tobytes()),
+            ("b", "BF16", [3], bf16),
+            ("m", "BOOL", [2, 2], np.array([1, 0, 1, 1], dtype=np.uint8).tobytes()),
+            ("e", "F32", [0, 4], b""),
+        ]
+    )
     body = uploaded(client, "mixed.safetensors", data)
-    assert item(body, "b") == {"name": "b", "shape": [3], "dtype": "bfloat16", "min": -2.5, "max": 3.0, "integer": False}
+    assert item(body, "b") == {
+        "name": "b",
+        "shape": [3],
+        "dtype": "bfloat16",
+        "min": -2.5,
+        "max": 3.0,
+        "integer": False,
+    }
     assert item(body, "h") == {"name": "h", "shape": [3], "dtype": "float16", "min": 0.5, "max": 2.0, "integer": False}
     assert item(body, "m") == {"name": "m", "shape": [2, 2], "dtype": "bool", "min": 0, "max": 1, "integer": True}
-    assert item(body, "e") == {"name": "e", "shape": [0, 4], "dtype": "float32", "min": None, "max": None, "integer": True}
+    assert item(body, "e") == {
+        "name": "e",
+        "shape": [0, 4],
+        "dtype": "float32",
+        "min": None,
+        "max": None,
+        "integer": True,
+    }
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["savez", "savez_compressed"])
@@ -127,10 +154,30 @@ def test_npz_round_trip(client, app, compressed):
     data = npz_bytes(compressed, features=x, labels=labels, big=np.asfortranarray(np.ones((3, 4), ">f4")))
     body = uploaded(client, "d.npz", data)
     assert body["format"] == "npz" and body["sha256"] == hashlib.sha256(data).hexdigest()
-    assert item(body, "features") == {"name": "features", "shape": [5, 2], "dtype": "float64",
-                                      "min": 0.0, "max": 2.25, "integer": False}
-    assert item(body, "labels") == {"name": "labels", "shape": [5], "dtype": "int32", "min": 1, "max": 5, "integer": True}
-    assert item(body, "big") == {"name": "big", "shape": [3, 4], "dtype": "float32", "min": 1.0, "max": 1.0, "integer": True}
+    assert item(body, "features") == {
+        "name": "features",
+        "shape": [5, 2],
+        "dtype": "float64",
+        "min": 0.0,
+        "max": 2.25,
+        "integer": False,
+    }
+    assert item(body, "labels") == {
+        "name": "labels",
+        "shape": [5],
+        "dtype": "int32",
+        "min": 1,
+        "max": 5,
+        "integer": True,
+    }
+    assert item(body, "big") == {
+        "name": "big",
+        "shape": [3, 4],
+        "dtype": "float32",
+        "min": 1.0,
+        "max": 1.0,
+        "integer": True,
+    }
     assert len(stored_files(app)) == 1
 
 
@@ -146,12 +193,14 @@ def test_csv_round_trip(client):
 
 
 def test_parquet_round_trip(client):
-    data = parquet_bytes({
-        "f32": pa.array([0.5, 1.5, -3.0], pa.float32()),
-        "i16": pa.array([7, -2, 0], pa.int16()),
-        "flag": pa.array([True, False, True]),
-        "whole": pa.array([1.0, 2.0, 3.0], pa.float64()),
-    })
+    data = parquet_bytes(
+        {
+            "f32": pa.array([0.5, 1.5, -3.0], pa.float32()),
+            "i16": pa.array([7, -2, 0], pa.int16()),
+            "flag": pa.array([True, False, True]),
+            "whole": pa.array([1.0, 2.0, 3.0], pa.float64()),
+        }
+    )
     body = uploaded(client, "cols.parquet", data)
     assert body["format"] == "parquet" and body["rows"] == 3
     assert body["columns"] == [
@@ -212,7 +261,7 @@ def test_corrupt_safetensors_is_refused(client, nothing_stored):
     good = safetensors_bytes({"x": np.ones((2, 2), np.float32)})
     refused(upload(client, "c.safetensors", good + b"\0" * 8), 422, "after its last tensor", type_="corrupt")
     n = int.from_bytes(good[:8], "little")
-    garbage = good[:8] + b"{" + b"x" * (n - 1) + good[8 + n:]
+    garbage = good[:8] + b"{" + b"x" * (n - 1) + good[8 + n :]
     refused(upload(client, "c.safetensors", garbage), 422, "not valid JSON", type_="corrupt")
     refused(upload(client, "c.safetensors", b"\xff" * 64), 422, "corrupt")
     lying = safetensors_raw([("x", "F32", [4], b"\0" * 8)])
@@ -254,7 +303,9 @@ def test_wrong_extension_is_refused(client, nothing_stored, filename):
 
 def test_ragged_csv_rows_are_refused(client, nothing_stored):
     data = b"a,b,c\n1,2,3\n4,5\n"
-    refused(upload(client, "r.csv", data), 422, "r.csv", "ragged", "line 3", "2 cells", "3 columns", type_="ragged_rows")
+    refused(
+        upload(client, "r.csv", data), 422, "r.csv", "ragged", "line 3", "2 cells", "3 columns", type_="ragged_rows"
+    )
     refused(upload(client, "r.csv", b"a,b\n1,2\n3,4,5\n"), 422, "line 3 has 3 cells")
     nothing_stored()
 
@@ -276,10 +327,22 @@ def test_nan_or_inf_is_refused_in_every_format(client, nothing_stored, bad):
     word = "NaN" if math.isnan(bad) else ("-infinity" if bad < 0 else "infinity")
     x = np.zeros((4, 3), np.float32)
     x[2, 1] = bad
-    refused(upload(client, "a.safetensors", safetensors_bytes({"ok": np.ones(2), "feat": x})), 422,
-            "tensor 'feat'", word, "index [2, 1]", type_="non_finite")
-    refused(upload(client, "a.npz", npz_bytes(feat=x, ok=np.ones(3))), 422, "array 'feat'", word, "index [2, 1]",
-            type_="non_finite")
+    refused(
+        upload(client, "a.safetensors", safetensors_bytes({"ok": np.ones(2), "feat": x})),
+        422,
+        "tensor 'feat'",
+        word,
+        "index [2, 1]",
+        type_="non_finite",
+    )
+    refused(
+        upload(client, "a.npz", npz_bytes(feat=x, ok=np.ones(3))),
+        422,
+        "array 'feat'",
+        word,
+        "index [2, 1]",
+        type_="non_finite",
+    )
     csv = f"a,b\n1,2\n3,{bad}\n".encode()
     refused(upload(client, "a.csv", csv), 422, "column 'b'", word, "line 3", type_="non_finite")
     pq = parquet_bytes({"a": pa.array([1.0, 2.0, 3.0]), "b": pa.array([0.0, bad, 1.0])})
@@ -300,7 +363,7 @@ def test_upload_over_the_size_limit_is_413_while_streaming(tmp_path, db_url, mak
 
         # Chunked, no Content-Length: counted as it streams.
         def body():
-            yield b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.csv\"\r\n\r\n"
+            yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="s.csv"\r\n\r\n'
             for _ in range(100):
                 yield b"1,2\n" * 256
             yield b"\r\n--B--\r\n"
@@ -329,7 +392,7 @@ def test_malformed_uploads(client, nothing_stored):
     refused(r, 422, "no filename", type_="missing_filename")
     r = client.post("/v1/datasets", files=[("file", ("a.csv", b"a\n1\n")), ("file", ("b.csv", b"a\n2\n"))])
     refused(r, 422, "more than one", type_="too_many_files")
-    incomplete = b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"p.csv\"\r\n\r\na,b\n1,2\n"
+    incomplete = b'--B\r\nContent-Disposition: form-data; name="file"; filename="p.csv"\r\n\r\na,b\n1,2\n'
     r = client.post("/v1/datasets", content=incomplete, headers={"content-type": "multipart/form-data; boundary=B"})
     refused(r, 400, "closing boundary")
     r = client.post("/v1/datasets", content=b"x", headers={"content-type": "multipart/form-data"})
@@ -397,10 +460,20 @@ def tensors(client) -> dict:
     """An npz dataset: x (40, 3), y (40,) labels 0..2, y_short (30,), x_1d (40,), yf (40,) floats,
     y2 (40, 2), x5 (40, 5)."""
     x, y = blobs(40, 3)
-    return uploaded(client, "blobs.npz", npz_bytes(
-        x=x, y=y, y_short=y[:30], x_1d=x[:, 0], yf=x[:, 0] * 1.5, y2=x[:, :2], x5=np.ones((40, 5), np.float32),
-        yneg=y - 1,
-    ))
+    return uploaded(
+        client,
+        "blobs.npz",
+        npz_bytes(
+            x=x,
+            y=y,
+            y_short=y[:30],
+            x_1d=x[:, 0],
+            yf=x[:, 0] * 1.5,
+            y2=x[:, :2],
+            x5=np.ones((40, 5), np.float32),
+            yneg=y - 1,
+        ),
+    )
 
 
 def test_delete_is_409_while_a_queued_job_uses_it_then_204_after_cancel(client, app, tensors):
@@ -426,8 +499,10 @@ def test_delete_is_409_while_a_queued_job_uses_it_then_204_after_cancel(client, 
 
 def test_delete_is_409_while_a_running_job_uses_it(client, app, tensors):
     ds = tensors["id"]
-    body = job_body(dataset_task({"dataset": ds, "x": "x", "y": "y"}), dataset_task(
-        {"dataset": ds, "x": "x5", "y": "y"}, name="other"))
+    body = job_body(
+        dataset_task({"dataset": ds, "x": "x", "y": "y"}),
+        dataset_task({"dataset": ds, "x": "x5", "y": "y"}, name="other"),
+    )
     job_ids = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(2)]
     with app.state.sessionmaker.begin() as s:
         s.get(Job, job_ids[0]).status = "running"
@@ -459,7 +534,9 @@ def only_error(client, *tasks) -> dict:
 def test_dataset_jobs_are_accepted(client, app, tensors):
     ds = tensors["id"]
     table = uploaded(client, "t.csv", csv_bytes(["a", "b", "c", "label"], [[i, i * 0.5, -i, i % 2] for i in range(20)]))
-    pq = uploaded(client, "t.parquet", parquet_bytes({"u": pa.array(np.arange(10.0)), "v": pa.array(np.arange(10) % 3)}))
+    pq = uploaded(
+        client, "t.parquet", parquet_bytes({"u": pa.array(np.arange(10.0)), "v": pa.array(np.arange(10) % 3)})
+    )
     tasks = [
         dataset_task({"dataset": ds, "x": "x", "y": "y"}, data={"val_fraction": 0.25, "seed": 3}),
         dataset_task({"dataset": ds, "x": "x", "y": "y"}, {"dataset": ds, "x": "x", "y": "y"}),
@@ -519,8 +596,9 @@ def test_dataset_reference_errors_name_the_field(client, tensors, nothing_change
     e = only_error(client, dataset_task({"dataset": ds, "x": "x", "y": "y"}, data={"val_fraction": 0.99}))
     assert e["field"] == "tasks[0].data.val_fraction" and e["type"] == "split_too_small"
 
-    e = only_error(client, dataset_task({"dataset": ds, "x": "x", "y": "y"}, {"dataset": ds, "x": "x", "y": "y"},
-                                        data={"seed": 1}))
+    e = only_error(
+        client, dataset_task({"dataset": ds, "x": "x", "y": "y"}, {"dataset": ds, "x": "x", "y": "y"}, data={"seed": 1})
+    )
     assert e["field"] == "tasks[0].data" and "not both" in e["msg"]
     nothing_changed()
 
@@ -537,7 +615,12 @@ def test_cross_entropy_needs_integer_labels_from_the_metadata(client, tensors, n
     # the same floats are fine as regression targets
     r = client.post("/v1/jobs", json=job_body(dataset_task({"dataset": ds, "x": "x", "y": "yf"}, loss="mse")))
     assert r.status_code == 202, r.text
-    r = client.post("/v1/jobs", json=job_body(dataset_task({"dataset": ds, "x": "x", "y": "y"}, {"dataset": ds, "x": "x", "y": "y2"}, loss="mse")))
+    r = client.post(
+        "/v1/jobs",
+        json=job_body(
+            dataset_task({"dataset": ds, "x": "x", "y": "y"}, {"dataset": ds, "x": "x", "y": "y2"}, loss="mse")
+        ),
+    )
     e = r.json()["detail"][0]
     assert r.status_code == 422 and e["field"] == "tasks[0].data.val.y" and e["type"] == "width_mismatch"
 

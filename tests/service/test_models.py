@@ -10,7 +10,6 @@ import json
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 from sqlalchemy import func, select
 from torch import nn
@@ -38,8 +37,9 @@ def rewrite(data: bytes, change) -> bytes:
 
 def mlp_pt2(features=4, hidden=8, out=3, seed=0) -> bytes:
     torch.manual_seed(seed)
-    return pt2_bytes(nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, out)),
-                     torch.randn(5, features))
+    return pt2_bytes(
+        nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, out)), torch.randn(5, features)
+    )
 
 
 def upload(client, filename: str, data: bytes):
@@ -77,7 +77,9 @@ def exported_task(model_id: str, x, y, loss="cross_entropy", **model_kw) -> dict
         "name": "t0",
         "data": {"source": "inline", "x_train": x, "y_train": y, "x_val": x[:2], "y_val": y[:2]},
         "model": {"kind": "exported", "model": model_id, **model_kw},
-        "loss": loss, "steps": 5, "batch_size": 2,
+        "loss": loss,
+        "steps": 5,
+        "batch_size": 2,
     }
 
 
@@ -171,13 +173,22 @@ def test_refused_archives_say_why_and_leave_nothing(client, app, tmp_path):
         def forward(self, x):
             return torch.softmax(self.lin(x), dim=1)
 
-    dynamic = pt2_bytes(nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 4),
-                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+    dynamic = pt2_bytes(
+        nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 4), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     cases = [
         ("pickled.pt2", rewrite(good, pickled), "stored with pickle"),
         ("dynamic.pt2", dynamic, "static shapes"),
-        ("softmax.pt2", pt2_bytes(Soft(), torch.randn(5, 4)), "calls 'softmax.int', which gradtune cannot train through"),
-        ("bn.pt2", pt2_bytes(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval(), torch.randn(5, 4)), "no buffers"),
+        (
+            "softmax.pt2",
+            pt2_bytes(Soft(), torch.randn(5, 4)),
+            "calls 'softmax.int', which gradtune cannot train through",
+        ),
+        (
+            "bn.pt2",
+            pt2_bytes(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval(), torch.randn(5, 4)),
+            "no buffers",
+        ),
         ("notzip.pt2", b"this is not a zip archive at all", "not a .pt2 archive"),
         ("truncated.pt2", good[: len(good) // 2], "not a .pt2 archive"),
         ("vector.pt2", pt2_bytes(nn.Sequential(nn.Linear(4, 3), nn.Flatten(0)), torch.randn(5, 4)), "(rows, outputs)"),
@@ -247,16 +258,20 @@ def test_jobs_are_checked_against_the_model(client, app, nothing_changed):
         nothing_changed()
 
     refused(exported_task("no-such-model", ROWS4, [0, 1, 2, 1]), "tasks[0].model.model", "not found", "POST /v1/models")
-    refused(exported_task(mid, [r[:3] for r in ROWS4], [0, 1, 2, 1]), "tasks[0].data.x_train",
-            "shape [3]", "shape [4]")
+    refused(exported_task(mid, [r[:3] for r in ROWS4], [0, 1, 2, 1]), "tasks[0].data.x_train", "shape [3]", "shape [4]")
     refused(exported_task(mid, ROWS4, [0, 1, 3, 1]), "tasks[0].model.model", "4 classes", "3 outputs")
     refused(exported_task(mid, ROWS4, [[0.5, 1.0]] * 4, loss="mse"), "tasks[0].model.model", "width 2", "3 outputs")
-    refused({**exported_task(mid, ROWS4, [0, 1, 2, 1]), "data": {"source": "builtin", "name": "wine"}},
-            "tasks[0].data.name", "shape [13]")
+    refused(
+        {**exported_task(mid, ROWS4, [0, 1, 2, 1]), "data": {"source": "builtin", "name": "wine"}},
+        "tasks[0].data.name",
+        "shape [13]",
+    )
     images = [[[[0.0] * 4] * 4]] * 4
     r = client.post("/v1/jobs", json=job_body(exported_task(mid, images, [0, 1, 2, 1])))
-    assert r.status_code == 422 and [d["field"] for d in r.json()["detail"]] == ["tasks[0].data.x_train",
-                                                                                 "tasks[0].data.x_val"]
+    assert r.status_code == 422 and [d["field"] for d in r.json()["detail"]] == [
+        "tasks[0].data.x_train",
+        "tasks[0].data.x_val",
+    ]
     assert "this exported model needs rows of features" in r.json()["detail"][0]["msg"]
     nothing_changed()
     big = exported_task(mid, ROWS4, [0, 1, 2, 1])
@@ -267,14 +282,20 @@ def test_jobs_are_checked_against_the_model(client, app, nothing_changed):
         refused(big, "tasks[0].steps", "to differentiate through", meta={"method": "reverse"})
     finally:
         app.state.settings.max_unroll_bytes = with_limit
-    r = client.post("/v1/jobs", json=job_body({**exported_task(mid, ROWS4, [0, 1, 2, 1]), "model":
-                                               {"kind": "exported", "model": mid, "init": "random"}}))
+    r = client.post(
+        "/v1/jobs",
+        json=job_body(
+            {**exported_task(mid, ROWS4, [0, 1, 2, 1]), "model": {"kind": "exported", "model": mid, "init": "random"}}
+        ),
+    )
     assert r.status_code == 422, r.text
     assert [d["field"] for d in r.json()["detail"]] == ["tasks[0].model.init"], r.text
     nothing_changed()
     # a cross_entropy model may have more outputs than the labels use; mse targets of its width pass
-    for task in (exported_task(mid, ROWS4, [0, 1, 1, 0]),
-                 exported_task(mid, ROWS4, [[0.5, 1.0, 0.0]] * 4, loss="mse", init="uploaded")):
+    for task in (
+        exported_task(mid, ROWS4, [0, 1, 1, 0]),
+        exported_task(mid, ROWS4, [[0.5, 1.0, 0.0]] * 4, loss="mse", init="uploaded"),
+    ):
         r = client.post("/v1/jobs", json=job_body(task))
         assert r.status_code == 202, r.text
     assert count_jobs(app) == 2
@@ -305,15 +326,23 @@ def test_a_dataset_task_with_images_is_checked_against_the_programs_input(client
     model = uploaded(client, pt2_bytes(cnn, torch.randn(2, 1, 6, 6)))
     assert model["input_shape"] == [1, 6, 6]
     rng = np.random.default_rng(0)
-    data = safetensors_bytes({"x": rng.normal(size=(20, 1, 6, 6)).astype(np.float32),
-                              "x8": rng.normal(size=(20, 1, 8, 8)).astype(np.float32),
-                              "y": (np.arange(20) % 3).astype(np.int64)})
+    data = safetensors_bytes(
+        {
+            "x": rng.normal(size=(20, 1, 6, 6)).astype(np.float32),
+            "x8": rng.normal(size=(20, 1, 8, 8)).astype(np.float32),
+            "y": (np.arange(20) % 3).astype(np.int64),
+        }
+    )
     ds = client.post("/v1/datasets", files={"file": ("img.safetensors", data)}).json()["id"]
 
     def task(x):
-        return {"data": {"source": "dataset", "train": {"dataset": ds, "x": x, "y": "y"}},
-                "model": {"kind": "exported", "model": model["id"]}, "loss": "cross_entropy",
-                "steps": 3, "batch_size": 4}
+        return {
+            "data": {"source": "dataset", "train": {"dataset": ds, "x": x, "y": "y"}},
+            "model": {"kind": "exported", "model": model["id"]},
+            "loss": "cross_entropy",
+            "steps": 3,
+            "batch_size": 4,
+        }
 
     assert client.post("/v1/jobs", json=job_body(task("x"))).status_code == 202
     r = client.post("/v1/jobs", json=job_body(task("x8")))

@@ -44,7 +44,9 @@ def moto_endpoint(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -205,7 +207,9 @@ def test_upload_and_delete_through_the_api_on_s3(moto_endpoint, bucket, tmp_path
 
 def test_store_down_is_503_and_leaves_nothing(aws_env, tmp_path, sqlite_url, make_settings):
     settings = make_settings(
-        tmp_path, database_url=sqlite_url, artifact_url="s3://nowhere/x",
+        tmp_path,
+        database_url=sqlite_url,
+        artifact_url="s3://nowhere/x",
         s3_endpoint_url=f"http://127.0.0.1:{_free_port()}",
     )
     app = create_app(settings)

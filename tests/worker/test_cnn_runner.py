@@ -54,16 +54,30 @@ def cnn_job(steps=8, batch=16, with_mlp=False) -> JobCreate:
     xt, yt, xv, yv = digits_images()
     task = {
         "name": "digits-cnn",
-        "data": {"source": "inline", "x_train": xt.tolist(), "y_train": yt.tolist(),
-                 "x_val": xv.tolist(), "y_val": yv.tolist()},
+        "data": {
+            "source": "inline",
+            "x_train": xt.tolist(),
+            "y_train": yt.tolist(),
+            "x_val": xv.tolist(),
+            "y_val": yv.tolist(),
+        },
         "model": {"kind": "cnn", "layers": LAYERS},
-        "loss": "cross_entropy", "steps": steps, "batch_size": batch,
+        "loss": "cross_entropy",
+        "steps": steps,
+        "batch_size": batch,
     }
     tasks = [task]
     if with_mlp:
-        tasks.append({"name": "mlp", "data": {"source": "builtin", "name": "iris"},
-                      "model": {"kind": "mlp", "hidden": [4]}, "loss": "cross_entropy", "steps": 5,
-                      "batch_size": 8})
+        tasks.append(
+            {
+                "name": "mlp",
+                "data": {"source": "builtin", "name": "iris"},
+                "model": {"kind": "mlp", "hidden": [4]},
+                "loss": "cross_entropy",
+                "steps": 5,
+                "batch_size": 8,
+            }
+        )
     return JobCreate.model_validate({"name": "j", "tasks": tasks, "meta": {"seed": 3}})
 
 
@@ -78,7 +92,7 @@ def test_build_tasks_gives_a_module_task_with_the_declared_cnn():
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias", "4.weight", "4.bias"]
     assert model[4].out_features == 10  # inferred: labels 0..9
     want = build_cnn(LAYERS, (1, 8, 8), derive_seed("init", cnn.seed, 1), 10)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), want.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), want.parameters(), strict=True))
 
 
 def test_module_objective_on_digits_matches_sgd_and_finite_differences():

@@ -69,10 +69,16 @@ def test_safetensors_split_like_builtin(client, settings):
 def test_npz_with_explicit_validation_tensors(client, settings):
     x, y = blobs(30, 2)
     xv, yv = blobs(9, 2, seed=1)
-    ds = upload(client, "d.npz", npz_bytes(True, x_train=x.astype(np.float64), y_train=y.astype(np.int32),
-                                           x_val=xv, y_val=yv.astype(np.uint8)))
-    spec = {"source": "dataset", "train": {"dataset": ds, "x": "x_train", "y": "y_train"},
-            "val": {"dataset": ds, "x": "x_val", "y": "y_val"}}
+    ds = upload(
+        client,
+        "d.npz",
+        npz_bytes(True, x_train=x.astype(np.float64), y_train=y.astype(np.int32), x_val=xv, y_val=yv.astype(np.uint8)),
+    )
+    spec = {
+        "source": "dataset",
+        "train": {"dataset": ds, "x": "x_train", "y": "y_train"},
+        "val": {"dataset": ds, "x": "x_val", "y": "y_val"},
+    }
     a, b, c, d = load_dataset_task_data(spec, settings)
     np.testing.assert_array_equal(a, x.astype(np.float32))
     np.testing.assert_array_equal(b, y)
@@ -85,8 +91,11 @@ def test_csv_columns_and_validation_from_another_dataset(client, settings):
     rows = [[i, i * 0.5, -i, i % 3] for i in range(20)]
     train = upload(client, "train.csv", csv_bytes(["a", "b", "c", "label"], rows))
     val = upload(client, "val.csv", csv_bytes(["label", "c", "b", "a"], [[1, 7, 8.5, 9], [0, 1, 2, 3]]))
-    spec = {"source": "dataset", "train": {"dataset": train, "x": ["c", "a"], "y": "label"},
-            "val": {"dataset": val, "x": ["c", "a"], "y": "label"}}
+    spec = {
+        "source": "dataset",
+        "train": {"dataset": train, "x": ["c", "a"], "y": "label"},
+        "val": {"dataset": val, "x": ["c", "a"], "y": "label"},
+    }
     xt, yt, xv, yv = load_dataset_task_data(spec, settings)
     table = np.array(rows, dtype=np.float64)
     np.testing.assert_array_equal(xt, table[:, [2, 0]].astype(np.float32))
@@ -105,9 +114,17 @@ def test_csv_columns_and_validation_from_another_dataset(client, settings):
 
 def test_parquet_columns(client, settings):
     u = np.linspace(-1, 1, 12)
-    ds = upload(client, "d.parquet", parquet_bytes({
-        "u": pa.array(u), "v": pa.array(np.arange(12), pa.int16()), "t": pa.array(u * 2, pa.float32()),
-    }))
+    ds = upload(
+        client,
+        "d.parquet",
+        parquet_bytes(
+            {
+                "u": pa.array(u),
+                "v": pa.array(np.arange(12), pa.int16()),
+                "t": pa.array(u * 2, pa.float32()),
+            }
+        ),
+    )
     spec = {"source": "dataset", "train": {"dataset": ds, "x": ["u", "v"], "y": "t"}, "val_fraction": 0.5, "seed": 1}
     xt, yt, xv, yv = load_dataset_task_data(spec, settings)
     tr, va = split(12, 0.5, 1)
@@ -119,10 +136,16 @@ def test_parquet_columns(client, settings):
 def test_bfloat16_tensors_widen_to_float32(client, settings):
     x = np.array([[1.0, 2.0], [0.5, -3.0], [4.0, 8.0]], np.float32)
     raw = (x.view(np.uint32) >> 16).astype("<u2").tobytes()
-    ds = upload(client, "b.safetensors", safetensors_raw([("x", "BF16", [3, 2], raw),
-                                                          ("y", "I64", [3], np.array([0, 1, 0], "<i8").tobytes())]))
-    spec = {"source": "dataset", "train": {"dataset": ds, "x": "x", "y": "y"},
-            "val": {"dataset": ds, "x": "x", "y": "y"}}
+    ds = upload(
+        client,
+        "b.safetensors",
+        safetensors_raw([("x", "BF16", [3, 2], raw), ("y", "I64", [3], np.array([0, 1, 0], "<i8").tobytes())]),
+    )
+    spec = {
+        "source": "dataset",
+        "train": {"dataset": ds, "x": "x", "y": "y"},
+        "val": {"dataset": ds, "x": "x", "y": "y"},
+    }
     xt, yt, _, _ = load_dataset_task_data(spec, settings)
     np.testing.assert_array_equal(xt, x)
 
@@ -151,7 +174,7 @@ def test_a_remote_store_is_downloaded_once_into_the_cache(client, settings):
     first = load_dataset_task_data(spec, settings, store=store)
     again = load_dataset_task_data(spec, settings, store=store)
     assert store.downloads == 1
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     cache = settings.data_dir / "cache" / "artifacts"
     import hashlib
@@ -167,7 +190,9 @@ def test_a_corrupt_download_is_refused_and_not_cached(client, settings, tmp_path
     sha = client.get(f"/v1/datasets/{ds}").json()["sha256"]
     store._path(sha).write_bytes(b"a,b\n9,9\n")  # the stored object no longer matches its key
     with pytest.raises(DatasetUnavailable, match="corrupt"):
-        load_dataset_task_data({"source": "dataset", "train": {"dataset": ds, "x": "a", "y": "b"}}, settings, store=store)
+        load_dataset_task_data(
+            {"source": "dataset", "train": {"dataset": ds, "x": "a", "y": "b"}}, settings, store=store
+        )
     cache = settings.data_dir / "cache" / "artifacts"
     assert list(cache.iterdir()) == []
 

@@ -32,8 +32,14 @@ def job(model: dict) -> dict:
     return {
         "name": "round-trip",
         "tasks": [
-            {"name": f"iris{i}", "data": {"source": "builtin", "name": "iris", "val_fraction": 0.3, "seed": i},
-             "model": model, "loss": "cross_entropy", "steps": 15, "batch_size": 16}
+            {
+                "name": f"iris{i}",
+                "data": {"source": "builtin", "name": "iris", "val_fraction": 0.3, "seed": i},
+                "model": model,
+                "loss": "cross_entropy",
+                "steps": 15,
+                "batch_size": 16,
+            }
             for i in range(2)
         ],
         "hyperparameters": {"lr": 0.02, "momentum": 0.9},
@@ -70,7 +76,7 @@ def test_settings_learned_through_an_exported_program_equal_the_declared_mlps(en
     assert exported["momentum"] == pytest.approx(declared["momentum"], rel=1e-9)
     assert declared["lr"] != 0.02 or declared["momentum"] != 0.9  # the job did learn something
     assert len(exported_history) == len(declared_history) == 4
-    for got, want in zip(exported_history, declared_history):
+    for got, want in zip(exported_history, declared_history, strict=True):
         assert (got["iteration"], got["accepted"]) == (want["iteration"], want["accepted"])
         assert got["lr"] == pytest.approx(want["lr"], rel=1e-9)
         assert got["momentum"] == pytest.approx(want["momentum"], rel=1e-9)

@@ -45,8 +45,16 @@ def upload_model(client, data: bytes) -> dict:
 def iris_job(model: dict, steps: int = 12, batch: int = 16, seed: int = 5, iterations: int = 3) -> dict:
     return {
         "name": "iris",
-        "tasks": [{"name": "t0", "data": {"source": "builtin", "name": "iris", "val_fraction": 0.3, "seed": 1},
-                   "model": model, "loss": "cross_entropy", "steps": steps, "batch_size": batch}],
+        "tasks": [
+            {
+                "name": "t0",
+                "data": {"source": "builtin", "name": "iris", "val_fraction": 0.3, "seed": 1},
+                "model": model,
+                "loss": "cross_entropy",
+                "steps": steps,
+                "batch_size": batch,
+            }
+        ],
         "hyperparameters": {"lr": 0.05, "momentum": 0.8},
         "meta": {"iterations": iterations, "seed": seed},
     }
@@ -63,7 +71,9 @@ def test_runner_builds_the_exported_task_and_it_trains_like_the_declared_mlp(env
     torch.manual_seed(123)  # the uploaded weights are not used (init: default)
     model = upload_model(client, pt2(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), torch.randn(7, 4)))
     cpu = torch.device("cpu")
-    (mlp,) = runner.build_tasks(JobCreate.model_validate(iris_job({"kind": "mlp", "hidden": [8], "activation": "tanh"})), cpu)
+    (mlp,) = runner.build_tasks(
+        JobCreate.model_validate(iris_job({"kind": "mlp", "hidden": [8], "activation": "tanh"})), cpu
+    )
     (exp,) = runner.build_tasks(JobCreate.model_validate(iris_job({"kind": "exported", "model": model["id"]})), cpu)
     assert isinstance(mlp, engine.Task) and isinstance(exp, ModuleTask)
     assert exp.seed == mlp.seed and exp.steps == 12 and exp.batch_size == 16 and exp.loss == "cross_entropy"
@@ -88,7 +98,9 @@ def test_runner_builds_the_exported_task_and_it_trains_like_the_declared_mlp(env
     loss32, (ga32, gz32) = obj.value_and_grad(a, z, BOUNDS)
     assert loss32 == pytest.approx(ref, rel=1e-5)
     assert ga32 == pytest.approx(rga, rel=1e-3) and gz32 == pytest.approx(rgz, rel=1e-3)
-    assert obj.losses([0.05, 0.5], [0.9, 0.3]) == pytest.approx(Objective([mlp], draws).losses([0.05, 0.5], [0.9, 0.3]), rel=1e-5)
+    assert obj.losses([0.05, 0.5], [0.9, 0.3]) == pytest.approx(
+        Objective([mlp], draws).losses([0.05, 0.5], [0.9, 0.3]), rel=1e-5
+    )
 
 
 def test_init_uploaded_starts_every_draw_from_the_files_weights(env):  # noqa: F811
@@ -117,7 +129,8 @@ def test_init_uploaded_starts_every_draw_from_the_files_weights(env):  # noqa: F
     assert torch.allclose(task.model(0)(x), net(x))
     # trained from those weights, the objective is plain torch.optim.SGD on the user's model
     assert ModuleObjective([task], (0,)).losses([0.1], [0.5])[0] == pytest.approx(
-        train_sgd_module(task, 0.1, 0.5, 0), rel=1e-5)
+        train_sgd_module(task, 0.1, 0.5, 0), rel=1e-5
+    )
     # a default-initialized program of the same graph draws in call order: hidden first
     job = JobCreate.model_validate(iris_job({"kind": "exported", "model": model["id"]}))
     (task,) = runner.build_tasks(job, torch.device("cpu"))

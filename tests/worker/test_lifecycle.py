@@ -34,8 +34,15 @@ def _job(Session, iterations=4, **kw) -> str:
 
 
 def _rec(i):
-    return {"iteration": i, "meta_loss": 1.0 / i, "lr": 0.1 * i, "momentum": 0.5,
-            "accepted": True, "step_size": 0.5, "hypergradient": [0.1, -0.2]}
+    return {
+        "iteration": i,
+        "meta_loss": 1.0 / i,
+        "lr": 0.1 * i,
+        "momentum": 0.5,
+        "accepted": True,
+        "step_size": 0.5,
+        "hypergradient": [0.1, -0.2],
+    }
 
 
 def _claim(Session, jid, owner, iteration=0, stale=30.0):
@@ -46,8 +53,12 @@ def _claim(Session, jid, owner, iteration=0, stale=30.0):
 def _commit(Session, jid, owner, start, n):
     with Session.begin() as s:
         return lifecycle.commit_chunk(
-            s, job_id=jid, owner=owner, start_iteration=start,
-            records=[_rec(i) for i in range(start + 1, start + 1 + n)], checkpoint={"it": start + n},
+            s,
+            job_id=jid,
+            owner=owner,
+            start_iteration=start,
+            records=[_rec(i) for i in range(start + 1, start + 1 + n)],
+            checkpoint={"it": start + n},
         )
 
 
@@ -102,8 +113,7 @@ def test_commit_rejects_a_gap(Session):
     _claim(Session, jid, "a")
     with pytest.raises(ValueError, match="do not follow"):
         with Session.begin() as s:
-            lifecycle.commit_chunk(s, job_id=jid, owner="a", start_iteration=0,
-                                   records=[_rec(2)], checkpoint={})
+            lifecycle.commit_chunk(s, job_id=jid, owner="a", start_iteration=0, records=[_rec(2)], checkpoint={})
     assert _get(Session, jid).iteration == 0
 
 

@@ -39,8 +39,7 @@ def test_per_layer_schedule_job_returns_param_groups_that_torch_sgd_reproduces(e
     from service.schemas import JobCreate
     from worker import runner
 
-    tasks = runner.build_tasks(JobCreate.model_validate(_job(per_layer=True, schedule_segments=2)),
-                               torch.device("cpu"))
+    tasks = runner.build_tasks(JobCreate.model_validate(_job(per_layer=True, schedule_segments=2)), torch.device("cpu"))
     ref = engine.evaluate_groups(tasks, groups, body["boundaries"], ev["draws"])
     assert ev["mean_learned_groups_val_loss"] == pytest.approx(ref["mean_val_loss"], rel=1e-6)
     assert ev["tasks"][0]["learned_groups_val_loss"] == pytest.approx(ref["tasks"][0]["val_loss"], rel=1e-6)
@@ -62,12 +61,21 @@ def test_method_is_passed_to_the_engine_and_recorded(env):  # noqa: F811
 @pytest.mark.parametrize(
     "change, loc, words",
     [
-        (lambda j: (j["hyperparameters"].update(per_layer=True), j["tasks"][1]["model"].update(hidden=[4, 4])),
-         ["body", "hyperparameters", "per_layer"], "same number of layers"),
-        (lambda j: (j["hyperparameters"].update(schedule_segments=2), j["tasks"][1].update(steps=30)),
-         ["body", "hyperparameters", "schedule_segments"], "same steps"),
-        (lambda j: j["hyperparameters"].update(schedule_segments=21),
-         ["body", "hyperparameters", "schedule_segments"], "more than the 20 steps"),
+        (
+            lambda j: (j["hyperparameters"].update(per_layer=True), j["tasks"][1]["model"].update(hidden=[4, 4])),
+            ["body", "hyperparameters", "per_layer"],
+            "same number of layers",
+        ),
+        (
+            lambda j: (j["hyperparameters"].update(schedule_segments=2), j["tasks"][1].update(steps=30)),
+            ["body", "hyperparameters", "schedule_segments"],
+            "same steps",
+        ),
+        (
+            lambda j: j["hyperparameters"].update(schedule_segments=21),
+            ["body", "hyperparameters", "schedule_segments"],
+            "more than the 20 steps",
+        ),
         (lambda j: j["meta"].update(method="adam"), ["body", "meta", "method"], "auto"),
     ],
 )

@@ -89,11 +89,21 @@ def test_training_that_diverges_everywhere_fails_with_a_sentence(env):
     big = 1e18  # finite input, but any learning rate down to the lower bound blows up
     job = {
         "name": "hopeless",
-        "tasks": [{"data": {"source": "inline",
-                            "x_train": [[big, -big], [-big, big], [big, big], [-big, -big]],
-                            "y_train": [0, 1, 1, 0], "x_val": [[big, big]], "y_val": [1]},
-                   "model": {"kind": "mlp", "hidden": [4], "activation": "relu"},
-                   "loss": "mse", "steps": 20, "batch_size": 2}],
+        "tasks": [
+            {
+                "data": {
+                    "source": "inline",
+                    "x_train": [[big, -big], [-big, big], [big, big], [-big, -big]],
+                    "y_train": [0, 1, 1, 0],
+                    "x_val": [[big, big]],
+                    "y_val": [1],
+                },
+                "model": {"kind": "mlp", "hidden": [4], "activation": "relu"},
+                "loss": "mse",
+                "steps": 20,
+                "batch_size": 2,
+            }
+        ],
         "hyperparameters": {"lr": 1.0, "lr_bounds": [0.01, 10]},
         "meta": {"iterations": 3},
     }
@@ -113,17 +123,45 @@ def test_inline_data_builds_the_tasks_the_user_described():
 
     from service.schemas import JobCreate
 
-    job = JobCreate.model_validate({
-        "tasks": [
-            {"data": {"source": "inline", "x_train": [[0, 1], [1, 0], [1, 1]], "y_train": [0, 2, 1],
-                      "x_val": [[1, 1]], "y_val": [2]},
-             "model": {"kind": "mlp", "hidden": [3]}, "loss": "cross_entropy", "steps": 2, "batch_size": 2},
-            {"data": {"source": "inline", "x_train": [[0.5], [1.5]], "y_train": [[1, 2], [3, 4]],
-                      "x_val": [[1.0]], "y_val": [[2, 3]]},
-             "model": {"kind": "mlp"}, "loss": "mse", "steps": 1, "batch_size": 1},
-            {"data": {"source": "builtin", "name": "wine"}, "model": {"kind": "mlp"},
-             "loss": "cross_entropy", "steps": 1, "batch_size": 8},
-        ]})
+    job = JobCreate.model_validate(
+        {
+            "tasks": [
+                {
+                    "data": {
+                        "source": "inline",
+                        "x_train": [[0, 1], [1, 0], [1, 1]],
+                        "y_train": [0, 2, 1],
+                        "x_val": [[1, 1]],
+                        "y_val": [2],
+                    },
+                    "model": {"kind": "mlp", "hidden": [3]},
+                    "loss": "cross_entropy",
+                    "steps": 2,
+                    "batch_size": 2,
+                },
+                {
+                    "data": {
+                        "source": "inline",
+                        "x_train": [[0.5], [1.5]],
+                        "y_train": [[1, 2], [3, 4]],
+                        "x_val": [[1.0]],
+                        "y_val": [[2, 3]],
+                    },
+                    "model": {"kind": "mlp"},
+                    "loss": "mse",
+                    "steps": 1,
+                    "batch_size": 1,
+                },
+                {
+                    "data": {"source": "builtin", "name": "wine"},
+                    "model": {"kind": "mlp"},
+                    "loss": "cross_entropy",
+                    "steps": 1,
+                    "batch_size": 8,
+                },
+            ]
+        }
+    )
     t0, t1, t2 = runner.build_tasks(job, torch.device("cpu"))
     assert t0.out_features == 3 and t0.y_train.dtype == torch.int64 and t0.x_train.shape == (3, 2)
     assert t1.out_features == 2 and t1.y_train.shape == (2, 2) and t1.hidden == ()
@@ -144,12 +182,24 @@ def test_a_job_on_an_uploaded_dataset_runs_to_settings(env):
     r = client.post("/v1/datasets", files={"file": ("blobs.safetensors", safetensors_bytes({"x": x, "y": y}))})
     assert r.status_code == 201, r.text
     ds = r.json()["id"]
-    job = {"name": "own-data",
-           "tasks": [{"data": {"source": "dataset", "train": {"dataset": ds, "x": "x", "y": "y"},
-                               "val_fraction": 0.25, "seed": 1},
-                      "model": {"kind": "mlp", "hidden": [4]}, "loss": "cross_entropy",
-                      "steps": 10, "batch_size": 8}],
-           "meta": {"iterations": 2}}
+    job = {
+        "name": "own-data",
+        "tasks": [
+            {
+                "data": {
+                    "source": "dataset",
+                    "train": {"dataset": ds, "x": "x", "y": "y"},
+                    "val_fraction": 0.25,
+                    "seed": 1,
+                },
+                "model": {"kind": "mlp", "hidden": [4]},
+                "loss": "cross_entropy",
+                "steps": 10,
+                "batch_size": 8,
+            }
+        ],
+        "meta": {"iterations": 2},
+    }
     r = client.post("/v1/jobs", json=job)
     assert r.status_code == 202, r.text
     jid = r.json()["id"]

@@ -2,7 +2,8 @@
 
 Learns (learning rate, momentum) for torch.optim.SGD by differentiating the validation loss through
 the whole training run (reverse, forward or truncated mode), optionally per Linear layer and as a
-piecewise-constant schedule (param groups + boundaries, applied with apply_schedule). Progress and cancellation come in as callbacks; the meta-state is plain JSON.
+piecewise-constant schedule (param groups + boundaries, applied with apply_schedule). Progress and
+cancellation come in as callbacks; the meta-state is plain JSON.
 """
 
 from .errors import EngineError

@@ -37,20 +37,39 @@ def _linear(a: dict) -> Tensor:
 
 
 def _conv2d(a: dict) -> Tensor:
-    return F.conv2d(a["input"], a["weight"], a.get("bias"), stride=a.get("stride", 1),
-                    padding=a.get("padding", 0), dilation=a.get("dilation", 1), groups=a.get("groups", 1))
+    return F.conv2d(
+        a["input"],
+        a["weight"],
+        a.get("bias"),
+        stride=a.get("stride", 1),
+        padding=a.get("padding", 0),
+        dilation=a.get("dilation", 1),
+        groups=a.get("groups", 1),
+    )
 
 
 def _max_pool2d(a: dict) -> Tensor:
     k = a["kernel_size"]
-    return F.max_pool2d(a["self"], k, stride=a.get("stride") or k, padding=a.get("padding", 0),
-                        dilation=a.get("dilation", 1), ceil_mode=a.get("ceil_mode", False))
+    return F.max_pool2d(
+        a["self"],
+        k,
+        stride=a.get("stride") or k,
+        padding=a.get("padding", 0),
+        dilation=a.get("dilation", 1),
+        ceil_mode=a.get("ceil_mode", False),
+    )
 
 
 def _avg_pool2d(a: dict) -> Tensor:
     k = a["kernel_size"]
-    return F.avg_pool2d(a["self"], k, stride=a.get("stride") or k, padding=a.get("padding", 0),
-                        ceil_mode=a.get("ceil_mode", False), count_include_pad=a.get("count_include_pad", True))
+    return F.avg_pool2d(
+        a["self"],
+        k,
+        stride=a.get("stride") or k,
+        padding=a.get("padding", 0),
+        ceil_mode=a.get("ceil_mode", False),
+        count_include_pad=a.get("count_include_pad", True),
+    )
 
 
 _FUNCTIONS = {
@@ -119,7 +138,9 @@ class ProgramModule(nn.Module):
         seen = set()
         for w_name, b_name in self.layers_in_call_order():
             if w_name is None or w_name in seen:
-                raise EngineError("The exported program reuses or computes a layer's weight; it cannot be re-initialized.")
+                raise EngineError(
+                    "The exported program reuses or computes a layer's weight; it cannot be re-initialized."
+                )
             seen.add(w_name)
             w = params[w_name]
             w32 = torch.empty(w.shape, dtype=torch.float32)
@@ -176,8 +197,16 @@ def exported_task(
         return module
 
     return ModuleTask(
-        name=name, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, loss=loss, steps=steps,
-        batch_size=batch_size, seed=seed, make_model=make,
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        loss=loss,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        make_model=make,
     )
 
 

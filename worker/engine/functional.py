@@ -211,10 +211,7 @@ def _unroll_group(group: _Group, lr: Tensor, momentum: Tensor, grad_from: int = 
     runs = k_count * s_count
 
     def table(v: Tensor) -> list[list[Tensor]]:
-        return [
-            [v[:, i, j].repeat_interleave(s_count).view(runs, 1, 1) for j in range(segments)]
-            for i in range(slots)
-        ]
+        return [[v[:, i, j].repeat_interleave(s_count).view(runs, 1, 1) for j in range(segments)] for i in range(slots)]
 
     lr_tab, mom_tab = table(lr), table(momentum)
     params = {n: (p.repeat(k_count, 1, 1) if k_count > 1 else p) for n, p in group.init.items()}
@@ -274,8 +271,7 @@ def _forward_mode_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) ->
 
         clr = [[unit(i * segments + j, lr_v[i, j]) for j in range(segments)] for i in range(slots)]
         cmom = [
-            [unit(slots * segments + i * segments + j, dmom_v[i, j]) for j in range(segments)]
-            for i in range(slots)
+            [unit(slots * segments + i * segments + j, dmom_v[i, j]) for j in range(segments)] for i in range(slots)
         ]
         params = dict(group.init)
         bufs = sgd_init(params)
@@ -443,9 +439,7 @@ def _as_run_tensor(value, dtype, device) -> Tensor:
     return torch.tensor([float(value)], dtype=dtype, device=device)
 
 
-def unrolled_val_loss(
-    task: Task, lr: Tensor, momentum: Tensor, draw: int = 0, create_graph: bool = True
-) -> Tensor:
+def unrolled_val_loss(task: Task, lr: Tensor, momentum: Tensor, draw: int = 0, create_graph: bool = True) -> Tensor:
     """Validation loss after functional SGD training; equals train_sgd(task, lr, momentum, draw).
 
     lr and momentum may also be (slots, segments) tables (slots: 1 or one per Linear layer;

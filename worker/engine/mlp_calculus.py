@@ -46,9 +46,7 @@ def _layer_names(n_layers: int) -> list[tuple[str, str]]:
     return [(f"{2 * i}.weight", f"{2 * i}.bias") for i in range(n_layers)]
 
 
-def _train_grads(
-    params: dict[str, Tensor], names, xb: Tensor, yb: Tensor, act: str, loss: str
-) -> dict[str, Tensor]:
+def _train_grads(params: dict[str, Tensor], names, xb: Tensor, yb: Tensor, act: str, loss: str) -> dict[str, Tensor]:
     """Gradients of the mean mini-batch loss for R stacked runs, by hand-written backprop.
 
     params: weights (R, out, in), biases (R, 1, out); xb (R, B, F); yb: one-hot (R, B, C) for

@@ -313,9 +313,7 @@ def _forward_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) -> tupl
     return total, grads[:n].reshape(a.shape), grads[n:].reshape(z.shape), bad
 
 
-def unrolled_val_loss_module(
-    task: ModuleTask, lr, momentum, draw: int = 0, create_graph: bool = True
-) -> Tensor:
+def unrolled_val_loss_module(task: ModuleTask, lr, momentum, draw: int = 0, create_graph: bool = True) -> Tensor:
     """Validation loss after functional SGD training of task.model(draw); equals
     train_sgd_module(task, lr, momentum, draw). lr and momentum: numbers or 0-d tensors (then, with
     create_graph, the result is differentiable w.r.t. them), or (slots, segments) tables."""

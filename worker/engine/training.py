@@ -87,10 +87,10 @@ def train_sgd(task: Task, lr: float, momentum: float, draw: int = 0) -> float:
 def train_sgd_groups(task: Task, param_groups: Sequence[dict], boundaries: Sequence[int], draw: int = 0) -> float:
     """train_sgd with learned per-layer / scheduled settings, by the documented recipe (fit):
 
-        opt = make_optimizer(model, param_groups, boundaries)
-        for step in range(steps):
-            apply_schedule(opt, param_groups, boundaries, step)
-            ... loss.backward(); opt.step()
+    opt = make_optimizer(model, param_groups, boundaries)
+    for step in range(steps):
+        apply_schedule(opt, param_groups, boundaries, step)
+        ... loss.backward(); opt.step()
     """
     validate_task(task)
     model = build_model(task, draw)

@@ -56,8 +56,11 @@ class TableEvaluator:
         half = self.slots * self.segments
         t = torch.tensor(list(theta), dtype=torch.float64)
         loss, ga, gz = self.objective.value_and_grad_values(
-            t[:half].view(self.slots, self.segments), t[half:].view(self.slots, self.segments),
-            self.config.momentum_bounds, self.method, self.config.truncation,
+            t[:half].view(self.slots, self.segments),
+            t[half:].view(self.slots, self.segments),
+            self.config.momentum_bounds,
+            self.method,
+            self.config.truncation,
         )
         return loss, ga.reshape(-1).tolist() + gz.reshape(-1).tolist()
 

@@ -92,7 +92,7 @@ def line_candidates(
     cands: list[list[float]] = []
     steps: list[float] = []
     for t in config.line_steps:
-        c = clamp_theta(config, [x + h * t * di for x, di in zip(theta, d)])
+        c = clamp_theta(config, [x + h * t * di for x, di in zip(theta, d, strict=True)])
         if c != list(theta) and c not in cands:
             cands.append(c)
             steps.append(h * t)
@@ -178,8 +178,9 @@ class Search:
         if not finite(loss) or (s.best is not None and loss >= s.best.meta_loss):
             return
         lrs, moms = values(self.config, theta, s.slots, s.segments)
-        s.best = Best(theta=[float(x) for x in theta], meta_loss=float(loss), iteration=state.iteration,
-                      lrs=lrs, momenta=moms)
+        s.best = Best(
+            theta=[float(x) for x in theta], meta_loss=float(loss), iteration=state.iteration, lrs=lrs, momenta=moms
+        )
 
     @staticmethod
     def accept(s: SearchState, theta: Sequence[float], loss: float, grad: Sequence[float] | None) -> None:
@@ -188,8 +189,13 @@ class Search:
         s.grad = [float(g) for g in grad] if grad is not None and finite(*grad) else None
 
     def record(
-        self, state: MetaState, phase: str, accepted: bool, candidate_loss: float | None,
-        candidate: Sequence[float] | None, **extra,
+        self,
+        state: MetaState,
+        phase: str,
+        accepted: bool,
+        candidate_loss: float | None,
+        candidate: Sequence[float] | None,
+        **extra,
     ) -> dict:
         """The JSON-serializable progress record of one iteration (non-finite floats as None).
 
@@ -253,7 +259,10 @@ class Search:
         """theta - h * d, every log-lr move capped at max_log_lr_step."""
         cap, h = self.config.max_log_lr_step, s.step
         half = len(s.theta) // 2
-        moved = [x - (clamp(h * di, -cap, cap) if i < half else h * di) for i, (x, di) in enumerate(zip(s.theta, d))]
+        moved = [
+            x - (clamp(h * di, -cap, cap) if i < half else h * di)
+            for i, (x, di) in enumerate(zip(s.theta, d, strict=True))
+        ]
         return clamp_theta(self.config, moved)
 
     def neighbours(self, theta: Sequence[float], h: float, iteration: int):
@@ -264,7 +273,7 @@ class Search:
             for delta in itertools.product((-h, 0.0, h), repeat=len(theta)):
                 if not pol.diagonals and sum(1 for x in delta if x) > 1:
                     continue
-                yield clamp_theta(cfg, [x + dx for x, dx in zip(theta, delta)])
+                yield clamp_theta(cfg, [x + dx for x, dx in zip(theta, delta, strict=True)])
         else:
             for i in range(len(theta)):
                 for sign in (-1.0, 1.0):
@@ -352,8 +361,9 @@ class Search:
         else:
             s.step = max(h * cfg.step_shrink, cfg.min_step)
         move = None if chosen is None else ("gradient" if chosen == gradient_move else "stencil")
-        return self.record(state, pol.refine_phase, accepted, cand_loss, chosen,
-                           **self._extra(len(cands) + probes, move, rejected))
+        return self.record(
+            state, pol.refine_phase, accepted, cand_loss, chosen, **self._extra(len(cands) + probes, move, rejected)
+        )
 
     def line(self, state: MetaState) -> dict:
         """search="line": points along the normalised negative hypergradient, screened at once; the
@@ -397,5 +407,6 @@ class Search:
             # near the edge of stability the hypergradient's sign says little about a finite step:
             # the stencil shrinks the step, or ends the search if nothing around is lower either
             s.screen_next = True
-        return self.record(state, self.policy.refine_phase, accepted, cand_loss, chosen,
-                           **self._extra(evaluations, "line", rejected))
+        return self.record(
+            state, self.policy.refine_phase, accepted, cand_loss, chosen, **self._extra(evaluations, "line", rejected)
+        )

@@ -97,13 +97,17 @@ class MetaState:
             "hyper": {"per_layer": self.per_layer, "segments": self.segments},
             "method": self.method,
             "method_reason": self.method_reason,
-            "layout": None if self.layout is None else {
+            "layout": None
+            if self.layout is None
+            else {
                 "groups": [list(g) for g in self.layout.groups],
                 "slots": self.layout.slots,
                 "boundaries": list(self.layout.boundaries),
             },
             **_search_json(c),
-            "best": None if c.best is None else {
+            "best": None
+            if c.best is None
+            else {
                 "lr": c.best.lr,
                 "momentum": c.best.momentum,
                 "meta_loss": c.best.meta_loss,
@@ -127,6 +131,7 @@ class MetaState:
 
 # --------------------------------------------------------------------------- JSON helpers
 
+
 def _floats(xs) -> list[float]:
     return [float(x) for x in xs]
 
@@ -147,13 +152,17 @@ def _search_json(s: SearchState) -> dict:
 
 
 def _table_json(s: SearchState) -> dict:
-    best = None if s.best is None else {
-        "theta": list(s.best.theta),
-        "lrs": [list(r) for r in s.best.lrs],
-        "momenta": [list(r) for r in s.best.momenta],
-        "meta_loss": s.best.meta_loss,
-        "iteration": s.best.iteration,
-    }
+    best = (
+        None
+        if s.best is None
+        else {
+            "theta": list(s.best.theta),
+            "lrs": [list(r) for r in s.best.lrs],
+            "momenta": [list(r) for r in s.best.momenta],
+            "meta_loss": s.best.meta_loss,
+            "iteration": s.best.iteration,
+        }
+    )
     return {"slots": s.slots, "segments": s.segments, **_search_json(s), "best": best}
 
 
@@ -180,8 +189,11 @@ def _read_constant_best(b: dict | None) -> Best | None:
     if b is None:
         return None
     return Best(
-        theta=_floats(b["theta"]), meta_loss=float(b["meta_loss"]), iteration=int(b["iteration"]),
-        lrs=[[float(b["lr"])]], momenta=[[float(b["momentum"])]],
+        theta=_floats(b["theta"]),
+        meta_loss=float(b["meta_loss"]),
+        iteration=int(b["iteration"]),
+        lrs=[[float(b["lr"])]],
+        momenta=[[float(b["momentum"])]],
     )
 
 
@@ -189,9 +201,16 @@ def _read_table(d: dict | None, strict: bool) -> SearchState | None:
     if d is None:
         return None
     b = d["best"]
-    best = None if b is None else Best(
-        theta=_floats(b["theta"]), meta_loss=float(b["meta_loss"]), iteration=int(b["iteration"]),
-        lrs=_table(b["lrs"]), momenta=_table(b["momenta"]),
+    best = (
+        None
+        if b is None
+        else Best(
+            theta=_floats(b["theta"]),
+            meta_loss=float(b["meta_loss"]),
+            iteration=int(b["iteration"]),
+            lrs=_table(b["lrs"]),
+            momenta=_table(b["momenta"]),
+        )
     )
     return _read_search(d, int(d["slots"]), int(d["segments"]), best, strict)
 
