@@ -220,7 +220,8 @@ def main() -> None:
     print("| case | runs | estimate MB | measured MB | estimate / measured |")
     print("|------|-----:|------------:|------------:|--------------------:|")
     for case, est, got, ratio in rows:
-        print(f"| {case['name']} | {est['runs']} | {est['bytes'] / MB:.1f} | {got['measured'] / MB:.1f} | {ratio:.2f} |")
+        print(f"| {case['name']} | {est['runs']} | {est['bytes'] / MB:.1f} | {got['measured'] / MB:.1f} "
+              f"| {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The public contract: request and response bodies of the v1 API.
 
 These are plain pydantic models. The worker reads the stored job body through
-``JobCreate`` too, so this module must import nothing but pydantic and the
-standard library (no FastAPI, no SQLAlchemy, no torch).
+``JobCreate`` too, so this module must import nothing but pydantic, the standard
+library and gradtune.spec (standard library only): no FastAPI, no SQLAlchemy, no torch.
 """
 
 from __future__ import annotations
@@ -12,26 +12,18 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
-LOSSES = ("cross_entropy", "mse")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+from gradtune.spec.vocab import (  # noqa: F401  (the shared vocabularies, importable from here as before)
+    ACTIVATIONS,
+    BUILTIN_DATASETS,
+    LOSSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+)
 
-# Facts about the scikit-learn datasets a task can name, kept here so the API can
-# validate a job without importing scikit-learn. tests/worker checks them against
-# the real loaders.
-BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
-    "digits": {"n": 1797, "features": 64, "classes": 10, "task": "classification"},
-    "breast_cancer": {"n": 569, "features": 30, "classes": 2, "task": "classification"},
-    "wine": {"n": 178, "features": 13, "classes": 3, "task": "classification"},
-    "iris": {"n": 150, "features": 4, "classes": 3, "task": "classification"},
-    "diabetes": {"n": 442, "features": 10, "classes": None, "task": "regression"},
-}
-
-Activation = Literal["tanh", "relu", "sigmoid", "gelu"]
-Loss = Literal["cross_entropy", "mse"]
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes"]
+Activation = Literal[ACTIVATIONS]  # Literal of a tuple: Literal["tanh", "relu", ...]
+Loss = Literal[LOSSES]
+Status = Literal[STATUSES]
+BuiltinName = Literal[tuple(BUILTIN_DATASETS)]
 
 # JSON has no NaN or Infinity, but Python's parser accepts them: refuse them here.
 Finite = Annotated[float, Field(allow_inf_nan=False)]

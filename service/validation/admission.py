@@ -205,7 +205,7 @@ def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> lis
         out.append(f"steps <= {s}")
     k = _largest(1, len(costs) - 1, lambda v: fits(costs[:v]))
     if k is not None:
-        out.append(f"{k} tasks or fewer")
+        out.append(f"at most {k} task" + ("s" if k > 1 else ""))
     return out
 
 

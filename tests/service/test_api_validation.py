@@ -7,6 +7,7 @@ queue message appeared. Runs on SQLite and PostgreSQL (db_url).
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -409,6 +410,29 @@ def test_a_model_too_big_for_any_method_is_refused_under_auto(client, nothing_ch
     e = only_error(client.post("/v1/jobs", json=job_body(task)))
     assert e["type"] == "unroll_too_large" and "(method auto)" in e["msg"]
     nothing_changed()
+
+
+def test_the_issue_job_is_refused_quickly(client, nothing_changed, settings):
+    """32 tasks x hidden [4096] x 10,000 steps x batch 1024 (issue 9: accepted, the worker grew to
+    23 GB and was killed): each task alone fits forward mode, the job as the engine batches it does
+    not; the 422 says which part sets the peak and what would fit."""
+    tasks = [dict(BUILTIN_TASK, data={"source": "builtin", "name": "digits", "seed": i},
+                  model={"kind": "mlp", "hidden": [4096], "activation": "tanh"}, steps=10_000, batch_size=1024)
+             for i in range(32)]
+    body = job_body(*tasks, meta={"iterations": 1000})
+    t0 = time.perf_counter()
+    r = client.post("/v1/jobs", json=body)
+    elapsed = time.perf_counter() - t0
+    e = only_error(r)
+    assert e["field"] == "tasks" and e["type"] == "job_too_large"
+    assert e["msg"].startswith("this job needs about ") and "GiB of memory at its peak, above the limit of 8 GiB" in e["msg"]
+    assert "(task, draw) runs batched in one unroll" in e["msg"] and "It would fit with batch_size <= " in e["msg"]
+    assert elapsed < 5.0, elapsed
+    nothing_changed()
+    body["tasks"] = body["tasks"][:1]
+    body["tasks"][0]["steps"] = 100
+    body["tasks"][0]["batch_size"] = 32
+    assert client.post("/v1/jobs", json=body).status_code == 202  # the limit is not a blanket refusal
 
 
 def test_body_over_the_limit_by_content_length_is_413(tmp_path, db_url, make_settings):

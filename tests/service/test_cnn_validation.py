@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 
+from gradtune.spec import costs
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.validation import check_job
@@ -177,15 +178,17 @@ def test_memory_estimate_refuses_a_huge_cnn(client, nothing_changed, settings):
 
 
 def test_memory_estimate_formula():
-    """4 * (steps * (3P + 2A) + 2P) with P and A counted by hand for a small stack."""
+    """gradtune.spec.costs' reverse hypergradient of the task's 2 draws, with P and A counted by
+    hand for a small stack (the validation pass aside: the job check counts it)."""
     task = dict(cnn_task(), steps=10, batch_size=2)
     job = JobCreate.model_validate(job_body(task))
     settings = Settings(max_unroll_bytes=1)
     (e,) = check_job(job, settings)
     # conv 1->4 k3: 4*(9+1)=40; linear (4*2*2=16 -> 3): 17*3=51; P=91
     # outputs: conv 4*4*4=64, relu 64, pool 16, flatten 16, linear 3 -> 163; input 16
-    params, acts = 91, 2 * (16 + 2 * 163)
-    want = 4 * (10 * (3 * params + 2 * acts) + 2 * params)
+    params, acts = 91, 16 + 163
+    r, s = costs.REVERSE["module"], costs.SCREEN["module"]
+    want = int(4 * 2 * 10 * (r["P"] * params + r["A"] * 2 * acts)) + int(4 * (2 * s["P"] * params + 2 * s["A"] * 2 * acts))
     from service.validation import cnn_layer_shapes, cnn_unroll_bytes
 
     shapes, errs = cnn_layer_shapes(["m"], job.tasks[0].model.layers, (1, 4, 4), 3)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from gradtune.spec import costs
 from service.schemas import BUILTIN_DATASETS, BuiltinData, JobCreate, TaskSpec
 from service.settings import Settings
 from service.validation import (
@@ -11,6 +14,7 @@ from service.validation import (
     check_job,
     estimate_unroll_bytes,
     layer_widths,
+    task_io,
 )
 from tests.service.conftest import BUILTIN_TASK, INLINE_TASK, job_body
 
@@ -19,12 +23,16 @@ def task(**kw) -> TaskSpec:
     return TaskSpec.model_validate({**BUILTIN_TASK, **kw})
 
 
-def test_estimate_matches_the_documented_formula_by_hand():
-    # digits: 64 features, 10 classes; hidden [32]; batch 32; 100 steps.
+def test_estimate_matches_the_spec_formula_by_hand():
+    # digits: 64 features, 10 classes; hidden [32]; batch 32; 100 steps; 2 draws batched; the
+    # validation pass aside (the job check counts it).
     t = task()
     params = (64 + 1) * 32 + (32 + 1) * 10  # 2410
-    acts = 32 * (64 + 2 * 32 + 10)  # 4416
-    assert estimate_unroll_bytes(t) == 4 * (100 * (3 * params + 2 * acts) + 2 * params)
+    acts = 64 + 2 * 32 + 10  # per example: input, pre- and post-activation, output
+    r, s = costs.REVERSE["mlp"], costs.SCREEN["mlp"]
+    graph = int(4 * 2 * 100 * (r["P"] * params + r["A"] * 32 * acts))
+    working = int(4 * (2 * s["P"] * params + 2 * s["A"] * 32 * acts))
+    assert estimate_unroll_bytes(t) == graph + working
 
 
 def test_estimate_grows_linearly_in_steps_and_with_batch_and_width():
@@ -80,3 +88,68 @@ def test_huge_label_is_caught_by_the_memory_estimate():
     body = job_body({**INLINE_TASK, "data": {**INLINE_TASK["data"], "y_train": [0, 1, 0, 1, 0, 10**9]}})
     errors = check_job(JobCreate.model_validate(body), Settings())
     assert [e["type"] for e in errors] == ["unroll_too_large"]
+
+
+# ------------------------------------------------------------------ the whole job
+
+
+def big_job(n_tasks=4, **task_kw) -> JobCreate:
+    tasks = [{**BUILTIN_TASK, "data": {"source": "builtin", "name": "digits", "seed": i}, **task_kw}
+             for i in range(n_tasks)]
+    return JobCreate.model_validate(job_body(*tasks))
+
+
+def job_peak(job: JobCreate, settings: Settings) -> int:
+    from service.validation import meta_cost
+    from service.validation.admission import mlp_cost
+
+    costs_in = [mlp_cost(t, task_io(t)) for t in job.tasks]
+    return costs.estimate(costs_in, meta_cost(job, settings)).peak_bytes
+
+
+def test_the_whole_job_is_admitted_up_to_the_limit_exactly():
+    job = big_job(model={"kind": "mlp", "hidden": [256]}, batch_size=128)
+    peak = job_peak(job, Settings())
+    assert check_job(job, Settings(max_job_memory_bytes=peak)) == []
+    (e,) = check_job(job, Settings(max_job_memory_bytes=peak - 1))
+    assert e["loc"] == ["body", "tasks"] and e["type"] == "job_too_large"
+    assert e["msg"].startswith(f"this job needs about {peak / 2**30:.3g} GiB of memory at its peak")
+
+
+def test_what_the_refusal_says_would_fit_does_fit():
+    """The start screens 45 candidates x 8 runs whatever the steps: a smaller batch fits, fewer tasks
+    fit, fewer steps would not (and are not offered)."""
+    def job(batch=512, n_tasks=4):
+        return big_job(n_tasks, model={"kind": "mlp", "hidden": [1024]}, batch_size=batch, steps=1000)
+
+    limited = Settings(max_job_memory_bytes=job_peak(job(), Settings()) // 3)
+    (e,) = check_job(job(), limited)
+    msg = e["msg"]
+    assert "the start screens 45 candidate settings x 8 (task, draw) runs, batched in one unroll" in msg
+    assert "steps <=" not in msg
+    b = int(re.search(r"batch_size <= (\d+)", msg).group(1))
+    k = int(re.search(r"at most (\d+) task", msg).group(1))
+    assert check_job(job(batch=b), limited) == [] and check_job(job(batch=b + 1), limited) != []
+    assert check_job(job(n_tasks=k), limited) == [] and check_job(job(n_tasks=k + 1), limited) != []
+
+
+def test_fewer_steps_are_offered_when_the_graph_sets_the_peak():
+    def job(steps):
+        body = job_body(*[{**BUILTIN_TASK, "steps": steps, "batch_size": 64,
+                           "model": {"kind": "mlp", "hidden": [512]}}], meta={"method": "reverse", "iterations": 3})
+        return JobCreate.model_validate(body)
+
+    roomy = Settings(max_unroll_bytes=2**40)
+    limited = roomy.model_copy(update={"max_job_memory_bytes": job_peak(job(4000), roomy) // 2})
+    (e,) = check_job(job(4000), limited)
+    assert "one hypergradient (reverse) differentiates through 2 (task, draw) runs" in e["msg"]
+    s = int(re.search(r"steps <= (\d+)", e["msg"]).group(1))
+    assert 1000 < s < 4000
+    assert check_job(job(s), limited) == [] and check_job(job(s + 1), limited) != []
+
+
+def test_the_job_check_waits_for_the_tasks_to_pass():
+    """A task error is reported alone: the whole job is sized only once every task is valid."""
+    job = big_job(model={"kind": "mlp", "hidden": [1024]}, batch_size=5000)
+    errors = check_job(job, Settings(max_job_memory_bytes=1))
+    assert errors and all(e["type"] == "batch_too_large" for e in errors)

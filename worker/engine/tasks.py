@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import EngineError
+from gradtune.spec.vocab import ACTIVATIONS, LOSSES  # noqa: F401  (importable from here, as before)
 
-ACTIVATIONS: tuple[str, ...] = ("tanh", "relu", "sigmoid", "gelu")
-LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
+from .errors import EngineError
 
 _ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
