@@ -1,7 +1,8 @@
 """The cost model (gradtune/spec/costs.py) against the memory the engine really takes.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/cost_model.py            # every case, ~2 min on 2 cores
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/cost_model.py --only mlp  # cases whose name has "mlp"
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/cost_model.py              # every case 3 times, ~3 min on 2 cores
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/cost_model.py --only cnn   # cases whose name has "cnn"
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/cost_model.py --slopes     # the slopes behind the constants
 
 Each case runs in a fresh process, one torch thread, float32, random data: it builds the tasks,
 warms the same kind of evaluation up on a tiny copy (torch's lazy initialisation is not the
@@ -60,11 +61,18 @@ CASES = [
     _case("mlp [1024] B512 forward", {**MLP, "hidden": [1024]}, "forward", 512, 5, tasks=2),
     _case("mlp [512,512] B16 forward H4", {**MLP, "in": 512, "hidden": [512, 512]}, "forward", 16, 5, tasks=2,
           segments=2),
+    _case("mlp [512,512] B2 forward H6", {**MLP, "in": 512, "hidden": [512, 512]}, "forward", 2, 6, tasks=2,
+          n_train=64, n_val=2, segments=3),
     # module path (cnn): the same
     _case("cnn c16 16x16 B128 screen", CNN, "screen", 128, 3, tasks=1, candidates=9),
     _case("cnn c16 16x16 B128 reverse", CNN, "reverse", 128, 10, tasks=1),
     _case("cnn c16 16x16 B16 V1024 reverse", CNN, "reverse", 16, 10, tasks=1, n_val=1024),
     _case("cnn c16 16x16 B128 forward", CNN, "forward", 128, 3, tasks=1),
+    _case("cnn c16 16x16 B64 forward H4", CNN, "forward", 64, 4, tasks=1, segments=2),
+    _case("mlp relu [512,512] B128 reverse", {**MLP, "hidden": [512, 512], "activation": "relu"}, "reverse", 128,
+          20, tasks=2),
+    _case("mlp gelu [2048] B256 screen", {**MLP, "hidden": [2048], "activation": "gelu"}, "screen", 256, 3,
+          tasks=1, candidates=8),
 ]
 
 
@@ -198,30 +206,96 @@ def measure(case: dict, python: str = sys.executable, timeout: float = 600.0) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------- the slopes (--slopes)
+
+_BIG = {**MLP, "in": 512, "hidden": [512, 512]}  # parameters dominate at batch 2
+_WIDE = {**MLP, "hidden": [1024]}  # activations dominate at batch 256+
+_CNN_P = {**CNN, "layers": [{"type": "conv2d", "out_channels": 8, "kernel_size": 3, "padding": 1}, {"type": "relu"},
+                            {"type": "flatten"}, {"type": "linear", "out_features": 256}, {"type": "relu"},
+                            {"type": "linear"}]}
+# (what, path and mode, case, the same case with one thing changed, what changed)
+SLOPES = [
+    ("P", "mlp screen", _case("", _BIG, "screen", 2, 3, 2, candidates=8, n_train=64, n_val=2), {"candidates": 16}),
+    ("BA", "mlp screen", _case("", _WIDE, "screen", 256, 3, 2, candidates=9, n_val=2), {"batch": 512}),
+    ("VA", "mlp screen", _case("", _WIDE, "screen", 2, 3, 2, candidates=9, n_val=1024), {"n_val": 2048}),
+    ("P/step", "mlp reverse", _case("", _BIG, "reverse", 2, 20, 2, n_train=64, n_val=2), {"steps": 60}),
+    ("BA/step", "mlp reverse", _case("", _WIDE, "reverse", 512, 10, 2, n_val=2), {"steps": 30}),
+    ("VA", "mlp reverse", _case("", _WIDE, "reverse", 2, 3, 2, n_val=1024), {"n_val": 4096}),
+    ("P", "mlp forward H2", _case("", _BIG, "forward", 2, 3, 2, n_train=64, n_val=2), {"tasks": 4}),
+    ("BA", "mlp forward H2", _case("", _WIDE, "forward", 256, 3, 2, n_val=2), {"batch": 512}),
+    ("P/tangent", "mlp forward", _case("", _BIG, "forward", 2, 6, 2, n_train=64, n_val=2), {"segments": 3}),
+    ("BA/tangent", "mlp forward", _case("", _WIDE, "forward", 256, 6, 2, n_val=2), {"segments": 3}),
+    ("P", "cnn screen", _case("", _CNN_P, "screen", 2, 3, 1, candidates=8, n_train=64, n_val=2), {"candidates": 16}),
+    ("BA", "cnn screen", _case("", CNN, "screen", 64, 3, 1, candidates=9, n_val=2), {"batch": 192}),
+    ("VA", "cnn screen", _case("", CNN, "screen", 2, 3, 1, candidates=9, n_val=512), {"n_val": 1536}),
+    ("P/step", "cnn reverse", _case("", _CNN_P, "reverse", 2, 10, 1, n_train=64, n_val=2), {"steps": 30}),
+    ("BA/step", "cnn reverse", _case("", CNN, "reverse", 128, 5, 1, n_val=2), {"steps": 15}),
+    ("VA", "cnn reverse", _case("", CNN, "reverse", 2, 3, 1, n_val=512), {"n_val": 2048}),
+    ("P", "cnn forward H2", _case("", _CNN_P, "forward", 2, 3, 1, n_train=64, n_val=2), {"draws": 6}),
+    ("BA", "cnn forward H2", _case("", CNN, "forward", 64, 3, 1, n_val=2), {"batch": 256}),
+]
+
+
+def _runs(case: dict) -> int:
+    return case["tasks"] * case["draws"] * case["candidates"]
+
+
+def slope(what: str, case: dict, change: dict) -> float:
+    """Elements per run of the quantity ``what`` (P: per parameter; BA: per batch row and activation;
+    VA: per validation row and activation; /step: per step kept; /tangent: per hyperparameter), from
+    the measured difference between ``case`` and ``case`` with ``change``."""
+    other = {**case, **change}
+    diff = (measure(other)["measured"] - measure(case)["measured"]) / 4.0  # float32 elements
+    shapes = model_shapes(case["model"])
+    unit = {"P": shapes.params, "BA": case["batch"] * shapes.activations, "VA": case["n_val"] * shapes.activations}
+    base = what.split("/")[0]
+    if base == "VA":  # the mlp path validates one source (a screen's candidates) at a time
+        mlp_screen = case["model"]["kind"] == "mlp" and case["mode"] == "screen"
+        runs = case["candidates"] if mlp_screen else _runs(case)
+        return diff / runs / ((other["n_val"] - case["n_val"]) * shapes.activations)
+    if what.endswith("/step"):
+        return diff / _runs(case) / (other["steps"] - case["steps"]) / unit[base]
+    if what.endswith("/tangent"):
+        return diff / _runs(case) / (2 * (other["segments"] - case["segments"])) / unit[base]
+    if base == "BA":
+        return diff / _runs(case) / ((other["batch"] - case["batch"]) * shapes.activations)
+    return diff / (_runs(other) - _runs(case)) / unit[base]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one", help="a case as JSON: measure it in this process")
     ap.add_argument("--only", default="", help="only the cases whose name contains this")
+    ap.add_argument("--repeat", type=int, default=3, help="measurements per case (fresh processes)")
+    ap.add_argument("--slopes", action="store_true", help="measure the slopes the constants come from")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
+        return
+    if args.slopes:
+        print("| path, mode | per | measured slope (elements per run) |")
+        print("|------------|-----|----------------------------------:|")
+        for what, label, case, change in SLOPES:
+            if args.only in label:
+                print(f"| {label} | {what} | {slope(what, case, change):.2f} |", flush=True)
         return
     rows = []
     for case in CASES:
         if args.only not in case["name"]:
             continue
         est = estimate(case)
-        got = measure(case)
-        ratio = est["bytes"] / max(got["measured"], 1)
-        rows.append((case, est, got, ratio))
+        got = [measure(case)["measured"] for _ in range(args.repeat)]
+        lo, hi = min(got), max(got)
+        rows.append((case, est, lo, hi))
         print(f"{case['name']:34s} runs {est['runs']:4d}  estimate {est['bytes'] / MB:8.1f} MB  measured "
-              f"{got['measured'] / MB:8.1f} MB  ratio {ratio:5.2f}  {got['seconds']:6.2f} s", flush=True)
+              f"{lo / MB:8.1f} - {hi / MB:8.1f} MB  estimate / measured {est['bytes'] / hi:5.2f} - "
+              f"{est['bytes'] / max(lo, 1):5.2f}", flush=True)
     print()
-    print("| case | runs | estimate MB | measured MB | estimate / measured |")
-    print("|------|-----:|------------:|------------:|--------------------:|")
-    for case, est, got, ratio in rows:
-        print(f"| {case['name']} | {est['runs']} | {est['bytes'] / MB:.1f} | {got['measured'] / MB:.1f} "
-              f"| {ratio:.2f} |")
+    print("| case | mode | runs | estimate MB | measured MB (min - max) | estimate / measured |")
+    print("|------|------|-----:|------------:|------------------------:|--------------------:|")
+    for case, est, lo, hi in rows:
+        print(f"| {case['name']} | {case['mode']} | {est['runs']} | {est['bytes'] / MB:.0f} | {lo / MB:.0f} - "
+              f"{hi / MB:.0f} | {est['bytes'] / hi:.2f} - {est['bytes'] / max(lo, 1):.2f} |")
 
 
 if __name__ == "__main__":

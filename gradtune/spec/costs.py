@@ -49,18 +49,20 @@ MAX_RUNS = {"mlp": 512, "module": 128}  # functional.Objective / modules.ModuleO
 # of a forward-mode hypergradient. Each is a slope measured with benchmarks/cost_model.py (the
 # table in docs/cost_model.md), rounded up so that the model bounds every measured case from above.
 #   screen R runs of K candidates:  R s_P P + max(R s_A B A, R_val s_V V A)
-#   reverse R runs:                 R (steps kept x (r_P P + r_A B A) + r_V V A) + a screen of R runs
+#   reverse R runs:                 R (steps kept x (r_P P + r_A B A) + r_V V A + s_P P + s_A B A)
 #   forward R runs:                 R (f_P0 + H f_P1) P + max(R (f_A0 + H f_A1) B A, R_val (f_V0 + H f_V1) V A)
 # R_val: the runs validated at once: the mlp path validates one source at a time (K runs of a
-# screen, 1 of forward mode), the module path every run at once. Measured slopes: mlp screen
-# 5.0 P, 2.5 BA, 0.96 VA; reverse 3.0 P, 1.55 BA, 1.08 VA per step; forward 15 P, 6.8 BA, 1.2 VA
-# per tangent. module screen 4.9 P, 1.24 BA, 1.05 VA; reverse 3.1 P, 1.52 BA, 1.27 VA; forward
-# 12 + 13.3 H P, 1.7 + 4.2 H BA, 1.2 + 0.84 H VA.
-SCREEN = {"mlp": {"P": 6.0, "A": 3.0, "V": 1.25}, "module": {"P": 6.0, "A": 1.6, "V": 1.3}}
+# screen, 1 of forward mode), the module path every run at once. The slopes, measured twice
+# (benchmarks/cost_model.py --slopes; they move by up to 20 % between runs, P-heavy forward runs
+# more): mlp screen 5.0 P, 2.5 BA, 1.0 VA; reverse per step 2.9-3.0 P, 1.6-1.8 BA, and 1.1 VA;
+# forward 25-29 P, 10.7-11.3 BA at H = 2, 13.5-15 P, 5.8-6.8 BA per further tangent. cnn screen
+# 4.9 P, 1.2-1.5 BA, 1.05 VA; reverse per step 2.9-3.1 P, 1.5 BA, and 1.3-1.4 VA; forward 30-39 P,
+# 10-11 BA at H = 2, 13.3 P, 4.2 BA, 0.84 VA per further tangent.
+SCREEN = {"mlp": {"P": 6.0, "A": 3.0, "V": 1.25}, "module": {"P": 6.0, "A": 2.0, "V": 1.3}}
 REVERSE = {"mlp": {"P": 3.5, "A": 2.0, "V": 1.4}, "module": {"P": 3.5, "A": 2.0, "V": 1.6}}
 FORWARD = {
-    "mlp": {"P": (5.0, 15.0), "A": (3.0, 6.5), "V": (1.5, 1.5)},
-    "module": {"P": (14.0, 15.0), "A": (2.5, 4.5), "V": (1.5, 1.0)},
+    "mlp": {"P": (5.0, 14.0), "A": (3.0, 6.5), "V": (1.5, 1.5)},
+    "module": {"P": (14.0, 15.0), "A": (3.0, 4.5), "V": (1.5, 1.0)},
 }
 # the reference trainer (torch.optim.SGD on one nn.Module: the final evaluation), one run
 EVALUATION = {"P": 4.0, "A": 3.0, "V": 2.0}
@@ -239,9 +241,10 @@ def unroll_bytes(t: TaskCost, mode: str, path: str, runs: int = 1, candidates: i
     if mode not in ("reverse", "truncated"):
         raise ValueError(f"unknown mode {mode!r}")
     kept = t.steps if mode == "reverse" else min(t.steps, int(truncation))
-    c = REVERSE[path]
+    c, s = REVERSE[path], SCREEN[path]
     graph = kept * (c["P"] * t.params + c["A"] * t.batch_size * t.activations) + c["V"] * t.n_val * t.activations
-    return int(e * runs * graph) + unroll_bytes(t, "screen", path, runs, 1)
+    step = s["P"] * t.params + s["A"] * t.batch_size * t.activations  # the validation pass is in the graph
+    return int(e * runs * (graph + step))
 
 
 def run_flops(t: TaskCost, mode: str, hyper: int = 2, truncation: int = 20) -> float:
@@ -317,9 +320,10 @@ def data_bytes(tasks: Sequence[TaskCost], meta: MetaCost) -> tuple[int, int, int
         indices = INDEX_BYTES * g.sources * t.steps * t.batch_size
         weights = t.element_size * g.sources * t.params
         prepared += indices + weights
-        # stacking copies the per-source indices and weights; a source's batch order is built from
-        # its epochs' permutations, concatenated and offset (two more copies of one source's)
-        build = max(build, indices + weights + 2 * INDEX_BYTES * t.steps * t.batch_size)
+        # stacking copies the per-source indices and weights; each source's batch order is built
+        # from its epochs' permutations, concatenated and offset, and the heap may keep as much
+        # again in freed blocks (measured: up to 3x the indices at the peak of the build)
+        build = max(build, 2 * indices + weights)
     if path == "mlp":
         for t in tasks:  # every task's rows, with one-hot targets (built from int64)
             prepared += t.element_size * t.n_train * (t.in_elements + t.out_features)

@@ -188,7 +188,7 @@ def test_memory_estimate_formula():
     # outputs: conv 4*4*4=64, relu 64, pool 16, flatten 16, linear 3 -> 163; input 16
     params, acts = 91, 16 + 163
     r, s = costs.REVERSE["module"], costs.SCREEN["module"]
-    want = int(4 * 2 * 10 * (r["P"] * params + r["A"] * 2 * acts)) + int(4 * (2 * s["P"] * params + 2 * s["A"] * 2 * acts))
+    want = int(4 * 2 * (10 * (r["P"] * params + r["A"] * 2 * acts) + s["P"] * params + s["A"] * 2 * acts))
     from service.validation import cnn_layer_shapes, cnn_unroll_bytes
 
     shapes, errs = cnn_layer_shapes(["m"], job.tasks[0].model.layers, (1, 4, 4), 3)

@@ -30,9 +30,9 @@ def test_estimate_matches_the_spec_formula_by_hand():
     params = (64 + 1) * 32 + (32 + 1) * 10  # 2410
     acts = 64 + 2 * 32 + 10  # per example: input, pre- and post-activation, output
     r, s = costs.REVERSE["mlp"], costs.SCREEN["mlp"]
-    graph = int(4 * 2 * 100 * (r["P"] * params + r["A"] * 32 * acts))
-    working = int(4 * (2 * s["P"] * params + 2 * s["A"] * 32 * acts))
-    assert estimate_unroll_bytes(t) == graph + working
+    graph = 100 * (r["P"] * params + r["A"] * 32 * acts)  # every step's graph
+    step = s["P"] * params + s["A"] * 32 * acts  # and one step's working memory
+    assert estimate_unroll_bytes(t) == int(4 * 2 * (graph + step))
 
 
 def test_estimate_grows_linearly_in_steps_and_with_batch_and_width():
@@ -153,3 +153,14 @@ def test_the_job_check_waits_for_the_tasks_to_pass():
     job = big_job(model={"kind": "mlp", "hidden": [1024]}, batch_size=5000)
     errors = check_job(job, Settings(max_job_memory_bytes=1))
     assert errors and all(e["type"] == "batch_too_large" for e in errors)
+
+
+def test_the_schemas_cnn_layer_types_are_the_specs():
+    import typing
+
+    from gradtune.spec import CNN_LAYER_TYPES
+    from service.schemas import CNNLayer
+
+    union = typing.get_args(typing.get_args(CNNLayer)[0])
+    types = [t for cls in union for t in typing.get_args(cls.model_fields["type"].annotation)]
+    assert sorted(types) == sorted(CNN_LAYER_TYPES)
