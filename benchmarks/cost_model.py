@@ -31,48 +31,97 @@ MB = 1024.0 * 1024.0
 # A case: the model, the data sizes, the batching (tasks x draws x candidates) and the evaluation.
 MLP = {"kind": "mlp", "in": 64, "out": 10, "activation": "tanh"}
 CNN_LAYERS = [
-    {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1}, {"type": "relu"},
-    {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"}, {"type": "linear", "out_features": 32},
-    {"type": "relu"}, {"type": "linear"},
+    {"type": "conv2d", "out_channels": 16, "kernel_size": 3, "padding": 1},
+    {"type": "relu"},
+    {"type": "maxpool", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "linear", "out_features": 32},
+    {"type": "relu"},
+    {"type": "linear"},
 ]
 CNN = {"kind": "cnn", "in": [1, 16, 16], "out": 10, "layers": CNN_LAYERS}
 
 
-def _case(name: str, model: dict, mode: str, batch: int, steps: int, tasks: int = 1, draws: int = 2,
-          candidates: int = 1, n_train: int = 1024, n_val: int = 128, truncation: int = 20,
-          segments: int = 1) -> dict:
-    return {"name": name, "model": model, "mode": mode, "batch": batch, "steps": steps, "tasks": tasks,
-            "draws": draws, "candidates": candidates, "n_train": n_train, "n_val": n_val,
-            "truncation": truncation, "segments": segments}
+def _case(
+    name: str,
+    model: dict,
+    mode: str,
+    batch: int,
+    steps: int,
+    tasks: int = 1,
+    draws: int = 2,
+    candidates: int = 1,
+    n_train: int = 1024,
+    n_val: int = 128,
+    truncation: int = 20,
+    segments: int = 1,
+) -> dict:
+    return {
+        "name": name,
+        "model": model,
+        "mode": mode,
+        "batch": batch,
+        "steps": steps,
+        "tasks": tasks,
+        "draws": draws,
+        "candidates": candidates,
+        "n_train": n_train,
+        "n_val": n_val,
+        "truncation": truncation,
+        "segments": segments,
+    }
 
 
 CASES = [
     # mlp path: a batch of activations, then a large parameter count, for each kind of evaluation
     _case("mlp [1024] B512 screen", {**MLP, "hidden": [1024]}, "screen", 512, 5, tasks=2, candidates=9),
-    _case("mlp [256,256] B16 screen", {**MLP, "in": 256, "hidden": [256, 256]}, "screen", 16, 5, tasks=4,
-          candidates=16),
-    _case("mlp [512] B64 V2048 screen", {**MLP, "hidden": [512]}, "screen", 64, 5, tasks=2, candidates=9,
-          n_val=2048),
+    _case(
+        "mlp [256,256] B16 screen", {**MLP, "in": 256, "hidden": [256, 256]}, "screen", 16, 5, tasks=4, candidates=16
+    ),
+    _case("mlp [512] B64 V2048 screen", {**MLP, "hidden": [512]}, "screen", 64, 5, tasks=2, candidates=9, n_val=2048),
     _case("mlp 16 tasks [64] B64 screen x20", {**MLP, "hidden": [64]}, "screen", 64, 5, tasks=16, candidates=20),
     _case("mlp [32] B256 T3000 screen", {**MLP, "hidden": [32]}, "screen", 256, 3000, tasks=4, candidates=2),
     _case("mlp [1024] B256 reverse", {**MLP, "hidden": [1024]}, "reverse", 256, 30, tasks=2),
     _case("mlp [512,512] B8 reverse", {**MLP, "in": 512, "hidden": [512, 512]}, "reverse", 8, 40, tasks=2),
     _case("mlp [1024] B256 truncated", {**MLP, "hidden": [1024]}, "truncated", 256, 200, tasks=2),
     _case("mlp [1024] B512 forward", {**MLP, "hidden": [1024]}, "forward", 512, 5, tasks=2),
-    _case("mlp [512,512] B16 forward H4", {**MLP, "in": 512, "hidden": [512, 512]}, "forward", 16, 5, tasks=2,
-          segments=2),
-    _case("mlp [512,512] B2 forward H6", {**MLP, "in": 512, "hidden": [512, 512]}, "forward", 2, 6, tasks=2,
-          n_train=64, n_val=2, segments=3),
+    _case(
+        "mlp [512,512] B16 forward H4", {**MLP, "in": 512, "hidden": [512, 512]}, "forward", 16, 5, tasks=2, segments=2
+    ),
+    _case(
+        "mlp [512,512] B2 forward H6",
+        {**MLP, "in": 512, "hidden": [512, 512]},
+        "forward",
+        2,
+        6,
+        tasks=2,
+        n_train=64,
+        n_val=2,
+        segments=3,
+    ),
     # module path (cnn): the same
     _case("cnn c16 16x16 B128 screen", CNN, "screen", 128, 3, tasks=1, candidates=9),
     _case("cnn c16 16x16 B128 reverse", CNN, "reverse", 128, 10, tasks=1),
     _case("cnn c16 16x16 B16 V1024 reverse", CNN, "reverse", 16, 10, tasks=1, n_val=1024),
     _case("cnn c16 16x16 B128 forward", CNN, "forward", 128, 3, tasks=1),
     _case("cnn c16 16x16 B64 forward H4", CNN, "forward", 64, 4, tasks=1, segments=2),
-    _case("mlp relu [512,512] B128 reverse", {**MLP, "hidden": [512, 512], "activation": "relu"}, "reverse", 128,
-          20, tasks=2),
-    _case("mlp gelu [2048] B256 screen", {**MLP, "hidden": [2048], "activation": "gelu"}, "screen", 256, 3,
-          tasks=1, candidates=8),
+    _case(
+        "mlp relu [512,512] B128 reverse",
+        {**MLP, "hidden": [512, 512], "activation": "relu"},
+        "reverse",
+        128,
+        20,
+        tasks=2,
+    ),
+    _case(
+        "mlp gelu [2048] B256 screen",
+        {**MLP, "hidden": [2048], "activation": "gelu"},
+        "screen",
+        256,
+        3,
+        tasks=1,
+        candidates=8,
+    ),
 ]
 
 
@@ -92,11 +141,25 @@ def spec_inputs(case: dict):
 
     shapes = model_shapes(case["model"])
     kind = "module" if case["model"]["kind"] == "cnn" else "mlp"
-    task = TaskCost(params=shapes.params, activations=shapes.activations, macs=shapes.macs,
-                    batch_size=case["batch"], steps=case["steps"], n_train=case["n_train"], n_val=case["n_val"],
-                    in_elements=shapes.in_size, out_features=shapes.out_features, kind=kind, group="same")
-    meta = MetaCost(method=case["mode"] if case["mode"] != "screen" else "reverse", draws=case["draws"],
-                    truncation=case["truncation"], segments=case["segments"])
+    task = TaskCost(
+        params=shapes.params,
+        activations=shapes.activations,
+        macs=shapes.macs,
+        batch_size=case["batch"],
+        steps=case["steps"],
+        n_train=case["n_train"],
+        n_val=case["n_val"],
+        in_elements=shapes.in_size,
+        out_features=shapes.out_features,
+        kind=kind,
+        group="same",
+    )
+    meta = MetaCost(
+        method=case["mode"] if case["mode"] != "screen" else "reverse",
+        draws=case["draws"],
+        truncation=case["truncation"],
+        segments=case["segments"],
+    )
     return [task] * case["tasks"], meta
 
 
@@ -106,8 +169,12 @@ def estimate(case: dict) -> dict:
 
     tasks, meta = spec_inputs(case)
     part = evaluation(tasks, meta, case["mode"], case["candidates"])
-    return {"bytes": evaluation_peak(tasks, meta, case["mode"], case["candidates"]), "runs": part.runs,
-            "working": part.bytes, "flops": part.flops}
+    return {
+        "bytes": evaluation_peak(tasks, meta, case["mode"], case["candidates"]),
+        "runs": part.runs,
+        "working": part.bytes,
+        "flops": part.flops,
+    }
 
 
 # ---------------------------------------------------------------------------- the measurement (a child process)
@@ -136,19 +203,26 @@ def _tasks(case: dict, small: bool = False) -> list:
     in_shape = model["in"] if isinstance(model["in"], list) else [model["in"]]
     tasks = []
     for i in range(case["tasks"]):
-        common = dict(name=f"t{i}", x_train=torch.randn(n_train, *in_shape, generator=gen),
-                      y_train=torch.randint(0, model["out"], (n_train,), generator=gen),
-                      x_val=torch.randn(n_val, *in_shape, generator=gen),
-                      y_val=torch.randint(0, model["out"], (n_val,), generator=gen),
-                      loss="cross_entropy", steps=steps, batch_size=batch, seed=i)
+        common = dict(
+            name=f"t{i}",
+            x_train=torch.randn(n_train, *in_shape, generator=gen),
+            y_train=torch.randint(0, model["out"], (n_train,), generator=gen),
+            x_val=torch.randn(n_val, *in_shape, generator=gen),
+            y_val=torch.randint(0, model["out"], (n_val,), generator=gen),
+            loss="cross_entropy",
+            steps=steps,
+            batch_size=batch,
+            seed=i,
+        )
         if model["kind"] == "cnn":
             from worker.engine.cnn import cnn_task
 
             tasks.append(cnn_task(**common, layers=model["layers"], out_features=model["out"]))
         else:
             hidden = [2] * len(model["hidden"]) if small else model["hidden"]
-            tasks.append(Task(**common, hidden=tuple(hidden), activation=model["activation"],
-                              out_features=model["out"]))
+            tasks.append(
+                Task(**common, hidden=tuple(hidden), activation=model["activation"], out_features=model["out"])
+            )
     return tasks
 
 
@@ -199,8 +273,14 @@ def measure(case: dict, python: str = sys.executable, timeout: float = 600.0) ->
     import os
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([python, "-W", "ignore", __file__, "--one", json.dumps(case)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [python, "-W", "ignore", __file__, "--one", json.dumps(case)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{case['name']}: the measurement failed\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -210,9 +290,17 @@ def measure(case: dict, python: str = sys.executable, timeout: float = 600.0) ->
 
 _BIG = {**MLP, "in": 512, "hidden": [512, 512]}  # parameters dominate at batch 2
 _WIDE = {**MLP, "hidden": [1024]}  # activations dominate at batch 256+
-_CNN_P = {**CNN, "layers": [{"type": "conv2d", "out_channels": 8, "kernel_size": 3, "padding": 1}, {"type": "relu"},
-                            {"type": "flatten"}, {"type": "linear", "out_features": 256}, {"type": "relu"},
-                            {"type": "linear"}]}
+_CNN_P = {
+    **CNN,
+    "layers": [
+        {"type": "conv2d", "out_channels": 8, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 256},
+        {"type": "relu"},
+        {"type": "linear"},
+    ],
+}
 # (what, path and mode, case, the same case with one thing changed, what changed)
 SLOPES = [
     ("P", "mlp screen", _case("", _BIG, "screen", 2, 3, 2, candidates=8, n_train=64, n_val=2), {"candidates": 16}),
@@ -287,15 +375,20 @@ def main() -> None:
         got = [measure(case)["measured"] for _ in range(args.repeat)]
         lo, hi = min(got), max(got)
         rows.append((case, est, lo, hi))
-        print(f"{case['name']:34s} runs {est['runs']:4d}  estimate {est['bytes'] / MB:8.1f} MB  measured "
-              f"{lo / MB:8.1f} - {hi / MB:8.1f} MB  estimate / measured {est['bytes'] / hi:5.2f} - "
-              f"{est['bytes'] / max(lo, 1):5.2f}", flush=True)
+        print(
+            f"{case['name']:34s} runs {est['runs']:4d}  estimate {est['bytes'] / MB:8.1f} MB  measured "
+            f"{lo / MB:8.1f} - {hi / MB:8.1f} MB  estimate / measured {est['bytes'] / hi:5.2f} - "
+            f"{est['bytes'] / max(lo, 1):5.2f}",
+            flush=True,
+        )
     print()
     print("| case | mode | runs | estimate MB | measured MB (min - max) | estimate / measured |")
     print("|------|------|-----:|------------:|------------------------:|--------------------:|")
     for case, est, lo, hi in rows:
-        print(f"| {case['name']} | {case['mode']} | {est['runs']} | {est['bytes'] / MB:.0f} | {lo / MB:.0f} - "
-              f"{hi / MB:.0f} | {est['bytes'] / hi:.2f} - {est['bytes'] / max(lo, 1):.2f} |")
+        print(
+            f"| {case['name']} | {case['mode']} | {est['runs']} | {est['bytes'] / MB:.0f} | {lo / MB:.0f} - "
+            f"{hi / MB:.0f} | {est['bytes'] / hi:.2f} - {est['bytes'] / max(lo, 1):.2f} |"
+        )
 
 
 if __name__ == "__main__":

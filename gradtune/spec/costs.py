@@ -224,8 +224,9 @@ def _forward_elements(t: TaskCost, path: str, runs: int, hyper: int) -> float:
     return runs * per("P") * t.params + max(runs * per("A") * t.batch_size * t.activations, val)
 
 
-def unroll_bytes(t: TaskCost, mode: str, path: str, runs: int = 1, candidates: int = 1, hyper: int = 2,
-                 truncation: int = 20) -> int:
+def unroll_bytes(
+    t: TaskCost, mode: str, path: str, runs: int = 1, candidates: int = 1, hyper: int = 2, truncation: int = 20
+) -> int:
     """Working memory of one unroll of ``runs`` runs of task ``t`` (``candidates`` settings times
     its group's sources) in ``mode``: screen, reverse, truncated, forward; evaluation is the
     reference trainer's single run."""
@@ -263,8 +264,15 @@ def run_flops(t: TaskCost, mode: str, hyper: int = 2, truncation: int = 20) -> f
 # ---------------------------------------------------------------------------- one evaluation
 
 
-def evaluation(tasks: Sequence[TaskCost], meta: MetaCost, mode: str, candidates: int = 1,
-               name: str = "", count: int = 1, hyper: int | None = None) -> Part:
+def evaluation(
+    tasks: Sequence[TaskCost],
+    meta: MetaCost,
+    mode: str,
+    candidates: int = 1,
+    name: str = "",
+    count: int = 1,
+    hyper: int | None = None,
+) -> Part:
     """``count`` evaluations of ``candidates`` settings on every (task, draw) source, as the engine
     batches them: the working memory of the largest unroll and the FLOPs of all of them."""
     path = path_of(tasks)
@@ -345,8 +353,7 @@ def _constant_parts(tasks: Sequence[TaskCost], meta: MetaCost, method: str, iter
         widest = max(refine, meta.stencil)
         worst = evaluation(tasks, meta, "screen", widest, "refine", count=iterations - 1)
         typical = evaluation(tasks, meta, "screen", refine, count=iterations - 1)
-        parts.append(Part("refine", "screen", iterations - 1, worst.candidates, worst.runs, worst.bytes,
-                          typical.flops))
+        parts.append(Part("refine", "screen", iterations - 1, worst.candidates, worst.runs, worst.bytes, typical.flops))
     return parts
 
 
@@ -360,8 +367,9 @@ def _rich_parts(tasks: Sequence[TaskCost], meta: MetaCost, method: str, iteratio
     if iterations > 1:
         worst = evaluation(tasks, meta, "screen", max(refine, moves), "rich_refine", count=iterations - 1)
         typical = evaluation(tasks, meta, "screen", refine + 2, count=iterations - 1)  # and 2 stability probes
-        parts.append(Part("rich_refine", "screen", iterations - 1, worst.candidates, worst.runs, worst.bytes,
-                          typical.flops))
+        parts.append(
+            Part("rich_refine", "screen", iterations - 1, worst.candidates, worst.runs, worst.bytes, typical.flops)
+        )
     return parts
 
 

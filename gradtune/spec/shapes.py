@@ -33,8 +33,9 @@ class SpecError(ValueError):
     ``field``: its field at fault ("type", "kernel_size", "out_features"...); ``type``: the kind of
     problem, as the API reports it ("cnn_structure", "cnn_shape", "cnn_outputs", "missing")."""
 
-    def __init__(self, message: str, index: int | None = None, field: str | None = None,
-                 type: str = "cnn_structure") -> None:  # noqa: A002 (the API's word for it)
+    def __init__(
+        self, message: str, index: int | None = None, field: str | None = None, type: str = "cnn_structure"
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.index = index
@@ -112,10 +113,11 @@ def mlp_shapes(in_features: int, hidden: Sequence[int], out_features: int, activ
     widths = [int(in_features), *(int(h) for h in hidden), int(out_features)]
     for i, w in enumerate(widths):
         if w < 1:
-            raise SpecError(f"layer widths must be positive, got {widths}", None if i == 0 else i - 1, "hidden",
-                            "mlp_shape")
+            raise SpecError(
+                f"layer widths must be positive, got {widths}", None if i == 0 else i - 1, "hidden", "mlp_shape"
+            )
     layers: list[LayerShape] = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
         if i > 0:
             layers.append(LayerShape(activation, (a,)))
         layers.append(LayerShape("linear", (b,), params=(a + 1) * b, macs=a * b))
@@ -134,8 +136,11 @@ def _get(layer: Any, key: str, default: Any = None) -> Any:
 def _window(i: int, kind: str, layer: Any, shape: tuple[int, ...]) -> LayerShape:
     """A conv2d or pool layer on (C, H, W) images."""
     if len(shape) != 3:
-        raise SpecError(f"layer {i} ({kind}) comes after flatten; conv2d and pool layers need images and must "
-                        "come before flatten", i, "type")
+        raise SpecError(
+            f"layer {i} ({kind}) comes after flatten; conv2d and pool layers need images and must come before flatten",
+            i,
+            "type",
+        )
     k = int(_get(layer, "kernel_size"))
     if kind == "conv2d":
         s, p, c = int(_get(layer, "stride", 1)), int(_get(layer, "padding", 0)), int(_get(layer, "out_channels"))
@@ -143,9 +148,14 @@ def _window(i: int, kind: str, layer: Any, shape: tuple[int, ...]) -> LayerShape
         s, p, c = int(_get(layer, "stride", k)), 0, shape[0]
     h, w = (shape[1] + 2 * p - k) // s + 1, (shape[2] + 2 * p - k) // s + 1
     if h < 1 or w < 1:
-        raise SpecError(f"layer {i} ({kind}) gets {shape[1]}x{shape[2]} images and a kernel of {k} (padding {p}) "
-                        "does not fit: its output would be empty; use a smaller kernel, more padding, or fewer "
-                        "layers before it", i, "kernel_size", "cnn_shape")
+        raise SpecError(
+            f"layer {i} ({kind}) gets {shape[1]}x{shape[2]} images and a kernel of {k} (padding {p}) "
+            "does not fit: its output would be empty; use a smaller kernel, more padding, or fewer "
+            "layers before it",
+            i,
+            "kernel_size",
+            "cnn_shape",
+        )
     if kind != "conv2d":
         return LayerShape(kind, (c, h, w))
     fan_in = shape[0] * k * k
@@ -154,18 +164,30 @@ def _window(i: int, kind: str, layer: Any, shape: tuple[int, ...]) -> LayerShape
 
 def _linear(i: int, layer: Any, shape: tuple[int, ...], last: bool, out_features: int | None) -> LayerShape:
     if len(shape) != 1:
-        raise SpecError(f"layer {i} (linear) gets {_text(shape)} images: put a flatten layer before the first "
-                        "linear layer", i, "type")
+        raise SpecError(
+            f"layer {i} (linear) gets {_text(shape)} images: put a flatten layer before the first linear layer",
+            i,
+            "type",
+        )
     o = _get(layer, "out_features")
     if last:
         if o is None:
             o = out_features
         elif out_features is not None and int(o) != int(out_features):
-            raise SpecError(f"the last linear layer has {o} outputs but the targets need {out_features}; leave "
-                            f"out_features out to use {out_features}", i, "out_features", "cnn_outputs")
+            raise SpecError(
+                f"the last linear layer has {o} outputs but the targets need {out_features}; leave "
+                f"out_features out to use {out_features}",
+                i,
+                "out_features",
+                "cnn_outputs",
+            )
     if o is None:
-        raise SpecError(f"layer {i} (linear) needs out_features (only the last linear layer may leave it out)",
-                        i, "out_features", "missing")
+        raise SpecError(
+            f"layer {i} (linear) needs out_features (only the last linear layer may leave it out)",
+            i,
+            "out_features",
+            "missing",
+        )
     o = int(o)
     return LayerShape("linear", (o,), params=(shape[0] + 1) * o, macs=shape[0] * o)
 
@@ -173,8 +195,9 @@ def _linear(i: int, layer: Any, shape: tuple[int, ...], last: bool, out_features
 def _cnn_layer(i: int, layer: Any, shape: tuple[int, ...], last: bool, out_features: int | None) -> LayerShape:
     kind = _get(layer, "type")
     if kind not in CNN_LAYER_TYPES:
-        raise SpecError(f"layer {i}: unknown type {kind!r}; a cnn layer is one of {', '.join(CNN_LAYER_TYPES)}",
-                        i, "type")
+        raise SpecError(
+            f"layer {i}: unknown type {kind!r}; a cnn layer is one of {', '.join(CNN_LAYER_TYPES)}", i, "type"
+        )
     if kind in ("conv2d", "maxpool", "avgpool"):
         return _window(i, kind, layer, shape)
     if kind == "flatten":
@@ -191,17 +214,21 @@ def cnn_shapes(layers: Sequence[Any], in_shape: Sequence[int], out_features: int
     same attributes. ``out_features``: the outputs the targets need (the last linear layer's
     out_features when it leaves it out; it must equal it when it gives it). SpecError names the
     first layer that cannot work."""
-    shape = tuple(int(s) for s in in_shape)
+    shape: tuple[int, ...] = tuple(int(s) for s in in_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise SpecError(f"a cnn takes images (channels, height, width); got examples of shape {list(shape)}")
     if not layers:
         raise SpecError("a cnn needs at least one layer", None, "layers")
     last = len(layers) - 1
     if _get(layers[last], "type") != "linear":
-        raise SpecError(f"the last layer is {_get(layers[last], 'type')}; a cnn must end with a linear layer (its "
-                        "outputs are the class scores or the regression targets)", last, "type")
+        raise SpecError(
+            f"the last layer is {_get(layers[last], 'type')}; a cnn must end with a linear layer (its "
+            "outputs are the class scores or the regression targets)",
+            last,
+            "type",
+        )
     out: list[LayerShape] = []
-    here = shape
+    here: tuple[int, ...] = shape
     for i, layer in enumerate(layers):
         item = _cnn_layer(i, layer, here, i == last, out_features)
         out.append(item)

@@ -32,7 +32,7 @@ from gradtune.spec.costs import (
 from gradtune.spec.shapes import ModelShapes, mlp_shapes, prod
 from service.schemas import JobCreate, ModelPublic, TaskSpec
 from service.settings import Settings
-from service.validation.common import FLOAT_BYTES, TaskIO, _err, _gib, _shape_text, task_io
+from service.validation.common import FLOAT_BYTES, TaskIO, _err, _gib, _shape_text, mlp_of, task_io
 from service.validation.models import exported_terms
 
 
@@ -40,9 +40,13 @@ def meta_cost(job: JobCreate, settings: Settings, slots: int = 1) -> MetaCost:
     """The job's meta-settings as the cost model takes them (worker/runner.meta_config's MetaConfig)."""
     h = job.hyperparameters
     return MetaCost(
-        iterations=job.meta.iterations, method=job.meta.method, search=job.meta.search,
-        truncation=job.meta.truncation, population=START_CANDIDATES[job.meta.search],
-        slots=slots if h.per_layer else 1, segments=h.schedule_segments,
+        iterations=job.meta.iterations,
+        method=job.meta.method,
+        search=job.meta.search,
+        truncation=job.meta.truncation,
+        population=START_CANDIDATES[job.meta.search],
+        slots=slots if h.per_layer else 1,
+        segments=h.schedule_segments,
         memory_budget_bytes=settings.max_unroll_bytes,
     )
 
@@ -53,9 +57,20 @@ def meta_cost(job: JobCreate, settings: Settings, slots: int = 1) -> MetaCost:
 def _cost(task: TaskSpec, io: TaskIO, terms: tuple[int, int, int], kind: str, group: Any = None) -> TaskCost:
     params, acts, macs = terms
     in_elements = prod(io.features) if isinstance(io.features, tuple) else int(io.features)
-    return TaskCost(params=params, activations=acts, macs=macs, batch_size=task.batch_size, steps=task.steps,
-                    n_train=io.n_train or 0, n_val=io.n_val or 0, in_elements=in_elements,
-                    out_features=io.d_out, element_size=FLOAT_BYTES, kind=kind, group=group)
+    return TaskCost(
+        params=params,
+        activations=acts,
+        macs=macs,
+        batch_size=task.batch_size,
+        steps=task.steps,
+        n_train=io.n_train or 0,
+        n_val=io.n_val or 0,
+        in_elements=in_elements,
+        out_features=io.d_out,
+        element_size=FLOAT_BYTES,
+        kind=kind,
+        group=group,
+    )
 
 
 def _terms(shapes: ModelShapes) -> tuple[int, int, int]:
@@ -63,7 +78,7 @@ def _terms(shapes: ModelShapes) -> tuple[int, int, int]:
 
 
 def mlp_cost(task: TaskSpec, io: TaskIO) -> TaskCost:
-    m = task.model
+    m = mlp_of(task)
     shapes = mlp_shapes(io.features, m.hidden, io.d_out, m.activation)
     # the engine batches mlps of equal shapes, loss, steps and batch size together
     group = (io.features, tuple(m.hidden), m.activation, task.loss, io.d_out, task.steps, task.batch_size)
@@ -101,15 +116,31 @@ def estimate_unroll_bytes(task: TaskSpec, io: tuple | None = None, method: str =
     return unroll_need(mlp_cost(task, task_io(task, io)), method)
 
 
-def cnn_unroll_bytes(steps: int, batch_size: int, in_shape: tuple[int, int, int], layers: list[Any],
-                     shapes: list[tuple[int, ...]], method: str = "reverse") -> int:
+def cnn_unroll_bytes(
+    steps: int,
+    batch_size: int,
+    in_shape: tuple[int, int, int],
+    layers: list[Any],
+    shapes: list[tuple[int, ...]],
+    method: str = "reverse",
+) -> int:
     """unroll_need of a cnn (``shapes``: cnn_layer_shapes' output shapes of ``layers``)."""
     from service.validation.models import cnn_model_shapes
 
     model = cnn_model_shapes(layers, in_shape, prod(shapes[-1]))
-    cost = TaskCost(params=model.params, activations=model.activations, macs=model.macs, batch_size=batch_size,
-                    steps=steps, n_train=0, n_val=0, in_elements=model.in_size, out_features=model.out_features,
-                    element_size=FLOAT_BYTES, kind="module")
+    cost = TaskCost(
+        params=model.params,
+        activations=model.activations,
+        macs=model.macs,
+        batch_size=batch_size,
+        steps=steps,
+        n_train=0,
+        n_val=0,
+        in_elements=model.in_size,
+        out_features=model.out_features,
+        element_size=FLOAT_BYTES,
+        kind="module",
+    )
     return unroll_need(cost, method)
 
 
@@ -118,11 +149,19 @@ def _what(task: TaskSpec, io: TaskIO, program: ModelPublic | None) -> str:
         return f"model {program.id} ({program.filename}) ({program.parameter_count} parameters)"
     if task.model.kind == "cnn":
         return f"this cnn on {_shape_text(tuple(io.features))} images"
-    return f"hidden={task.model.hidden}"
+    return f"hidden={mlp_of(task).hidden}"
 
 
-def check_unroll(i: int, task: TaskSpec, io: TaskIO, cost: TaskCost, program: ModelPublic | None,
-                 job: JobCreate, limit: int, hyperparameters: int = 2) -> list[dict[str, Any]]:
+def check_unroll(
+    i: int,
+    task: TaskSpec,
+    io: TaskIO,
+    cost: TaskCost,
+    program: ModelPublic | None,
+    job: JobCreate,
+    limit: int,
+    hyperparameters: int = 2,
+) -> list[dict[str, Any]]:
     """``unroll_too_large`` when the task's own hypergradient does not fit ``limit``."""
     meta = job.meta
     need = unroll_need(cost, meta.method, meta.truncation, hyperparameters)
@@ -130,17 +169,22 @@ def check_unroll(i: int, task: TaskSpec, io: TaskIO, cost: TaskCost, program: Mo
         return []
     how = f" (method {meta.method})" if task.model.kind == "mlp" else ""
     return [
-        _err(["tasks", i, "steps"], f"steps={task.steps} with batch_size={task.batch_size} and "
-             f"{_what(task, io, program)} needs about {_gib(need)} to differentiate through{how}, above "
-             f"the limit of {_gib(limit)}; lower steps or batch_size (or the model size)", "unroll_too_large")
+        _err(
+            ["tasks", i, "steps"],
+            f"steps={task.steps} with batch_size={task.batch_size} and "
+            f"{_what(task, io, program)} needs about {_gib(need)} to differentiate through{how}, above "
+            f"the limit of {_gib(limit)}; lower steps or batch_size (or the model size)",
+            "unroll_too_large",
+        )
     ]
 
 
 # --------------------------------------------------------------------------- the whole job
 
 
-def check_job_memory(job: JobCreate, settings: Settings, costs: Sequence[TaskCost], slots: int = 1
-                     ) -> list[dict[str, Any]]:
+def check_job_memory(
+    job: JobCreate, settings: Settings, costs: Sequence[TaskCost], slots: int = 1
+) -> list[dict[str, Any]]:
     """``job_too_large`` when the job's peak, as the engine batches it, is above max_job_memory_bytes."""
     meta = meta_cost(job, settings, slots)
     limit = settings.max_job_memory_bytes
@@ -170,11 +214,15 @@ def describe_part(part: Part) -> str:
     """The part of a job that sets its peak, in a sentence."""
     if part.mode == "screen":
         sources = part.runs // max(1, part.candidates)
-        return (f"{_PART_NAMES.get(part.name, part.name)} {part.candidates} candidate settings x {sources} "
-                f"(task, draw) runs, batched in one unroll ({_gib(part.bytes)})")
+        return (
+            f"{_PART_NAMES.get(part.name, part.name)} {part.candidates} candidate settings x {sources} "
+            f"(task, draw) runs, batched in one unroll ({_gib(part.bytes)})"
+        )
     if part.mode in METHODS:
-        return (f"{_PART_NAMES.get(part.name, part.name)} ({part.mode}) differentiates through {part.runs} "
-                f"(task, draw) runs batched in one unroll ({_gib(part.bytes)})")
+        return (
+            f"{_PART_NAMES.get(part.name, part.name)} ({part.mode}) differentiates through {part.runs} "
+            f"(task, draw) runs batched in one unroll ({_gib(part.bytes)})"
+        )
     return f"the final evaluation trains one run at a time ({_gib(part.bytes)})"
 
 
@@ -212,6 +260,8 @@ def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> lis
 def job_memory_message(costs: Sequence[TaskCost], meta: MetaCost, est: CostEstimate, limit: int) -> str:
     fixes = what_would_fit(costs, meta, limit)
     fit = (" It would fit with " + ", or ".join(fixes) + ".") if fixes else " Use a smaller model."
-    return (f"this job needs about {_gib(est.peak_bytes)} of memory at its peak, above the limit of {_gib(limit)}: "
-            f"{_peak_text(est)}, on top of {_gib(est.data_bytes)} of data (the tasks' rows, every "
-            f"(task, draw)'s initial weights and the rows of every batch).{fit}")
+    return (
+        f"this job needs about {_gib(est.peak_bytes)} of memory at its peak, above the limit of {_gib(limit)}: "
+        f"{_peak_text(est)}, on top of {_gib(est.data_bytes)} of data (the tasks' rows, every "
+        f"(task, draw)'s initial weights and the rows of every batch).{fit}"
+    )

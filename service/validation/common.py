@@ -11,6 +11,7 @@ from service.schemas import (
     DatasetData,
     ExportedModelRef,
     InlineData,
+    MLPModel,
     TaskSpec,
 )
 
@@ -66,11 +67,13 @@ def _class_count(task: TaskSpec) -> int | None:
     data = task.data
     if isinstance(data, BuiltinData):
         return BUILTIN_DATASETS[data.name]["classes"]
-    labels = []
+    if not isinstance(data, InlineData):
+        return None
+    labels: list[float] = []
     for y in (data.y_train, data.y_val):
         if _is_2d(y):
             return None
-        labels.extend(y)
+        labels.extend(y)  # type: ignore[arg-type]  # a flat list: not _is_2d
     if not labels or any(v < 0 or not float(v).is_integer() for v in labels):
         return None
     return int(max(labels)) + 1
@@ -87,13 +90,34 @@ def _is_cnn(task: TaskSpec) -> bool:
     return isinstance(task.model, CNNModel)
 
 
+def mlp_of(task: TaskSpec) -> MLPModel:
+    """The task's model, known to be an mlp."""
+    if not isinstance(task.model, MLPModel):
+        raise TypeError(f"task {task.name!r} is not an mlp")
+    return task.model
+
+
+def cnn_of(task: TaskSpec) -> CNNModel:
+    """The task's model, known to be a cnn."""
+    if not isinstance(task.model, CNNModel):
+        raise TypeError(f"task {task.name!r} is not a cnn")
+    return task.model
+
+
+def exported_of(task: TaskSpec) -> ExportedModelRef:
+    """The task's model, known to be an exported program."""
+    if not isinstance(task.model, ExportedModelRef):
+        raise TypeError(f"task {task.name!r} is not an exported model")
+    return task.model
+
+
 def _inline_out_width(task: TaskSpec) -> int:
     """Output width of an inline or builtin task: classes for cross_entropy, else target width."""
     data = task.data
     if task.loss == "cross_entropy":
         return _class_count(task) or 1
     if isinstance(data, InlineData) and _is_2d(data.y_train):
-        return len(data.y_train[0])
+        return len(data.y_train[0])  # type: ignore[arg-type]  # rows of targets: _is_2d
     return 1  # one regression target, or class labels read as one float column
 
 
@@ -108,7 +132,7 @@ def task_io(task: TaskSpec, io: tuple | None = None) -> TaskIO:
     if isinstance(data, BuiltinData):
         n_train, n_val = builtin_split_sizes(data)
         return TaskIO(BUILTIN_DATASETS[data.name]["features"], _inline_out_width(task), n_train, n_val)
-    x0 = data.x_train[0] if data.x_train else []
+    x0: Any = data.x_train[0] if data.x_train else []
     features = (len(x0), len(x0[0]), len(x0[0][0])) if _is_images(data.x_train) else len(x0)
     return TaskIO(features, _inline_out_width(task), len(data.x_train), len(data.x_val))
 
@@ -120,4 +144,4 @@ def layer_widths(task: TaskSpec, io: tuple | None = None) -> list[int]:
     task's widths come from the datasets' stored metadata (see ``check_job``).
     """
     t = task_io(task, io)
-    return [t.features, *task.model.hidden, t.d_out]
+    return [t.features, *mlp_of(task).hidden, t.d_out]

@@ -36,15 +36,23 @@ def _check_images(loc: list[Any], name: str, x: list) -> tuple[tuple[int, int, i
     first = x[0]
     shape = (len(first), len(first[0]) if first else 0, len(first[0][0]) if first and first[0] else 0)
     if min(shape) == 0:
-        return None, [_err([*loc, name, 0], f"{name}[0] has shape {list(shape)}; images need at least one "
-                           "channel, row and column", "empty_row")]
+        return None, [
+            _err(
+                [*loc, name, 0],
+                f"{name}[0] has shape {list(shape)}; images need at least one channel, row and column",
+                "empty_row",
+            )
+        ]
     c, h, w = shape
     for i, img in enumerate(x):
         bad = len(img) != c or any(len(ch) != h or any(len(row) != w for row in ch) for ch in img)
         if bad:
             return None, [
-                _err([*loc, name, i], f"{name} is ragged: image {i} is not {c}x{h}x{w} (channels x height "
-                     "x width) like image 0", "ragged_rows")
+                _err(
+                    [*loc, name, i],
+                    f"{name} is ragged: image {i} is not {c}x{h}x{w} (channels x height x width) like image 0",
+                    "ragged_rows",
+                )
             ]
     return shape, []
 
@@ -63,24 +71,39 @@ def _inline_x(loc: list[Any], task: TaskSpec, data: InlineData, images: bool) ->
     for name in ("x_train", "x_val"):
         x = getattr(data, name)
         if images and not _is_images(x):
-            errors.append(_err([*loc, name], f"{_a(task, True)} needs images (N, C, H, W): {name} must be a list of "
-                               "images, each a list of channels of rows of numbers", "x_not_images"))
+            errors.append(
+                _err(
+                    [*loc, name],
+                    f"{_a(task, True)} needs images (N, C, H, W): {name} must be a list of "
+                    "images, each a list of channels of rows of numbers",
+                    "x_not_images",
+                )
+            )
             widths[name] = None
         elif not images and _is_images(x):
-            errors.append(_err([*loc, name], f"{_a(task, False)} needs rows of features (N, F), but {name} holds "
-                               "images (N, C, H, W); use model kind cnn, or flatten each image into a row",
-                               "x_not_2d"))
+            errors.append(
+                _err(
+                    [*loc, name],
+                    f"{_a(task, False)} needs rows of features (N, F), but {name} holds "
+                    "images (N, C, H, W); use model kind cnn, or flatten each image into a row",
+                    "x_not_2d",
+                )
+            )
             widths[name] = None
         else:
             widths[name], errs = (_check_images if images else _check_matrix)(loc, name, x)
             errors += errs
     if widths["x_train"] and widths["x_val"] and widths["x_train"] != widths["x_val"]:
         if images:
-            msg = (f"x_val images are {_shape_text(widths['x_val'])} but x_train images are "
-                   f"{_shape_text(widths['x_train'])}; train and validation images must have the same shape")
+            msg = (
+                f"x_val images are {_shape_text(widths['x_val'])} but x_train images are "
+                f"{_shape_text(widths['x_train'])}; train and validation images must have the same shape"
+            )
         else:
-            msg = (f"x_val rows have {widths['x_val']} features but x_train rows have "
-                   f"{widths['x_train']}; train and validation data must have the same width")
+            msg = (
+                f"x_val rows have {widths['x_val']} features but x_train rows have "
+                f"{widths['x_train']}; train and validation data must have the same width"
+            )
         errors.append(_err([*loc, "x_val"], msg, "width_mismatch"))
     return errors
 
@@ -132,7 +155,8 @@ def _inline_labels(loc: list[Any], data: InlineData) -> list[dict]:
 def _inline_targets(loc: list[Any], data: InlineData) -> list[dict]:
     """mse: one target per row, or rows of targets of one width in train and val."""
     errors: list[dict] = []
-    shapes = {}
+    shapes: dict[str, int | None] = {}
+    bad = False
     for name in ("y_train", "y_val"):
         y = getattr(data, name)
         if not _is_2d(y):
@@ -140,9 +164,10 @@ def _inline_targets(loc: list[Any], data: InlineData) -> list[dict]:
             continue
         w, errs = _check_matrix(loc, name, y)
         errors += errs
-        shapes[name] = w if not errs else "bad"
+        shapes[name] = w
+        bad = bad or bool(errs)
     a, b = shapes["y_train"], shapes["y_val"]
-    if "bad" not in (a, b) and a != b:
+    if not bad and a != b:
         errors.append(
             _err(
                 [*loc, "y_val"],
@@ -177,9 +202,13 @@ def _check_builtin(loc: list[Any], task: TaskSpec, data: BuiltinData, images: bo
     facts = BUILTIN_DATASETS[data.name]
     if images:
         errors.append(
-            _err([*loc[:-1], "model"], f"builtin dataset {data.name!r} is a table of features (N, "
-                 f"{facts['features']}) and {_a(task, True)} needs images (N, C, H, W): upload the images as a 4-D "
-                 "tensor (source dataset) or send them inline, or use model kind mlp", "x_not_images")
+            _err(
+                [*loc[:-1], "model"],
+                f"builtin dataset {data.name!r} is a table of features (N, "
+                f"{facts['features']}) and {_a(task, True)} needs images (N, C, H, W): upload the images as a 4-D "
+                "tensor (source dataset) or send them inline, or use model kind mlp",
+                "x_not_images",
+            )
         )
     if task.loss == "cross_entropy" and facts["task"] != "classification":
         errors.append(
@@ -245,17 +274,28 @@ class _Ref:
 
     def missing(self, field_loc: list[Any], name: str) -> dict:
         kind = self.kind
-        return _err(field_loc, f"{self.label} has no {kind} {name!r}; its {kind}s are {_names(list(self.items))}",
-                    f"unknown_{kind}")
+        return _err(
+            field_loc,
+            f"{self.label} has no {kind} {name!r}; its {kind}s are {_names(list(self.items))}",
+            f"unknown_{kind}",
+        )
 
 
 def _resolve_columns(r: _Ref) -> tuple[int | None, Any, list[dict]]:
     """x of a csv or parquet file: column names, read as (rows, len(x))."""
     if r.images:
-        return None, None, [
-            _err([*r.loc, "x"], f"{r.label} is a {r.ds.format} file of columns (a table); {_a(r.task, True)} needs "
-                 "images: upload a 4-D tensor (N, C, H, W) in a .safetensors or .npz file", "x_not_images")
-        ]
+        return (
+            None,
+            None,
+            [
+                _err(
+                    [*r.loc, "x"],
+                    f"{r.label} is a {r.ds.format} file of columns (a table); {_a(r.task, True)} needs "
+                    "images: upload a 4-D tensor (N, C, H, W) in a .safetensors or .npz file",
+                    "x_not_images",
+                )
+            ],
+        )
     errors: list[dict] = []
     names = [r.ref.x] if isinstance(r.ref.x, str) else list(r.ref.x)
     for j, name in enumerate(names):
@@ -271,26 +311,51 @@ def _resolve_tensor(r: _Ref) -> tuple[int | None, Any, list[dict]]:
     """x of a safetensors or npz file: one tensor, 2-D rows (mlp) or 4-D images (cnn)."""
     x_loc = [*r.loc, "x"]
     if not isinstance(r.ref.x, str):
-        return None, None, [
-            _err(x_loc, f"{r.label} is a {r.ds.format} file of tensors: x must be the name of one "
-                 "2-D tensor (rows, features), not a list (lists name columns of csv or parquet files)",
-                 "x_not_a_tensor_name")
-        ]
+        return (
+            None,
+            None,
+            [
+                _err(
+                    x_loc,
+                    f"{r.label} is a {r.ds.format} file of tensors: x must be the name of one "
+                    "2-D tensor (rows, features), not a list (lists name columns of csv or parquet files)",
+                    "x_not_a_tensor_name",
+                )
+            ],
+        )
     if r.ref.x not in r.items:
         return None, None, [r.missing(x_loc, r.ref.x)]
     shape = r.items[r.ref.x].shape
     name = f"tensor {r.ref.x!r} of {r.label}"
     if r.images and len(shape) != 4:
-        return None, None, [_err(x_loc, f"{name} has shape {shape}; x must be 4-D (rows, channels, height, width) "
-                                 f"for {_a(r.task, True)}", "x_not_images")]
+        return (
+            None,
+            None,
+            [
+                _err(
+                    x_loc,
+                    f"{name} has shape {shape}; x must be 4-D (rows, channels, height, width) for {_a(r.task, True)}",
+                    "x_not_images",
+                )
+            ],
+        )
     if r.images:
         if min(shape[1:]) == 0:
             return None, None, [_err(x_loc, f"{name} has empty images (shape {shape})", "empty_row")]
         return shape[0], tuple(shape[1:]), []
     if len(shape) != 2:
         hint = " (it holds images: use model kind cnn)" if len(shape) == 4 else ""
-        return None, None, [_err(x_loc, f"{name} has shape {shape}; x must be 2-D (rows, features) for "
-                                 f"{_a(r.task, False)}" + hint, "x_not_2d")]
+        return (
+            None,
+            None,
+            [
+                _err(
+                    x_loc,
+                    f"{name} has shape {shape}; x must be 2-D (rows, features) for {_a(r.task, False)}" + hint,
+                    "x_not_2d",
+                )
+            ],
+        )
     if shape[1] == 0:
         return None, None, [_err(x_loc, f"{name} has no features (shape {shape})", "empty_row")]
     return shape[0], shape[1], []
@@ -304,23 +369,50 @@ def _resolve_y(r: _Ref, n: int | None) -> tuple[int | None, float | None, list[d
         return None, None, [r.missing(y_loc, r.ref.y)]
     shape, kind, label = y.shape, r.kind, r.label
     if r.task.loss == "cross_entropy" and len(shape) != 1:
-        return None, None, [
-            _err(y_loc, f"cross_entropy needs one integer class label per row, but {kind} "
-                 f"{r.ref.y!r} of {label} has shape {shape}; name a 1-D tensor of labels 0..C-1 "
-                 "(or use loss mse)", "labels_not_1d")
-        ]
+        return (
+            None,
+            None,
+            [
+                _err(
+                    y_loc,
+                    f"cross_entropy needs one integer class label per row, but {kind} "
+                    f"{r.ref.y!r} of {label} has shape {shape}; name a 1-D tensor of labels 0..C-1 "
+                    "(or use loss mse)",
+                    "labels_not_1d",
+                )
+            ],
+        )
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] == 0):
-        return None, None, [_err(y_loc, f"{kind} {r.ref.y!r} of {label} has shape {shape}; y must be (rows,) "
-                                 "or (rows, targets)", "y_bad_shape")]
+        return (
+            None,
+            None,
+            [
+                _err(
+                    y_loc,
+                    f"{kind} {r.ref.y!r} of {label} has shape {shape}; y must be (rows,) or (rows, targets)",
+                    "y_bad_shape",
+                )
+            ],
+        )
     errors: list[dict] = []
     if n is not None and shape[0] != n:
-        errors.append(_err(y_loc, f"y ({kind} {r.ref.y!r}) has {shape[0]} rows but x has {n}; each "
-                           "row of features needs exactly one target", "length_mismatch"))
+        errors.append(
+            _err(
+                y_loc,
+                f"y ({kind} {r.ref.y!r}) has {shape[0]} rows but x has {n}; each "
+                "row of features needs exactly one target",
+                "length_mismatch",
+            )
+        )
     if r.task.loss == "cross_entropy" and y.min is not None and (not y.integer or y.min < 0):
         errors.append(
-            _err(y_loc, f"cross_entropy labels must be integers 0..C-1, but {kind} "
-                 f"{r.ref.y!r} of {label} holds values from {y.min:g} to {y.max:g}"
-                 + ("" if y.integer else " that are not all whole numbers"), "invalid_label")
+            _err(
+                y_loc,
+                f"cross_entropy labels must be integers 0..C-1, but {kind} "
+                f"{r.ref.y!r} of {label} holds values from {y.min:g} to {y.max:g}"
+                + ("" if y.integer else " that are not all whole numbers"),
+                "invalid_label",
+            )
         )
     return (shape[1] if len(shape) == 2 else None), y.max, errors
 
@@ -332,8 +424,11 @@ def _resolve(
     ds = datasets.get(ref.dataset)
     if ds is None:
         return None, [
-            _err([*loc, "dataset"], f"dataset {ref.dataset} not found; upload it with POST /v1/datasets "
-                 "and use the id it returns", "dataset_not_found")
+            _err(
+                [*loc, "dataset"],
+                f"dataset {ref.dataset} not found; upload it with POST /v1/datasets and use the id it returns",
+                "dataset_not_found",
+            )
         ]
     r = _Ref(loc, task, ref, ds, images)
     n, features, errors = _resolve_columns(r) if r.tabular else _resolve_tensor(r)
@@ -351,16 +446,24 @@ def _compare_sides(loc: list[Any], task: TaskSpec, train: _Side, val: _Side, ima
     errors: list[dict] = []
     if val.features != train.features:
         if images:
-            msg = (f"validation images are {_shape_text(val.features)} but training images are "
-                   f"{_shape_text(train.features)}; train and validation images must have the same shape")
+            msg = (
+                f"validation images are {_shape_text(val.features)} but training images are "
+                f"{_shape_text(train.features)}; train and validation images must have the same shape"
+            )
         else:
-            msg = (f"validation rows have {val.features} features but training rows have "
-                   f"{train.features}; train and validation data must have the same width")
+            msg = (
+                f"validation rows have {val.features} features but training rows have "
+                f"{train.features}; train and validation data must have the same width"
+            )
         errors.append(_err([*loc, "val", "x"], msg, "width_mismatch"))
     if task.loss == "mse" and val.y_width != train.y_width:
         errors.append(
-            _err([*loc, "val", "y"], f"validation y has {_describe_targets(val.y_width)} but training y has "
-                 f"{_describe_targets(train.y_width)}; mse targets must have the same width", "width_mismatch")
+            _err(
+                [*loc, "val", "y"],
+                f"validation y has {_describe_targets(val.y_width)} but training y has "
+                f"{_describe_targets(train.y_width)}; mse targets must have the same width",
+                "width_mismatch",
+            )
         )
     return errors
 
@@ -378,12 +481,15 @@ def _check_dataset(
     if errors or train is None:
         return errors, None
     if val is None:
-        n_val = max(1, round(train.n * data.val_fraction))
+        n_val = max(1, round(train.n * (data.val_fraction or 0.2)))  # the schema sets 0.2 when val is None
         n_train = train.n - n_val
         if n_train < 1:
             return [
-                _err([*loc, "val_fraction"], f"val_fraction {data.val_fraction:g} of {train.n} rows "
-                     "leaves no rows for training", "split_too_small")
+                _err(
+                    [*loc, "val_fraction"],
+                    f"val_fraction {data.val_fraction:g} of {train.n} rows leaves no rows for training",
+                    "split_too_small",
+                )
             ], None
         val = train
     else:
@@ -391,9 +497,12 @@ def _check_dataset(
         errors += _compare_sides(loc, task, train, val, images)
     if not errors and task.batch_size > n_train:
         errors.append(
-            _err([*loc[:-1], "batch_size"], f"batch_size {task.batch_size} is larger than the training "
-                 f"set ({n_train} rows); the last partial batch is dropped, so no step could run",
-                 "batch_too_large")
+            _err(
+                [*loc[:-1], "batch_size"],
+                f"batch_size {task.batch_size} is larger than the training "
+                f"set ({n_train} rows); the last partial batch is dropped, so no step could run",
+                "batch_too_large",
+            )
         )
     if errors:
         return errors, None

@@ -15,7 +15,7 @@ from gradtune.spec.shapes import SpecError
 from service.schemas import DatasetData, DatasetPublic, InlineData, JobCreate, ModelPublic, TaskSpec
 from service.settings import Settings
 from service.validation.admission import check_job_memory, check_unroll, cnn_cost, exported_cost, mlp_cost
-from service.validation.common import TaskIO, _err, _is_cnn, task_io
+from service.validation.common import TaskIO, _err, _is_cnn, cnn_of, mlp_of, task_io
 from service.validation.data import _check_builtin, _check_dataset, _check_inline
 from service.validation.models import (
     _exported_model,
@@ -51,8 +51,9 @@ def check_job(
         slots.append(exported_slots(program) if program is not None else _layer_count(task))
     errors += _check_hyperparameters(job)
     errors += _check_rich_settings(job)
-    if not errors and all(c is not None for c in costs):
-        errors += check_job_memory(job, settings, costs, max((s for s in slots if s), default=1))
+    sized = [c for c in costs if c is not None]
+    if not errors and len(sized) == len(costs):
+        errors += check_job_memory(job, settings, sized, max((s for s in slots if s), default=1))
     return errors
 
 
@@ -77,8 +78,9 @@ def _check_limits(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
     return errors
 
 
-def _check_data(i: int, task: TaskSpec, datasets: Mapping[str, DatasetPublic], images: bool
-                ) -> tuple[list[dict], TaskIO | None]:
+def _check_data(
+    i: int, task: TaskSpec, datasets: Mapping[str, DatasetPublic], images: bool
+) -> tuple[list[dict], TaskIO | None]:
     loc: list[Any] = ["tasks", i, "data"]
     if isinstance(task.data, InlineData):
         errors = _check_inline(loc, task, task.data, images)
@@ -89,15 +91,14 @@ def _check_data(i: int, task: TaskSpec, datasets: Mapping[str, DatasetPublic], i
     return errors, (None if errors else task_io(task))
 
 
-def _task_cost(i: int, task: TaskSpec, io: TaskIO, program: ModelPublic | None
-               ) -> tuple[list[dict], TaskCost | None]:
+def _task_cost(i: int, task: TaskSpec, io: TaskIO, program: ModelPublic | None) -> tuple[list[dict], TaskCost | None]:
     """The model against the data, and the task's terms for the cost model."""
     if program is not None:
         errors = check_exported_io(i, task, io, program, isinstance(task.data, DatasetData))
         return errors, (None if errors else exported_cost(task, io, program))
     if _is_cnn(task):
         shapes, errors = cnn_shapes_or_errors(i, task, io)
-        return errors, (None if errors else cnn_cost(task, io, shapes))
+        return errors, (None if shapes is None else cnn_cost(task, io, shapes))
     try:
         return [], mlp_cost(task, io)
     except SpecError as e:  # a width the data gives as 0 (an empty row is reported already)
@@ -105,7 +106,11 @@ def _task_cost(i: int, task: TaskSpec, io: TaskIO, program: ModelPublic | None
 
 
 def _check_task(
-    i: int, task: TaskSpec, job: JobCreate, settings: Settings, datasets: Mapping[str, DatasetPublic],
+    i: int,
+    task: TaskSpec,
+    job: JobCreate,
+    settings: Settings,
+    datasets: Mapping[str, DatasetPublic],
     models: Mapping[str, ModelPublic],
 ) -> tuple[list[dict], TaskCost | None, ModelPublic | None]:
     """One task's errors, its cost terms when it has none, and its exported program if any."""
@@ -121,7 +126,7 @@ def _check_task(
     program: ModelPublic | None = None
     if is_exported(task):
         program, model_errors = _exported_model(i, task, models)
-        if model_errors:
+        if program is None:
             return errors + model_errors, None, None
         images = len(program.input_shape) == 3
     else:
@@ -169,18 +174,23 @@ def _check_bounds(name: str, value: float, bounds: tuple[float, float], problem)
     if msg is not None:
         return [_err(["hyperparameters", f"{name}_bounds"], msg, "bounds")]
     if not (lo <= value <= hi):
-        return [_err(["hyperparameters", name], f"{name} {value:g} is outside {name}_bounds [{lo:g}, {hi:g}]",
-                     "out_of_bounds")]
+        return [
+            _err(
+                ["hyperparameters", name],
+                f"{name} {value:g} is outside {name}_bounds [{lo:g}, {hi:g}]",
+                "out_of_bounds",
+            )
+        ]
     return []
 
 
 def _layer_count(task: TaskSpec) -> int | None:
     """Layers with parameters (one per-layer group each); None when only the worker can tell."""
     if _is_cnn(task):
-        return sum(1 for layer in task.model.layers if layer.type in ("conv2d", "linear"))
+        return sum(1 for layer in cnn_of(task).layers if layer.type in ("conv2d", "linear"))
     if is_exported(task):
         return None
-    return len(task.model.hidden) + 1
+    return len(mlp_of(task).hidden) + 1
 
 
 def _check_rich_settings(job: JobCreate) -> list[dict[str, Any]]:
@@ -192,16 +202,31 @@ def _check_rich_settings(job: JobCreate) -> list[dict[str, Any]]:
         known = {c for c in counts.values() if c is not None}
         if len(known) > 1:
             detail = ", ".join(f"tasks[{i}]: {c}" for i, c in counts.items() if c is not None)
-            errors.append(_err(["hyperparameters", "per_layer"], "per_layer learns one lr and momentum per layer, "
-                               f"so every task needs the same number of layers with parameters ({detail})",
-                               "per_layer_mismatch"))
+            errors.append(
+                _err(
+                    ["hyperparameters", "per_layer"],
+                    "per_layer learns one lr and momentum per layer, "
+                    f"so every task needs the same number of layers with parameters ({detail})",
+                    "per_layer_mismatch",
+                )
+            )
     if h.schedule_segments > 1:
         steps = sorted({t.steps for t in job.tasks})
         if len(steps) > 1:
-            errors.append(_err(["hyperparameters", "schedule_segments"], "a learned schedule splits the step budget "
-                               f"into equal blocks, so every task needs the same steps (got {steps})",
-                               "schedule_steps_mismatch"))
+            errors.append(
+                _err(
+                    ["hyperparameters", "schedule_segments"],
+                    "a learned schedule splits the step budget "
+                    f"into equal blocks, so every task needs the same steps (got {steps})",
+                    "schedule_steps_mismatch",
+                )
+            )
         elif h.schedule_segments > steps[0]:
-            errors.append(_err(["hyperparameters", "schedule_segments"], f"schedule_segments {h.schedule_segments} "
-                               f"is more than the {steps[0]} steps to share them over", "schedule_too_fine"))
+            errors.append(
+                _err(
+                    ["hyperparameters", "schedule_segments"],
+                    f"schedule_segments {h.schedule_segments} is more than the {steps[0]} steps to share them over",
+                    "schedule_too_fine",
+                )
+            )
     return errors

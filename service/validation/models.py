@@ -8,7 +8,7 @@ from typing import Any
 
 from gradtune.spec.shapes import ModelShapes, SpecError, cnn_shapes, prod
 from service.schemas import ExportedModelRef, ModelPublic, TaskSpec
-from service.validation.common import TaskIO, _err
+from service.validation.common import TaskIO, _err, cnn_of, exported_of
 
 
 def cnn_layer_shapes(
@@ -35,7 +35,7 @@ def _spec_error(loc: list[Any], e: SpecError) -> dict[str, Any]:
 def cnn_shapes_or_errors(i: int, task: TaskSpec, io: TaskIO) -> tuple[ModelShapes | None, list[dict]]:
     """A cnn task's shapes through its layers, or the errors naming the layer."""
     try:
-        return cnn_model_shapes(task.model.layers, tuple(io.features), io.d_out), []
+        return cnn_model_shapes(cnn_of(task).layers, tuple(io.features), io.d_out), []
     except SpecError as e:
         return None, [_spec_error(["tasks", i, "model"], e)]
 
@@ -45,22 +45,39 @@ def _exported_model(
 ) -> tuple[ModelPublic | None, list[dict[str, Any]]]:
     """The uploaded model a ``kind: exported`` task names, or errors: it does not exist, it takes
     examples that are neither rows nor images, or ``init: default`` cannot re-draw its weights."""
-    ref = task.model
+    ref = exported_of(task)
     loc: list[Any] = ["tasks", i, "model"]
     program = models.get(ref.model)
     if program is None:
-        return None, [_err([*loc, "model"], f"model {ref.model} not found; upload a .pt2 archive with "
-                           "POST /v1/models and use the id it returns", "model_not_found")]
+        return None, [
+            _err(
+                [*loc, "model"],
+                f"model {ref.model} not found; upload a .pt2 archive with POST /v1/models and use the id it returns",
+                "model_not_found",
+            )
+        ]
     errors = []
     if len(program.input_shape) not in (1, 3):
-        errors.append(_err([*loc, "model"], f"model {ref.model} ({program.filename}) takes examples of shape "
-                           f"{program.input_shape}; gradtune feeds rows of features (N, F) or images "
-                           "(N, C, H, W)", "model_input_rank"))
+        errors.append(
+            _err(
+                [*loc, "model"],
+                f"model {ref.model} ({program.filename}) takes examples of shape "
+                f"{program.input_shape}; gradtune feeds rows of features (N, F) or images "
+                "(N, C, H, W)",
+                "model_input_rank",
+            )
+        )
     if ref.init == "default" and not program.default_init:
-        errors.append(_err([*loc, "init"], f"model {ref.model} ({program.filename}) has parameters outside "
-                           "linear and conv2d layers (or shares one between layers), which have no PyTorch "
-                           "default initialization to re-draw; use init 'uploaded' to start from the "
-                           "uploaded weights", "init_unavailable"))
+        errors.append(
+            _err(
+                [*loc, "init"],
+                f"model {ref.model} ({program.filename}) has parameters outside "
+                "linear and conv2d layers (or shares one between layers), which have no PyTorch "
+                "default initialization to re-draw; use init 'uploaded' to start from the "
+                "uploaded weights",
+                "init_unavailable",
+            )
+        )
     return (None, errors) if errors else (program, [])
 
 
@@ -78,15 +95,32 @@ def check_exported_io(i: int, task: TaskSpec, io: TaskIO, program: ModelPublic, 
     shape = list(features) if isinstance(features, tuple) else [int(features)]
     label = f"model {program.id} ({program.filename})"
     if shape != list(program.input_shape):
-        return [_err(_x_loc(i, task, from_dataset), f"the examples have shape {shape} but {label} was exported "
-                     f"for examples of shape {list(program.input_shape)}", "shape_mismatch")]
+        return [
+            _err(
+                _x_loc(i, task, from_dataset),
+                f"the examples have shape {shape} but {label} was exported "
+                f"for examples of shape {list(program.input_shape)}",
+                "shape_mismatch",
+            )
+        ]
     width = program.output_width
     if task.loss == "cross_entropy" and d_out > width:
-        return [_err(["tasks", i, "model", "model"], f"the labels go up to {d_out - 1} ({d_out} classes) but "
-                     f"{label} has {width} outputs; cross_entropy needs one output per class", "model_outputs")]
+        return [
+            _err(
+                ["tasks", i, "model", "model"],
+                f"the labels go up to {d_out - 1} ({d_out} classes) but "
+                f"{label} has {width} outputs; cross_entropy needs one output per class",
+                "model_outputs",
+            )
+        ]
     if task.loss == "mse" and d_out != width:
-        return [_err(["tasks", i, "model", "model"], f"the mse targets have width {d_out} but {label} has "
-                     f"{width} outputs; they must be equal", "model_outputs")]
+        return [
+            _err(
+                ["tasks", i, "model", "model"],
+                f"the mse targets have width {d_out} but {label} has {width} outputs; they must be equal",
+                "model_outputs",
+            )
+        ]
     return []
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -26,9 +26,15 @@ from worker.engine.meta import LINE_SEARCH, MetaConfig, init_state, run_meta
 from worker.engine.modules import ModuleObjective
 from worker.engine.reference import EVAL_DRAWS
 
-LAYERS = [{"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1}, {"type": "relu"},
-          {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"}, {"type": "linear", "out_features": 6},
-          {"type": "tanh"}, {"type": "linear"}]
+LAYERS = [
+    {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+    {"type": "relu"},
+    {"type": "maxpool", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "linear", "out_features": 6},
+    {"type": "tanh"},
+    {"type": "linear"},
+]
 
 
 def images_task(steps=4, batch=4):
@@ -41,8 +47,21 @@ def images_task(steps=4, batch=4):
 def test_the_spec_defaults_are_the_engines():
     meta = plan.meta_cost(MetaConfig())
     base = costs.MetaCost()
-    for name in ("iterations", "method", "search", "draws", "eval_draws", "truncation", "population", "stencil",
-                 "line_steps", "slots", "segments", "rich_random_directions", "constant_fraction"):
+    for name in (
+        "iterations",
+        "method",
+        "search",
+        "draws",
+        "eval_draws",
+        "truncation",
+        "population",
+        "stencil",
+        "line_steps",
+        "slots",
+        "segments",
+        "rich_random_directions",
+        "constant_fraction",
+    ):
         assert getattr(meta, name) == getattr(base, name), name
     assert meta.population == costs.START_CANDIDATES["stencil"]
     assert plan.meta_cost(MetaConfig(**LINE_SEARCH)).population == costs.START_CANDIDATES["line"]
@@ -80,22 +99,41 @@ def test_module_tasks_are_sized_like_the_spec():
     terms = plan.module_terms(images_task())
     s = cnn_shapes(LAYERS, (2, 6, 6), 3)
     assert (terms["params"], terms["activations"], terms["macs"], terms["out_features"], terms["slots"]) == (
-        s.params, s.activations, s.macs, 3, 3)
+        s.params,
+        s.activations,
+        s.macs,
+        3,
+        3,
+    )
 
 
 def test_an_exported_program_is_sized_alike_by_the_api_and_the_engine(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 6),
-                          nn.Tanh(), nn.Linear(6, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(27, 6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    )
     path = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(model, (torch.randn(4, 2, 6, 6),)), str(path))
     program = read_pt2(path)
-    public = ModelPublic(id="m", filename="m.pt2", sha256="0" * 64, size=1, created_at=datetime.now(timezone.utc),
-                         **{k: v for k, v in describe_program(program).items() if k in ModelPublic.model_fields})
+    public = ModelPublic(
+        id="m",
+        filename="m.pt2",
+        sha256="0" * 64,
+        size=1,
+        created_at=datetime.now(UTC),
+        **{k: v for k, v in describe_program(program).items() if k in ModelPublic.model_fields},
+    )
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(24, 2, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
-    task = exported_task("e", x[:16], y[:16], x[16:], y[16:], program, read_weights(path, program), "cross_entropy",
-                         4, 4, 0)
+    task = exported_task(
+        "e", x[:16], y[:16], x[16:], y[16:], program, read_weights(path, program), "cross_entropy", 4, 4, 0
+    )
     engine = plan.module_terms(task)
     s = cnn_shapes(LAYERS, (2, 6, 6), 3)
     assert exported_terms(public) == (engine["params"], engine["activations"], engine["macs"])
@@ -114,8 +152,9 @@ def test_the_spec_batches_what_the_engine_batches(monkeypatch):
         return inner(group, lr, momentum, grad_from)
 
     monkeypatch.setattr(functional, "_unroll_group", spy)
-    tasks = [synthetic_task(seed=s, hidden=(2,), steps=2, batch=8, n=16, n_val=4, dtype=torch.float32)
-             for s in range(32)]
+    tasks = [
+        synthetic_task(seed=s, hidden=(2,), steps=2, batch=8, n=16, n_val=4, dtype=torch.float32) for s in range(32)
+    ]
     config = MetaConfig(iterations=2, method="reverse")
     run_meta(tasks, config, init_state(config, 0.01, 0.9), 2)
     est = plan.job_estimate(tasks, config)
@@ -123,7 +162,7 @@ def test_the_spec_batches_what_the_engine_batches(monkeypatch):
     differentiated = [runs for runs, grad in seen if grad]
     assert max(screened) == est.part("start").runs == 8 * 64
     assert set(differentiated) == {est.part("hypergradient").runs} == {64}
-    refine = screened[math.ceil(36 / 8):]  # after the start's 36 candidates (5 unrolls)
+    refine = screened[math.ceil(36 / 8) :]  # after the start's 36 candidates (5 unrolls)
     assert refine and max(refine) <= est.part("refine").runs == 8 * 64
 
 

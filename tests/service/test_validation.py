@@ -37,7 +37,8 @@ def test_estimate_matches_the_spec_formula_by_hand():
 
 def test_estimate_grows_linearly_in_steps_and_with_batch_and_width():
     base = estimate_unroll_bytes(task(steps=100))
-    assert estimate_unroll_bytes(task(steps=200)) - base == estimate_unroll_bytes(task(steps=300)) - estimate_unroll_bytes(task(steps=200))
+    at200, at300 = estimate_unroll_bytes(task(steps=200)), estimate_unroll_bytes(task(steps=300))
+    assert at200 - base == at300 - at200
     assert estimate_unroll_bytes(task(batch_size=64)) > base
     assert estimate_unroll_bytes(task(model={"kind": "mlp", "hidden": [64]})) > base
 
@@ -47,8 +48,13 @@ def test_layer_widths():
     assert layer_widths(task(loss="mse")) == [64, 32, 1]
     inline = TaskSpec.model_validate(INLINE_TASK)
     assert layer_widths(inline) == [2, 4, 3]  # labels 0..2
-    reg = TaskSpec.model_validate({**INLINE_TASK, "loss": "mse",
-                                   "data": {**INLINE_TASK["data"], "y_train": [[1.0, 2.0]] * 6, "y_val": [[0.0, 0.0]] * 2}})
+    reg = TaskSpec.model_validate(
+        {
+            **INLINE_TASK,
+            "loss": "mse",
+            "data": {**INLINE_TASK["data"], "y_train": [[1.0, 2.0]] * 6, "y_val": [[0.0, 0.0]] * 2},
+        }
+    )
     assert layer_widths(reg) == [2, 4, 2]
 
 
@@ -70,8 +76,7 @@ def test_default_job_and_the_issue_example_pass():
 
 def test_limits_come_from_settings():
     job = JobCreate.model_validate(job_body(BUILTIN_TASK, BUILTIN_TASK))
-    errors = check_job(job, Settings(max_tasks=1, max_steps=50, max_iterations=2,
-                                     max_unroll_bytes=1024))
+    errors = check_job(job, Settings(max_tasks=1, max_steps=50, max_iterations=2, max_unroll_bytes=1024))
     assert {tuple(e["loc"]) for e in errors} == {
         ("body", "tasks"),
         ("body", "meta", "iterations"),
@@ -94,8 +99,9 @@ def test_huge_label_is_caught_by_the_memory_estimate():
 
 
 def big_job(n_tasks=4, **task_kw) -> JobCreate:
-    tasks = [{**BUILTIN_TASK, "data": {"source": "builtin", "name": "digits", "seed": i}, **task_kw}
-             for i in range(n_tasks)]
+    tasks = [
+        {**BUILTIN_TASK, "data": {"source": "builtin", "name": "digits", "seed": i}, **task_kw} for i in range(n_tasks)
+    ]
     return JobCreate.model_validate(job_body(*tasks))
 
 
@@ -119,6 +125,7 @@ def test_the_whole_job_is_admitted_up_to_the_limit_exactly():
 def test_what_the_refusal_says_would_fit_does_fit():
     """The start screens 45 candidates x 8 runs whatever the steps: a smaller batch fits, fewer tasks
     fit, fewer steps would not (and are not offered)."""
+
     def job(batch=512, n_tasks=4):
         return big_job(n_tasks, model={"kind": "mlp", "hidden": [1024]}, batch_size=batch, steps=1000)
 
@@ -135,8 +142,10 @@ def test_what_the_refusal_says_would_fit_does_fit():
 
 def test_fewer_steps_are_offered_when_the_graph_sets_the_peak():
     def job(steps):
-        body = job_body(*[{**BUILTIN_TASK, "steps": steps, "batch_size": 64,
-                           "model": {"kind": "mlp", "hidden": [512]}}], meta={"method": "reverse", "iterations": 3})
+        body = job_body(
+            *[{**BUILTIN_TASK, "steps": steps, "batch_size": 64, "model": {"kind": "mlp", "hidden": [512]}}],
+            meta={"method": "reverse", "iterations": 3},
+        )
         return JobCreate.model_validate(body)
 
     roomy = Settings(max_unroll_bytes=2**40)
@@ -164,3 +173,16 @@ def test_the_schemas_cnn_layer_types_are_the_specs():
     union = typing.get_args(typing.get_args(CNNLayer)[0])
     types = [t for cls in union for t in typing.get_args(cls.model_fields["type"].annotation)]
     assert sorted(types) == sorted(CNN_LAYER_TYPES)
+
+
+def test_the_schemas_literals_are_the_specs_vocabularies():
+    import typing
+
+    from gradtune import spec
+    from service import schemas
+
+    assert typing.get_args(schemas.Activation) == spec.ACTIVATIONS
+    assert typing.get_args(schemas.Loss) == spec.LOSSES
+    assert typing.get_args(schemas.Status) == spec.STATUSES
+    assert typing.get_args(schemas.BuiltinName) == tuple(spec.BUILTIN_DATASETS)
+    assert schemas.BUILTIN_DATASETS is spec.BUILTIN_DATASETS and schemas.ACTIVATIONS is spec.ACTIVATIONS

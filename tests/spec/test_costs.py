@@ -18,8 +18,19 @@ from gradtune.spec.shapes import mlp_shapes
 
 def mlp_task(hidden=(32,), batch=32, steps=100, n_train=1437, n_val=360, group="g", kind="mlp", in_f=64, out=10):
     s = mlp_shapes(in_f, hidden, out, "tanh")
-    return TaskCost(params=s.params, activations=s.activations, macs=s.macs, batch_size=batch, steps=steps,
-                    n_train=n_train, n_val=n_val, in_elements=in_f, out_features=out, kind=kind, group=group)
+    return TaskCost(
+        params=s.params,
+        activations=s.activations,
+        macs=s.macs,
+        batch_size=batch,
+        steps=steps,
+        n_train=n_train,
+        n_val=n_val,
+        in_elements=in_f,
+        out_features=out,
+        kind=kind,
+        group=group,
+    )
 
 
 def test_candidates_per_unroll_follow_the_engines_chunks():
@@ -132,7 +143,7 @@ def test_a_training_step_costs_what_torch_counts(widths):
     first layer needs no input gradient, which is what the bound gives away (at most 1/3)."""
     batch = 16
     layers = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
         if i:
             layers.append(nn.Tanh())
         layers.append(nn.Linear(a, b))
@@ -142,8 +153,17 @@ def test_a_training_step_costs_what_torch_counts(widths):
         nn.functional.cross_entropy(model(x), y).backward()
     counted = counter.get_total_flops()
     s = mlp_shapes(widths[0], widths[1:-1], widths[-1], "tanh")
-    t = TaskCost(params=s.params, activations=s.activations, macs=s.macs, batch_size=batch, steps=1, n_train=batch,
-                 n_val=0, in_elements=widths[0], out_features=widths[-1])
+    t = TaskCost(
+        params=s.params,
+        activations=s.activations,
+        macs=s.macs,
+        batch_size=batch,
+        steps=1,
+        n_train=batch,
+        n_val=0,
+        in_elements=widths[0],
+        out_features=widths[-1],
+    )
     model_flops = run_flops(t, "screen") - 4 * s.params  # the update is not a matmul
     assert counted <= model_flops <= 1.5 * counted
     assert math.isclose(model_flops, 6 * s.macs * batch)

@@ -14,8 +14,9 @@ import pytest
 
 from benchmarks.cost_model import CASES, estimate, measure
 
-pytestmark = pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
-                                reason="needs Linux's /proc/self/clear_refs to reset the peak")
+pytestmark = pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs to reset the peak"
+)
 
 MEASURED = [
     "mlp [1024] B512 screen",  # a forward screening batch: 9 candidates x 2 tasks x 2 draws

@@ -15,7 +15,7 @@ ACTS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU
 
 def torch_mlp(widths, activation):
     layers = []
-    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
         if i:
             layers.append(ACTS[activation]())
         layers.append(nn.Linear(a, b))
@@ -26,11 +26,16 @@ def torch_cnn(layers, in_shape, out):
     """The stack built with torch's own modules, input widths found by running it."""
     mods = []
     x = torch.zeros(1, *in_shape)
-    for i, layer in enumerate(layers):
+    for layer in layers:
         kind = layer["type"]
         if kind == "conv2d":
-            m = nn.Conv2d(x.shape[1], layer["out_channels"], layer["kernel_size"], stride=layer.get("stride", 1),
-                          padding=layer.get("padding", 0))
+            m = nn.Conv2d(
+                x.shape[1],
+                layer["out_channels"],
+                layer["kernel_size"],
+                stride=layer.get("stride", 1),
+                padding=layer.get("padding", 0),
+            )
         elif kind in ("maxpool", "avgpool"):
             cls = nn.MaxPool2d if kind == "maxpool" else nn.AvgPool2d
             m = cls(layer["kernel_size"], stride=layer.get("stride") or layer["kernel_size"])
@@ -67,9 +72,15 @@ def measured(model, in_shape):
     return shapes, sum(p.numel() for p in model.parameters()), acts, sum(macs)
 
 
-@pytest.mark.parametrize("widths, activation", [
-    ([64, 32, 10], "tanh"), ([3, 1], "relu"), ([13, 100, 50, 7, 3], "gelu"), ([4, 4096, 2], "sigmoid"),
-])
+@pytest.mark.parametrize(
+    "widths, activation",
+    [
+        ([64, 32, 10], "tanh"),
+        ([3, 1], "relu"),
+        ([13, 100, 50, 7, 3], "gelu"),
+        ([4, 4096, 2], "sigmoid"),
+    ],
+)
 def test_mlp_shapes_match_torch(widths, activation):
     spec = mlp_shapes(widths[0], widths[1:-1], widths[-1], activation)
     shapes, params, acts, macs = measured(torch_mlp(widths, activation), (widths[0],))
@@ -82,13 +93,30 @@ def test_mlp_shapes_match_torch(widths, activation):
 
 
 CNNS = [
-    ((1, 4, 4), [{"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1}, {"type": "relu"},
-                 {"type": "maxpool", "kernel_size": 2}, {"type": "flatten"}, {"type": "linear"}]),
-    ((3, 17, 13), [{"type": "conv2d", "out_channels": 8, "kernel_size": 5, "stride": 2, "padding": 2},
-                   {"type": "tanh"}, {"type": "avgpool", "kernel_size": 3, "stride": 1},
-                   {"type": "conv2d", "out_channels": 6, "kernel_size": 2, "stride": 3}, {"type": "relu"},
-                   {"type": "flatten"}, {"type": "linear", "out_features": 11}, {"type": "relu"},
-                   {"type": "linear", "out_features": 5}]),
+    (
+        (1, 4, 4),
+        [
+            {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "padding": 1},
+            {"type": "relu"},
+            {"type": "maxpool", "kernel_size": 2},
+            {"type": "flatten"},
+            {"type": "linear"},
+        ],
+    ),
+    (
+        (3, 17, 13),
+        [
+            {"type": "conv2d", "out_channels": 8, "kernel_size": 5, "stride": 2, "padding": 2},
+            {"type": "tanh"},
+            {"type": "avgpool", "kernel_size": 3, "stride": 1},
+            {"type": "conv2d", "out_channels": 6, "kernel_size": 2, "stride": 3},
+            {"type": "relu"},
+            {"type": "flatten"},
+            {"type": "linear", "out_features": 11},
+            {"type": "relu"},
+            {"type": "linear", "out_features": 5},
+        ],
+    ),
     ((2, 6, 6), [{"type": "maxpool", "kernel_size": 3}, {"type": "flatten"}, {"type": "linear"}]),
 ]
 
@@ -108,27 +136,61 @@ def test_cnn_layers_may_be_objects():
     class Layer:
         def __init__(self, **kw):
             self.type, self.out_channels, self.kernel_size, self.stride, self.padding, self.out_features = (
-                kw.get("type"), kw.get("out_channels"), kw.get("kernel_size"), kw.get("stride"), kw.get("padding"),
-                kw.get("out_features"))
+                kw.get("type"),
+                kw.get("out_channels"),
+                kw.get("kernel_size"),
+                kw.get("stride"),
+                kw.get("padding"),
+                kw.get("out_features"),
+            )
 
     in_shape, layers = CNNS[1]
     assert cnn_shapes([Layer(**d) for d in layers], in_shape, 5).shapes == cnn_shapes(layers, in_shape, 5).shapes
 
 
-@pytest.mark.parametrize("layers, index, field, type_, words", [
-    ([{"type": "conv2d", "out_channels": 2, "kernel_size": 5}, {"type": "flatten"}, {"type": "linear"}],
-     0, "kernel_size", "cnn_shape", ["layer 0 (conv2d)", "4x4 images", "kernel of 5"]),
-    ([{"type": "flatten"}, {"type": "maxpool", "kernel_size": 2}, {"type": "linear"}],
-     1, "type", "cnn_structure", ["layer 1 (maxpool) comes after flatten"]),
-    ([{"type": "linear", "out_features": 3}], 0, "type", "cnn_structure", ["flatten layer before"]),
-    ([{"type": "flatten"}, {"type": "flatten"}, {"type": "linear"}], 1, "type", "cnn_structure", ["second flatten"]),
-    ([{"type": "flatten"}, {"type": "linear", "out_features": 4}], 1, "out_features", "cnn_outputs",
-     ["4 outputs but the targets need 3"]),
-    ([{"type": "flatten"}, {"type": "linear"}, {"type": "linear"}], 1, "out_features", "missing",
-     ["needs out_features"]),
-    ([{"type": "flatten"}, {"type": "relu"}], 1, "type", "cnn_structure", ["must end with a linear layer"]),
-    ([{"type": "dropout"}, {"type": "flatten"}, {"type": "linear"}], 0, "type", "cnn_structure", ["unknown type"]),
-])
+@pytest.mark.parametrize(
+    "layers, index, field, type_, words",
+    [
+        (
+            [{"type": "conv2d", "out_channels": 2, "kernel_size": 5}, {"type": "flatten"}, {"type": "linear"}],
+            0,
+            "kernel_size",
+            "cnn_shape",
+            ["layer 0 (conv2d)", "4x4 images", "kernel of 5"],
+        ),
+        (
+            [{"type": "flatten"}, {"type": "maxpool", "kernel_size": 2}, {"type": "linear"}],
+            1,
+            "type",
+            "cnn_structure",
+            ["layer 1 (maxpool) comes after flatten"],
+        ),
+        ([{"type": "linear", "out_features": 3}], 0, "type", "cnn_structure", ["flatten layer before"]),
+        (
+            [{"type": "flatten"}, {"type": "flatten"}, {"type": "linear"}],
+            1,
+            "type",
+            "cnn_structure",
+            ["second flatten"],
+        ),
+        (
+            [{"type": "flatten"}, {"type": "linear", "out_features": 4}],
+            1,
+            "out_features",
+            "cnn_outputs",
+            ["4 outputs but the targets need 3"],
+        ),
+        (
+            [{"type": "flatten"}, {"type": "linear"}, {"type": "linear"}],
+            1,
+            "out_features",
+            "missing",
+            ["needs out_features"],
+        ),
+        ([{"type": "flatten"}, {"type": "relu"}], 1, "type", "cnn_structure", ["must end with a linear layer"]),
+        ([{"type": "dropout"}, {"type": "flatten"}, {"type": "linear"}], 0, "type", "cnn_structure", ["unknown type"]),
+    ],
+)
 def test_impossible_stacks_name_the_layer(layers, index, field, type_, words):
     with pytest.raises(SpecError) as err:
         cnn_shapes(layers, (1, 4, 4), 3)

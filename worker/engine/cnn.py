@@ -56,13 +56,16 @@ def build_cnn(
 
     def make() -> nn.Sequential:
         mods: list[nn.Module] = []
-        for layer, before, after in zip(spec_layers, ins, shapes):
+        for layer, before, after in zip(spec_layers, ins, shapes, strict=True):
             kind = _get(layer, "type")
             if kind == "conv2d":
                 mods.append(
                     nn.Conv2d(
-                        before[0], after[0], int(_get(layer, "kernel_size")),
-                        stride=int(_get(layer, "stride", 1)), padding=int(_get(layer, "padding", 0)),
+                        before[0],
+                        after[0],
+                        int(_get(layer, "kernel_size")),
+                        stride=int(_get(layer, "stride", 1)),
+                        padding=int(_get(layer, "padding", 0)),
                     )
                 )
             elif kind == "relu":
@@ -111,6 +114,14 @@ def cnn_task(
         return build_cnn(layers, in_shape, derive_seed("init", seed, draw), out_features)
 
     return ModuleTask(
-        name=name, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, loss=loss,
-        steps=steps, batch_size=batch_size, seed=seed, make_model=make,
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        loss=loss,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        make_model=make,
     )

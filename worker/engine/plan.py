@@ -77,23 +77,50 @@ def module_terms(task: Any) -> dict:
 
 def _signature(task: Task) -> tuple:
     """The key functional.Objective groups MLP tasks by (equal shapes batch together)."""
-    return (task.x_train.shape[1], tuple(task.hidden), task.activation, task.loss, task.out_features, task.steps,
-            task.batch_size, task.x_train.dtype, str(task.x_train.device))
+    return (
+        task.x_train.shape[1],
+        tuple(task.hidden),
+        task.activation,
+        task.loss,
+        task.out_features,
+        task.steps,
+        task.batch_size,
+        task.x_train.dtype,
+        str(task.x_train.device),
+    )
 
 
 def task_cost(task: Any) -> tuple[TaskCost, int]:
     """The spec's TaskCost of an engine task, and its per-layer slots."""
-    common = dict(batch_size=int(task.batch_size), steps=int(task.steps), n_train=int(task.x_train.shape[0]),
-                  n_val=int(task.x_val.shape[0]), in_elements=int(task.x_train[0].numel()),
-                  element_size=int(task.x_train.element_size()))
+    common = dict(
+        batch_size=int(task.batch_size),
+        steps=int(task.steps),
+        n_train=int(task.x_train.shape[0]),
+        n_val=int(task.x_val.shape[0]),
+        in_elements=int(task.x_train[0].numel()),
+        element_size=int(task.x_train.element_size()),
+    )
     if isinstance(task, Task):
         shapes = mlp_shapes(task.x_train.shape[1], task.hidden, task.out_features, task.activation)
-        cost = TaskCost(params=shapes.params, activations=shapes.activations, macs=shapes.macs,
-                        out_features=int(task.out_features), kind="mlp", group=_signature(task), **common)
+        cost = TaskCost(
+            params=shapes.params,
+            activations=shapes.activations,
+            macs=shapes.macs,
+            out_features=int(task.out_features),
+            kind="mlp",
+            group=_signature(task),
+            **common,
+        )
         return cost, len(task.hidden) + 1
     terms = module_terms(task)
-    cost = TaskCost(params=terms["params"], activations=terms["activations"], macs=terms["macs"],
-                    out_features=terms["out_features"], kind="module", **common)
+    cost = TaskCost(
+        params=terms["params"],
+        activations=terms["activations"],
+        macs=terms["macs"],
+        out_features=terms["out_features"],
+        kind="module",
+        **common,
+    )
     return cost, terms["slots"]
 
 
@@ -150,6 +177,11 @@ def estimate(tasks: Sequence[Any], config: Any) -> dict:
     out: dict[str, Any] = {"hyperparameters": meta.hyperparameters, "steps": max(c.steps for c in costs)}
     for method in ("reverse", "forward", "truncated"):
         out[f"{method}_mb"] = hypergradient_bytes(costs, meta, method) / _MB
-    out.update(method=job.method, peak_mb=job.peak_bytes / _MB, data_mb=job.data_bytes / _MB, flops=job.flops,
-               parts={p.name: p.bytes / _MB for p in job.parts})
+    out.update(
+        method=job.method,
+        peak_mb=job.peak_bytes / _MB,
+        data_mb=job.data_bytes / _MB,
+        flops=job.flops,
+        parts={p.name: p.bytes / _MB for p in job.parts},
+    )
     return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradtune.spec.vocab import ACTIVATIONS, LOSSES  # noqa: F401  (importable from here, as before)
+from gradtune.spec.vocab import ACTIVATIONS, LOSSES
 
 from .errors import EngineError
 
@@ -65,8 +65,7 @@ def check_batch_size(task) -> None:
     n, b = task.x_train.shape[0], task.batch_size
     if not 1 <= b <= n:
         raise EngineError(
-            f"Task {task.name!r}: the batch size ({b}) must be between 1 and the number of "
-            f"training rows ({n})."
+            f"Task {task.name!r}: the batch size ({b}) must be between 1 and the number of training rows ({n})."
         )
 
 
