@@ -1,33 +1,26 @@
 """The public contract: request and response bodies of the v1 API.
 
 These are plain pydantic models. The worker reads the stored job body through
-``JobCreate`` too, so this module must import nothing but pydantic and the
-standard library (no FastAPI, no SQLAlchemy, no torch).
+``JobCreate`` too, so this module must import nothing but pydantic, the standard
+library and gradtune.spec (standard library only): no FastAPI, no SQLAlchemy, no torch.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from gradtune.spec import STATUSES, TERMINAL_STATUSES  # noqa: F401 - re-exported: service.schemas.STATUSES
+from gradtune.spec import (  # noqa: F401 - re-exported: service.schemas.ACTIVATIONS, STATUSES, ...
+    ACTIVATIONS,
+    BUILTIN_DATASETS,
+    LOSSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+)
 
-ACTIVATIONS = ("tanh", "relu", "sigmoid", "gelu")
-LOSSES = ("cross_entropy", "mse")
-
-# Facts about the scikit-learn datasets a task can name, kept here so the API can
-# validate a job without importing scikit-learn. tests/worker checks them against
-# the real loaders.
-BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
-    "digits": {"n": 1797, "features": 64, "classes": 10, "task": "classification"},
-    "breast_cancer": {"n": 569, "features": 30, "classes": 2, "task": "classification"},
-    "wine": {"n": 178, "features": 13, "classes": 3, "task": "classification"},
-    "iris": {"n": 150, "features": 4, "classes": 3, "task": "classification"},
-    "diabetes": {"n": 442, "features": 10, "classes": None, "task": "regression"},
-}
-
+# gradtune.spec's vocabularies, spelled out for type checkers (tests/service/test_validation.py checks they agree).
 Activation = Literal["tanh", "relu", "sigmoid", "gelu"]
 Loss = Literal["cross_entropy", "mse"]
 # gradtune.spec's JobStatus values, spelled out for type checkers (tests/service checks they agree).
@@ -43,7 +36,7 @@ class _Strict(BaseModel):
 
 
 def _feature_rank(v: Any) -> str:
-    """"images" when the first example is itself a nested list (N, C, H, W), else "table"."""
+    """ "images" when the first example is itself a nested list (N, C, H, W), else "table"."""
     if isinstance(v, list) and v and isinstance(v[0], list) and v[0] and isinstance(v[0][0], list):
         return "images"
     return "table"
@@ -52,10 +45,7 @@ def _feature_rank(v: Any) -> str:
 # x: rows of features (N, F) for an mlp, or images (N, C, H, W) for a cnn. The tag ("table",
 # "images") is dropped from error locations (service/api/errors.py).
 Features = Annotated[
-    Union[
-        Annotated[list[list[Finite]], Tag("table")],
-        Annotated[list[list[list[list[Finite]]]], Tag("images")],
-    ],
+    Annotated[list[list[Finite]], Tag("table")] | Annotated[list[list[list[list[Finite]]]], Tag("images")],
     Discriminator(_feature_rank),
     Field(min_length=1),
 ]
@@ -95,10 +85,7 @@ class DatasetRef(_Strict):
 
     dataset: str = Field(min_length=1, max_length=64, description="A dataset id.")
     x: Annotated[
-        Union[
-            Annotated[Name, Tag("name")],
-            Annotated[list[Name], Field(min_length=1, max_length=4096), Tag("names")],
-        ],
+        Annotated[Name, Tag("name")] | Annotated[list[Name], Field(min_length=1, max_length=4096), Tag("names")],
         Discriminator(lambda v: "names" if isinstance(v, list) else "name"),
     ]
     y: Name
@@ -116,7 +103,7 @@ class DatasetData(_Strict):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
-    def _one_way_to_validate(self) -> "DatasetData":
+    def _one_way_to_validate(self) -> DatasetData:
         if self.val is None:
             if self.val_fraction is None:
                 self.val_fraction = 0.2
@@ -124,8 +111,7 @@ class DatasetData(_Strict):
                 self.seed = 0
         elif self.val_fraction is not None or self.seed is not None:
             raise ValueError(
-                "give either val (a dataset reference) or val_fraction and seed (a split of "
-                "train), not both"
+                "give either val (a dataset reference) or val_fraction and seed (a split of train), not both"
             )
         return self
 
@@ -137,7 +123,7 @@ class DatasetData(_Strict):
         return refs
 
 
-TaskData = Annotated[Union[InlineData, BuiltinData, DatasetData], Field(discriminator="source")]
+TaskData = Annotated[InlineData | BuiltinData | DatasetData, Field(discriminator="source")]
 
 
 class MLPModel(_Strict):
@@ -187,7 +173,7 @@ class LinearLayer(_Strict):
 
 
 CNNLayer = Annotated[
-    Union[Conv2dLayer, ActivationLayer, PoolLayer, FlattenLayer, LinearLayer], Field(discriminator="type")
+    Conv2dLayer | ActivationLayer | PoolLayer | FlattenLayer | LinearLayer, Field(discriminator="type")
 ]
 
 
@@ -214,7 +200,7 @@ class ExportedModelRef(_Strict):
     init: Literal["default", "uploaded"] = "default"
 
 
-Model = Annotated[Union[MLPModel, CNNModel, ExportedModelRef], Field(discriminator="kind")]
+Model = Annotated[MLPModel | CNNModel | ExportedModelRef, Field(discriminator="kind")]
 
 
 class TaskSpec(_Strict):
@@ -237,7 +223,9 @@ class Hyperparameters(_Strict):
         False, description="One lr and one momentum per layer with parameters (weight and bias together)."
     )
     schedule_segments: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description="Values shared over this many equal blocks of the step budget (a piecewise-constant "
         "schedule); needs every task to train for the same number of steps.",
     )
@@ -422,8 +410,9 @@ class DatasetsPublic(BaseModel):
 class ModelNode(BaseModel):
     """One operator of an exported program, in call order."""
 
-    op: str = Field(description="The operator: linear, conv2d, relu, tanh, sigmoid, gelu, max_pool2d, "
-                    "avg_pool2d or flatten.")
+    op: str = Field(
+        description="The operator: linear, conv2d, relu, tanh, sigmoid, gelu, max_pool2d, avg_pool2d or flatten."
+    )
     output_shape: list[int] | None = Field(description="Its output's shape per example.")
     parameters: list[str] = Field(description="The parameters it uses.")
 
@@ -448,8 +437,10 @@ class ModelPublic(BaseModel):
     nodes: list[ModelNode]
     parameters: list[ModelParameter] = Field(description="In call order, with the program's own names.")
     parameter_count: int
-    default_init: bool = Field(description="Every parameter belongs to a linear or conv2d layer, so "
-                               "init 'default' can re-draw PyTorch's default initialization.")
+    default_init: bool = Field(
+        description="Every parameter belongs to a linear or conv2d layer, so "
+        "init 'default' can re-draw PyTorch's default initialization."
+    )
 
 
 class ModelsPublic(BaseModel):

@@ -24,7 +24,12 @@ class Settings(BaseSettings):
     max_tasks: int = 32  # the held-out benchmark needs about 32 tasks to transfer on its noisiest family
     max_steps: int = 10_000
     max_iterations: int = 1_000
-    max_unroll_bytes: int = 2 * 1024**3  # reverse-mode memory the engine may hold per task
+    # one hypergradient through a task's own unroll (its draws batched), by gradtune.spec.costs; also
+    # the budget under which method auto takes reverse (worker/runner.meta_config)
+    max_unroll_bytes: int = 2 * 1024**3
+    # the peak of a whole job as the engine batches it: every task, draw and screened candidate in
+    # one unroll, the data, the hypergradient (gradtune.spec.costs); a larger job gets 422
+    max_job_memory_bytes: int = 8 * 1024**3
     max_upload_bytes: int = 1024**3  # one dataset file; larger uploads get 413 while streaming
     max_dataset_bytes: int = 4 * 1024**3  # a dataset's values once decoded (npz and parquet compress)
     # Uploads received and checked at once by one API process; one more is answered 503 with Retry-After.

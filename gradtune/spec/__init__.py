@@ -7,11 +7,17 @@ share from here, so each fact is written once:
   datasets, job statuses as an enum).
 * :mod:`gradtune.spec.hyper`: the momentum map (momentum <-> the unbounded parameter the search
   moves) and the learning-rate bounds arithmetic.
+* :mod:`gradtune.spec.shapes`: an mlp's or a cnn's output shape per layer, parameters, activations
+  and multiply-adds per example (SpecError names the layer that cannot work).
+* :mod:`gradtune.spec.costs`: the cost model: bytes and FLOPs of an evaluation, a meta-iteration
+  and a whole job as the engine batches it (docs/cost_model.md).
 
 Nothing here may import anything outside the standard library (tests/spec checks it).
 """
 
+from gradtune.spec.costs import CostEstimate, MetaCost, Part, TaskCost, estimate
 from gradtune.spec.hyper import Z_LIMIT, clamp, momentum_to_param, param_to_momentum
+from gradtune.spec.shapes import ModelShapes, SpecError, cnn_shapes, mlp_shapes
 from gradtune.spec.vocab import (
     ACTIVATIONS,
     ACTIVE_STATUSES,
@@ -32,8 +38,17 @@ __all__ = [
     "STATUSES",
     "TERMINAL_STATUSES",
     "Z_LIMIT",
+    "CostEstimate",
     "JobStatus",
+    "MetaCost",
+    "ModelShapes",
+    "Part",
+    "SpecError",
+    "TaskCost",
     "clamp",
+    "cnn_shapes",
+    "estimate",
+    "mlp_shapes",
     "momentum_to_param",
     "param_to_momentum",
 ]

@@ -7,6 +7,7 @@ queue message appeared. Runs on SQLite and PostgreSQL (db_url).
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -58,8 +59,9 @@ def test_body_not_an_object(client, nothing_changed):
 
 
 def test_non_json_content_type_is_415_and_says_how(client, nothing_changed):
-    r = client.post("/v1/jobs", content=json.dumps(job_body()),
-                    headers={"content-type": "application/x-www-form-urlencoded"})
+    r = client.post(
+        "/v1/jobs", content=json.dumps(job_body()), headers={"content-type": "application/x-www-form-urlencoded"}
+    )
     assert r.status_code == 415, r.text
     assert "Content-Type: application/json" in r.json()["detail"]
     nothing_changed()
@@ -350,13 +352,22 @@ def test_mse_on_a_classification_dataset_is_allowed(client):
     [
         ({"lr": 20.0}, "hyperparameters.lr", "lr 20 is outside lr_bounds [1e-05, 10]"),
         ({"lr": 0.0}, "hyperparameters.lr", "Input should be greater than 0"),
-        ({"lr_bounds": [0.1, 0.01], "lr": 0.05}, "hyperparameters.lr_bounds",
-         "lr_bounds must be [low, high] with low < high, got [0.1, 0.01]"),
+        (
+            {"lr_bounds": [0.1, 0.01], "lr": 0.05},
+            "hyperparameters.lr_bounds",
+            "lr_bounds must be [low, high] with low < high, got [0.1, 0.01]",
+        ),
         ({"lr_bounds": [0.0, 1.0]}, "hyperparameters.lr_bounds", "lr_bounds must be positive, got lower bound 0"),
-        ({"momentum_bounds": [0.0, 1.0]}, "hyperparameters.momentum_bounds",
-         "momentum_bounds must lie within [0, 1), got [0, 1]"),
-        ({"momentum": 0.95, "momentum_bounds": [0.0, 0.9]}, "hyperparameters.momentum",
-         "momentum 0.95 is outside momentum_bounds [0, 0.9]"),
+        (
+            {"momentum_bounds": [0.0, 1.0]},
+            "hyperparameters.momentum_bounds",
+            "momentum_bounds must lie within [0, 1), got [0, 1]",
+        ),
+        (
+            {"momentum": 0.95, "momentum_bounds": [0.0, 0.9]},
+            "hyperparameters.momentum",
+            "momentum 0.95 is outside momentum_bounds [0, 0.9]",
+        ),
         ({"momentum": 1.0}, "hyperparameters.momentum", "Input should be less than 1"),
     ],
 )
@@ -373,23 +384,26 @@ def test_bad_hyperparameters(client, nothing_changed, hyper, field, msg):
 
 
 def test_steps_beyond_memory_say_so(client, nothing_changed, settings):
-    task = dict(BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"},
-                steps=5000, batch_size=256)
+    task = dict(
+        BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"}, steps=5000, batch_size=256
+    )
     body = job_body(task)
     body["meta"] = {"method": "reverse"}
     e = only_error(client.post("/v1/jobs", json=body))
     assert e["loc"] == ["body", "tasks", 0, "steps"]
     assert e["type"] == "unroll_too_large"
     assert e["msg"].startswith("steps=5000 with batch_size=256 and hidden=[1024, 1024] needs about ")
-    assert ("GiB to differentiate through (method reverse), above the limit of 2 GiB; lower steps or "
-            "batch_size") in e["msg"]
+    assert ("GiB to differentiate through (method reverse), above the limit of 2 GiB; lower steps or batch_size") in e[
+        "msg"
+    ]
     nothing_changed()
 
 
 def test_long_horizons_fit_with_forward_mode_and_auto(client, settings):
     """What reverse mode cannot hold, forward mode (memory independent of steps) can: auto takes it."""
-    task = dict(BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"},
-                steps=5000, batch_size=256)
+    task = dict(
+        BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"}, steps=5000, batch_size=256
+    )
     for method in ("forward", "auto"):
         body = job_body(task)
         body["meta"] = {"method": method}
@@ -404,11 +418,43 @@ def test_long_horizons_fit_with_forward_mode_and_auto(client, settings):
 
 
 def test_a_model_too_big_for_any_method_is_refused_under_auto(client, nothing_changed, settings):
-    task = dict(BUILTIN_TASK, model={"kind": "mlp", "hidden": [4096] * 16, "activation": "relu"},
-                steps=1000, batch_size=1024)
+    task = dict(
+        BUILTIN_TASK, model={"kind": "mlp", "hidden": [4096] * 16, "activation": "relu"}, steps=1000, batch_size=1024
+    )
     e = only_error(client.post("/v1/jobs", json=job_body(task)))
     assert e["type"] == "unroll_too_large" and "(method auto)" in e["msg"]
     nothing_changed()
+
+
+def test_the_issue_job_is_refused_quickly(client, nothing_changed, settings):
+    """32 tasks x hidden [4096] x 10,000 steps x batch 1024 (issue 9: accepted, the worker grew to
+    23 GB and was killed): each task alone fits forward mode, the job as the engine batches it does
+    not; the 422 says which part sets the peak and what would fit."""
+    tasks = [
+        dict(
+            BUILTIN_TASK,
+            data={"source": "builtin", "name": "digits", "seed": i},
+            model={"kind": "mlp", "hidden": [4096], "activation": "tanh"},
+            steps=10_000,
+            batch_size=1024,
+        )
+        for i in range(32)
+    ]
+    body = job_body(*tasks, meta={"iterations": 1000})
+    t0 = time.perf_counter()
+    r = client.post("/v1/jobs", json=body)
+    elapsed = time.perf_counter() - t0
+    e = only_error(r)
+    assert e["field"] == "tasks" and e["type"] == "job_too_large"
+    assert e["msg"].startswith("this job needs about ")
+    assert "GiB of memory at its peak, above the limit of 8 GiB" in e["msg"]
+    assert "(task, draw) runs batched in one unroll" in e["msg"] and "It would fit with batch_size <= " in e["msg"]
+    assert elapsed < 5.0, elapsed
+    nothing_changed()
+    body["tasks"] = body["tasks"][:1]
+    body["tasks"][0]["steps"] = 100
+    body["tasks"][0]["batch_size"] = 32
+    assert client.post("/v1/jobs", json=body).status_code == 202  # the limit is not a blanket refusal
 
 
 def test_body_over_the_limit_by_content_length_is_413(tmp_path, db_url, make_settings):
@@ -434,7 +480,7 @@ def test_chunked_body_over_the_limit_is_413(tmp_path, db_url, make_settings):
 
     def stream():  # no Content-Length: httpx sends Transfer-Encoding: chunked
         for i in range(0, len(data), 500):
-            yield data[i:i + 500]
+            yield data[i : i + 500]
 
     with TestClient(app) as client:
         r = client.post("/v1/jobs", content=stream(), headers={"content-type": "application/json"})
@@ -443,8 +489,9 @@ def test_chunked_body_over_the_limit_is_413(tmp_path, db_url, make_settings):
         assert count_jobs(app) == 0 and enqueued(app) == []
 
         small = json.dumps(job_body()).encode()
-        r = client.post("/v1/jobs", content=iter([small[:100], small[100:]]),
-                        headers={"content-type": "application/json"})
+        r = client.post(
+            "/v1/jobs", content=iter([small[:100], small[100:]]), headers={"content-type": "application/json"}
+        )
         assert r.status_code == 202, r.text
 
 

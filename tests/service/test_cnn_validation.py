@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 
+from gradtune.spec import costs
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.validation import check_job
@@ -62,13 +63,20 @@ def one(r) -> dict:
 def test_inline_cnn_job_is_accepted_and_stored_as_sent(client, app):
     r = post(client, cnn_task())
     assert r.status_code == 202, r.text
-    layers = [dict(LAYERS[0]), {"type": "tanh"}, {"type": "avgpool", "kernel_size": 2, "stride": 1},
-              {"type": "flatten"}, {"type": "linear", "out_features": 5}, {"type": "relu"}, {"type": "linear"}]
+    layers = [
+        dict(LAYERS[0]),
+        {"type": "tanh"},
+        {"type": "avgpool", "kernel_size": 2, "stride": 1},
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 5},
+        {"type": "relu"},
+        {"type": "linear"},
+    ]
     r = post(client, cnn_task(layers))
     assert r.status_code == 202, r.text
     job = JobCreate.model_validate(job_body(cnn_task(layers)))
     assert job.tasks[0].model.kind == "cnn"
-    assert [layer.type for layer in job.tasks[0].model.layers] == [l["type"] for l in layers]
+    assert [layer.type for layer in job.tasks[0].model.layers] == [layer["type"] for layer in layers]
     assert job.tasks[0].model.layers[6].out_features is None
 
 
@@ -76,24 +84,60 @@ def test_inline_cnn_job_is_accepted_and_stored_as_sent(client, app):
     "layers, field, words, type_",
     [
         # conv output would be 0x0 on 4x4 images
-        ([{"type": "conv2d", "out_channels": 2, "kernel_size": 5}, {"type": "flatten"}, {"type": "linear"}],
-         "tasks[0].model.layers[0].kernel_size", ["4x4 images", "kernel of 5"], "cnn_shape"),
+        (
+            [{"type": "conv2d", "out_channels": 2, "kernel_size": 5}, {"type": "flatten"}, {"type": "linear"}],
+            "tasks[0].model.layers[0].kernel_size",
+            ["4x4 images", "kernel of 5"],
+            "cnn_shape",
+        ),
         # the pool shrinks 4x4 to 2x2, then a 3x3 conv does not fit
-        ([{"type": "maxpool", "kernel_size": 2}, {"type": "conv2d", "out_channels": 2, "kernel_size": 3},
-          {"type": "flatten"}, {"type": "linear"}],
-         "tasks[0].model.layers[1].kernel_size", ["2x2 images"], "cnn_shape"),
-        ([{"type": "conv2d", "out_channels": 2, "kernel_size": 3}, {"type": "linear", "out_features": 3}],
-         "tasks[0].model.layers[1].type", ["flatten layer before"], "cnn_structure"),
-        ([{"type": "flatten"}, {"type": "avgpool", "kernel_size": 2}, {"type": "linear"}],
-         "tasks[0].model.layers[1].type", ["after flatten"], "cnn_structure"),
-        ([{"type": "flatten"}, {"type": "flatten"}, {"type": "linear"}],
-         "tasks[0].model.layers[1].type", ["second flatten"], "cnn_structure"),
-        ([{"type": "flatten"}, {"type": "linear", "out_features": 8}, {"type": "relu"}],
-         "tasks[0].model.layers[2].type", ["must end with a linear layer"], "cnn_structure"),
-        ([{"type": "flatten"}, {"type": "linear", "out_features": 10}],
-         "tasks[0].model.layers[1].out_features", ["10 outputs", "need 3"], "cnn_outputs"),
-        ([{"type": "flatten"}, {"type": "linear"}, {"type": "linear"}],
-         "tasks[0].model.layers[1].out_features", ["needs out_features"], "missing"),
+        (
+            [
+                {"type": "maxpool", "kernel_size": 2},
+                {"type": "conv2d", "out_channels": 2, "kernel_size": 3},
+                {"type": "flatten"},
+                {"type": "linear"},
+            ],
+            "tasks[0].model.layers[1].kernel_size",
+            ["2x2 images"],
+            "cnn_shape",
+        ),
+        (
+            [{"type": "conv2d", "out_channels": 2, "kernel_size": 3}, {"type": "linear", "out_features": 3}],
+            "tasks[0].model.layers[1].type",
+            ["flatten layer before"],
+            "cnn_structure",
+        ),
+        (
+            [{"type": "flatten"}, {"type": "avgpool", "kernel_size": 2}, {"type": "linear"}],
+            "tasks[0].model.layers[1].type",
+            ["after flatten"],
+            "cnn_structure",
+        ),
+        (
+            [{"type": "flatten"}, {"type": "flatten"}, {"type": "linear"}],
+            "tasks[0].model.layers[1].type",
+            ["second flatten"],
+            "cnn_structure",
+        ),
+        (
+            [{"type": "flatten"}, {"type": "linear", "out_features": 8}, {"type": "relu"}],
+            "tasks[0].model.layers[2].type",
+            ["must end with a linear layer"],
+            "cnn_structure",
+        ),
+        (
+            [{"type": "flatten"}, {"type": "linear", "out_features": 10}],
+            "tasks[0].model.layers[1].out_features",
+            ["10 outputs", "need 3"],
+            "cnn_outputs",
+        ),
+        (
+            [{"type": "flatten"}, {"type": "linear"}, {"type": "linear"}],
+            "tasks[0].model.layers[1].out_features",
+            ["needs out_features"],
+            "missing",
+        ),
     ],
 )
 def test_layer_shapes_and_structure_errors_name_the_layer(client, nothing_changed, layers, field, words, type_):
@@ -108,9 +152,17 @@ def test_layer_shapes_and_structure_errors_name_the_layer(client, nothing_change
 @pytest.mark.parametrize(
     "layer, field, needle",
     [
-        ({"type": "conv2d", "out_channels": 0, "kernel_size": 3}, "tasks[0].model.layers[0].out_channels", "greater than or equal to 1"),
+        (
+            {"type": "conv2d", "out_channels": 0, "kernel_size": 3},
+            "tasks[0].model.layers[0].out_channels",
+            "greater than or equal to 1",
+        ),
         ({"type": "conv2d", "out_channels": 2}, "tasks[0].model.layers[0].kernel_size", "required"),
-        ({"type": "conv2d", "out_channels": 2, "kernel_size": 3, "dilation": 2}, "tasks[0].model.layers[0].dilation", "not permitted"),
+        (
+            {"type": "conv2d", "out_channels": 2, "kernel_size": 3, "dilation": 2},
+            "tasks[0].model.layers[0].dilation",
+            "not permitted",
+        ),
         ({"type": "batchnorm"}, "tasks[0].model.layers[0].type", "'conv2d'"),
         ({"type": "maxpool", "kernel_size": 0}, "tasks[0].model.layers[0].kernel_size", "greater than or equal to 1"),
     ],
@@ -159,16 +211,22 @@ def test_ragged_and_mismatched_images(client, nothing_changed):
     assert "x_val images are 1x5x4 but x_train images are 1x4x4" in e["msg"]
     x = images(6)
     x[2][0][1][3] = float("nan")
-    r = client.post("/v1/jobs", content=__import__("json").dumps(job_body(cnn_task(x_train=x))),
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/jobs",
+        content=__import__("json").dumps(job_body(cnn_task(x_train=x))),
+        headers={"content-type": "application/json"},
+    )
     e = one(r)
     assert e["field"] == "tasks[0].data.x_train[2][0][1][3]" and e["type"] == "finite_number"
     nothing_changed()
 
 
 def test_memory_estimate_refuses_a_huge_cnn(client, nothing_changed, settings):
-    layers = [{"type": "conv2d", "out_channels": 4096, "kernel_size": 3, "padding": 1}, {"type": "flatten"},
-              {"type": "linear"}]
+    layers = [
+        {"type": "conv2d", "out_channels": 4096, "kernel_size": 3, "padding": 1},
+        {"type": "flatten"},
+        {"type": "linear"},
+    ]
     task = dict(cnn_task(layers), steps=settings.max_steps)
     e = one(post(client, task, meta={"method": "reverse"}))
     assert e["field"] == "tasks[0].steps" and e["type"] == "unroll_too_large"
@@ -177,15 +235,17 @@ def test_memory_estimate_refuses_a_huge_cnn(client, nothing_changed, settings):
 
 
 def test_memory_estimate_formula():
-    """4 * (steps * (3P + 2A) + 2P) with P and A counted by hand for a small stack."""
+    """gradtune.spec.costs' reverse hypergradient of the task's 2 draws, with P and A counted by
+    hand for a small stack (the validation pass aside: the job check counts it)."""
     task = dict(cnn_task(), steps=10, batch_size=2)
     job = JobCreate.model_validate(job_body(task))
     settings = Settings(max_unroll_bytes=1)
     (e,) = check_job(job, settings)
     # conv 1->4 k3: 4*(9+1)=40; linear (4*2*2=16 -> 3): 17*3=51; P=91
     # outputs: conv 4*4*4=64, relu 64, pool 16, flatten 16, linear 3 -> 163; input 16
-    params, acts = 91, 2 * (16 + 2 * 163)
-    want = 4 * (10 * (3 * params + 2 * acts) + 2 * params)
+    params, acts = 91, 16 + 163
+    r, s = costs.REVERSE["module"], costs.SCREEN["module"]
+    want = int(4 * 2 * (10 * (r["P"] * params + r["A"] * 2 * acts) + s["P"] * params + s["A"] * 2 * acts))
     from service.validation import cnn_layer_shapes, cnn_unroll_bytes
 
     shapes, errs = cnn_layer_shapes(["m"], job.tasks[0].model.layers, (1, 4, 4), 3)
@@ -211,11 +271,17 @@ def _dataset_task(ds, layers=LAYERS, x="x", **extra):
 
 def test_uploaded_images(client, nothing_changed):
     rng = np.random.default_rng(0)
-    ds = _upload(client, "img.safetensors", safetensors_bytes({
-        "x": rng.normal(size=(20, 1, 4, 4)).astype(np.float32),
-        "flat": rng.normal(size=(20, 16)).astype(np.float32),
-        "y": (np.arange(20) % 3).astype(np.int64),
-    }))
+    ds = _upload(
+        client,
+        "img.safetensors",
+        safetensors_bytes(
+            {
+                "x": rng.normal(size=(20, 1, 4, 4)).astype(np.float32),
+                "flat": rng.normal(size=(20, 16)).astype(np.float32),
+                "y": (np.arange(20) % 3).astype(np.int64),
+            }
+        ),
+    )
     r = post(client, _dataset_task(ds))
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
@@ -228,10 +294,16 @@ def test_uploaded_images(client, nothing_changed):
     table = _upload(client, "t.csv", csv_bytes(["a", "y"], [[i, i % 2] for i in range(20)]))
     e = one(post(client, _dataset_task(table, x=["a"])))
     assert e["field"] == "tasks[0].data.train.x" and "a cnn needs images" in e["msg"]
-    other = _upload(client, "img2.safetensors", safetensors_bytes({
-        "x": rng.normal(size=(8, 1, 5, 4)).astype(np.float32), "y": (np.arange(8) % 3).astype(np.int64)}))
+    other = _upload(
+        client,
+        "img2.safetensors",
+        safetensors_bytes(
+            {"x": rng.normal(size=(8, 1, 5, 4)).astype(np.float32), "y": (np.arange(8) % 3).astype(np.int64)}
+        ),
+    )
     task = _dataset_task(ds, val={"dataset": other, "x": "x", "y": "y"})
     del task["data"]["val_fraction"], task["data"]["seed"]
     e = one(post(client, task))
-    assert e["field"] == "tasks[0].data.val.x" and "validation images are 1x5x4 but training images are 1x4x4" in e["msg"]
+    assert e["field"] == "tasks[0].data.val.x"
+    assert "validation images are 1x5x4 but training images are 1x4x4" in e["msg"]
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200

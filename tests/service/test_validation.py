@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from gradtune.spec import costs
 from service.schemas import BUILTIN_DATASETS, BuiltinData, JobCreate, TaskSpec
 from service.settings import Settings
 from service.validation import (
@@ -11,6 +14,7 @@ from service.validation import (
     check_job,
     estimate_unroll_bytes,
     layer_widths,
+    task_io,
 )
 from tests.service.conftest import BUILTIN_TASK, INLINE_TASK, job_body
 
@@ -19,17 +23,22 @@ def task(**kw) -> TaskSpec:
     return TaskSpec.model_validate({**BUILTIN_TASK, **kw})
 
 
-def test_estimate_matches_the_documented_formula_by_hand():
-    # digits: 64 features, 10 classes; hidden [32]; batch 32; 100 steps.
+def test_estimate_matches_the_spec_formula_by_hand():
+    # digits: 64 features, 10 classes; hidden [32]; batch 32; 100 steps; 2 draws batched; the
+    # validation pass aside (the job check counts it).
     t = task()
     params = (64 + 1) * 32 + (32 + 1) * 10  # 2410
-    acts = 32 * (64 + 2 * 32 + 10)  # 4416
-    assert estimate_unroll_bytes(t) == 4 * (100 * (3 * params + 2 * acts) + 2 * params)
+    acts = 64 + 2 * 32 + 10  # per example: input, pre- and post-activation, output
+    r, s = costs.REVERSE["mlp"], costs.SCREEN["mlp"]
+    graph = 100 * (r["P"] * params + r["A"] * 32 * acts)  # every step's graph
+    step = s["P"] * params + s["A"] * 32 * acts  # and one step's working memory
+    assert estimate_unroll_bytes(t) == int(4 * 2 * (graph + step))
 
 
 def test_estimate_grows_linearly_in_steps_and_with_batch_and_width():
     base = estimate_unroll_bytes(task(steps=100))
-    assert estimate_unroll_bytes(task(steps=200)) - base == estimate_unroll_bytes(task(steps=300)) - estimate_unroll_bytes(task(steps=200))
+    at200, at300 = estimate_unroll_bytes(task(steps=200)), estimate_unroll_bytes(task(steps=300))
+    assert at200 - base == at300 - at200
     assert estimate_unroll_bytes(task(batch_size=64)) > base
     assert estimate_unroll_bytes(task(model={"kind": "mlp", "hidden": [64]})) > base
 
@@ -39,8 +48,13 @@ def test_layer_widths():
     assert layer_widths(task(loss="mse")) == [64, 32, 1]
     inline = TaskSpec.model_validate(INLINE_TASK)
     assert layer_widths(inline) == [2, 4, 3]  # labels 0..2
-    reg = TaskSpec.model_validate({**INLINE_TASK, "loss": "mse",
-                                   "data": {**INLINE_TASK["data"], "y_train": [[1.0, 2.0]] * 6, "y_val": [[0.0, 0.0]] * 2}})
+    reg = TaskSpec.model_validate(
+        {
+            **INLINE_TASK,
+            "loss": "mse",
+            "data": {**INLINE_TASK["data"], "y_train": [[1.0, 2.0]] * 6, "y_val": [[0.0, 0.0]] * 2},
+        }
+    )
     assert layer_widths(reg) == [2, 4, 2]
 
 
@@ -62,8 +76,7 @@ def test_default_job_and_the_issue_example_pass():
 
 def test_limits_come_from_settings():
     job = JobCreate.model_validate(job_body(BUILTIN_TASK, BUILTIN_TASK))
-    errors = check_job(job, Settings(max_tasks=1, max_steps=50, max_iterations=2,
-                                     max_unroll_bytes=1024))
+    errors = check_job(job, Settings(max_tasks=1, max_steps=50, max_iterations=2, max_unroll_bytes=1024))
     assert {tuple(e["loc"]) for e in errors} == {
         ("body", "tasks"),
         ("body", "meta", "iterations"),
@@ -80,3 +93,96 @@ def test_huge_label_is_caught_by_the_memory_estimate():
     body = job_body({**INLINE_TASK, "data": {**INLINE_TASK["data"], "y_train": [0, 1, 0, 1, 0, 10**9]}})
     errors = check_job(JobCreate.model_validate(body), Settings())
     assert [e["type"] for e in errors] == ["unroll_too_large"]
+
+
+# ------------------------------------------------------------------ the whole job
+
+
+def big_job(n_tasks=4, **task_kw) -> JobCreate:
+    tasks = [
+        {**BUILTIN_TASK, "data": {"source": "builtin", "name": "digits", "seed": i}, **task_kw} for i in range(n_tasks)
+    ]
+    return JobCreate.model_validate(job_body(*tasks))
+
+
+def job_peak(job: JobCreate, settings: Settings) -> int:
+    from service.validation import meta_cost
+    from service.validation.admission import mlp_cost
+
+    costs_in = [mlp_cost(t, task_io(t)) for t in job.tasks]
+    return costs.estimate(costs_in, meta_cost(job, settings)).peak_bytes
+
+
+def test_the_whole_job_is_admitted_up_to_the_limit_exactly():
+    job = big_job(model={"kind": "mlp", "hidden": [256]}, batch_size=128)
+    peak = job_peak(job, Settings())
+    assert check_job(job, Settings(max_job_memory_bytes=peak)) == []
+    (e,) = check_job(job, Settings(max_job_memory_bytes=peak - 1))
+    assert e["loc"] == ["body", "tasks"] and e["type"] == "job_too_large"
+    assert e["msg"].startswith(f"this job needs about {peak / 2**30:.3g} GiB of memory at its peak")
+
+
+def test_what_the_refusal_says_would_fit_does_fit():
+    """The start screens 45 candidates x 8 runs whatever the steps: a smaller batch fits, fewer tasks
+    fit, fewer steps would not (and are not offered)."""
+
+    def job(batch=512, n_tasks=4):
+        return big_job(n_tasks, model={"kind": "mlp", "hidden": [1024]}, batch_size=batch, steps=1000)
+
+    limited = Settings(max_job_memory_bytes=job_peak(job(), Settings()) // 3)
+    (e,) = check_job(job(), limited)
+    msg = e["msg"]
+    assert "the start screens 45 candidate settings x 8 (task, draw) runs, batched in one unroll" in msg
+    assert "steps <=" not in msg
+    b = int(re.search(r"batch_size <= (\d+)", msg).group(1))
+    k = int(re.search(r"at most (\d+) task", msg).group(1))
+    assert check_job(job(batch=b), limited) == [] and check_job(job(batch=b + 1), limited) != []
+    assert check_job(job(n_tasks=k), limited) == [] and check_job(job(n_tasks=k + 1), limited) != []
+
+
+def test_fewer_steps_are_offered_when_the_graph_sets_the_peak():
+    def job(steps):
+        body = job_body(
+            *[{**BUILTIN_TASK, "steps": steps, "batch_size": 64, "model": {"kind": "mlp", "hidden": [512]}}],
+            meta={"method": "reverse", "iterations": 3},
+        )
+        return JobCreate.model_validate(body)
+
+    roomy = Settings(max_unroll_bytes=2**40)
+    limited = roomy.model_copy(update={"max_job_memory_bytes": job_peak(job(4000), roomy) // 2})
+    (e,) = check_job(job(4000), limited)
+    assert "one hypergradient (reverse) differentiates through 2 (task, draw) runs" in e["msg"]
+    s = int(re.search(r"steps <= (\d+)", e["msg"]).group(1))
+    assert 1000 < s < 4000
+    assert check_job(job(s), limited) == [] and check_job(job(s + 1), limited) != []
+
+
+def test_the_job_check_waits_for_the_tasks_to_pass():
+    """A task error is reported alone: the whole job is sized only once every task is valid."""
+    job = big_job(model={"kind": "mlp", "hidden": [1024]}, batch_size=5000)
+    errors = check_job(job, Settings(max_job_memory_bytes=1))
+    assert errors and all(e["type"] == "batch_too_large" for e in errors)
+
+
+def test_the_schemas_cnn_layer_types_are_the_specs():
+    import typing
+
+    from gradtune.spec import CNN_LAYER_TYPES
+    from service.schemas import CNNLayer
+
+    union = typing.get_args(typing.get_args(CNNLayer)[0])
+    types = [t for cls in union for t in typing.get_args(cls.model_fields["type"].annotation)]
+    assert sorted(types) == sorted(CNN_LAYER_TYPES)
+
+
+def test_the_schemas_literals_are_the_specs_vocabularies():
+    import typing
+
+    from gradtune import spec
+    from service import schemas
+
+    assert typing.get_args(schemas.Activation) == spec.ACTIVATIONS
+    assert typing.get_args(schemas.Loss) == spec.LOSSES
+    assert typing.get_args(schemas.Status) == spec.STATUSES
+    assert typing.get_args(schemas.BuiltinName) == tuple(spec.BUILTIN_DATASETS)
+    assert schemas.BUILTIN_DATASETS is spec.BUILTIN_DATASETS and schemas.ACTIVATIONS is spec.ACTIVATIONS

@@ -17,11 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradtune.spec.shapes import SpecError
+from gradtune.spec.shapes import cnn_shapes as spec_cnn_shapes
+from gradtune.spec.vocab import CNN_LAYER_TYPES
+
 from .errors import EngineError
 from .modules import ModuleTask
 from .tasks import derive_seed
 
-LAYER_TYPES = ("conv2d", "relu", "tanh", "maxpool", "avgpool", "flatten", "linear")
+LAYER_TYPES = CNN_LAYER_TYPES  # the old name, kept importable
 
 
 def _get(layer: Any, key: str, default: Any = None) -> Any:
@@ -31,58 +35,15 @@ def _get(layer: Any, key: str, default: Any = None) -> Any:
     return default if value is None and default is not None else value
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def cnn_shapes(spec_layers: Sequence[Any], in_shape: Sequence[int], out_features: int | None = None) -> list[tuple[int, ...]]:
-    """Output shape (per example) of every layer; EngineError naming the layer when impossible."""
-    shape: tuple[int, ...] = tuple(int(s) for s in in_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise EngineError(f"A cnn takes images (channels, height, width); got examples of shape {list(shape)}.")
-    if not spec_layers or _get(spec_layers[-1], "type") != "linear":
-        raise EngineError("A cnn must end with a linear layer (the outputs).")
-    shapes = []
-    for i, layer in enumerate(spec_layers):
-        kind = _get(layer, "type")
-        if kind not in LAYER_TYPES:
-            raise EngineError(f"cnn layer {i}: unknown type {kind!r}.")
-        if kind in ("conv2d", "maxpool", "avgpool"):
-            if len(shape) != 3:
-                raise EngineError(f"cnn layer {i} ({kind}) comes after flatten; it needs images.")
-            k = int(_get(layer, "kernel_size"))
-            if kind == "conv2d":
-                s, p = int(_get(layer, "stride", 1)), int(_get(layer, "padding", 0))
-                c = int(_get(layer, "out_channels"))
-            else:
-                s, p, c = int(_get(layer, "stride", None) or k), 0, shape[0]
-            h, w = _out_size(shape[1], k, s, p), _out_size(shape[2], k, s, p)
-            if h < 1 or w < 1:
-                raise EngineError(
-                    f"cnn layer {i} ({kind}, kernel {k}) gets {shape[1]}x{shape[2]} images and would "
-                    f"output {max(h, 0)}x{max(w, 0)}."
-                )
-            shape = (c, h, w)
-        elif kind == "flatten":
-            if len(shape) != 3:
-                raise EngineError(f"cnn layer {i}: flatten appears twice.")
-            shape = (shape[0] * shape[1] * shape[2],)
-        elif kind == "linear":
-            if len(shape) != 1:
-                raise EngineError(f"cnn layer {i} (linear) needs a flatten layer before it.")
-            o = _get(layer, "out_features")
-            if i == len(spec_layers) - 1:
-                if o is None:
-                    o = out_features
-                elif out_features is not None and int(o) != int(out_features):
-                    raise EngineError(
-                        f"cnn layer {i}: the last linear layer has {o} outputs but the targets need {out_features}."
-                    )
-            if o is None:
-                raise EngineError(f"cnn layer {i} (linear) needs out_features.")
-            shape = (int(o),)
-        shapes.append(shape)
-    return shapes
+def cnn_shapes(
+    spec_layers: Sequence[Any], in_shape: Sequence[int], out_features: int | None = None
+) -> list[tuple[int, ...]]:
+    """Output shape (per example) of every layer (gradtune.spec.shapes.cnn_shapes, the arithmetic the
+    API checks a job with); EngineError naming the layer when impossible."""
+    try:
+        return spec_cnn_shapes(spec_layers, in_shape, out_features).shapes
+    except SpecError as e:
+        raise EngineError(e.message) from e
 
 
 def build_cnn(
@@ -95,13 +56,16 @@ def build_cnn(
 
     def make() -> nn.Sequential:
         mods: list[nn.Module] = []
-        for layer, before, after in zip(spec_layers, ins, shapes):
+        for layer, before, after in zip(spec_layers, ins, shapes, strict=True):
             kind = _get(layer, "type")
             if kind == "conv2d":
                 mods.append(
                     nn.Conv2d(
-                        before[0], after[0], int(_get(layer, "kernel_size")),
-                        stride=int(_get(layer, "stride", 1)), padding=int(_get(layer, "padding", 0)),
+                        before[0],
+                        after[0],
+                        int(_get(layer, "kernel_size")),
+                        stride=int(_get(layer, "stride", 1)),
+                        padding=int(_get(layer, "padding", 0)),
                     )
                 )
             elif kind == "relu":
@@ -150,6 +114,14 @@ def cnn_task(
         return build_cnn(layers, in_shape, derive_seed("init", seed, draw), out_features)
 
     return ModuleTask(
-        name=name, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, loss=loss,
-        steps=steps, batch_size=batch_size, seed=seed, make_model=make,
+        name=name,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        loss=loss,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        make_model=make,
     )

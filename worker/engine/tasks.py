@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .errors import EngineError
+from gradtune.spec.vocab import ACTIVATIONS, LOSSES
 
-ACTIVATIONS: tuple[str, ...] = ("tanh", "relu", "sigmoid", "gelu")
-LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
+from .errors import EngineError
 
 _ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
@@ -66,8 +65,7 @@ def check_batch_size(task) -> None:
     n, b = task.x_train.shape[0], task.batch_size
     if not 1 <= b <= n:
         raise EngineError(
-            f"Task {task.name!r}: the batch size ({b}) must be between 1 and the number of "
-            f"training rows ({n})."
+            f"Task {task.name!r}: the batch size ({b}) must be between 1 and the number of training rows ({n})."
         )
 
 

@@ -1,0 +1,267 @@
+"""Memory admission by the spec's cost model (gradtune.spec.costs), the one the engine plans with.
+
+Two checks:
+
+* per task (``unroll_too_large`` at ``tasks[i].steps``): differentiating through the task's own
+  training unroll (its draws batched, validation aside) by the job's method must fit
+  ``max_unroll_bytes``; under auto the smaller of reverse and forward must (the engine falls back
+  to truncated only when neither fits the whole job).
+* the whole job (``job_too_large`` at ``tasks``): the peak of the job as the engine batches it
+  (every task, draw and screened candidate in one unroll, the data, the hypergradient by the method
+  auto resolves to) must fit ``max_job_memory_bytes``; the message names the part that sets the
+  peak and what would fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from gradtune.spec.costs import (
+    DRAWS,
+    METHODS,
+    START_CANDIDATES,
+    CostEstimate,
+    MetaCost,
+    Part,
+    TaskCost,
+    estimate,
+    unroll_bytes,
+)
+from gradtune.spec.shapes import ModelShapes, mlp_shapes, prod
+from service.schemas import JobCreate, ModelPublic, TaskSpec
+from service.settings import Settings
+from service.validation.common import FLOAT_BYTES, TaskIO, _err, _gib, _shape_text, mlp_of, task_io
+from service.validation.models import exported_terms
+
+
+def meta_cost(job: JobCreate, settings: Settings, slots: int = 1) -> MetaCost:
+    """The job's meta-settings as the cost model takes them (worker/runner.meta_config's MetaConfig)."""
+    h = job.hyperparameters
+    return MetaCost(
+        iterations=job.meta.iterations,
+        method=job.meta.method,
+        search=job.meta.search,
+        truncation=job.meta.truncation,
+        population=START_CANDIDATES[job.meta.search],
+        slots=slots if h.per_layer else 1,
+        segments=h.schedule_segments,
+        memory_budget_bytes=settings.max_unroll_bytes,
+    )
+
+
+# --------------------------------------------------------------------------- a task's terms
+
+
+def _cost(task: TaskSpec, io: TaskIO, terms: tuple[int, int, int], kind: str, group: Any = None) -> TaskCost:
+    params, acts, macs = terms
+    in_elements = prod(io.features) if isinstance(io.features, tuple) else int(io.features)
+    return TaskCost(
+        params=params,
+        activations=acts,
+        macs=macs,
+        batch_size=task.batch_size,
+        steps=task.steps,
+        n_train=io.n_train or 0,
+        n_val=io.n_val or 0,
+        in_elements=in_elements,
+        out_features=io.d_out,
+        element_size=FLOAT_BYTES,
+        kind=kind,
+        group=group,
+    )
+
+
+def _terms(shapes: ModelShapes) -> tuple[int, int, int]:
+    return shapes.params, shapes.activations, shapes.macs
+
+
+def mlp_cost(task: TaskSpec, io: TaskIO) -> TaskCost:
+    m = mlp_of(task)
+    shapes = mlp_shapes(io.features, m.hidden, io.d_out, m.activation)
+    # the engine batches mlps of equal shapes, loss, steps and batch size together
+    group = (io.features, tuple(m.hidden), m.activation, task.loss, io.d_out, task.steps, task.batch_size)
+    return _cost(task, io, _terms(shapes), "mlp", group)
+
+
+def cnn_cost(task: TaskSpec, io: TaskIO, shapes: ModelShapes) -> TaskCost:
+    return _cost(task, io, _terms(shapes), "module")
+
+
+def exported_cost(task: TaskSpec, io: TaskIO, program: ModelPublic) -> TaskCost:
+    return _cost(task, io, exported_terms(program), "module")
+
+
+# --------------------------------------------------------------------------- per task
+
+
+def unroll_need(cost: TaskCost, method: str, truncation: int = 20, hyperparameters: int = 2) -> int:
+    """Bytes of one hypergradient through the task's own training unroll (its draws batched, the
+    validation pass aside) by ``method``; auto: the smaller of reverse and forward."""
+    alone = replace(cost, n_val=0)
+    path = "mlp" if cost.kind == "mlp" else "module"
+
+    def need(m: str) -> int:
+        return unroll_bytes(alone, m, path, DRAWS, 1, hyperparameters, truncation)
+
+    if method == "auto":
+        return min(need("reverse"), need("forward"))
+    return need(method)
+
+
+def estimate_unroll_bytes(task: TaskSpec, io: tuple | None = None, method: str = "reverse") -> int:
+    """unroll_need of an mlp task from its body (``io``: (input width, output width) of a dataset
+    task, from its datasets' metadata)."""
+    return unroll_need(mlp_cost(task, task_io(task, io)), method)
+
+
+def cnn_unroll_bytes(
+    steps: int,
+    batch_size: int,
+    in_shape: tuple[int, int, int],
+    layers: list[Any],
+    shapes: list[tuple[int, ...]],
+    method: str = "reverse",
+) -> int:
+    """unroll_need of a cnn (``shapes``: cnn_layer_shapes' output shapes of ``layers``)."""
+    from service.validation.models import cnn_model_shapes
+
+    model = cnn_model_shapes(layers, in_shape, prod(shapes[-1]))
+    cost = TaskCost(
+        params=model.params,
+        activations=model.activations,
+        macs=model.macs,
+        batch_size=batch_size,
+        steps=steps,
+        n_train=0,
+        n_val=0,
+        in_elements=model.in_size,
+        out_features=model.out_features,
+        element_size=FLOAT_BYTES,
+        kind="module",
+    )
+    return unroll_need(cost, method)
+
+
+def _what(task: TaskSpec, io: TaskIO, program: ModelPublic | None) -> str:
+    if program is not None:
+        return f"model {program.id} ({program.filename}) ({program.parameter_count} parameters)"
+    if task.model.kind == "cnn":
+        return f"this cnn on {_shape_text(tuple(io.features))} images"
+    return f"hidden={mlp_of(task).hidden}"
+
+
+def check_unroll(
+    i: int,
+    task: TaskSpec,
+    io: TaskIO,
+    cost: TaskCost,
+    program: ModelPublic | None,
+    job: JobCreate,
+    limit: int,
+    hyperparameters: int = 2,
+) -> list[dict[str, Any]]:
+    """``unroll_too_large`` when the task's own hypergradient does not fit ``limit``."""
+    meta = job.meta
+    need = unroll_need(cost, meta.method, meta.truncation, hyperparameters)
+    if need <= limit:
+        return []
+    how = f" (method {meta.method})" if task.model.kind == "mlp" else ""
+    return [
+        _err(
+            ["tasks", i, "steps"],
+            f"steps={task.steps} with batch_size={task.batch_size} and "
+            f"{_what(task, io, program)} needs about {_gib(need)} to differentiate through{how}, above "
+            f"the limit of {_gib(limit)}; lower steps or batch_size (or the model size)",
+            "unroll_too_large",
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- the whole job
+
+
+def check_job_memory(
+    job: JobCreate, settings: Settings, costs: Sequence[TaskCost], slots: int = 1
+) -> list[dict[str, Any]]:
+    """``job_too_large`` when the job's peak, as the engine batches it, is above max_job_memory_bytes."""
+    meta = meta_cost(job, settings, slots)
+    limit = settings.max_job_memory_bytes
+    est = estimate(costs, meta)
+    if est.peak_bytes <= limit:
+        return []
+    return [_err(["tasks"], job_memory_message(costs, meta, est, limit), "job_too_large")]
+
+
+def _peak_text(est: CostEstimate) -> str:
+    part = est.peak_part
+    if est.build_bytes > part.bytes:
+        return f"building every (task, draw)'s batch order holds {_gib(est.build_bytes)}"
+    return describe_part(part)
+
+
+_PART_NAMES = {
+    "start": "the start screens",
+    "refine": "each refine iteration screens",
+    "rich_refine": "each per-layer or schedule iteration screens",
+    "hypergradient": "one hypergradient",
+    "rich_hypergradient": "one per-layer or schedule hypergradient",
+}
+
+
+def describe_part(part: Part) -> str:
+    """The part of a job that sets its peak, in a sentence."""
+    if part.mode == "screen":
+        sources = part.runs // max(1, part.candidates)
+        return (
+            f"{_PART_NAMES.get(part.name, part.name)} {part.candidates} candidate settings x {sources} "
+            f"(task, draw) runs, batched in one unroll ({_gib(part.bytes)})"
+        )
+    if part.mode in METHODS:
+        return (
+            f"{_PART_NAMES.get(part.name, part.name)} ({part.mode}) differentiates through {part.runs} "
+            f"(task, draw) runs batched in one unroll ({_gib(part.bytes)})"
+        )
+    return f"the final evaluation trains one run at a time ({_gib(part.bytes)})"
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
+    """The largest v in [lo, hi] with ok(v) (ok decreasing), or None."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> list[str]:
+    """Changes of one kind that bring the job under ``limit``: a smaller batch, fewer steps, fewer tasks."""
+
+    def fits(tasks: Sequence[TaskCost]) -> bool:
+        return estimate(tasks, meta).peak_bytes <= limit
+
+    out = []
+    top = max(c.batch_size for c in costs)
+    b = _largest(1, top - 1, lambda v: fits([replace(c, batch_size=min(c.batch_size, v)) for c in costs]))
+    if b is not None:
+        out.append(f"batch_size <= {b}")
+    top = max(c.steps for c in costs)
+    s = _largest(1, top - 1, lambda v: fits([replace(c, steps=min(c.steps, v)) for c in costs]))
+    if s is not None:
+        out.append(f"steps <= {s}")
+    k = _largest(1, len(costs) - 1, lambda v: fits(costs[:v]))
+    if k is not None:
+        out.append(f"at most {k} task" + ("s" if k > 1 else ""))
+    return out
+
+
+def job_memory_message(costs: Sequence[TaskCost], meta: MetaCost, est: CostEstimate, limit: int) -> str:
+    fixes = what_would_fit(costs, meta, limit)
+    fit = (" It would fit with " + ", or ".join(fixes) + ".") if fixes else " Use a smaller model."
+    return (
+        f"this job needs about {_gib(est.peak_bytes)} of memory at its peak, above the limit of {_gib(limit)}: "
+        f"{_peak_text(est)}, on top of {_gib(est.data_bytes)} of data (the tasks' rows, every "
+        f"(task, draw)'s initial weights and the rows of every batch).{fit}"
+    )

@@ -1,0 +1,172 @@
+"""worker/engine/plan.py: the engine's tasks and MetaConfig as the spec's cost inputs, checked
+against the engine itself (its defaults, its batching) and against the API's reading of the same
+models (service.validation), so that both sides estimate with the same numbers."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from datetime import UTC, datetime
+
+import pytest
+import torch
+from torch import nn
+
+from gradtune.spec import costs
+from gradtune.spec.shapes import cnn_shapes, mlp_shapes
+from service.exported_files import describe_program, read_pt2, read_weights
+from service.schemas import ModelPublic
+from service.validation.models import exported_terms
+from tests.engine.helpers import synthetic_task
+from worker.engine import functional, plan
+from worker.engine.cnn import cnn_task
+from worker.engine.exported import exported_task
+from worker.engine.functional import Objective
+from worker.engine.meta import LINE_SEARCH, MetaConfig, init_state, run_meta
+from worker.engine.modules import ModuleObjective
+from worker.engine.reference import EVAL_DRAWS
+
+LAYERS = [
+    {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+    {"type": "relu"},
+    {"type": "maxpool", "kernel_size": 2},
+    {"type": "flatten"},
+    {"type": "linear", "out_features": 6},
+    {"type": "tanh"},
+    {"type": "linear"},
+]
+
+
+def images_task(steps=4, batch=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 2, 6, 6, generator=g)
+    y = torch.randint(0, 3, (24,), generator=g)
+    return cnn_task("c", x[:16], y[:16], x[16:], y[16:], LAYERS, "cross_entropy", 3, steps, batch, 0)
+
+
+def test_the_spec_defaults_are_the_engines():
+    meta = plan.meta_cost(MetaConfig())
+    base = costs.MetaCost()
+    for name in (
+        "iterations",
+        "method",
+        "search",
+        "draws",
+        "eval_draws",
+        "truncation",
+        "population",
+        "stencil",
+        "line_steps",
+        "slots",
+        "segments",
+        "rich_random_directions",
+        "constant_fraction",
+    ):
+        assert getattr(meta, name) == getattr(base, name), name
+    assert meta.population == costs.START_CANDIDATES["stencil"]
+    assert plan.meta_cost(MetaConfig(**LINE_SEARCH)).population == costs.START_CANDIDATES["line"]
+    assert plan.meta_cost(MetaConfig(population=False)).population == 0
+    assert costs.DRAWS == len(MetaConfig().draws) and costs.EVAL_DRAWS == len(EVAL_DRAWS)
+    for cls, path in ((Objective, "mlp"), (ModuleObjective, "module")):
+        assert inspect.signature(cls.__init__).parameters["max_runs"].default == costs.MAX_RUNS[path]
+
+
+def test_estimate_has_estimate_costs_keys_from_the_spec_model():
+    tasks = [synthetic_task(seed=s, dtype=torch.float32) for s in range(3)]
+    out = plan.estimate(tasks, MetaConfig(iterations=5))
+    for key in ("hyperparameters", "steps", "reverse_mb", "forward_mb", "truncated_mb"):
+        assert key in out
+    costs_in, meta = plan.spec_inputs(tasks, MetaConfig(iterations=5))
+    assert out["reverse_mb"] * 2**20 == costs.hypergradient_bytes(costs_in, meta, "reverse")
+    assert out["steps"] == 12 and out["hyperparameters"] == 2
+    assert out["method"] in costs.METHODS and out["peak_mb"] > out["reverse_mb"]
+    rich = plan.estimate(tasks, MetaConfig(per_layer=True, schedule_segments=3))
+    assert rich["hyperparameters"] == 2 * 2 * 3  # two Linear layers x three segments x (lr, momentum)
+
+
+def test_mlp_tasks_are_sized_like_the_spec_and_grouped_like_the_objective():
+    a = [synthetic_task(seed=s, dtype=torch.float32) for s in range(3)]
+    b = [synthetic_task(seed=9, hidden=(5, 4), dtype=torch.float32)]
+    cost, slots = plan.task_cost(a[0])
+    s = mlp_shapes(5, (8,), 3, "tanh")
+    assert (cost.params, cost.activations, cost.macs, slots) == (s.params, s.activations, s.macs, 2)
+    assert (cost.n_train, cost.n_val, cost.in_elements, cost.element_size) == (48, 20, 5, 4)
+    costs_in, meta = plan.spec_inputs(a + b, MetaConfig())
+    assert len({c.group for c in costs_in}) == len(Objective(a + b, (0, 1)).groups) == 2
+
+
+def test_module_tasks_are_sized_like_the_spec():
+    terms = plan.module_terms(images_task())
+    s = cnn_shapes(LAYERS, (2, 6, 6), 3)
+    assert (terms["params"], terms["activations"], terms["macs"], terms["out_features"], terms["slots"]) == (
+        s.params,
+        s.activations,
+        s.macs,
+        3,
+        3,
+    )
+
+
+def test_an_exported_program_is_sized_alike_by_the_api_and_the_engine(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(27, 6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
+    )
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(4, 2, 6, 6),)), str(path))
+    program = read_pt2(path)
+    public = ModelPublic(
+        id="m",
+        filename="m.pt2",
+        sha256="0" * 64,
+        size=1,
+        created_at=datetime.now(UTC),
+        **{k: v for k, v in describe_program(program).items() if k in ModelPublic.model_fields},
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 2, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    task = exported_task(
+        "e", x[:16], y[:16], x[16:], y[16:], program, read_weights(path, program), "cross_entropy", 4, 4, 0
+    )
+    engine = plan.module_terms(task)
+    s = cnn_shapes(LAYERS, (2, 6, 6), 3)
+    assert exported_terms(public) == (engine["params"], engine["activations"], engine["macs"])
+    assert (engine["params"], engine["activations"], engine["macs"]) == (s.params, s.activations, s.macs)
+
+
+def test_the_spec_batches_what_the_engine_batches(monkeypatch):
+    """Run the meta-loop on 32 tiny tasks (64 sources) and record every unroll the engine makes:
+    the start screens its population in chunks of 512 // 64 = 8 candidates, the hypergradient runs
+    the 64 sources together, the stencil screens up to 9 candidates; the spec's parts say so."""
+    seen: list[tuple[int, bool]] = []
+    inner = functional._unroll_group
+
+    def spy(group, lr, momentum, grad_from=0):
+        seen.append((lr.shape[0] * group.n_sources, torch.is_grad_enabled()))
+        return inner(group, lr, momentum, grad_from)
+
+    monkeypatch.setattr(functional, "_unroll_group", spy)
+    tasks = [
+        synthetic_task(seed=s, hidden=(2,), steps=2, batch=8, n=16, n_val=4, dtype=torch.float32) for s in range(32)
+    ]
+    config = MetaConfig(iterations=2, method="reverse")
+    run_meta(tasks, config, init_state(config, 0.01, 0.9), 2)
+    est = plan.job_estimate(tasks, config)
+    screened = [runs for runs, grad in seen if not grad]
+    differentiated = [runs for runs, grad in seen if grad]
+    assert max(screened) == est.part("start").runs == 8 * 64
+    assert set(differentiated) == {est.part("hypergradient").runs} == {64}
+    refine = screened[math.ceil(36 / 8) :]  # after the start's 36 candidates (5 unrolls)
+    assert refine and max(refine) <= est.part("refine").runs == 8 * 64
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward", "truncated"])
+def test_requested_methods_are_kept(method):
+    out = plan.estimate([synthetic_task(dtype=torch.float32)], MetaConfig(method=method))
+    assert out["method"] == method
