@@ -150,7 +150,9 @@ def test_auto_chooses_by_memory_and_records_why():
     tasks = [synthetic_task(seed=s, steps=12) for s in range(2)]
     roomy = MetaConfig(iterations=2)
     assert choose_method(tasks, roomy)[0] == "reverse"
-    tight = MetaConfig(iterations=2, memory_budget_mb=0.1)
+    c = estimate_costs(tasks, roomy)
+    assert c["forward_mb"] < c["reverse_mb"]  # 12 steps: reverse keeps them all, forward one
+    tight = MetaConfig(iterations=2, memory_budget_mb=(c["forward_mb"] + c["reverse_mb"]) / 2)
     method, reason = choose_method(tasks, tight)
     assert method == "forward" and "budget" in reason
     assert choose_method(tasks, MetaConfig(memory_budget_mb=1e-5))[0] == "truncated"
@@ -190,4 +192,7 @@ def test_reverse_memory_estimate_is_close_to_what_autograd_saves(hidden, batch):
         obj.value_and_grad(math.log(0.1), 0.0, config.momentum_bounds, "reverse")
     measured_mb = sum(saved.values()) / 2**20
     estimate = estimate_costs(tasks, config)["reverse_mb"]
-    assert 0.6 * measured_mb < estimate < 1.6 * measured_mb
+    # the spec's model bounds the process's peak (saved tensors, plus the data, the live step and
+    # the allocator's slack: tests/spec/test_costs_measured.py checks it against peak RSS), so it is
+    # an upper bound of what autograd saves, and not a loose one
+    assert measured_mb <= estimate <= 2.5 * measured_mb

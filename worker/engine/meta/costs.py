@@ -1,47 +1,21 @@
-"""Memory of one hypergradient by method, and the method "auto" picks (moved from meta.py as they were)."""
+"""Memory of one hypergradient by method (the spec's cost model, via plan.py), and the method "auto" picks."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from ..tasks import Task
-from .config import MetaConfig, rich_enabled
-
-_BYTES_PER_MB = 1024.0 * 1024.0
+from .config import MetaConfig
 
 
 def estimate_costs(tasks: Sequence[Task], config: MetaConfig) -> dict:
-    """Memory (MB) of one hypergradient by method, for the job's shapes, steps and hyperparameters.
+    """Memory (MB) of one hypergradient by method, for the job's shapes, steps and hyperparameters:
+    the spec's cost model (gradtune.spec.costs, through plan.estimate), the same one the API admits
+    jobs with. Keys: hyperparameters, steps, reverse_mb, forward_mb, truncated_mb (and the whole
+    job's method, peak_mb, data_mb, flops, parts)."""
+    from ..plan import estimate
 
-    reverse keeps, per step and run, about 1.5 x the parameters and 2 x every layer's activations
-    for the batch (measured with saved-tensor hooks on MLPs: within 10 %); forward keeps, per
-    hyperparameter and run, tangents of the weights and buffers plus one step's activations;
-    truncated keeps `truncation` steps of reverse.
-    """
-    from ..modules import cost_terms, param_layout  # MLP Tasks and any-module ModuleTasks alike
-
-    segs = int(config.schedule_segments)
-    slots = max(len(param_layout(t)) for t in tasks) if config.per_layer else 1
-    n_hyper = 2 * slots * segs if rich_enabled(config) else 2
-    runs = len(config.draws)
-    per_step = 0.0
-    steps = 0
-    tangent = 0.0
-    for t in tasks:
-        n_params, per_example = cost_terms(t)
-        acts = t.batch_size * per_example
-        item = t.x_train.element_size()
-        per_step += runs * item * (1.5 * n_params + acts)
-        tangent += runs * item * (n_hyper * (4 * n_params + acts) + 3 * n_params)
-        steps = max(steps, t.steps)
-    w = min(int(config.truncation), steps)
-    return {
-        "hyperparameters": n_hyper,
-        "steps": steps,
-        "reverse_mb": per_step * steps / _BYTES_PER_MB,
-        "forward_mb": tangent / _BYTES_PER_MB,
-        "truncated_mb": per_step * w / _BYTES_PER_MB,
-    }
+    return estimate(tasks, config)
 
 
 def choose_method(tasks: Sequence[Task], config: MetaConfig) -> tuple[str, str]:
