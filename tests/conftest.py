@@ -28,8 +28,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from service.db.migrate import upgrade
-from tests.support import PG_ADMIN_URLS, REDIS_SERVER_URL, REDIS_TEST_DB
-from tests.support import make_settings as _make_settings
+from tests.helpers.support import PG_ADMIN_URLS, REDIS_SERVER_URL, REDIS_TEST_DB
+from tests.helpers.support import make_settings as _make_settings
 
 
 def pytest_configure(config):

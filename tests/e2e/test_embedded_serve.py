@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,11 @@ from pathlib import Path
 import httpx
 
 from tests.e2e.conftest import ROOT, small_job, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.net import free_port
 
 
 def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADTUNE_")}
     env.update(GRADTUNE_DATA_DIR=str(tmp_path / "data"), GRADTUNE_CHUNK_ITERATIONS="2", PYTHONPATH=str(ROOT))
     log = open(tmp_path / "serve.log", "wb")

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from service.db.models import Job
 from service.main import create_app
-from tests.support import queued_messages
+from tests.helpers.support import queued_messages
 
 INLINE_TASK = {
     "name": "t0",

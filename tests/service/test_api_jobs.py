@@ -16,8 +16,8 @@ from service.db.session import make_engine
 from service.main import create_app
 from service.queue import RUN_CHUNK
 from service.schemas import JobCreate
+from tests.helpers.support import decode_message
 from tests.service.conftest import BUILTIN_TASK, count_jobs, enqueued, job_body
-from tests.support import decode_message
 
 
 def submit(client, body=None) -> dict:

@@ -11,7 +11,7 @@ from gradtune.spec import costs
 from service.schemas import JobCreate
 from service.settings import Settings
 from service.validation import check_job
-from tests.dataset_files import csv_bytes, safetensors_bytes
+from tests.helpers.dataset_files import csv_bytes, safetensors_bytes
 from tests.service.conftest import BUILTIN_TASK, INLINE_TASK, job_body
 
 LAYERS = [

@@ -19,9 +19,9 @@ from service.db.models import Dataset, Job, JobDataset, utcnow
 from service.main import create_app
 from service.schemas import DatasetPublic, JobCreate
 from service.validation import check_job
-from tests.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
+from tests.helpers.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
+from tests.helpers.support import stored_files, temp_files
 from tests.service.conftest import count_jobs, job_body
-from tests.support import stored_files, temp_files
 
 
 def upload(client, filename: str, data: bytes, field: str = "file"):

@@ -22,8 +22,8 @@ import pytest
 
 from service.exported_files import ExportedProgramError, describe_program, read_pt2, read_weights
 from tests import hostile_files as H
-from tests.pt2_files import mlp_parts, mlp_pt2, write_pt2
-from tests.support import stored_files, temp_files
+from tests.helpers.pt2_files import mlp_parts, mlp_pt2, write_pt2
+from tests.helpers.support import stored_files, temp_files
 
 SECONDS = 1.0
 GROWTH = 50 * 2**20

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from service.exported_files import ExportedProgramError, describe_program, read_pt2, read_weights
-from tests.pt2_files import mlp_parts, mlp_pt2, write_pt2
+from tests.helpers.pt2_files import mlp_parts, mlp_pt2, write_pt2
 
 FUZZ = settings(
     max_examples=150,

@@ -15,9 +15,9 @@ from sqlalchemy import func, select
 from torch import nn
 
 from service.db.models import ExportedModel, JobModel
-from tests.dataset_files import safetensors_bytes
+from tests.helpers.dataset_files import safetensors_bytes
+from tests.helpers.support import stored_files, temp_files
 from tests.service.conftest import count_jobs, job_body
-from tests.support import stored_files, temp_files
 
 
 def pt2_bytes(model: nn.Module, example: torch.Tensor, **export_kw) -> bytes:

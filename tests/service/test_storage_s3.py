@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,8 @@ from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.storage import LocalStore, ObjectMissing, S3Store, StoreError, open_store
-from tests.dataset_files import blobs, npz_bytes
+from tests.helpers.dataset_files import blobs, npz_bytes
+from tests.helpers.net import free_port
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -29,16 +29,10 @@ CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory):
     """``http://127.0.0.1:<port>`` of a moto S3 server running for the whole session."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     env = {**os.environ, **CREDENTIALS}
     with open(log, "wb") as out:
@@ -146,7 +140,7 @@ def test_s3_objects_live_under_the_prefix(moto_endpoint, bucket, tmp_path):
 
 
 def test_an_unreachable_s3_endpoint_is_a_store_error(aws_env, tmp_path):
-    store = open_store("s3://bucket", s3_endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    store = open_store("s3://bucket", s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StoreError, match="s3://bucket/"):
         store.exists("a" * 64)
 
@@ -210,7 +204,7 @@ def test_store_down_is_503_and_leaves_nothing(aws_env, tmp_path, sqlite_url, mak
         tmp_path,
         database_url=sqlite_url,
         artifact_url="s3://nowhere/x",
-        s3_endpoint_url=f"http://127.0.0.1:{_free_port()}",
+        s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
     )
     app = create_app(settings)
     with TestClient(app) as c:

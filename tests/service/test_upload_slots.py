@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from tests.dataset_files import npz_bytes
-from tests.support import stored_files, temp_files
+from tests.helpers.dataset_files import npz_bytes
+from tests.helpers.support import stored_files, temp_files
 
 SLOW = 30  # seconds a held upload waits at most (the test releases it long before)
 

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.schemas import JobCreate
-from tests.dataset_files import npz_bytes
+from tests.helpers.dataset_files import npz_bytes
 from worker import dataset_loader, engine, runner
 from worker.dataset_loader import load_dataset_task_data
 from worker.engine.cnn import build_cnn
@@ -29,15 +29,6 @@ LAYERS = [
 ]
 BOUNDS = (0.0, 0.999)
 H = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """As tests/engine: small convolutions are slowest (and erratic) with several threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def digits_images(n_train=160, n_val=60):

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service.main import create_app
 from service.schemas import DatasetData
 from service.storage import LocalStore
-from tests.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
+from tests.helpers.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
 from worker import dataset_loader
 from worker.dataset_loader import DatasetUnavailable, load_dataset_task_data
 

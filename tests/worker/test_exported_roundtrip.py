@@ -18,14 +18,8 @@ import torch
 from torch import nn
 
 from tests.worker.test_runner import _drain, env  # noqa: F401  (env is the fixture)
-from worker import model_loader
 
-
-@pytest.fixture(autouse=True)
-def _fresh_program_cache():
-    model_loader.clear_cache()
-    yield
-    model_loader.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_program_cache")
 
 
 def job(model: dict) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 
 from service.schemas import JobCreate
 from tests.worker.test_runner import env  # noqa: F401  (the fixture)
-from worker import engine, model_loader, runner
+from worker import engine, runner
 from worker.engine.functional import Objective
 from worker.engine.modules import ModuleObjective, ModuleTask, param_layout, train_sgd_module
 from worker.engine.tasks import derive_seed
@@ -23,11 +23,7 @@ from worker.engine.tasks import derive_seed
 BOUNDS = (0.0, 0.999)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_program_cache():
-    model_loader.clear_cache()
-    yield
-    model_loader.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_program_cache")
 
 
 def pt2(model: nn.Module, example: torch.Tensor) -> bytes:

@@ -173,7 +173,7 @@ def test_a_job_on_an_uploaded_dataset_runs_to_settings(env):
     """Upload safetensors through the API, name its tensors in a task, run the chunks."""
     import numpy as np
 
-    from tests.dataset_files import safetensors_bytes
+    from tests.helpers.dataset_files import safetensors_bytes
 
     client, sent = env
     rng = np.random.default_rng(0)

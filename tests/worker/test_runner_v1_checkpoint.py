@@ -11,13 +11,13 @@ from sqlalchemy import select
 from service.db.models import Job, JobIteration
 from service.db.session import session_scope
 from tests.e2e.conftest import small_job
-from tests.engine import legacy_meta_v1 as legacy
+from tests.worker.engine import legacy_meta_v1 as legacy
 from tests.worker.test_runner import _drain, env  # noqa: F401  (fixture)
 from worker import engine, runner
 
 
 def _old_engine(monkeypatch):
-    """The runner as it was: the frozen pre-refactor meta-loop (tests/engine/legacy_meta_v1.py)."""
+    """The runner as it was: the frozen pre-refactor meta-loop (tests/worker/engine/legacy_meta_v1.py)."""
     new_config = runner.meta_config
 
     def meta_config(job):

@@ -19,7 +19,7 @@ import pytest
 
 from service.formats import REGISTRY, DatasetFileError
 from tests import hostile_files as H
-from tests.support import stored_files, temp_files
+from tests.helpers.support import stored_files, temp_files
 
 SECONDS = 1.0
 GROWTH = 50 * 2**20

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from service.formats import REGISTRY, DatasetFileError
-from tests.dataset_files import csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes
+from tests.helpers.dataset_files import csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes
 
 LIMIT = 1 << 30
 FUZZ = settings(

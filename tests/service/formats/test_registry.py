@@ -15,7 +15,7 @@ import pytest
 from service.dataset_files import COLUMN_FORMATS, TENSOR_FORMATS, DatasetFileError, format_for, inspect_file
 from service.formats import BY_SUFFIX, REGISTRY
 from service.schemas import DatasetFormat
-from tests.dataset_files import csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
+from tests.helpers.dataset_files import csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
 
 LIMIT = 1 << 30
 X = np.array([[1.0, 2.5], [-3.0, 4.0], [0.5, 0.0]], dtype=np.float32)

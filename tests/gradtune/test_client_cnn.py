@@ -10,7 +10,7 @@ from torch import nn
 
 from gradtune.client import describe_model
 from service.schemas import JobCreate
-from tests.support import mock_client
+from tests.helpers.support import mock_client
 from worker.engine.cnn import build_cnn
 
 

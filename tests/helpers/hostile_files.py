@@ -20,7 +20,7 @@ import sys
 import zlib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 1 << 20
 
 # ---------------------------------------------------------------- CRC-32 of repeated data (zlib's crc32_combine)

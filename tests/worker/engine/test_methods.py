@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import (
     METHODS,
     EngineError,
@@ -28,7 +28,7 @@ from worker.engine import (
 )
 from worker.engine.functional import Objective
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 H = 1e-5
 
 
@@ -115,7 +115,7 @@ import math, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine.functional import Objective
 peaks = []
 for steps in (4, 50, 400):  # 4: warm-up (lazy initialisation inside torch)
@@ -193,6 +193,6 @@ def test_reverse_memory_estimate_is_close_to_what_autograd_saves(hidden, batch):
     measured_mb = sum(saved.values()) / 2**20
     estimate = estimate_costs(tasks, config)["reverse_mb"]
     # the spec's model bounds the process's peak (saved tensors, plus the data, the live step and
-    # the allocator's slack: tests/spec/test_costs_measured.py checks it against peak RSS), so it is
+    # the allocator's slack: tests/gradtune/spec/test_costs_measured.py checks it against peak RSS), so it is
     # an upper bound of what autograd saves, and not a loose one
     assert measured_mb <= estimate <= 2.5 * measured_mb

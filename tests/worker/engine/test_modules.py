@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import EngineError, batch_indices, build_model, evaluate, evaluate_groups, train_sgd
 from worker.engine.cnn import build_cnn, cnn_shapes, cnn_task
 from worker.engine.functional import Objective, unrolled_val_loss

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import MetaConfig, hypergradient, momentum_to_param, param_to_momentum, train_sgd
 
 H = 1e-5

@@ -1,4 +1,4 @@
-"""The unified search against the pre-refactor loop (tests/engine/legacy_meta_v1.py, frozen):
+"""The unified search against the pre-refactor loop (tests/worker/engine/legacy_meta_v1.py, frozen):
 the same records, the same best settings, and version-1 checkpoints written by the old loop resume
 to the result the old loop reaches straight through."""
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.engine import legacy_meta_v1 as legacy
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
+from tests.worker.engine import legacy_meta_v1 as legacy
 from worker.engine import LINE_SEARCH, EngineError, MetaConfig, best_settings, init_state, meta, run_meta
 from worker.engine.meta import STATE_VERSION, MetaState
 

@@ -17,7 +17,7 @@ from gradtune.spec.shapes import cnn_shapes, mlp_shapes
 from service.exported_files import describe_program, read_pt2, read_weights
 from service.schemas import ModelPublic
 from service.validation.models import exported_terms
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import functional, plan
 from worker.engine.cnn import cnn_task
 from worker.engine.exported import exported_task

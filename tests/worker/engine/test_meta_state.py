@@ -1,5 +1,5 @@
 """Version-1 meta-states (as the engine before the unified search wrote them, stored in
-tests/engine/data/meta_state_v1.json with what that engine went on to reach) resume with this one.
+tests/worker/engine/data/meta_state_v1.json with what that engine went on to reach) resume with this one.
 
 Unlike test_meta_equivalence.py this needs no copy of the old engine, so it stays when that goes.
 """
@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import MetaConfig, best_settings, run_meta
 from worker.engine.meta import MetaState
 

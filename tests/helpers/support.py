@@ -1,4 +1,4 @@
-"""Helpers shared by the test suite (importable as ``tests.support``; also served by conftest fixtures)."""
+"""Helpers shared by the test suite (importable as ``tests.helpers.support``; also served by conftest fixtures)."""
 
 from __future__ import annotations
 

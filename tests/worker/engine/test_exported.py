@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from service.exported_files import ExportedProgramError, read_pt2, read_weights
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import build_model
 from worker.engine.exported import ProgramModule, exported_task
 from worker.engine.functional import Objective

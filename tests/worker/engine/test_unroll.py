@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import EVAL_DRAWS, MetaConfig, evaluate, train_sgd, unrolled_val_loss
 from worker.engine.functional import Objective
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker.engine import (
     EngineError,
     MetaConfig,

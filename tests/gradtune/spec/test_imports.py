@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 SPEC = ROOT / "gradtune" / "spec"
 HEAVY = ("torch", "numpy", "pydantic", "httpx", "fastapi", "sqlalchemy")
 

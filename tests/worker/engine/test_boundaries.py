@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 ENGINE = ROOT / "worker" / "engine"
 # The only gradtune modules the engine may import: the shared spec (standard library only) and the
 # optimizer helpers the client gives users (torch imported inside them).

@@ -14,7 +14,7 @@ from torch import nn
 from gradtune.client import Client, GradtuneError, describe_model
 from service.exported_files import describe_program, read_pt2
 from service.schemas import JobCreate
-from tests.support import mock_client
+from tests.helpers.support import mock_client
 
 
 class Residual(nn.Module):  # not an nn.Sequential: describe_model refuses it

@@ -6,7 +6,7 @@ Only the imports were changed (relative -> absolute). Do not edit; delete this f
 that load it) once a release with the refactored engine has passed.
 """
 
-# ruff: noqa: C901, E501
+# ruff: noqa: C901
 from __future__ import annotations
 
 import json
@@ -261,9 +261,7 @@ def _layout(tasks: Sequence[Task], config: MetaConfig) -> dict:
         raise EngineError("A learned schedule needs every task to train for the same number of steps.")
     n_steps = min(steps)
     if segs > n_steps:
-        raise EngineError(
-            f"The number of schedule segments ({segs}) cannot exceed the number of steps ({n_steps})."
-        )
+        raise EngineError(f"The number of schedule segments ({segs}) cannot exceed the number of steps ({n_steps}).")
     names = max(layouts, key=len)
     if config.per_layer:
         groups = [list(g) for g in names]
@@ -418,9 +416,7 @@ def _rich_values(config: MetaConfig, theta: Sequence[float], slots: int, segs: i
 def _clamp_rich(config: MetaConfig, theta: Sequence[float]) -> list[float]:
     (alo, ahi), (zlo, zhi) = _theta_bounds(config)
     half = len(theta) // 2
-    return [
-        _clamp(float(x), alo, ahi) if i < half else _clamp(float(x), zlo, zhi) for i, x in enumerate(theta)
-    ]
+    return [_clamp(float(x), alo, ahi) if i < half else _clamp(float(x), zlo, zhi) for i, x in enumerate(theta)]
 
 
 def _line_candidates(
@@ -508,8 +504,11 @@ class _Loop:
         half = slots * segs
         t = torch.tensor(list(theta), dtype=torch.float64)
         loss, ga, gz = self.objective.value_and_grad_values(
-            t[:half].view(slots, segs), t[half:].view(slots, segs), self.config.momentum_bounds,
-            self.method, self.config.truncation,
+            t[:half].view(slots, segs),
+            t[half:].view(slots, segs),
+            self.config.momentum_bounds,
+            self.method,
+            self.config.truncation,
         )
         return loss, ga.reshape(-1).tolist() + gz.reshape(-1).tolist()
 
@@ -584,9 +583,7 @@ class _Loop:
         theta, loss, grad = chosen
         self.accept(state, theta, loss, grad)
         self.note_best(state, theta, loss)
-        return _record(
-            self.config, state, "start", True, loss, theta, evaluations=evaluations, backoffs=backoffs
-        )
+        return _record(self.config, state, "start", True, loss, theta, evaluations=evaluations, backoffs=backoffs)
 
     def accept(self, state: dict, theta: Sequence[float], loss: float, grad: Sequence[float]) -> None:
         state["theta"] = [float(theta[0]), float(theta[1])]
@@ -718,10 +715,7 @@ class _Loop:
         else:
             state["step"] = max(h * cfg.step_shrink, cfg.min_step)
         move = None if chosen is None else ("gradient" if chosen == gradient_move else "stencil")
-        return _record(
-            self.config, state, "refine", accepted, cand_loss, chosen, evaluations=len(cands), move=move
-        )
-
+        return _record(self.config, state, "refine", accepted, cand_loss, chosen, evaluations=len(cands), move=move)
 
     # phase 3: per-layer / scheduled values, from the best constant pair ----------------------
     def rich_start(self, state: dict) -> dict:
@@ -802,7 +796,13 @@ class _Loop:
         if not accepted:
             rich["screen_next"] = True
         return _rich_record(
-            cfg, state, "rich_refine", accepted, cand_loss, evaluations=evaluations, move="line",
+            cfg,
+            state,
+            "rich_refine",
+            accepted,
+            cand_loss,
+            evaluations=evaluations,
+            move="line",
             margin_rejected=margin_rejected,
         )
 
@@ -863,7 +863,13 @@ class _Loop:
             rich["step"] = max(h * cfg.step_shrink, cfg.min_step)
         move = None if chosen is None else ("gradient" if chosen == gradient_move else "stencil")
         return _rich_record(
-            cfg, state, "rich_refine", accepted, cand_loss, evaluations=evaluations, move=move,
+            cfg,
+            state,
+            "rich_refine",
+            accepted,
+            cand_loss,
+            evaluations=evaluations,
+            move=move,
             margin_rejected=margin_rejected,
         )
 

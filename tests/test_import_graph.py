@@ -14,7 +14,7 @@ import ast
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("worker", "service", "gradtune")
 
 # Cycles tolerated for now, each with the reason: a cycle is tolerated only when every module in
