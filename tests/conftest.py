@@ -10,7 +10,7 @@
 * ``redis_url``: ``redis://127.0.0.1:6379/13`` (GRADTUNE_TEST_REDIS_URL, GRADTUNE_TEST_REDIS_DB),
   flushed before each test and at the end of the session.
 * ``db_url``: parametrized over ``sqlite`` and ``postgresql`` (the two fixtures above).
-* ``make_settings``: ``make_settings(tmp_path, **overrides) -> Settings`` (see tests/support.py).
+* ``make_settings``: ``make_settings(tmp_path, **overrides) -> Settings`` (see tests/helpers/support.py).
 
 PostgreSQL or Redis unreachable: the tests that need them fail when CI=true, else are skipped.
 """

@@ -2,7 +2,7 @@
 (method choice, worker/engine/plan.py). Standard library only; docs/cost_model.md has the formulas
 and the measurements the constants come from (benchmarks/cost_model.py).
 
-What the engine runs (worker/engine/meta.py, functional.py, modules.py), and what is counted:
+What the engine runs (worker/engine/meta/, functional.py, modules.py), and what is counted:
 
 * An **evaluation** trains every (task, draw) source for its steps at one or more candidate
   settings and takes the validation loss. Candidates x sources run *batched*, as one unroll: on the
@@ -415,7 +415,7 @@ def estimate(tasks: Sequence[TaskCost], meta: MetaCost) -> CostEstimate:
 
 # Candidates of the start population by search: MetaConfig's population (the starting lr times
 # 10**(k/2), |k| <= 4, at the starting momentum and 4 more: 9 x 5) and LINE_SEARCH's (10**k,
-# |k| <= 2, at the starting momentum: 5). tests/engine/test_plan.py checks them against the engine.
+# |k| <= 2, at the starting momentum: 5). tests/worker/engine/test_plan.py checks them against the engine.
 START_CANDIDATES = {"stencil": 45, "line": 5}
 DRAWS = 2  # MetaConfig.draws: (0, 1)
 EVAL_DRAWS = 3  # reference.EVAL_DRAWS: (1001, 1002, 1003)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from service.exported_files import ExportedProgramError, describe_program, read_pt2, read_weights
-from tests import hostile_files as H
+from tests.helpers import hostile_files as H
 from tests.helpers.pt2_files import mlp_parts, mlp_pt2, write_pt2
 from tests.helpers.support import stored_files, temp_files
 

@@ -4,7 +4,7 @@ database itself enforces (ck_jobs_status).
 
 ``shift_python_clock`` moves the host clock that service code could read (``datetime`` and
 ``utcnow`` in its modules) days away; ``db_clock`` reads the database's own time with plain SQL.
-tests/worker/test_lifecycle.py uses both for the worker's side (claims, heartbeats, the sweep).
+tests/service/test_lifecycle.py uses both for the worker's side (claims, heartbeats, the sweep).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import struct
 import pytest
 
 from service.formats import REGISTRY, DatasetFileError
-from tests import hostile_files as H
+from tests.helpers import hostile_files as H
 from tests.helpers.support import stored_files, temp_files
 
 SECONDS = 1.0
