@@ -325,8 +325,8 @@ class JobPublic(BaseModel):
     error: str | None = None
     cancel_requested: bool = Field(
         False,
-        description="A cancel was requested and the running job has not stopped yet; it stops within "
-        "one heartbeat, between two evaluations, and ends `cancelled`.",
+        description="A cancel was requested (shown at once): a running job stops within one heartbeat, "
+        "between two evaluations, and ends `cancelled`.",
     )
     stopped: StopReason | None = Field(
         None, description="The search ended before its iterations: `deadline` (meta.max_seconds passed)."

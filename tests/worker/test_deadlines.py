@@ -260,6 +260,20 @@ def test_at_the_deadline_the_job_succeeds_with_the_best_point_so_far(env, sim_cl
     assert (settings["lr"], settings["momentum"]) == (best["lr"], best["momentum"])
 
 
+def test_a_deadline_before_the_first_iteration_ends_succeeded_with_the_start(env, sim_clock):
+    client = env.start(chunk_iterations=100, chunk_seconds=10_000)
+    spec = small_job(iterations=10, tasks=1, steps=10)
+    spec["meta"]["max_seconds"] = 0.5  # passes during the first evaluation
+    jid = _submit(client, spec)
+    env.sent.append((jid, 0))
+    assert _drain(env.sent) == ["committed", "succeeded"]
+    job = client.get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "succeeded" and job["stopped"] == "deadline" and job["progress"]["iteration"] == 0
+    assert _history(jid) == [] and job["elapsed_seconds"] == pytest.approx(1.0)
+    settings = client.get(f"/v1/jobs/{jid}/settings").json()
+    assert (settings["lr"], settings["momentum"]) == pytest.approx((0.01, 0.9)) and settings["stopped"] == "deadline"
+
+
 def test_a_job_without_max_seconds_gets_the_default_and_a_job_in_time_is_not_stopped(env, sim_clock):
     client = env.start(chunk_iterations=100, default_job_seconds=10_000)
     jid = _submit(client, small_job(iterations=3, tasks=1, steps=10))
