@@ -57,11 +57,16 @@ class Conflict(Exception):
 _HEAVY = (defer(Job.spec), defer(Job.checkpoint), defer(Job.result))
 
 
-def create_job(session: Session, *, spec: dict[str, Any], name: str, iterations: int) -> Job:
-    """Insert a queued job. ``spec`` is the validated body (``JobCreate.model_dump(mode="json")``).
+def create_job(
+    session: Session, *, spec: dict[str, Any], name: str, iterations: int, max_seconds: float | None = None
+) -> Job:
+    """Insert a queued job. ``spec`` is the validated body (``JobCreate.model_dump(mode="json")``),
+    ``max_seconds`` its deadline (the settings' default already applied).
 
     Progress starts at iteration 0 with the starting lr and momentum, so a client polling a
-    queued job already sees the values the tuning begins from.
+    queued job already sees the values the tuning begins from. The job is marked as having its
+    first chunk message outstanding (``enqueued_at``): the caller sends it after the commit, or
+    calls ``service.lifecycle.clear_enqueued`` when it cannot.
     """
     hyper = spec.get("hyperparameters") or {}
     now = database_now(session)
@@ -79,6 +84,10 @@ def create_job(session: Session, *, spec: dict[str, Any], name: str, iterations:
         cancel_requested=False,
         chunks_started=0,
         chunks_committed=0,
+        attempts=0,
+        max_seconds=max_seconds,
+        elapsed_seconds=0.0,
+        enqueued_at=now,
     )
     session.add(job)
     session.flush()
@@ -139,9 +148,11 @@ def list_jobs(
 def request_cancel(session: Session, *, job_id: str) -> Job:
     """Cancel a job, under its row lock (on SQLite the write lock of BEGIN IMMEDIATE).
 
-    queued -> cancelled at once (finished_at set); running -> ``cancel_requested`` and the job
-    stays running until its current chunk ends; a finished job raises ``Conflict``.
-    Requesting again for a running job is harmless.
+    queued -> cancelled at once (finished_at set); running -> ``cancel_requested``, shown at once
+    in the job body, and the job stays running until its worker notices (at its next heartbeat it
+    stops between two evaluations, keeps the iterations it finished and ends ``cancelled``; see
+    service.lifecycle); a finished job raises ``Conflict``. Requesting again for a running job is
+    harmless.
     """
     job = session.scalar(select(Job).where(Job.id == job_id).options(*_HEAVY).with_for_update())
     if job is None:
@@ -201,6 +212,10 @@ def to_public(job: Job) -> JobPublic:
         started_at=_aware(job.started_at),
         finished_at=_aware(job.finished_at),
         error=job.error,
+        cancel_requested=bool(job.cancel_requested),
+        stopped=job.stopped,
+        max_seconds=job.max_seconds,
+        elapsed_seconds=float(job.elapsed_seconds or 0.0),
     )
 
 

@@ -253,6 +253,16 @@ class MetaOptions(_Strict):
         "the evaluations per iteration, and per-layer or scheduled values all move at once; pair it "
         "with few iterations for a quick answer).",
     )
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Deadline: seconds of worker time the job may spend (summed over its chunks, "
+        "the data loading included). At the deadline the search stops between two evaluations and "
+        'the job succeeds with the best point so far, saying `stopped: "deadline"`; the final '
+        "evaluation runs after it. Default and ceiling: the server's GRADTUNE_DEFAULT_JOB_SECONDS and "
+        "GRADTUNE_MAX_JOB_SECONDS.",
+    )
 
 
 class JobCreate(_Strict):
@@ -288,6 +298,10 @@ class Progress(BaseModel):
     momentum: float | None = None
 
 
+# Why a search ended before its iterations: the deadline (meta.max_seconds) passed.
+StopReason = Literal["deadline"]
+
+
 class JobPublic(BaseModel):
     id: str
     name: str
@@ -297,6 +311,16 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: str | None = None
+    cancel_requested: bool = Field(
+        False,
+        description="A cancel was requested (shown at once): a running job stops within one heartbeat, "
+        "between two evaluations, and ends `cancelled`.",
+    )
+    stopped: StopReason | None = Field(
+        None, description="The search ended before its iterations: `deadline` (meta.max_seconds passed)."
+    )
+    max_seconds: float | None = Field(None, description="The job's deadline in seconds of worker time.")
+    elapsed_seconds: float = Field(0.0, description="Worker time spent so far (committed chunks).")
 
 
 class JobsPublic(BaseModel):
@@ -371,6 +395,11 @@ class SettingsPublic(BaseModel):
     method: str | None = Field(None, description="The hypergradient method the job used.")
     method_reason: str | None = Field(None, description="Why auto chose it.")
     search: str | None = Field(None, description="How the values were searched: stencil or line (meta.search).")
+    stopped: StopReason | None = Field(
+        None,
+        description="The search ended early: `deadline` (meta.max_seconds passed); the values are the best "
+        "point found by then.",
+    )
     evaluation: Evaluation
 
 

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     stale_after_seconds: float = 30.0  # a claim older than this belongs to a dead worker
     sweep_seconds: float = 10.0  # how often each worker looks for stale or orphaned jobs
     queue_name: str = "gradtune"
+    # A chunk's share of time: past it the runner stops the chunk between two iterations (it
+    # predicts from the longest iteration so far) and enqueues the next one.
+    chunk_seconds: float = Field(default=300.0, gt=0)
+    # Deadlines (meta.max_seconds): the default when a job gives none, and the largest accepted.
+    default_job_seconds: float = Field(default=3600.0, gt=0)
+    max_job_seconds: float = Field(default=86400.0, gt=0)
+    # Claims of one iteration that ended without a commit (worker killed, out of memory, ...)
+    # before the job fails with "worker lost N times at iteration i".
+    max_attempts: int = Field(default=3, ge=1)
 
     # Worker
     device: str = "auto"  # auto | cpu | cuda
@@ -54,6 +63,20 @@ class Settings(BaseSettings):
     # API
     host: str = "127.0.0.1"
     port: int = 8000
+
+    def job_seconds(self, requested: float | None) -> float:
+        """A job's deadline: what it asked for, else the default (never above the ceiling)."""
+        return float(requested) if requested is not None else min(self.default_job_seconds, self.max_job_seconds)
+
+    def visibility_timeout_seconds(self) -> float:
+        """How long Redis waits before it redelivers a message a worker took but never acknowledged,
+        and how old an outstanding message may get before the sweep presumes it lost.
+
+        A chunk lasts its share (``chunk_seconds``) plus at most one iteration, since the runner
+        stops between iterations; this is four shares, and at least an hour. A redelivered message
+        finds the lease still held and does nothing, so a chunk outlasting it wastes no work.
+        """
+        return max(3600.0, 4.0 * self.chunk_seconds)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

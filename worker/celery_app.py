@@ -21,8 +21,13 @@ app.conf.update(
     task_time_limit=1900,
     broker_transport_options={
         **settings.broker_transport_options(),
-        # Redis redelivers an unacknowledged message after this; chunks are far shorter.
-        **({"visibility_timeout": 3600} if settings.resolved_broker_url().startswith("redis") else {}),
+        # Redis redelivers an unacknowledged message after this: longer than the longest chunk (see
+        # Settings.visibility_timeout_seconds); a redelivered message cannot take a live lease anyway.
+        **(
+            {"visibility_timeout": settings.visibility_timeout_seconds()}
+            if settings.resolved_broker_url().startswith("redis")
+            else {}
+        ),
     },
     worker_hijack_root_logger=False,
     # Remote control needs fanout, which the server-less filesystem broker lacks.

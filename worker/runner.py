@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from datetime import datetime
 from typing import Any
 
 import torch
 
+from gradtune.spec import JobStatus
 from service import lifecycle
 from service.db.session import session_scope
 from service.queue import RUN_CHUNK
@@ -201,12 +204,18 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
     return SettingsPublic.model_validate(body).model_dump(mode="json", exclude_unset=True)
 
 
-class _Heartbeat:
-    """Refreshes the claim from a thread while a chunk computes."""
+# The chunk clock (deadlines, shares); tests replace it with a simulated one.
+_clock = time.monotonic
 
-    def __init__(self, job_id: str, owner: str, every: float) -> None:
-        self.job_id, self.owner, self.every = job_id, owner, every
+
+class _Heartbeat:
+    """Refreshes the lease from a thread while a chunk computes, and notices a cancel request or a
+    lost lease (``stop_reason``) so that the engine stops within one heartbeat."""
+
+    def __init__(self, job_id: str, token: str, every: float) -> None:
+        self.job_id, self.token, self.every = job_id, token, every
         self.lost = False
+        self.cancel = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -214,11 +223,16 @@ class _Heartbeat:
         while not self._done.wait(self.every):
             try:
                 with session_scope() as db:
-                    if not lifecycle.heartbeat(db, job_id=self.job_id, owner=self.owner):
+                    if not lifecycle.heartbeat(db, job_id=self.job_id, token=self.token):
                         self.lost = True
                         return
+                    if lifecycle.cancel_requested(db, job_id=self.job_id):
+                        self.cancel = True
             except Exception:  # a missed beat is not fatal; the next one may work
                 log.exception("heartbeat for job %s failed", self.job_id)
+
+    def stop_reason(self) -> str | None:
+        return "lost" if self.lost else "cancel" if self.cancel else None
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -229,88 +243,183 @@ class _Heartbeat:
         self._thread.join()
 
 
+class _Stop:
+    """run_meta's should_stop for one chunk (it is called before each iteration and each evaluation).
+
+    Stops at once (between two evaluations) when the heartbeat saw a cancel or a lost lease, or
+    when the job's deadline passed (its earlier chunks' time plus this chunk's); and between two
+    iterations when this chunk's share of time is spent, predicted from its longest iteration so
+    far, so that no chunk runs longer than its share unless a single iteration does.
+    """
+
+    def __init__(self, heartbeat: Any, claim: lifecycle.Claim, settings: Any, clock: Any = None) -> None:
+        self.heartbeat, self.clock = heartbeat, clock or _clock
+        self.started = self.last = self.clock()
+        self.deadline = settings.job_seconds(claim.max_seconds) - claim.elapsed_seconds
+        self.share = float(settings.chunk_seconds)
+        self.longest = 0.0
+        self.share_spent = False
+        self.reason: str | None = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def iteration_done(self) -> None:
+        """Called after each iteration: is there time for one more in this chunk's share?"""
+        now = self.clock()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
+        if now - self.started + self.longest > self.share:
+            self.share_spent = True
+
+    def __call__(self) -> bool:
+        reason = self.heartbeat.stop_reason()
+        if reason is None and self.elapsed() >= self.deadline:
+            reason = lifecycle.DEADLINE
+        if reason is None and self.share_spent:
+            reason = "share"
+        self.reason = reason
+        return reason is not None
+
+
 def enqueue(job_id: str, iteration: int) -> None:
     from worker.celery_app import app
 
     app.send_task(RUN_CHUNK, args=[job_id, iteration], queue=get_settings().queue_name)
 
 
-def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
-    """Run one chunk of a job; returns what happened (for logs and tests)."""
-    settings = get_settings()
+def _send(job_id: str, iteration: int) -> bool:
+    """Send the chunk message the database already announces (``enqueued_at``); when that fails,
+    withdraw the announcement so that the sweep sends one once the job is stale."""
+    try:
+        enqueue(job_id, iteration)
+        return True
+    except Exception as exc:
+        log.warning("job %s: message for iteration %d not sent (%s); the sweep will", job_id, iteration, exc)
+        try:
+            with session_scope() as db:
+                lifecycle.clear_enqueued(db, job_id=job_id, iteration=iteration)
+        except Exception:
+            log.exception("job %s: could not withdraw the announced message", job_id)
+        return False
+
+
+def _claim(job_id: str, iteration: int | None, settings: Any) -> lifecycle.Claim | None:
     with session_scope() as db:
         claim = lifecycle.claim_job(
             db,
             job_id=job_id,
-            owner=owner,
             iteration=iteration,
             stale_after_s=settings.stale_after_seconds,
+            max_attempts=settings.max_attempts,
         )
         if claim is not None:
-            lifecycle.set_device(db, job_id=job_id, owner=owner, device=str(device()))
+            lifecycle.set_device(db, job_id=job_id, token=claim.token, device=str(device()))
+    return claim
+
+
+def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -> str:
+    """Run one chunk of a job; returns what happened (for logs and tests): "skipped", "committed",
+    "succeeded", "cancelled", "failed" or "lost".
+
+    ``owner`` names the delivery in logs (the Celery task id); the lease is a fresh token per claim,
+    so a redelivered message with the same task id cannot pass for the worker still running it.
+    """
+    settings = get_settings()
+    claim = _claim(job_id, iteration, settings)
     if claim is None:
-        log.info("job %s: nothing to do for message at iteration %s", job_id, iteration)
+        log.info("job %s: nothing to do for message %s at iteration %s", job_id, owner, iteration)
         return "skipped"
+    token = claim.token
     if claim.cancel_requested:
         with session_scope() as db:
-            lifecycle.cancel_job(db, job_id=job_id, owner=owner)
+            lifecycle.cancel_job(db, job_id=job_id, token=token)
         log.info("job %s cancelled at iteration %d", job_id, claim.iteration)
         return "cancelled"
+    beat = _Heartbeat(job_id, token, settings.heartbeat_seconds)
+    stop = _Stop(beat, claim, settings)
     try:
-        with _Heartbeat(job_id, owner, settings.heartbeat_seconds):
+        with beat:
             job = JobCreate.model_validate(claim.spec)
             tasks = build_tasks(job)
             config = meta_config(job)
             state = claim.checkpoint or engine.init_state(config, job.hyperparameters.lr, job.hyperparameters.momentum)
-            if claim.iteration >= claim.iterations:
+            if claim.iteration >= claim.iterations or claim.stopped:
                 result = evaluate_settings(tasks, job, state)
                 with session_scope() as db:
-                    lifecycle.finish_job(db, job_id=job_id, owner=owner, result=result)
-                log.info("job %s succeeded: lr=%g momentum=%g", job_id, result["lr"], result["momentum"])
-                return "succeeded"
+                    status = lifecycle.finish_job(
+                        db, job_id=job_id, token=token, result=result, elapsed_seconds=stop.elapsed()
+                    )
+                log.info("job %s %s: lr=%g momentum=%g", job_id, status or "lost", result["lr"], result["momentum"])
+                return status or "lost"
             records: list[dict] = []
+
+            def on_iteration(record: dict) -> None:
+                records.append(record)
+                stop.iteration_done()
+
             n = min(settings.chunk_iterations, claim.iterations - claim.iteration)
-            state = engine.run_meta(tasks, config, state, n, on_iteration=records.append)
-            if not records:
+            state = engine.run_meta(tasks, config, state, n, on_iteration=on_iteration, should_stop=stop)
+            if not records and stop.reason is None:
                 raise engine.EngineError("the meta-optimization made no progress in a chunk")
     except (engine.EngineError, DatasetUnavailable) as exc:
-        with session_scope() as db:
-            lifecycle.fail_job(db, job_id=job_id, owner=owner, error=str(exc))
+        _fail(claim, str(exc), stop)
         log.warning("job %s failed: %s", job_id, exc)
         return "failed"
     except Exception as exc:
         log.exception("job %s: internal error", job_id)
-        with session_scope() as db:
-            lifecycle.fail_job(
-                db,
-                job_id=job_id,
-                owner=owner,
-                error=f"The worker hit an internal error ({type(exc).__name__}); the job cannot continue.",
-            )
+        _fail(claim, f"The worker hit an internal error ({type(exc).__name__}); the job cannot continue.", stop)
         return "failed"
+    return _commit(claim, records, state, stop)
+
+
+def _fail(claim: lifecycle.Claim, error: str, stop: _Stop) -> None:
     with session_scope() as db:
-        ok = lifecycle.commit_chunk(
+        lifecycle.fail_job(db, job_id=claim.job_id, token=claim.token, error=error, elapsed_seconds=stop.elapsed())
+
+
+def _commit(claim: lifecycle.Claim, records: list[dict], state: dict, stop: _Stop) -> str:
+    """Commit the chunk and send the next message (unless the job ended)."""
+    job_id = claim.job_id
+    stopped = lifecycle.DEADLINE if stop.reason == lifecycle.DEADLINE else None
+    with session_scope() as db:
+        status = lifecycle.commit_chunk(
             db,
             job_id=job_id,
-            owner=owner,
+            token=claim.token,
             start_iteration=claim.iteration,
             records=records,
             checkpoint=state,
+            elapsed_seconds=stop.elapsed(),
+            stopped=stopped,
         )
-    if not ok:
-        log.warning("job %s: claim lost during chunk at iteration %d; work discarded", job_id, claim.iteration)
+    if status is None:
+        log.warning("job %s: lease lost during chunk at iteration %d; work discarded", job_id, claim.iteration)
         return "lost"
-    enqueue(job_id, claim.iteration + len(records))
+    if status == JobStatus.CANCELLED.value:
+        log.info("job %s cancelled at iteration %d", job_id, claim.iteration + len(records))
+        return "cancelled"
+    if stopped:
+        log.info("job %s: deadline reached at iteration %d; evaluating the best point", job_id, claim.iteration)
+    _send(job_id, claim.iteration + len(records))
     return "committed"
 
 
-def sweep_once() -> list[tuple[str, int]]:
-    """Re-enqueue jobs whose worker died or whose message was lost."""
+def sweep_once(now: datetime | None = None) -> list[tuple[str, int]]:
+    """Send a chunk message for each job whose worker died or which waits with no message
+    outstanding (service.lifecycle.sweep; ``now`` simulates the database's clock in tests)."""
+    settings = get_settings()
     with session_scope() as db:
-        pairs = lifecycle.sweep(db, stale_after_s=get_settings().stale_after_seconds)
+        pairs = lifecycle.sweep(
+            db,
+            stale_after_s=settings.stale_after_seconds,
+            visibility_timeout_s=settings.visibility_timeout_seconds(),
+            max_attempts=settings.max_attempts,
+            now=now,
+        )
     for job_id, iteration in pairs:
-        log.warning("job %s: re-enqueued at iteration %d (stale or lost)", job_id, iteration)
-        enqueue(job_id, iteration)
+        log.warning("job %s: re-enqueued at iteration %d (worker lost or no message outstanding)", job_id, iteration)
+        _send(job_id, iteration)
     return pairs
 
 

@@ -11,6 +11,7 @@ from worker.celery_app import app
 
 @app.task(name=RUN_CHUNK, bind=True)
 def run_chunk(self, job_id: str, iteration: int | None = None) -> None:
+    # The task id only names the delivery in logs: the lease is a fresh token per claim.
     runner.run_chunk(job_id, iteration, owner=self.request.id or f"local-{job_id}-{iteration}")
 
 

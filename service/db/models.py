@@ -66,10 +66,19 @@ class Job(Base):
     # The settings body, once succeeded.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
-    # The claim: which worker task holds the job and when it last said so.
+    # The lease: a fresh random token per claim (service.lifecycle) and when its holder last said so.
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Claims of the current iteration since the last commit; at the limit the job fails (migration 0005).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the chunk message now outstanding was sent (None: none is); the sweep sends no second one.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The deadline (seconds of chunk wall time), the time spent so far, and why the search stopped
+    # early ("deadline"), if it did.
+    max_seconds: Mapped[float | None] = mapped_column(Float)
+    elapsed_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    stopped: Mapped[str | None] = mapped_column(String(16))
     # Chunks started (claims that began work) and chunks committed: their difference is redone work.
     chunks_started: Mapped[int] = mapped_column(Integer, default=0)
     chunks_committed: Mapped[int] = mapped_column(Integer, default=0)

@@ -19,7 +19,7 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0004"
+HEAD = "0005"
 TABLES = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
 
 
@@ -155,6 +155,7 @@ def test_alembic_command_line_from_another_directory(tmp_path):
     assert "Running upgrade 0001 -> 0002" in out.stderr
     assert "Running upgrade 0002 -> 0003" in out.stderr
     assert "Running upgrade 0003 -> 0004" in out.stderr
+    assert "Running upgrade 0004 -> 0005" in out.stderr
     assert version(url) == HEAD
 
 

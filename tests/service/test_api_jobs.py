@@ -100,6 +100,14 @@ def test_broker_down_still_202_and_the_job_stays_queued(client, app, caplog):
     assert job["status"] == "queued"
     assert stored(app, job["id"]).status == "queued"
     assert any(job["id"] in rec.getMessage() and "not enqueued" in rec.getMessage() for rec in caplog.records)
+    # No message is outstanding: the sweep sends one as soon as the job is stale.
+    assert stored(app, job["id"]).enqueued_at is None
+
+
+def test_a_sent_message_is_recorded_as_outstanding(client, app):
+    job = submit(client)
+    row = stored(app, job["id"])
+    assert row.enqueued_at is not None and row.attempts == 0 and row.lease_owner is None
 
 
 def test_unreachable_redis_broker_still_202(tmp_path, db_url, make_settings):
@@ -322,8 +330,12 @@ def test_cancel_running_job_is_requested(client, app):
     r = client.post(f"/v1/jobs/{jid}/cancel")
     assert r.status_code == 202
     assert r.json()["status"] == "running" and r.json()["finished_at"] is None
+    assert r.json()["cancel_requested"] is True
     row = stored(app, jid)
     assert row.status == "running" and row.cancel_requested is True and row.lease_owner == "w1"
+    # The job body shows the pending cancel at once, in the listing too.
+    assert client.get(f"/v1/jobs/{jid}").json()["cancel_requested"] is True
+    assert client.get("/v1/jobs").json()["items"][0]["cancel_requested"] is True
     assert client.post(f"/v1/jobs/{jid}/cancel").status_code == 202  # asking twice is harmless
 
 
@@ -343,3 +355,46 @@ def test_cancel_404(client):
     missing = str(uuid.uuid4())
     r = client.post(f"/v1/jobs/{missing}/cancel")
     assert r.status_code == 404 and r.json() == {"detail": f"job {missing} not found"}
+
+
+# ------------------------------------------------------------------ deadlines
+
+
+def test_a_job_gets_the_default_deadline_and_may_ask_for_its_own(client, app, settings):
+    job = submit(client)
+    assert job["max_seconds"] == settings.default_job_seconds and job["elapsed_seconds"] == 0
+    assert job["stopped"] is None and job["cancel_requested"] is False
+    body = job_body()
+    body["meta"]["max_seconds"] = 90.5
+    job = submit(client, body)
+    assert job["max_seconds"] == 90.5 and stored(app, job["id"]).max_seconds == 90.5
+    assert client.get(f"/v1/jobs/{job['id']}").json()["max_seconds"] == 90.5
+
+
+def test_a_deadline_above_the_ceiling_is_a_422_naming_the_field_and_the_limit(client, app, nothing_changed, settings):
+    body = job_body()
+    body["meta"]["max_seconds"] = settings.max_job_seconds + 1
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["field"] == "meta.max_seconds" and err["type"] == "limit_exceeded"
+    assert f"limit of {settings.max_job_seconds:g} seconds" in err["msg"]
+    nothing_changed()
+    body["meta"]["max_seconds"] = settings.max_job_seconds  # the ceiling itself is allowed
+    assert client.post("/v1/jobs", json=body).status_code == 202
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon"])
+def test_a_deadline_must_be_a_positive_number(client, nothing_changed, value):
+    body = job_body()
+    body["meta"]["max_seconds"] = value
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 422 and "meta.max_seconds" in r.text
+    nothing_changed()
+
+
+def test_the_default_deadline_never_exceeds_the_ceiling(tmp_path, db_url, make_settings):
+    settings = make_settings(tmp_path, database_url=db_url, default_job_seconds=5000, max_job_seconds=600)
+    assert settings.job_seconds(None) == 600 and settings.job_seconds(30) == 30
+    with TestClient(create_app(settings)) as client:
+        assert submit(client)["max_seconds"] == 600

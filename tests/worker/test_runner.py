@@ -245,3 +245,51 @@ def test_an_unknown_search_is_a_422_naming_the_field(env):
     r = client.post("/v1/jobs", json=spec)
     assert r.status_code == 422
     assert "meta.search" in r.text and "stencil" in r.text
+
+
+def _killed_mid_chunk(job_id: str) -> int:
+    """Run the job's next chunk in a worker process that is killed (SIGKILL) inside the engine."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "import os, signal, sys\n"
+        "from worker import engine, runner\n"
+        "engine.run_meta = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "runner.run_chunk(sys.argv[1], None, owner='doomed')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code, job_id], env=env, cwd=root, capture_output=True, timeout=300)
+    return out.returncode
+
+
+def test_a_chunk_that_kills_its_worker_fails_the_job_after_three_attempts(env, monkeypatch):
+    """The worker process dies (kill -9) in the same chunk three times; the sweep re-enqueues it
+    twice, then fails it with "worker lost 3 times at iteration 2" rather than retry forever."""
+    from datetime import timedelta
+
+    from service.db.clock import database_now
+    from service.db.models import Job
+
+    client, sent = env
+    jid = client.post("/v1/jobs", json=small_job(iterations=6)).json()["id"]
+    assert runner.run_chunk(jid, 0, owner="a") == "committed"  # iterations 1-2
+    sent.clear()
+    codes = []
+    for _ in range(3):
+        codes.append(_killed_mid_chunk(jid))
+        with db_session.session_scope() as db:  # its heartbeat goes stale
+            job = db.get(Job, jid)
+            assert job.status == "running" and job.lease_owner is not None
+            job.heartbeat_at = database_now(db) - timedelta(minutes=5)
+        runner.sweep_once()
+    assert codes == [-9, -9, -9]
+    assert sent == [(jid, 2), (jid, 2)]  # two re-enqueues, then no more
+    job = client.get(f"/v1/jobs/{jid}").json()
+    assert job["status"] == "failed" and job["progress"]["iteration"] == 2
+    assert job["error"].startswith("worker lost 3 times at iteration 2")
+    assert [h["iteration"] for h in client.get(f"/v1/jobs/{jid}/history").json()["items"]] == [1, 2]
+    assert runner.run_chunk(jid, 2, owner="late") == "skipped"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
 
-from service import repository
+from service import lifecycle, repository
 from service.api.deps import ProducerDep, SessionDep, SettingsDep, require_json
 from service.api.errors import Message, ValidationErrorBody
 from service.schemas import (
@@ -20,6 +21,7 @@ from service.schemas import (
     SettingsPublic,
     Status,
 )
+from service.settings import Settings
 from service.validation import check_job
 
 logger = logging.getLogger("service.api.jobs")
@@ -111,6 +113,30 @@ def _get_or_404(session, job_id: str):
     return job
 
 
+def _deadline_errors(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
+    """meta.max_seconds above GRADTUNE_MAX_JOB_SECONDS: one error naming the field and the limit."""
+    asked = job.meta.max_seconds
+    if asked is None or asked <= settings.max_job_seconds:
+        return []
+    return [
+        {
+            "loc": ["body", "meta", "max_seconds"],
+            "msg": f"max_seconds {asked:g} is above the limit of {settings.max_job_seconds:g} seconds",
+            "type": "limit_exceeded",
+        }
+    ]
+
+
+def _not_enqueued(session: Session, job_id: str) -> None:
+    """No message went out: say so, so that the sweep sends one as soon as the job is stale."""
+    try:
+        lifecycle.clear_enqueued(session, job_id=job_id, iteration=0)
+        session.commit()
+    except Exception as exc:  # then the sweep waits for the visibility timeout instead
+        session.rollback()
+        logger.warning("job %s: could not record that no message was sent (%s)", job_id, type(exc).__name__)
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
@@ -146,17 +172,22 @@ def create_job(
     datasets = {i: repository.dataset_to_public(d) for i, d in rows.items()}
     model_rows = repository.models_by_id(session, ids=job.model_ids(), lock=True)
     models = {i: repository.model_to_public(m) for i, m in model_rows.items()}
-    errors = check_job(job, settings, datasets, models)
+    errors = check_job(job, settings, datasets, models) + _deadline_errors(job, settings)
     if errors:
         raise RequestValidationError(errors)
     row = repository.create_job(
-        session, spec=job.model_dump(mode="json"), name=job.name, iterations=job.meta.iterations
+        session,
+        spec=job.model_dump(mode="json"),
+        name=job.name,
+        iterations=job.meta.iterations,
+        max_seconds=settings.job_seconds(job.meta.max_seconds),
     )
     session.commit()
     try:
         producer.enqueue_chunk(row.id)
     except Exception as exc:  # the sweep re-enqueues queued jobs
         logger.warning("job %s stored but not enqueued (%s: %s); the sweep will retry", row.id, type(exc).__name__, exc)
+        _not_enqueued(session, row.id)
     response.headers["Location"] = f"/v1/jobs/{row.id}"
     return repository.to_public(row)
 
@@ -265,7 +296,10 @@ def get_job_settings(job_id: JobId, session: SessionDep) -> SettingsPublic:
     },
 )
 def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
-    """A queued job reads `cancelled` at once; a running one when its current chunk ends."""
+    """A queued job reads `cancelled` at once. A running one shows `cancel_requested: true` at once;
+    its worker notices within one heartbeat, stops between two evaluations, keeps the iterations it
+    finished, and the job ends `cancelled` (never `succeeded`, even when the cancel comes during its
+    last chunk)."""
     try:
         job = repository.request_cancel(session, job_id=job_id)
     except repository.NotFound as exc:

@@ -1,10 +1,11 @@
 """The meta-loss of thetas, for the search (search.Evaluator): the constant pair through the
 objective's constant forms (losses, value_and_grad), tables through its table forms
-(losses_values, value_and_grad_values), each exactly as the loop has always called them."""
+(losses_values, value_and_grad_values), each exactly as the loop has always called them.
+StopChecked asks a should_stop callback before each evaluation (run_meta's stop between evaluations)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,3 +74,34 @@ class TableEvaluator:
         lr, mom = self.tensors([theta])
         probe = self.objective.losses_values(lr * self.config.stability_margin, mom)[0]
         return finite(probe) and probe <= 10.0 * loss
+
+
+class Stopped(Exception):
+    """should_stop() said stop before an evaluation; run_meta drops the iteration under way."""
+
+
+class StopChecked:
+    """An evaluator that asks ``should_stop()`` before each evaluation and raises Stopped when it
+    says stop; otherwise it calls the evaluator it wraps, unchanged."""
+
+    def __init__(self, inner, should_stop: Callable[[], bool]):
+        self.inner, self.should_stop = inner, should_stop
+
+    def _check(self) -> None:
+        if self.should_stop():
+            raise Stopped
+
+    def forward(self, thetas: Sequence[Sequence[float]]) -> list[float]:
+        self._check()
+        return self.inner.forward(thetas)
+
+    def value_and_grad(self, theta: Sequence[float]) -> tuple[float, list[float]]:
+        self._check()
+        return self.inner.value_and_grad(theta)
+
+    def stable(self, theta: Sequence[float], loss: float) -> bool:
+        self._check()
+        return self.inner.stable(theta, loss)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)

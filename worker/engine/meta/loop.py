@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -12,7 +13,7 @@ from ..functional import segment_boundaries
 from ..tasks import Task
 from .config import MetaConfig, check_config, rich_enabled
 from .costs import choose_method
-from .evaluate import PairEvaluator, TableEvaluator
+from .evaluate import PairEvaluator, StopChecked, Stopped, TableEvaluator
 from .search import Search, clamp_theta, constant_policy, finite, table_policy, values
 from .state import Layout, MetaState, SearchState
 
@@ -114,16 +115,28 @@ class _LazyObjective:
 
 
 class _Phases:
-    """The two searches of one run_meta call: the constant pair and, with a layout, the table."""
+    """The two searches of one run_meta call: the constant pair and, with a layout, the table.
+    With should_stop, each evaluator asks it before every evaluation (evaluate.StopChecked)."""
 
-    def __init__(self, tasks: Sequence[Task], config: MetaConfig, method: str, layout: Layout | None):
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        config: MetaConfig,
+        method: str,
+        layout: Layout | None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
         objective = _LazyObjective(tasks, config.draws)
+
+        def checked(evaluator):
+            return evaluator if should_stop is None else StopChecked(evaluator, should_stop)
+
         self.layout = layout
-        self.constant = Search(config, constant_policy(config), PairEvaluator(objective, config, method))
+        self.constant = Search(config, constant_policy(config), checked(PairEvaluator(objective, config, method)))
         self.table = None
         if layout is not None:
             evaluator = TableEvaluator(objective, config, method, layout.slots, len(layout.boundaries))
-            self.table = Search(config, table_policy(config), evaluator)
+            self.table = Search(config, table_policy(config), checked(evaluator))
 
 
 # --------------------------------------------------------------------------- the starts
@@ -246,7 +259,10 @@ def run_meta(
 
     Takes a version-1 or version-2 JSON state and returns a new version-2 one (the argument is not
     modified). on_iteration(record) is called after each iteration; should_stop() is checked before
-    each one.
+    each one and before each evaluation within one: an iteration stopped part-way leaves no trace
+    (the state returned is the one before it, and it is not reported), so a deadline or a cancel
+    waits for one evaluation at most. Without a stop the results are those of a run without
+    should_stop.
     """
     check_config(config)
     s = MetaState.from_json(state)
@@ -259,12 +275,18 @@ def run_meta(
     if not s.method:
         s.method, s.method_reason = choose_method(tasks, config)
     constant_budget = max(1, int(config.iterations * config.constant_fraction)) if rich else config.iterations
-    phases = _Phases(tasks, config, s.method, s.layout if rich else None)
+    phases = _Phases(tasks, config, s.method, s.layout if rich else None, should_stop)
     for _ in range(todo):
         if should_stop is not None and should_stop():
             break
+        before = copy.deepcopy(s) if should_stop is not None else None
         s.iteration += 1
-        rec = _iterate(phases, s, constant_budget)
+        try:
+            rec = _iterate(phases, s, constant_budget)
+        except Stopped:
+            assert before is not None
+            s = before
+            break
         if on_iteration is not None:
             on_iteration(rec)
     return s.to_json()
