@@ -23,8 +23,8 @@ from service.db.models import Job
 from service.main import create_app
 from service.settings import get_settings
 from tests.e2e.conftest import small_job
+from tests.helpers.support import queued_messages
 from tests.service.conftest import job_body
-from tests.support import queued_messages
 from worker import engine, runner
 
 

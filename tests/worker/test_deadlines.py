@@ -27,7 +27,7 @@ from service.db.models import Job, JobIteration
 from service.main import create_app
 from service.settings import Settings, get_settings
 from tests.e2e.conftest import small_job
-from tests.engine.helpers import synthetic_task
+from tests.helpers.tasks import synthetic_task
 from worker import engine, runner
 from worker.engine import LINE_SEARCH, MetaConfig, best_settings, init_state, run_meta, state_iteration
 from worker.engine.meta import evaluate as meta_evaluate
