@@ -17,8 +17,10 @@ import torch
 from service import lifecycle
 from service.db.session import session_scope
 from service.queue import RUN_CHUNK
+from service.redaction import redact
 from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
 from service.settings import get_settings
+from service.workers import record_current_job
 from worker import engine
 from worker.dataset_loader import DatasetUnavailable
 
@@ -251,6 +253,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
     if claim is None:
         log.info("job %s: nothing to do for message at iteration %s", job_id, iteration)
         return "skipped"
+    record_current_job(job_id)  # this worker's row in /v1/workers; celery_app clears it after the task
     if claim.cancel_requested:
         with session_scope() as db:
             lifecycle.cancel_job(db, job_id=job_id, owner=owner)
@@ -275,7 +278,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str) -> str:
                 raise engine.EngineError("the meta-optimization made no progress in a chunk")
     except (engine.EngineError, DatasetUnavailable) as exc:
         with session_scope() as db:
-            lifecycle.fail_job(db, job_id=job_id, owner=owner, error=str(exc))
+            lifecycle.fail_job(db, job_id=job_id, owner=owner, error=redact(str(exc), settings))
         log.warning("job %s failed: %s", job_id, exc)
         return "failed"
     except Exception as exc:
