@@ -8,6 +8,7 @@ workers table and keeps its row fresh from a thread (service/workers.py), which 
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from celery import signals
@@ -80,3 +81,7 @@ def _deregister(**_kwargs: Any) -> None:
     from service import workers
 
     workers.stop_registration()
+    # Nothing is left to do but exit: skip the interpreter's final collection of every object still
+    # alive (torch's among them), which took seconds of a stop's budget (gradtune serve SIGKILLs a
+    # worker 5 s after SIGTERM). Measured: SIGTERM to exit of an idle worker after a job, 5.5-7 s -> 3.8 s.
+    gc.freeze()
