@@ -326,3 +326,25 @@ def test_the_runner_records_the_job_a_registered_worker_runs(env, monkeypatch): 
     finally:
         beat.stop()
     assert client.get("/v1/workers").json()["total"] == 0
+
+
+def test_what_a_celery_worker_registers(env, monkeypatch):  # noqa: F811
+    """worker/celery_app.py's device label (the GPU's name on CUDA) and queues (from -Q)."""
+    import types
+
+    import torch
+
+    from worker import celery_app, runner
+
+    monkeypatch.setattr(runner, "device", lambda: torch.device("cpu"))
+    assert celery_app._device_label() == "cpu"
+    monkeypatch.setattr(runner, "device", lambda: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+    assert celery_app._device_label() == "cuda:1 (Fake GPU 1)"
+    consumer = types.SimpleNamespace(
+        app=types.SimpleNamespace(
+            amqp=types.SimpleNamespace(queues=types.SimpleNamespace(consume_from={"b": 1, "a": 2}))
+        )
+    )
+    assert celery_app._queues(consumer) == ["a", "b"]
+    assert celery_app._queues(None) == [celery_app.settings.queue_name]
