@@ -6,8 +6,8 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,10 +99,12 @@ def serve(
     port: int | None = typer.Option(None, help="Port (default GRADTUNE_PORT, 8000)."),
     workers: int = typer.Option(1, min=0, help="Embedded worker processes to start (0: none)."),
 ) -> None:
-    """API on :8000 plus embedded workers; SQLite and a server-less broker unless configured."""
+    """API on :8000 plus embedded workers, restarted when they die; SQLite and a server-less broker
+    unless configured. Exits 1 when a worker cannot start at all; stops its workers when it stops."""
     _require("serve", *(("api", "worker") if workers else ("api",)))
     import uvicorn
 
+    from gradtune.supervisor import Supervisor
     from service.db.migrate import upgrade
     from service.main import create_app
     from service.settings import get_settings
@@ -110,21 +112,45 @@ def serve(
     settings = get_settings()
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
-    procs = [subprocess.Popen(worker_argv(settings.queue_name)) for _ in range(workers)]
+    config = uvicorn.Config(
+        create_app(settings), host=host or settings.host, port=port or settings.port, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    supervisor = Supervisor(
+        worker_argv(settings.queue_name), workers, on_fatal=lambda _reason: setattr(server, "should_exit", True)
+    )
+    stopped_by = _stop_on_signals(server, supervisor)
     typer.echo(
         f"gradtune: database {_redact(settings.resolved_database_url())}, "
         f"broker {_redact(settings.resolved_broker_url())}, {workers} embedded worker(s)"
     )
+    if workers:
+        supervisor.start()
     try:
-        uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port)
+        server.run()
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        supervisor.stop()
+    if supervisor.fatal:
+        _fail(RuntimeError(f"{supervisor.fatal}; stopping"))
+    if stopped_by:  # die by the signal, as uvicorn alone would, now that the workers are gone
+        signal.signal(stopped_by[0], signal.SIG_DFL)
+        signal.raise_signal(stopped_by[0])
+
+
+def _stop_on_signals(server, supervisor) -> list[int]:
+    """SIGTERM and SIGINT make uvicorn exit and start stopping the workers at once; the returned list
+    collects the signals received. (uvicorn installs its own handlers while it serves and re-raises
+    the signal at its end: with the default handler there, serve died before stopping its workers.)"""
+    received: list[int] = []
+
+    def handle(sig: int, _frame: object) -> None:
+        received.append(sig)
+        server.should_exit = True
+        supervisor.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+    return received
 
 
 URL = typer.Option("http://localhost:8000", "--url", envvar="GRADTUNE_URL", help="The gradtune API.")
@@ -159,20 +185,72 @@ def _job_line(job: dict) -> str:
     return "  ".join(parts)
 
 
-def _wait(client, job_id: str) -> dict:
+class _NoWorkerNotice:
+    """Says once, on stderr, that a job waits while no worker is live (GET /v1/workers), checking
+    every ``every`` seconds while the job has not ended."""
+
+    def __init__(self, client, every: float = 10.0) -> None:
+        self.client, self.every = client, every
+        self.said, self.next_check = False, 0.0
+
+    def __call__(self, job: dict) -> None:
+        from gradtune.client import TERMINAL, GradtuneError
+
+        now = time.monotonic()
+        if self.said or job["status"] in TERMINAL or now < self.next_check:
+            return
+        self.next_check = now + self.every
+        try:
+            body = self.client.workers(limit=1)
+        except GradtuneError:  # an older server without /v1/workers, or a hiccup: say nothing
+            return
+        if body.get("live", 1) == 0:
+            self.said = True
+            typer.echo(
+                f"gradtune: job {job['id']} is {job['status']} and there is no live worker (none seen in the "
+                f"last {body.get('stale_after_seconds', 0):g} s); it waits until one starts "
+                "(gradtune worker, or gradtune serve)",
+                err=True,
+            )
+
+
+def _wait(client, job_id: str, timeout: float | None = None) -> dict:
     from gradtune.progress import job_progress
 
-    with job_progress(job_id) as show:
-        return client.wait(job_id, on_progress=show)
+    notice = _NoWorkerNotice(client)
+    last: dict = {"status": "queued"}
+
+    def on_progress(job: dict) -> None:
+        last.update(job)
+        show(job)
+        notice(job)
+
+    try:
+        with job_progress(job_id) as show:
+            return client.wait(job_id, timeout=timeout, on_progress=on_progress)
+    except TimeoutError:
+        _fail(
+            TimeoutError(
+                f"timed out after {timeout:g} s: job {job_id} is still {last['status']} (it goes on; "
+                f"follow it with: gradtune status {job_id})"
+            )
+        )
+        raise  # unreachable: _fail exits
 
 
 @cli.command()
 def submit(
     job_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A job body (JSON)."),
     wait: bool = typer.Option(False, "--wait", help="Follow the job with a progress bar until it ends."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", min=0, help="With --wait: give up after this many seconds (exit 1; the job goes on)."
+    ),
     url: str = URL,
 ) -> None:
-    """Submit a tuning job; prints its id (and, with --wait, follows it to the end)."""
+    """Submit a tuning job; prints its id (and, with --wait, follows it to the end: exit 1 unless it
+    succeeded, or when --timeout runs out). Says on stderr when no worker is live to run it."""
+    if timeout is not None and not wait:
+        _fail(ValueError("--timeout goes with --wait"))
     try:
         body = json.loads(job_file.read_text())
     except ValueError as exc:
@@ -181,7 +259,7 @@ def submit(
         job = client.submit(body)
         typer.echo(job["id"])
         if wait:
-            job = _wait(client, job["id"])
+            job = _wait(client, job["id"], timeout)
             typer.echo(_job_line(job))
             if job["status"] != "succeeded":
                 raise typer.Exit(1)

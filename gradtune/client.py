@@ -192,6 +192,10 @@ class Client:
     def models(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
         return self._call("GET", "/v1/models", params={"limit": limit, "offset": offset})
 
+    def workers(self, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """The registered workers (``items``, each with ``live``), and ``live``: how many are live."""
+        return self._call("GET", "/v1/workers", params={"limit": limit, "offset": offset})
+
     def tune(
         self,
         model,

@@ -46,6 +46,7 @@ TAGS = [
     {"name": "jobs", "description": "Submit, follow and cancel tuning jobs; fetch the learned settings."},
     {"name": "datasets", "description": "Upload dataset files (safetensors, npz, csv, parquet) that tasks can name."},
     {"name": "models", "description": "Upload exported PyTorch programs (.pt2) that tasks can name (kind exported)."},
+    {"name": "workers", "description": "The worker processes that registered, and which are live."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
 

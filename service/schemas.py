@@ -477,3 +477,29 @@ class ModelsPublic(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class WorkerPublic(BaseModel):
+    """A worker process, as it registered itself (service/workers.py)."""
+
+    id: str
+    host: str
+    pid: int
+    device: str = Field(description="Where its chunks run, e.g. cpu or cuda:0 (its GPU's name).")
+    queues: list[str] = Field(description="The broker queues it takes chunks from.")
+    started_at: datetime
+    last_seen: datetime = Field(description="Its last heartbeat, by the database's clock.")
+    current_job: str | None = Field(description="The job whose chunk it runs now.")
+    live: bool = Field(
+        description="Seen within GRADTUNE_WORKER_STALE_SECONDS; a worker that died stays "
+        "listed, not live, until it is pruned a day later."
+    )
+
+
+class WorkersPublic(BaseModel):
+    items: list[WorkerPublic]
+    total: int
+    live: int = Field(description="How many workers are live (all pages).")
+    stale_after_seconds: float = Field(description="A worker not seen for this long is not live.")
+    limit: int
+    offset: int

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # before the job fails with "worker lost N times at iteration i".
     max_attempts: int = Field(default=3, ge=1)
 
+    # Workers register in the workers table and refresh it every heartbeat_seconds; one not seen for
+    # worker_stale_seconds (database clock) is not live. /readyz answers 503 "no live worker" when
+    # none is live, unless ready_needs_worker is false (an API-only deployment).
+    worker_stale_seconds: float = Field(default=60.0, gt=0)
+    ready_needs_worker: bool = True
+
     # Worker
     device: str = "auto"  # auto | cpu | cuda
     torch_threads: int = 1

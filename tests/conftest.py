@@ -133,6 +133,7 @@ def pg_url(_pg_session_url) -> str:
             conn.execute(text("DELETE FROM models"))
             conn.execute(text("DELETE FROM jobs"))
             conn.execute(text("DELETE FROM datasets"))
+            conn.execute(text("DELETE FROM workers"))
     finally:
         engine.dispose()
     return _pg_session_url

@@ -20,8 +20,10 @@ from gradtune.spec import JobStatus
 from service import lifecycle
 from service.db.session import session_scope
 from service.queue import RUN_CHUNK
+from service.redaction import redact
 from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
 from service.settings import get_settings
+from service.workers import record_current_job
 from worker import engine
 from worker.dataset_loader import DatasetUnavailable
 
@@ -331,6 +333,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -
         log.info("job %s: nothing to do for message %s at iteration %s", job_id, owner, iteration)
         return "skipped"
     token = claim.token
+    record_current_job(job_id)  # this worker's row in /v1/workers; celery_app clears it after the task
     if claim.cancel_requested:
         with session_scope() as db:
             lifecycle.cancel_job(db, job_id=job_id, token=token)
@@ -363,7 +366,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -
             if not records and stop.reason is None:
                 raise engine.EngineError("the meta-optimization made no progress in a chunk")
     except (engine.EngineError, DatasetUnavailable) as exc:
-        _fail(claim, str(exc), stop)
+        _fail(claim, redact(str(exc), settings), stop)
         log.warning("job %s failed: %s", job_id, exc)
         return "failed"
     except Exception as exc:

@@ -184,3 +184,26 @@ class JobModel(Base):
     model_id: Mapped[str] = mapped_column(String(36), primary_key=True)
 
     __table_args__ = (Index("ix_job_models_model_id", "model_id"),)
+
+
+class Worker(Base):
+    """A worker process that said it is alive: written when it starts, ``last_seen`` refreshed by its
+    heartbeat (the database's clock), ``current_job`` while it runs a chunk (service/workers.py).
+    One not seen for ``GRADTUNE_WORKER_STALE_SECONDS`` is not live; its row stays (for the record)
+    until a worker starting later prunes rows not seen for a day."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    # Where its chunks run, e.g. "cpu" or "cuda".
+    device: Mapped[str] = mapped_column(String(64))
+    # The broker queues it consumes.
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The job whose chunk it runs now (no foreign key: a record, not a claim; the job holds the lease).
+    current_job: Mapped[str | None] = mapped_column(String(36))
+
+    __table_args__ = (Index("ix_workers_last_seen", "last_seen"),)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -15,37 +16,54 @@ from tests.e2e.conftest import ROOT, small_job, wait_for
 from tests.helpers.net import free_port
 
 
-def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
+def _serve(tmp_path: Path, *args: str, name: str = "serve", **extra_env: str) -> tuple[subprocess.Popen, str, dict]:
+    """``gradtune serve`` on a free port in tmp_path (its own session, output in ``<name>.log``)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADTUNE_")}
     env.update(GRADTUNE_DATA_DIR=str(tmp_path / "data"), GRADTUNE_CHUNK_ITERATIONS="2", PYTHONPATH=str(ROOT))
-    log = open(tmp_path / "serve.log", "wb")
+    env.update(extra_env)
+    log = open(tmp_path / f"{name}.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradtune.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "gradtune.cli", "serve", "--port", str(port), *args],
         env=env,
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    return proc, f"http://127.0.0.1:{port}", env
 
-    def up():
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
+def _up(base: str, path: str = "/healthz") -> bool:
     try:
-        wait_for(up, 60, "gradtune serve to answer")
-        assert httpx.get(f"{base}/readyz").status_code == 200
+        return httpx.get(f"{base}{path}", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
+    proc, base, env = _serve(tmp_path)
+    try:
+        wait_for(lambda: _up(base), 60, "gradtune serve to answer")
+        # ready once its embedded worker has registered
+        wait_for(lambda: _up(base, "/readyz"), 60, "gradtune serve to be ready (a live worker)")
         r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=3, tasks=1))
         assert r.status_code == 202, r.text
         url = base + r.headers["location"]
         job = wait_for(
             lambda: (j := httpx.get(url).json())["status"] in ("succeeded", "failed") and j, 120, "the job to finish"
         )
-        assert job["status"] == "succeeded", Path(log.name).read_text()
+        assert job["status"] == "succeeded", Path(proc.log_path).read_text()
         s = httpx.get(url + "/settings").json()
         assert s["optimizer"] == "SGD" and s["lr"] > 0
         assert (tmp_path / "data" / "gradtune.db").exists()
@@ -55,11 +73,7 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         _client_tune_against_live_server(tmp_path, base, env)
         _example_runs_as_is(base, env)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
 
 
 def _gradtune(env, *args: str) -> subprocess.CompletedProcess:
@@ -73,10 +87,14 @@ def _cli_against_live_server(tmp_path: Path, base: str, env: dict, done_id: str)
     env = {**env, "GRADTUNE_URL": base}
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(small_job(iterations=2, tasks=1)))
-    r = _gradtune(env, "submit", str(job_file), "--wait")
+    r = _gradtune(env, "submit", str(job_file), "--wait", "--timeout", "150")
     assert r.returncode == 0, r.stderr
     new_id = r.stdout.splitlines()[0].strip()
     assert "succeeded" in r.stdout and "2/2" in r.stdout
+    assert "no live worker" not in r.stderr  # serve's worker is live
+
+    r = _gradtune(env, "submit", str(job_file), "--timeout", "5")
+    assert r.returncode == 1 and "--timeout goes with --wait" in r.stderr
 
     r = _gradtune(env, "status", new_id)
     assert r.returncode == 0 and r.stdout.startswith(f"{new_id}  succeeded")
@@ -220,3 +238,106 @@ def _example_runs_as_is(base: str, env: dict) -> None:
     losses = dict(re.findall(r"validation loss with the (starting|learned) settings.*: ([0-9.]+)$", r.stdout, re.M))
     assert set(losses) == {"starting", "learned"}, r.stdout
     assert float(losses["learned"]) < float(losses["starting"]), r.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            state, ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if int(ppid) == pid and state not in ("Z", "X"):
+            found.append(int(d.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _live_workers(base: str) -> list[dict]:
+    return [w for w in httpx.get(f"{base}/v1/workers").json()["items"] if w["live"]]
+
+
+def test_serve_restarts_a_killed_worker_and_leaves_none_after_sigterm(tmp_path):
+    """kill -9 of serve's worker: a new one (new pid) starts, registers and runs the next job; SIGTERM
+    to serve alone (not its process group): no worker is left 10 s later."""
+    proc, base, env = _serve(tmp_path, GRADTUNE_HEARTBEAT_SECONDS="0.5", GRADTUNE_WORKER_STALE_SECONDS="3")
+    pids: list[int] = []
+    try:
+        wait_for(lambda: _up(base, "/readyz"), 90, "serve's worker to register")
+        (first,) = _live_workers(base)
+        pids.append(first["pid"])
+        assert first["pid"] in _children(proc.pid) and first["queues"] == ["gradtune"]
+        assert os.getsid(first["pid"]) == first["pid"]  # its own session: a Ctrl-C reaches serve only
+
+        killed = time.monotonic()
+        os.kill(first["pid"], signal.SIGKILL)
+        (new_pid,) = wait_for(lambda: [p for p in _children(proc.pid) if p != first["pid"]], 30, "a new worker")
+        started = time.monotonic() - killed
+        pids.append(new_pid)
+        wait_for(lambda: [w["pid"] for w in _live_workers(base)] == [new_pid], 60, "only the new worker live")
+        registered = time.monotonic() - killed
+        log = Path(proc.log_path).read_text()
+        assert f"worker 1 (pid {first['pid']}) died after" in log, log[-3000:]
+        assert "killed by SIGKILL; restarting in 0.5 s" in log
+        assert _up(base, "/readyz")
+
+        r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=4, tasks=2, steps=200))
+        assert r.status_code == 202, r.text
+        url = base + r.headers["location"]
+        seen_running: set[str | None] = set()
+
+        def finished():
+            seen_running.update(w["current_job"] for w in _live_workers(base))
+            return (j := httpx.get(url).json())["status"] in ("succeeded", "failed", "cancelled") and j
+
+        job = wait_for(finished, 180, "the job to finish", interval=0.05)
+        assert job["status"] == "succeeded", Path(proc.log_path).read_text()[-3000:]
+        assert job["id"] in seen_running  # /v1/workers showed the job while its chunks ran
+        wait_for(lambda: _live_workers(base)[0]["current_job"] is None, 10, "current_job cleared")
+
+        stopping = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)  # serve alone, as systemd or docker stop would
+        wait_for(lambda: proc.poll() is not None and not any(_alive(p) for p in pids), 10, "serve and its workers")
+        gone = time.monotonic() - stopping
+        assert proc.returncode == -signal.SIGTERM
+        assert not _children(proc.pid)
+        forced = "SIGKILL" in Path(proc.log_path).read_text().split("Shutting down", 1)[1]
+        print(
+            f"kill -9 of the worker: new process after {started:.2f} s, registered after {registered:.2f} s; "
+            f"SIGTERM to serve: serve and 0 workers left after {gone:.2f} s "
+            f"({'SIGKILL after 5 s' if forced else 'the worker exited on SIGTERM'})"
+        )
+    finally:
+        _stop(proc)
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_serve_exits_1_with_the_reason_when_its_worker_cannot_start(tmp_path):
+    """A worker that dies right after each start (here: torch fails to import) makes serve give up:
+    exit 1, naming the worker and how it died, and no process left."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("torch is broken on purpose (a test)")\n')
+    proc, base, _env = _serve(tmp_path, PYTHONPATH=f"{fake.parent}{os.pathsep}{ROOT}")
+    try:
+        proc.wait(timeout=150)
+        log = Path(proc.log_path).read_text()
+        assert proc.returncode == 1, log[-3000:]
+        assert "error: worker 1 cannot start: it died 5 times in a row within 20 s of starting" in log
+        assert "exit code 1" in log and "torch is broken on purpose" in log
+        delays = [line.rsplit("restarting in ", 1)[1] for line in log.splitlines() if "restarting in" in line]
+        assert delays == ["0.5 s", "1 s", "2 s", "4 s"]
+        assert not _children(proc.pid)
+    finally:
+        _stop(proc)

@@ -29,12 +29,14 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
     Unless overridden, the database is SQLite at ``<data_dir>/gradtune.db`` (not migrated: pass
     ``database_url=sqlite_url`` for a migrated one) and the broker is the filesystem transport
-    under ``<data_dir>/broker``. Any Settings field can be overridden by keyword.
+    under ``<data_dir>/broker``. ``/readyz`` does not wait for a worker (``ready_needs_worker`` is
+    false: most tests run no worker). Any Settings field can be overridden by keyword.
     """
     values: dict[str, Any] = {
         name: field.get_default(call_default_factory=True) for name, field in Settings.model_fields.items()
     }
     values["data_dir"] = Path(tmp_path) / "data"
+    values["ready_needs_worker"] = False
     values.update(overrides)
     # Explicit keyword arguments win over the environment in pydantic-settings.
     return Settings(**values)

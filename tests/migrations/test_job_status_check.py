@@ -20,7 +20,7 @@ from gradtune.spec import STATUSES, JobStatus
 from service.db.migrate import MIGRATIONS_DIR, downgrade, upgrade
 from service.db.models import JOB_STATUS_CHECK, Base
 from service.db.session import make_engine
-from tests.migrations.test_migrations import HEAD, TABLES, diff, tables, version
+from tests.migrations.test_migrations import HEAD, TABLES, TABLES_0004, diff, tables, version
 
 ROOT = Path(__file__).resolve().parents[2]
 TS = "'2026-01-01 00:00:00+00:00'"
@@ -175,7 +175,7 @@ def test_downgrade_to_0003_drops_only_the_constraint(empty_url):
     before = _snapshot(empty_url)
     upgrade(empty_url)
     downgrade(empty_url, "0003")
-    assert version(empty_url) == "0003" and tables(empty_url) == TABLES
+    assert version(empty_url) == "0003" and tables(empty_url) == TABLES_0004
     assert _checks(empty_url) == {}
     assert _snapshot(empty_url) == before
     _add_job(empty_url, "j-bad", "paused")  # accepted again at 0003

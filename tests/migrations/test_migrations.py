@@ -19,8 +19,10 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0005"
-TABLES = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
+HEAD = "0006"
+# The tables up to 0005 (0005 added columns only), and at head (0006 added workers).
+TABLES_0004 = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
+TABLES = TABLES_0004 | {"workers"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -108,7 +110,7 @@ def test_upgrade_from_0001_keeps_the_jobs_and_adds_the_dataset_tables(empty_url)
 def test_upgrade_from_0002_keeps_datasets_and_adds_the_model_tables(empty_url):
     """A database at 0002 with a dataset upgrades to head; down to 0002 drops only the model tables."""
     upgrade(empty_url, "0002")
-    assert tables(empty_url) == TABLES - {"models", "job_models"}
+    assert tables(empty_url) == TABLES_0004 - {"models", "job_models"}
     engine = create_engine(empty_url)
     with engine.begin() as conn:
         conn.execute(
@@ -121,7 +123,7 @@ def test_upgrade_from_0002_keeps_datasets_and_adds_the_model_tables(empty_url):
     upgrade(empty_url)
     assert version(empty_url) == HEAD and tables(empty_url) == TABLES and diff(empty_url) == []
     downgrade(empty_url, "0002")
-    assert tables(empty_url) == TABLES - {"models", "job_models"}
+    assert tables(empty_url) == TABLES_0004 - {"models", "job_models"}
     engine = create_engine(empty_url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT filename FROM datasets")).scalars().all() == ["a.npz"]
@@ -156,6 +158,7 @@ def test_alembic_command_line_from_another_directory(tmp_path):
     assert "Running upgrade 0002 -> 0003" in out.stderr
     assert "Running upgrade 0003 -> 0004" in out.stderr
     assert "Running upgrade 0004 -> 0005" in out.stderr
+    assert "Running upgrade 0005 -> 0006" in out.stderr
     assert version(url) == HEAD
 
 

@@ -42,8 +42,8 @@ def test_readyz_503_when_the_broker_is_unreachable(tmp_path, sqlite_url, make_se
     body = r.json()
     assert body["status"] == "unavailable"
     assert body["checks"]["database"] == "ok"
-    assert body["checks"]["broker"].startswith("unreachable (")
-    assert body["detail"].startswith("not ready: broker unreachable")
+    assert body["checks"]["broker"] == "unreachable"  # what is down, not the error's text
+    assert body["detail"] == "not ready: broker unreachable"
 
 
 @pytest.mark.parametrize(
@@ -58,8 +58,8 @@ def test_readyz_503_when_the_database_is_unreachable(tmp_path, make_settings, ur
     assert r.status_code == 503
     body = r.json()
     assert body["checks"]["broker"] == "ok"
-    assert body["checks"]["database"].startswith("unreachable (")
-    assert body["detail"].startswith("not ready: database unreachable")
+    assert body["checks"]["database"] == "unreachable"
+    assert body["detail"] == "not ready: database unreachable"
     # and a request that needs the database says so, without a traceback
     assert jobs.status_code == 503
     assert jobs.json() == {"detail": "the database is unavailable; try again later"}
@@ -108,6 +108,7 @@ def test_openapi_documents_the_endpoints(client):
         "/v1/datasets/{dataset_id}": {"get", "delete"},
         "/v1/models": {"get", "post"},
         "/v1/models/{model_id}": {"get", "delete"},
+        "/v1/workers": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
     }

@@ -1,0 +1,48 @@
+"""/v1/workers: the worker processes that registered, and which of them are live."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from service import workers
+from service.api.deps import SessionDep, SettingsDep
+from service.db.clock import as_utc
+from service.schemas import WorkerPublic, WorkersPublic
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"])
+
+
+@router.get(
+    "",
+    response_model=WorkersPublic,
+    summary="Registered workers, most recently seen first",
+    description="Each worker process registers when it starts and refreshes `last_seen` every few "
+    "seconds (GRADTUNE_HEARTBEAT_SECONDS); `live` is false once it has not been seen for "
+    "GRADTUNE_WORKER_STALE_SECONDS (by the database's clock). `current_job` is the job whose chunk it "
+    "runs now.",
+)
+def list_workers(
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000, description="Workers to skip.")] = 0,
+) -> WorkersPublic:
+    stale = settings.worker_stale_seconds
+    rows, total, live = workers.list_workers(session, stale_after_s=stale, limit=limit, offset=offset)
+    items = [
+        WorkerPublic(
+            id=w.id,
+            host=w.host,
+            pid=w.pid,
+            device=w.device,
+            queues=list(w.queues or []),
+            started_at=as_utc(w.started_at),
+            last_seen=as_utc(w.last_seen),
+            current_job=w.current_job,
+            live=is_live,
+        )
+        for w, is_live in rows
+    ]
+    return WorkersPublic(items=items, total=total, live=live, stale_after_seconds=stale, limit=limit, offset=offset)
