@@ -22,7 +22,7 @@ from service.db.models import Worker
 from service.db.session import make_engine
 from service.main import create_app
 from service.redaction import redact
-from tests.support import make_settings
+from tests.helpers.support import make_settings
 from tests.worker.test_runner import env  # noqa: F401  (the fixture: worker settings from the environment)
 
 
