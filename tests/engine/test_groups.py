@@ -270,7 +270,7 @@ def test_rich_line_search_moves_every_value_along_the_negative_hypergradient(per
 
     rich = [r for r in records if r["phase"] in ("rich_start", "rich_refine")]
     line_moves = 0
-    for prev, rec in zip(rich, rich[1:], strict=True):
+    for prev, rec in zip(rich, rich[1:], strict=False):
         if rec["move"] != "line" or not rec["accepted"] or prev["hypergradient"][0] is None:
             continue
         line_moves += 1

@@ -45,7 +45,7 @@ def test_meta_loop_improves_on_a_small_problem(population, stencil):
     assert state_iteration(state) == 12
     # the accepted loss never goes up, and the best is the minimum of everything accepted
     losses = [r["meta_loss"] for r in records]
-    assert all(b <= a for a, b in zip(losses, losses[1:], strict=True))
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))
     assert best["meta_loss"] <= min(losses)
 
 
@@ -59,9 +59,9 @@ def test_line_search_improves_and_moves_along_the_negative_hypergradient(preset)
     assert best["meta_loss"] == pytest.approx(_reference(tasks, best["lr"], best["momentum"], config.draws), rel=1e-9)
     assert best["meta_loss"] < 0.7 * _reference(tasks, 1e-3, 0.0, config.draws)
     losses = [r["meta_loss"] for r in records]
-    assert all(b <= a for a, b in zip(losses, losses[1:], strict=True))
+    assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))
     moves = 0
-    for prev, rec in zip(records, records[1:], strict=True):
+    for prev, rec in zip(records, records[1:], strict=False):
         if rec["phase"] == "converged":
             continue
         # a line that found nothing lower is followed by one stencil screen (move "stencil", or
