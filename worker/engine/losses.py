@@ -11,10 +11,11 @@ with every other (measured: tests/worker/data/blobs.npz, where the meta-loss was
 iteration). Training losses (the gradients) are unchanged: only the reported validation losses.
 
 zero_loss_floor: the validation loss below which a lower one is not better, because the trained
-network's float32 predictions are already exact: float32 epsilon (2**-23 nats) for cross-entropy
-(the softmax then puts all but less than epsilon on the right class), and epsilon**2 times the
-mean squared target for mse (every residual at the rounding level of its target). The search
-treats meta-losses both at or below the mean floor of its sources as tied (meta/search.py).
+network's predictions are already exact in its own precision (eps: the machine epsilon of the task's
+dtype, 2**-23 for float32): eps nats for cross-entropy (the softmax then leaves less than eps off
+the right class, on average), and eps**2 times the mean squared target for mse (residuals at the
+rounding level of the targets). The search treats meta-losses both at or below the mean floor of
+its tasks as tied (meta/search.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def cross_entropy_terms(logits: Tensor, target: Tensor) -> Tensor:
@@ -44,14 +43,16 @@ def val_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(output, target)
 
 
-def zero_loss_floor(kind: str, y_val: Tensor) -> float:
+def zero_loss_floor(kind: str, y_val: Tensor, dtype: torch.dtype = torch.float32) -> float:
     """The validation loss of a task below which a lower one does not matter (module docstring)."""
+    eps = float(torch.finfo(dtype).eps)
     if kind == "cross_entropy":
-        return FLOAT32_EPS
-    return FLOAT32_EPS**2 * float(y_val.double().square().mean())
+        return eps
+    return eps**2 * float(y_val.double().square().mean())
 
 
 def mean_floor(tasks: Sequence) -> float:
-    """zero_loss_floor averaged like the meta-loss (every task weighs the same: the mean over tasks)."""
-    floors = [zero_loss_floor(t.loss, t.y_val) for t in tasks]
+    """zero_loss_floor of each task (at its features' dtype) averaged like the meta-loss: every task
+    weighs the same."""
+    floors = [zero_loss_floor(t.loss, t.y_val, t.x_train.dtype) for t in tasks]
     return sum(floors) / len(floors) if floors else 0.0
