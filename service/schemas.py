@@ -363,11 +363,22 @@ class ParamGroup(BaseModel):
     momentum: list[float]
 
 
+class LearnedValues(BaseModel):
+    """The values the search found, whether or not they were returned (see ``fallback``)."""
+
+    lr: float
+    momentum: float
+    param_groups: list[ParamGroup] | None = None
+    boundaries: list[int] | None = None
+
+
 class Evaluation(BaseModel):
     """Validation loss after each task's steps, trained with plain torch.optim.SGD.
 
-    ``learned_val_loss`` uses the top-level constant (lr, momentum); with per-layer or scheduled
-    settings, ``learned_groups_val_loss`` uses the ``param_groups`` and ``boundaries``.
+    ``initial_val_loss`` uses the starting values (``initial``), ``learned_val_loss`` the constant
+    (lr, momentum) the search found (``learned``); with per-layer or scheduled settings,
+    ``learned_groups_val_loss`` uses the ``param_groups`` and ``boundaries`` it found. All are kept
+    when the settings fall back to the start or to the constant pair (``fallback``).
     """
 
     tasks: list[TaskEvaluation]
@@ -375,6 +386,9 @@ class Evaluation(BaseModel):
     mean_learned_val_loss: float | None
     mean_learned_groups_val_loss: float | None = None
     initial: dict[str, float]
+    learned: LearnedValues | None = Field(
+        None, description="The values the search found (the top-level values unless `fallback` is set)."
+    )
     draws: list[int]
     training_draws: list[int] | None = Field(
         None, description="The draws the meta-objective trained on (disjoint from `draws`)."
@@ -385,7 +399,14 @@ class SettingsPublic(BaseModel):
     """Learned settings. ``lr`` and ``momentum`` are the best constant pair, ready for
     ``torch.optim.SGD(params, lr=..., momentum=...)``. With ``per_layer`` or ``schedule_segments``
     there are also ``param_groups`` (per segment values) and ``boundaries`` (the step where each
-    segment starts); apply them with ``gradtune.schedule`` (see the README's recipe)."""
+    segment starts); apply them with ``gradtune.schedule`` (see the README's recipe).
+
+    Never worse than the start on the evaluation draws: when the learned values evaluate worse
+    (a higher mean validation loss) than the starting values, ``lr`` and ``momentum`` are the
+    starting values and ``fallback`` is "start"; when per-layer or scheduled values evaluate worse
+    than the learned constant pair (which is not worse than the start), ``param_groups`` and
+    ``boundaries`` are left out and ``fallback`` is "constant". ``evaluation`` keeps every
+    evaluation and ``evaluation.learned`` the values the search found."""
 
     optimizer: Literal["SGD"] = "SGD"
     lr: float
@@ -399,6 +420,12 @@ class SettingsPublic(BaseModel):
         None,
         description="The search ended early: `deadline` (meta.max_seconds passed); the values are the best "
         "point found by then.",
+    )
+    fallback: Literal["start", "constant"] | None = Field(
+        None,
+        description="null: the learned values are returned. 'start': they evaluated worse than the starting "
+        "values, which are returned instead. 'constant': the per-layer / scheduled values evaluated worse than "
+        "the learned constant pair, which is returned without param_groups. evaluation keeps every evaluation.",
     )
     evaluation: Evaluation
 

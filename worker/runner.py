@@ -160,8 +160,34 @@ def _finite(x: float) -> float | None:
     return x if x == x and abs(x) != float("inf") else None
 
 
+_NO_GROUPS = object()
+
+
+def _worse(a: float | None, b: float | None) -> bool:
+    """Mean validation loss `a` is worse than `b` (None: not finite, worse than any number)."""
+    if a is None:
+        return b is not None
+    return b is not None and a > b
+
+
+def choose_fallback(initial: float | None, learned: float | None, groups: Any = _NO_GROUPS) -> str | None:
+    """What the job returns, from the evaluations' mean validation losses (None: not finite; groups
+    left out: no per-layer / scheduled values): None (the learned values), "constant" (the learned
+    per-layer / scheduled values evaluated worse than the learned constant pair, itself not worse
+    than the start) or "start" (the values that would be returned evaluated worse than the starting
+    ones). Ties keep the learned values."""
+    constant_ok = not _worse(learned, initial)
+    if groups is _NO_GROUPS:
+        return None if constant_ok else "start"
+    if not _worse(groups, learned if constant_ok else initial):
+        return None
+    return "constant" if constant_ok else "start"
+
+
 def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
-    """The settings body: learned values, and the proof with plain torch.optim.SGD."""
+    """The settings body: learned values, and the proof with plain torch.optim.SGD. Never worse than
+    the start on the evaluation draws: the values returned are the better of what the search found
+    and the starting values (choose_fallback; SettingsPublic says how)."""
     from worker.engine import evaluate, evaluate_groups  # MLP, cnn and exported tasks alike
 
     hp = job.hyperparameters
@@ -183,26 +209,39 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
         if groups is not None:
             row["learned_groups_val_loss"] = _finite(groups["tasks"][i]["val_loss"])
         rows.append(row)
+    learned = {"lr": float(best["lr"]), "momentum": float(best["momentum"])}
+    evaluation = {
+        "tasks": rows,
+        "mean_initial_val_loss": _finite(before["mean_val_loss"]),
+        "mean_learned_val_loss": _finite(after["mean_val_loss"]),
+        "initial": {"lr": hp.lr, "momentum": hp.momentum},
+        "learned": learned,
+        "draws": draws,
+        "training_draws": list(meta_config(job).draws),
+    }
+    scores: tuple = (evaluation["mean_initial_val_loss"], evaluation["mean_learned_val_loss"])
+    if groups is not None:
+        learned["param_groups"] = best["param_groups"]
+        learned["boundaries"] = best["boundaries"]
+        evaluation["mean_learned_groups_val_loss"] = _finite(groups["mean_val_loss"])
+        scores += (evaluation["mean_learned_groups_val_loss"],)
+    fallback = choose_fallback(*scores)
+    returned = {"lr": hp.lr, "momentum": hp.momentum} if fallback == "start" else learned
     body = {
         "optimizer": "SGD",
-        "lr": float(best["lr"]),
-        "momentum": float(best["momentum"]),
+        "lr": float(returned["lr"]),
+        "momentum": float(returned["momentum"]),
         "method": state.get("method"),
         "method_reason": state.get("method_reason"),
         "search": job.meta.search,
-        "evaluation": {
-            "tasks": rows,
-            "mean_initial_val_loss": _finite(before["mean_val_loss"]),
-            "mean_learned_val_loss": _finite(after["mean_val_loss"]),
-            "initial": {"lr": hp.lr, "momentum": hp.momentum},
-            "draws": draws,
-            "training_draws": list(meta_config(job).draws),
-        },
+        "fallback": fallback,
+        "evaluation": evaluation,
     }
-    if groups is not None:
+    if groups is not None and fallback is None:
         body["param_groups"] = best["param_groups"]
         body["boundaries"] = best["boundaries"]
-        body["evaluation"]["mean_learned_groups_val_loss"] = _finite(groups["mean_val_loss"])
+    if fallback is not None:
+        log.info("settings fall back to the %s values: %s", fallback, scores)
     return SettingsPublic.model_validate(body).model_dump(mode="json", exclude_unset=True)
 
 

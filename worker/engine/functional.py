@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import mean_floor
 from .mlp_calculus import _layer_names, _train_grads, _train_grads_and_tangents, _val_losses, _val_losses_and_tangents
 from .tasks import Task, batch_indices, build_model, validate_task
 
@@ -385,6 +386,7 @@ class Objective(ObjectiveBase):
         self.groups = [_make_group(src) for src in by_sig.values()]
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
+        self.zero_loss_floor = mean_floor(tasks)  # a meta-loss below it is no better (losses.py)
 
     def losses_values(self, lr: Tensor, momentum: Tensor) -> list[float]:
         """Forward only: mean loss of each candidate given as (K, slots, segments) value tables."""

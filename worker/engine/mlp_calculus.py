@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import cross_entropy_terms
+
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -166,8 +168,7 @@ def _val_losses_and_tangents(params, dparams, names, x: Tensor, y: Tensor, act: 
     """_val_losses (R,) and their directional derivatives (H, R) along the weight tangents."""
     *_, out, dout = _forward_tangents(params, dparams, names, x, act)
     if loss == "cross_entropy":
-        target = y.unsqueeze(0).expand(out.shape[0], -1)
-        value = F.cross_entropy(out.transpose(1, 2), target, reduction="none").mean(dim=1)
+        value = cross_entropy_terms(out, y.unsqueeze(0).expand(out.shape[0], -1)).mean(dim=1)
         resid = torch.softmax(out, dim=-1) - F.one_hot(y, out.shape[-1]).to(out.dtype)
         return value, (resid * dout).sum(dim=-1).mean(dim=-1)
     value = (out - y).square().mean(dim=(1, 2))
@@ -175,7 +176,8 @@ def _val_losses_and_tangents(params, dparams, names, x: Tensor, y: Tensor, act: 
 
 
 def _val_losses(params: dict[str, Tensor], names, x: Tensor, y: Tensor, act: str, loss: str) -> Tensor:
-    """Per-run mean validation loss (R,), for R stacked runs that share one validation set."""
+    """Per-run mean validation loss (R,), for R stacked runs that share one validation set
+    (cross-entropy in float64, losses.cross_entropy_terms)."""
     h = x
     for i, (wn, bn) in enumerate(names):
         runs = params[wn].shape[0]
@@ -183,6 +185,5 @@ def _val_losses(params: dict[str, Tensor], names, x: Tensor, y: Tensor, act: str
         if i < len(names) - 1:
             h = _activate(act, h)
     if loss == "cross_entropy":
-        target = y.unsqueeze(0).expand(h.shape[0], -1)
-        return F.cross_entropy(h.transpose(1, 2), target, reduction="none").mean(dim=1)
+        return cross_entropy_terms(h, y.unsqueeze(0).expand(h.shape[0], -1)).mean(dim=1)
     return (h - y).square().mean(dim=(1, 2))

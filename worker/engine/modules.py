@@ -46,6 +46,7 @@ from .kinds import (
     train_sgd_module_groups,
     validate_module_task,
 )
+from .losses import mean_floor, val_loss
 from .tasks import Task, batch_indices
 from .training import loss_of
 
@@ -124,7 +125,9 @@ def _make_group(task: ModuleTask, draws: list[int]) -> _Group:
     )
 
 
-def _loss_fn(group: _Group):
+def _loss_fn(group: _Group, validation: bool = False):
+    """The training loss of one run's parameters on (x, y); with validation, the validation loss
+    (cross-entropy in float64, losses.val_loss)."""
     skel, loss_kind = group.skeleton, group.task.loss
     consts = {**group.buffers, **group.frozen}
 
@@ -132,7 +135,7 @@ def _loss_fn(group: _Group):
         out = torch.func.functional_call(skel, {**params, **consts}, (x,))
         if loss_kind == "mse":  # = F.mse_loss; written out because its forward-mode rule under
             return (out - y).square().mean()  # vmap warns about resizing an output
-        return loss_of(loss_kind, out, y)
+        return val_loss(loss_kind, out, y) if validation else loss_of(loss_kind, out, y)
 
     return loss
 
@@ -200,7 +203,7 @@ def _unroll(group: _Group, lr: Tensor, momentum: Tensor, grad_from: int = 0) -> 
                 new_bufs[n] = buf
                 new_params[n] = torch.addcmul(params[n], buf, per_run(lr_k, buf), value=-1.0)
             params, bufs = new_params, new_bufs
-    val = vmap(loss, in_dims=(0, None, None))(params, task.x_val, task.y_val)
+    val = vmap(_loss_fn(group, validation=True), in_dims=(0, None, None))(params, task.x_val, task.y_val)
     return val.view(k_count, s_count), diverged.view(k_count, s_count)
 
 
@@ -223,6 +226,7 @@ class ModuleObjective(ObjectiveBase):
         self.groups = [_make_group(t, [int(d) for d in draws]) for t in self.tasks]
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
+        self.zero_loss_floor = mean_floor(self.tasks)  # a meta-loss below it is no better (losses.py)
 
     def layer_groups(self) -> list[list[str]]:
         """Parameter names per slot (of the first task; every task's must have as many slots)."""

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from gradtune.torch_utils import apply_schedule, make_optimizer, segment_at
 
+from .losses import val_loss
 from .tasks import Task, batch_indices, build_model, validate_task
 
 __all__ = [
@@ -52,9 +53,10 @@ def fit(
     schedule: tuple[Sequence[dict], Sequence[int]] | None = None,
 ) -> float:
     """Train `model` with `optimizer` for task.steps steps on batch_indices(task, draw); return the
-    validation loss. With schedule = (param_groups, boundaries), apply_schedule runs before every
-    step. `task`: any kind of task (kinds.TaskKind's data: x_*, y_*, loss, steps, batch_size,
-    seed), validated by the caller.
+    validation loss (losses.val_loss: cross-entropy in float64, so not rounded to 0). With
+    schedule = (param_groups, boundaries), apply_schedule runs before every step. `task`: any kind
+    of task (kinds.TaskKind's data: x_*, y_*, loss, steps, batch_size, seed), validated by the
+    caller.
 
     Returns math.inf if training diverges (the training loss or the final validation loss is not
     finite); never raises for that.
@@ -72,7 +74,7 @@ def fit(
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        val = float(task_loss(task, model(task.x_val), task.y_val))
+        val = float(val_loss(task.loss, model(task.x_val), task.y_val))
     return val if math.isfinite(val) else math.inf
 
 

@@ -32,6 +32,9 @@ class PairEvaluator:
     def stable(self, theta: Sequence[float], loss: float) -> bool:
         return True  # the constant phase does not probe a stability margin
 
+    def floor(self) -> float:
+        return self.objective.zero_loss_floor  # losses.zero_loss_floor, averaged over the tasks
+
 
 class TableEvaluator:
     """theta = every log lr of the (slots x segments) table (slot-major), then every logit."""
@@ -67,13 +70,16 @@ class TableEvaluator:
 
     def stable(self, theta: Sequence[float], loss: float) -> bool:
         """With every lr of theta times the stability margin, does training still converge: a
-        finite meta-loss within an order of magnitude of theta's own `loss` (a run that blows up
-        in float64 can stay finite)?"""
+        finite meta-loss within an order of magnitude of theta's own `loss`, or of the floor when
+        `loss` is below it (a run that blows up in float64 can stay finite)?"""
         if self.config.stability_margin == 1.0:
             return True
         lr, mom = self.tensors([theta])
         probe = self.objective.losses_values(lr * self.config.stability_margin, mom)[0]
-        return finite(probe) and probe <= 10.0 * loss
+        return finite(probe) and probe <= 10.0 * max(loss, self.floor())
+
+    def floor(self) -> float:
+        return self.objective.zero_loss_floor
 
 
 class Stopped(Exception):

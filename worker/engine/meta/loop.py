@@ -189,7 +189,7 @@ def start_constant(search: Search, state: MetaState) -> dict:
         cands = _population(cfg, theta0)
         losses = search.evaluator.forward(cands)
         evaluations += len(cands)
-        ranked = [cands[i] for _, i in sorted((loss, i) for i, loss in enumerate(losses) if finite(loss))]
+        ranked = [cands[i] for _, i in search.rank(cands, losses)]
         lowest = min(c[0] for c in cands)
     else:
         ranked, lowest = [theta0], theta0[0]

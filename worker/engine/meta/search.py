@@ -16,6 +16,14 @@ the two phases is a Policy, fixed per phase (constant_policy, table_policy):
   pair as lr / momentum).
 
 Candidates keep the order in which they are built; ties between equal losses go to the first.
+
+Meta-losses at or below the evaluator's floor (losses.zero_loss_floor: the validation loss below
+which the trained networks' float32 predictions are already exact) are ties: none of them is lower
+than another, so a move from one to another is not an improvement (the incumbent stays), and among
+candidates that all reach the floor the safest wins: the smallest effective learning rate
+lr / (1 - momentum) (the largest in the table). Without this, cross-entropy on separable data,
+which keeps falling as the margins grow, rewards the most aggressive settings that happen not to
+diverge on the training draws: the edge of stability (tests/worker/test_blobs_regression.py).
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ from .state import Best, MetaState, SearchState
 
 def finite(*xs: float | None) -> bool:
     return all(x is not None and math.isfinite(x) for x in xs)
+
+
+def lower(a: float, b: float, floor: float) -> bool:
+    """a counts as lower than b: a < b, unless both are at or below the floor (tied at zero loss)."""
+    return a < b and not (a <= floor and b <= floor)
 
 
 def json_float(x: float | None) -> float | None:
@@ -111,6 +124,8 @@ class Evaluator(Protocol):
 
     def stable(self, theta: Sequence[float], loss: float) -> bool: ...
 
+    def floor(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -172,10 +187,31 @@ class Search:
         assert s is not None
         return s
 
+    # comparisons -------------------------------------------------------------------------
+    def lower(self, a: float, b: float) -> bool:
+        """a counts as lower than b (module docstring: ties at the floor)."""
+        return lower(a, b, self.evaluator.floor())
+
+    def reach(self, theta: Sequence[float]) -> float:
+        """The largest effective learning rate lr / (1 - momentum) of theta's values."""
+        lrs, moms = values(self.config, theta, len(theta) // 2, 1)  # a flat table: its order does not matter
+        return max(lr[0] / (1.0 - m[0]) for lr, m in zip(lrs, moms, strict=True))
+
+    def rank(self, cands: Sequence[Sequence[float]], losses: Sequence[float]) -> list[tuple[float, int]]:
+        """(loss, index) of the finite losses, lowest first; ties in candidate order, except that
+        losses at or below the floor all tie and go safest (smallest reach) first."""
+        floor = self.evaluator.floor()
+
+        def key(item: tuple[float, int]) -> tuple[float, float, int]:
+            loss, i = item
+            return (loss, 0.0, i) if loss > floor else (floor, self.reach(cands[i]), i)
+
+        return sorted(((loss, i) for i, loss in enumerate(losses) if finite(loss)), key=key)
+
     # bookkeeping -------------------------------------------------------------------------
     def note_best(self, state: MetaState, theta: Sequence[float], loss: float | None) -> None:
         s = self.of(state)
-        if not finite(loss) or (s.best is not None and loss >= s.best.meta_loss):
+        if not finite(loss) or (s.best is not None and not self.lower(loss, s.best.meta_loss)):
             return
         lrs, moms = values(self.config, theta, s.slots, s.segments)
         s.best = Best(
@@ -305,8 +341,8 @@ class Search:
         """The best candidate that lowers `current` (and, with margin_probe, passes the stability
         probe: the two best improving ones are probed, in order). Returns (index or None, its loss
         or else the lowest finite loss or None, probes run, probes failed)."""
-        ranked = sorted((loss, i) for i, loss in enumerate(losses) if finite(loss))
-        improving = [f for f in ranked if f[0] < current]
+        ranked = self.rank(cands, losses)
+        improving = [f for f in ranked if self.lower(f[0], current)]
         probes = rejected = 0
         for loss_i, i in improving[:2]:
             if self.policy.margin_probe:
@@ -351,7 +387,7 @@ class Search:
             loss, grad = self.evaluator.value_and_grad(chosen)
             cand_loss = loss
             self.note_best(state, chosen, loss)
-            if finite(loss) and loss < s.loss:
+            if finite(loss) and self.lower(loss, s.loss):
                 self.accept(s, chosen, loss, grad)
                 accepted = True
         if accepted:
@@ -399,7 +435,7 @@ class Search:
                 evaluations += 1
                 cand_loss = loss
             self.note_best(state, chosen, loss)
-            if finite(loss) and loss < s.loss:
+            if finite(loss) and self.lower(loss, s.loss):
                 self.accept(s, chosen, loss, grad)
                 s.step = min(steps[i], cfg.max_step)
                 accepted = True
