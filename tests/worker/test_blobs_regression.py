@@ -6,7 +6,7 @@ the report's file) uploaded and used as one task: mlp [16] relu, cross-entropy, 
 used to succeed with lr 0.1, momentum 0.99, a meta-loss of exactly 0.0 from iteration 1, and a
 validation loss of 1.676 on the evaluation draws against 0.0114 for the start.
 
-The cause (tests/engine/test_zero_loss.py): float32 cross-entropy rounded to 0.0, and ties at zero
+The cause (tests/worker/engine/test_zero_loss.py): float32 cross-entropy rounded to 0.0, and ties at zero
 loss kept the most aggressive settings. The guard (worker/runner.choose_fallback): settings that
 evaluate worse than the start are not returned; `fallback` says so and both evaluations are kept.
 """
