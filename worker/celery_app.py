@@ -1,7 +1,7 @@
 """The Celery app of the worker: gradtune's long-job profile on top of the shared broker config.
 
 Importing this module touches neither torch nor CUDA; the device is chosen when a
-worker process starts (see worker.runner.configure_process). A ready worker registers itself in the
+worker process starts (see worker.device.configure_process). A ready worker registers itself in the
 workers table and keeps its row fresh from a thread (service/workers.py), which GET /v1/workers and
 /readyz read.
 """
@@ -47,10 +47,10 @@ app.conf.update(
 
 
 def _device_label() -> str:
-    """This worker's device, e.g. "cpu" or "cuda:0 (NVIDIA H200)" (chosen by worker.runner)."""
-    from worker import runner
+    """This worker's device, e.g. "cpu" or "cuda:0 (NVIDIA H200)" (chosen by worker.device)."""
+    from worker.device import device
 
-    dev = runner.device()
+    dev = device()
     if dev.type != "cuda":
         return str(dev)
     import torch

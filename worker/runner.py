@@ -26,32 +26,14 @@ from service.settings import get_settings
 from service.workers import record_current_job
 from worker import engine
 from worker.dataset_loader import DatasetUnavailable
+from worker.device import configure_process, device  # noqa: F401 - configure_process: runner's name too
 
 log = logging.getLogger("gradtune.worker")
 
-_device: torch.device | None = None
 _sweeper: threading.Thread | None = None
 _stop = threading.Event()
 
 DTYPE = torch.float32
-
-
-def configure_process() -> torch.device:
-    """Pick this process's device and thread count; called when a worker process starts."""
-    global _device
-    settings = get_settings()
-    torch.set_num_threads(max(1, settings.torch_threads))
-    want = settings.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        _device = torch.device("cuda")
-    else:
-        _device = torch.device("cpu")
-    log.info("worker device %s, %d torch threads", _device, torch.get_num_threads())
-    return _device
-
-
-def device() -> torch.device:
-    return _device if _device is not None else configure_process()
 
 
 def task_seed(meta_seed: int, index: int) -> int:

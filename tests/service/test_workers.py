@@ -334,11 +334,12 @@ def test_what_a_celery_worker_registers(env, monkeypatch):  # noqa: F811
 
     import torch
 
-    from worker import celery_app, runner
+    from worker import celery_app
+    from worker import device as worker_device
 
-    monkeypatch.setattr(runner, "device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(worker_device, "device", lambda: torch.device("cpu"))
     assert celery_app._device_label() == "cpu"
-    monkeypatch.setattr(runner, "device", lambda: torch.device("cuda", 1))
+    monkeypatch.setattr(worker_device, "device", lambda: torch.device("cuda", 1))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
     assert celery_app._device_label() == "cuda:1 (Fake GPU 1)"
     consumer = types.SimpleNamespace(

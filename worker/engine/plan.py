@@ -29,6 +29,7 @@ from gradtune.spec.costs import (
 )
 from gradtune.spec.shapes import mlp_shapes
 
+from .kinds import kind_of
 from .reference import EVAL_DRAWS
 from .tasks import Task
 
@@ -100,7 +101,9 @@ def task_cost(task: Any) -> tuple[TaskCost, int]:
         in_elements=int(task.x_train[0].numel()),
         element_size=int(task.x_train.element_size()),
     )
-    if isinstance(task, Task):
+    mlp = kind_of(task).as_mlp_task()  # the TaskKind protocol: an MLP view, or None
+    if mlp is not None:
+        task = mlp
         shapes = mlp_shapes(task.x_train.shape[1], task.hidden, task.out_features, task.activation)
         cost = TaskCost(
             params=shapes.params,

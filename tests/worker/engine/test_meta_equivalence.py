@@ -76,7 +76,11 @@ def test_the_unified_search_reproduces_the_pre_refactor_loop(case, legacy_runs):
     assert best_settings(state) == legacy.best_settings(old_state)
     assert best_settings(old_state) == legacy.best_settings(old_state)  # version 1 read as it was meant
     assert state["version"] == STATE_VERSION == 2 and old_state["version"] == 1
-    assert MetaState.from_json(old_state).to_json() == state
+    # method_reason quotes the memory estimate, which now comes from the spec's cost model (the
+    # legacy loop had its own): the same method, a different number in the sentence
+    converted = MetaState.from_json(old_state).to_json()
+    assert converted["method"] == state["method"]
+    assert {**converted, "method_reason": None} == {**state, "method_reason": None}
 
 
 @pytest.mark.parametrize(
