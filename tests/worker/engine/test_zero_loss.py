@@ -26,7 +26,7 @@ from worker.engine.meta.loop import _population
 from worker.engine.meta.search import Search, clamp_theta, constant_policy, lower, values
 from worker.engine.tasks import batch_indices, build_model
 
-BLOBS = pathlib.Path(__file__).resolve().parents[1] / "worker" / "data" / "blobs.npz"
+BLOBS = pathlib.Path(__file__).resolve().parents[1] / "data" / "blobs.npz"
 EPS32 = 2.0**-23
 
 
