@@ -129,7 +129,8 @@ def main() -> None:
         return
     print(f"job: {JOB}, 2 draws, 45 start candidates, 2 iterations (reverse)")
     print(
-        "| budget MB | estimate MB | estimate / budget | start candidates per unroll | growth MB | growth / budget | s |"
+        "| budget MB | estimate MB | estimate / budget | start candidates per unroll "
+        "| growth MB | growth / budget | s |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     rows: list[float | None] = list(args.budgets) + ([None] if args.unbounded else [])
