@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # the peak of a whole job as the engine batches it: every task, draw and screened candidate in
     # one unroll, the data, the hypergradient (gradtune.spec.costs); a larger job gets 422
     max_job_memory_bytes: int = 8 * 1024**3
+    # the total compute of a whole job (gradtune.spec.costs: every screen, hypergradient and the final
+    # evaluation, 2 FLOPs per multiply-add); a larger job gets 422. The default is about an hour of a
+    # 2-core CPU (measured on the engine: about 10 GFLOP/s per core in float32, docs/benchmarks.md)
+    max_job_flops: float = Field(default=7.2e13, gt=0)
     max_upload_bytes: int = 1024**3  # one dataset file; larger uploads get 413 while streaming
     max_dataset_bytes: int = 4 * 1024**3  # a dataset's values once decoded (npz and parquet compress)
     # Uploads received and checked at once by one API process; one more is answered 503 with Retry-After.

@@ -134,6 +134,7 @@ def meta_config(job: JobCreate) -> engine.MetaConfig:
         method=job.meta.method,
         truncation=job.meta.truncation,
         memory_budget_mb=get_settings().max_unroll_bytes / 2**20,
+        job_memory_mb=get_settings().max_job_memory_bytes / 2**20,
     )
 
 

@@ -119,6 +119,10 @@ class MetaCost:
     rich_random_directions: int = 8
     constant_fraction: float = 0.5
     memory_budget_bytes: float = 2 * 1024**3
+    # the whole job's memory budget (GRADTUNE_MAX_JOB_MEMORY_BYTES; MetaConfig.job_memory_mb): a
+    # screen batches no more candidates per unroll than fit in it beside the data (screen_candidates);
+    # None: no cap (max_runs only)
+    job_memory_bytes: float | None = None
 
     @property
     def rich(self) -> bool:
@@ -192,9 +196,37 @@ def _groups(tasks: Sequence[TaskCost], draws: int) -> list[_Group]:
     return [_Group(t, n) for t, n in counts.values()]
 
 
-def candidates_per_unroll(sources: int, candidates: int, path: str) -> int:
-    """Candidates one unroll batches: the engine chunks them by max_runs // sources."""
-    return max(1, min(candidates, MAX_RUNS[path] // max(1, sources)))
+def candidates_per_unroll(sources: int, candidates: int, path: str, cap: int | None = None) -> int:
+    """Candidates one unroll batches: the engine chunks them by max_runs // sources, and by
+    ``cap`` (screen_candidates: what fits the job's memory budget) when there is one."""
+    k = max(1, min(candidates, MAX_RUNS[path] // max(1, sources)))
+    return k if cap is None else max(1, min(k, cap))
+
+
+def unroll_budget(tasks: Sequence[TaskCost], meta: MetaCost) -> float | None:
+    """Bytes one screen unroll may hold: the job's memory budget less the data and the allocator's
+    slack (None: no budget)."""
+    if meta.job_memory_bytes is None:
+        return None
+    own, prepared, _build = data_bytes(tasks, meta)
+    return float(meta.job_memory_bytes) - own - prepared - SLACK_BYTES
+
+
+def screen_candidates(t: TaskCost, path: str, sources: int, budget: float | None) -> int | None:
+    """The most candidates (times ``sources`` runs) a screen unroll of task ``t`` batches within
+    ``budget`` bytes, at least 1 (one candidate over the group's sources is never split); None
+    without a budget. The engine sub-batches a screen by it (worker/engine/plan.screen_cap)."""
+    if budget is None:
+        return None
+    top = max(1, MAX_RUNS[path] // max(1, sources))
+    lo, hi = 1, top
+    while lo < hi:  # unroll_bytes grows with the candidates
+        mid = (lo + hi + 1) // 2
+        if unroll_bytes(t, "screen", path, mid * sources, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # ---------------------------------------------------------------------------- one unroll
@@ -277,9 +309,11 @@ def evaluation(
     batches them: the working memory of the largest unroll and the FLOPs of all of them."""
     path = path_of(tasks)
     hyper = meta.hyperparameters if hyper is None else hyper
+    budget = unroll_budget(tasks, meta) if mode == "screen" else None
     worst, worst_runs, worst_k, flops = 0.0, 0, 0, 0.0
     for g in _groups(tasks, meta.draws):
-        k = 1 if mode in METHODS else candidates_per_unroll(g.sources, candidates, path)
+        cap = screen_candidates(g.task, path, g.sources, budget)
+        k = 1 if mode in METHODS else candidates_per_unroll(g.sources, candidates, path, cap)
         runs = k * g.sources
         size = unroll_bytes(g.task, mode, path, runs, k, hyper, meta.truncation)
         if size > worst:

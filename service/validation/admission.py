@@ -48,6 +48,7 @@ def meta_cost(job: JobCreate, settings: Settings, slots: int = 1) -> MetaCost:
         slots=slots if h.per_layer else 1,
         segments=h.schedule_segments,
         memory_budget_bytes=settings.max_unroll_bytes,
+        job_memory_bytes=settings.max_job_memory_bytes,
     )
 
 
@@ -185,13 +186,18 @@ def check_unroll(
 def check_job_memory(
     job: JobCreate, settings: Settings, costs: Sequence[TaskCost], slots: int = 1
 ) -> list[dict[str, Any]]:
-    """``job_too_large`` when the job's peak, as the engine batches it, is above max_job_memory_bytes."""
+    """``job_too_large`` when the job's peak, as the engine batches it (screens sub-batched to fit the
+    budget, one candidate over a group's sources at least), is above max_job_memory_bytes;
+    ``job_too_expensive`` when its total FLOPs are above max_job_flops. Both when both."""
     meta = meta_cost(job, settings, slots)
     limit = settings.max_job_memory_bytes
     est = estimate(costs, meta)
-    if est.peak_bytes <= limit:
-        return []
-    return [_err(["tasks"], job_memory_message(costs, meta, est, limit), "job_too_large")]
+    errors = []
+    if est.peak_bytes > limit:
+        errors.append(_err(["tasks"], job_memory_message(costs, meta, est, limit), "job_too_large"))
+    if est.flops > settings.max_job_flops:
+        errors.append(_err(["tasks"], job_flops_message(costs, meta, est, settings.max_job_flops), "job_too_expensive"))
+    return errors
 
 
 def _peak_text(est: CostEstimate) -> str:
@@ -236,12 +242,8 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
     return lo
 
 
-def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> list[str]:
-    """Changes of one kind that bring the job under ``limit``: a smaller batch, fewer steps, fewer tasks."""
-
-    def fits(tasks: Sequence[TaskCost]) -> bool:
-        return estimate(tasks, meta).peak_bytes <= limit
-
+def _task_offers(costs: Sequence[TaskCost], fits: Callable[[Sequence[TaskCost]], bool]) -> list[str]:
+    """A smaller batch, fewer steps, fewer tasks: the largest value of each that ``fits``."""
     out = []
     top = max(c.batch_size for c in costs)
     b = _largest(1, top - 1, lambda v: fits([replace(c, batch_size=min(c.batch_size, v)) for c in costs]))
@@ -255,6 +257,53 @@ def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> lis
     if k is not None:
         out.append(f"at most {k} task" + ("s" if k > 1 else ""))
     return out
+
+
+def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> list[str]:
+    """Changes of one kind that bring the job's peak under ``limit``: a smaller batch, fewer steps,
+    fewer tasks, and ``method: forward`` when the job's method is another and forward fits."""
+    out = _task_offers(costs, lambda tasks: estimate(tasks, meta).peak_bytes <= limit)
+    if (
+        estimate(costs, meta).method != "forward"
+        and estimate(costs, replace(meta, method="forward")).peak_bytes <= limit
+    ):
+        out.append("method: forward")
+    return out
+
+
+def what_would_be_cheap_enough(costs: Sequence[TaskCost], meta: MetaCost, limit: float) -> list[str]:
+    """Changes of one kind that bring the job's FLOPs under ``limit``: a smaller batch, fewer steps,
+    fewer tasks, fewer iterations."""
+    out = _task_offers(costs, lambda tasks: estimate(tasks, meta).flops <= limit)
+    n = _largest(1, meta.iterations - 1, lambda v: estimate(costs, replace(meta, iterations=v)).flops <= limit)
+    if n is not None:
+        out.append(f"iterations <= {n}")
+    return out
+
+
+def _flops_text(flops: float) -> str:
+    return f"{flops:.3g} FLOPs"
+
+
+def job_flops_message(costs: Sequence[TaskCost], meta: MetaCost, est: CostEstimate, limit: float) -> str:
+    fixes = what_would_be_cheap_enough(costs, meta, limit)
+    fit = (" It would fit with " + ", or ".join(fixes) + ".") if fixes else " Use a smaller model."
+    top = max(est.parts, key=lambda p: p.flops)
+    return (
+        f"this job needs about {_flops_text(est.flops)} of compute, above the limit of {_flops_text(limit)} "
+        f"(GRADTUNE_MAX_JOB_FLOPS); most of it in {_FLOPS_NAMES.get(top.name, top.name)} "
+        f"({_flops_text(top.flops)}).{fit}"
+    )
+
+
+_FLOPS_NAMES = {
+    "start": "the start's screens",
+    "refine": "the refine iterations' screens",
+    "rich_refine": "the per-layer or schedule iterations' screens",
+    "hypergradient": "the hypergradients",
+    "rich_hypergradient": "the per-layer or schedule hypergradients",
+    "evaluation": "the final evaluation",
+}
 
 
 def job_memory_message(costs: Sequence[TaskCost], meta: MetaCost, est: CostEstimate, limit: int) -> str:

@@ -7,6 +7,7 @@ queue message appeared. Runs on SQLite and PostgreSQL (db_url).
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -404,6 +405,7 @@ def test_long_horizons_fit_with_forward_mode_and_auto(client, settings):
     task = dict(
         BUILTIN_TASK, model={"kind": "mlp", "hidden": [1024, 1024], "activation": "relu"}, steps=5000, batch_size=256
     )
+    settings.max_job_flops = 1e20  # this test is about memory; the job is about 10^16 FLOPs
     for method in ("forward", "auto"):
         body = job_body(task)
         body["meta"] = {"method": method}
@@ -444,16 +446,21 @@ def test_the_issue_job_is_refused_quickly(client, nothing_changed, settings):
     t0 = time.perf_counter()
     r = client.post("/v1/jobs", json=body)
     elapsed = time.perf_counter() - t0
-    e = only_error(r)
+    assert r.status_code == 422, r.text
+    e, f = r.json()["detail"]
     assert e["field"] == "tasks" and e["type"] == "job_too_large"
     assert e["msg"].startswith("this job needs about ")
     assert "GiB of memory at its peak, above the limit of 8 GiB" in e["msg"]
     assert "(task, draw) runs batched in one unroll" in e["msg"] and "It would fit with batch_size <= " in e["msg"]
-    assert elapsed < 5.0, elapsed
+    assert f["field"] == "tasks" and f["type"] == "job_too_expensive"
+    assert re.match(r"this job needs about [0-9.]+e\+19 FLOPs of compute, above the limit of 7\.2e\+13 FLOPs", f["msg"])
+    assert "iterations <= " not in f["msg"]  # the final evaluation alone is above the limit
+    assert elapsed < 1.0, elapsed
     nothing_changed()
     body["tasks"] = body["tasks"][:1]
     body["tasks"][0]["steps"] = 100
     body["tasks"][0]["batch_size"] = 32
+    body["meta"]["iterations"] = 20  # 1,000 iterations of hidden [4096] would be above the FLOPs limit
     assert client.post("/v1/jobs", json=body).status_code == 202  # the limit is not a blanket refusal
 
 

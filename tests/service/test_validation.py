@@ -16,6 +16,7 @@ from service.validation import (
     layer_widths,
     task_io,
 )
+from service.validation.admission import meta_cost, mlp_cost
 from tests.service.conftest import BUILTIN_TASK, INLINE_TASK, job_body
 
 
@@ -106,9 +107,6 @@ def big_job(n_tasks=4, **task_kw) -> JobCreate:
 
 
 def job_peak(job: JobCreate, settings: Settings) -> int:
-    from service.validation import meta_cost
-    from service.validation.admission import mlp_cost
-
     costs_in = [mlp_cost(t, task_io(t)) for t in job.tasks]
     return costs.estimate(costs_in, meta_cost(job, settings)).peak_bytes
 
@@ -123,19 +121,28 @@ def test_the_whole_job_is_admitted_up_to_the_limit_exactly():
 
 
 def test_what_the_refusal_says_would_fit_does_fit():
-    """The start screens 45 candidates x 8 runs whatever the steps: a smaller batch fits, fewer tasks
-    fit, fewer steps would not (and are not offered)."""
+    """Without a budget the start screens 45 candidates x 8 runs in one unroll and sets the peak;
+    under a third of that peak the screens are sub-batched and the job fits; under an eighth the
+    forward-mode hypergradient (auto) sets the peak: a smaller batch fits, fewer tasks fit, and
+    fewer steps (where auto takes reverse within the unroll budget)."""
 
-    def job(batch=512, n_tasks=4):
-        return big_job(n_tasks, model={"kind": "mlp", "hidden": [1024]}, batch_size=batch, steps=1000)
+    def job(batch=512, n_tasks=4, steps=1000):
+        return big_job(n_tasks, model={"kind": "mlp", "hidden": [1024]}, batch_size=batch, steps=steps)
 
-    limited = Settings(max_job_memory_bytes=job_peak(job(), Settings()) // 3)
+    unbounded = Settings(max_job_memory_bytes=2**60, max_job_flops=1e30)
+    costs_in = [mlp_cost(t, task_io(t)) for t in job().tasks]
+    est = costs.estimate(costs_in, meta_cost(job(), unbounded))
+    assert est.peak_part.name == "start" and est.part("start").runs == 45 * 8
+    peak = est.peak_bytes
+    assert check_job(job(), unbounded.model_copy(update={"max_job_memory_bytes": peak // 3})) == []
+    limited = unbounded.model_copy(update={"max_job_memory_bytes": peak // 8})
     (e,) = check_job(job(), limited)
     msg = e["msg"]
-    assert "the start screens 45 candidate settings x 8 (task, draw) runs, batched in one unroll" in msg
-    assert "steps <=" not in msg
+    assert "one hypergradient (forward) differentiates through 8 (task, draw) runs" in msg
     b = int(re.search(r"batch_size <= (\d+)", msg).group(1))
     k = int(re.search(r"at most (\d+) task", msg).group(1))
+    s = int(re.search(r"steps <= (\d+)", msg).group(1))
+    assert check_job(job(steps=s), limited) == [] and check_job(job(steps=s + 1), limited) != []
     assert check_job(job(batch=b), limited) == [] and check_job(job(batch=b + 1), limited) != []
     assert check_job(job(n_tasks=k), limited) == [] and check_job(job(n_tasks=k + 1), limited) != []
 
@@ -155,6 +162,76 @@ def test_fewer_steps_are_offered_when_the_graph_sets_the_peak():
     s = int(re.search(r"steps <= (\d+)", e["msg"]).group(1))
     assert 1000 < s < 4000
     assert check_job(job(s), limited) == [] and check_job(job(s + 1), limited) != []
+
+
+def job_flops(job: JobCreate, settings: Settings) -> float:
+    costs_in = [mlp_cost(t, task_io(t)) for t in job.tasks]
+    return costs.estimate(costs_in, meta_cost(job, settings)).flops
+
+
+def test_the_jobs_compute_is_admitted_up_to_the_limit_exactly():
+    job = big_job(model={"kind": "mlp", "hidden": [256]}, batch_size=128)
+    flops = job_flops(job, Settings())
+    assert check_job(job, Settings(max_job_flops=flops)) == []
+    (e,) = check_job(job, Settings(max_job_flops=flops * (1 - 1e-9)))
+    assert e["loc"] == ["body", "tasks"] and e["type"] == "job_too_expensive"
+    assert e["msg"].startswith(f"this job needs about {flops:.3g} FLOPs of compute, above the limit of ")
+
+
+def test_what_the_compute_refusal_offers_fits_and_one_more_does_not():
+    """Each offer (batch, steps, tasks, iterations) is admitted at its value and refused one above."""
+
+    def job(batch=256, n_tasks=4, steps=1000, iterations=20):
+        body = job_body(
+            *[
+                {
+                    **BUILTIN_TASK,
+                    "data": {"source": "builtin", "name": "digits", "seed": i},
+                    "model": {"kind": "mlp", "hidden": [256]},
+                    "batch_size": batch,
+                    "steps": steps,
+                }
+                for i in range(n_tasks)
+            ],
+            meta={"iterations": iterations},
+        )
+        return JobCreate.model_validate(body)
+
+    limited = Settings(max_job_flops=job_flops(job(), Settings()) / 3)
+    (e,) = check_job(job(), limited)
+    assert e["type"] == "job_too_expensive" and "(GRADTUNE_MAX_JOB_FLOPS)" in e["msg"]
+    offers = {
+        "batch": int(re.search(r"batch_size <= (\d+)", e["msg"]).group(1)),
+        "steps": int(re.search(r"steps <= (\d+)", e["msg"]).group(1)),
+        "n_tasks": int(re.search(r"at most (\d+) task", e["msg"]).group(1)),
+        "iterations": int(re.search(r"iterations <= (\d+)", e["msg"]).group(1)),
+    }
+    for name, value in offers.items():
+        assert check_job(job(**{name: value}), limited) == [], name
+        (up,) = check_job(job(**{name: value + 1}), limited)
+        assert up["type"] == "job_too_expensive", name
+
+
+def test_method_forward_is_offered_when_it_fits_and_it_does():
+    def job(method="reverse"):
+        body = job_body(
+            {**BUILTIN_TASK, "steps": 4000, "batch_size": 64, "model": {"kind": "mlp", "hidden": [512]}},
+            meta={"method": method, "iterations": 3},
+        )
+        return JobCreate.model_validate(body)
+
+    roomy = Settings(max_unroll_bytes=2**40)
+    limit = max(job_peak(job("forward"), roomy), job_peak(job("reverse"), roomy) // 2)
+    limited = roomy.model_copy(update={"max_job_memory_bytes": limit})
+    (e,) = check_job(job(), limited)
+    assert e["type"] == "job_too_large" and "method: forward" in e["msg"]
+    assert check_job(job("forward"), limited) == []
+    # offered exactly when the forward job is admitted (the peaks depend on the budget: screens are
+    # sub-batched to fit it)
+    for limit in (job_peak(job("forward"), roomy) * f for f in (0.3, 0.6, 0.9, 0.99)):
+        s = roomy.model_copy(update={"max_job_memory_bytes": int(limit)})
+        (e,) = check_job(job(), s)
+        assert ("method: forward" in e["msg"]) == (check_job(job("forward"), s) == []), limit
 
 
 def test_the_job_check_waits_for_the_tasks_to_pass():

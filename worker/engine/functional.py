@@ -17,8 +17,9 @@ forward (_forward_mode_group: one tangent per hyperparameter carried through the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -313,6 +314,18 @@ def _forward_mode_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) ->
 
 METHODS: tuple[str, ...] = ("reverse", "forward", "truncated")
 
+# (a group's first task, its sources) -> the most candidates one screen unroll of the group may
+# batch within the job's memory budget (plan.screen_cap: the spec's cost model), None for no cap
+ScreenCap = Callable[[Any, int], int | None]
+
+
+def screen_chunk(max_runs: int, sources: int, task: Any, cap: ScreenCap | None) -> int:
+    """Candidates per screen unroll of a group: max_runs // sources, and no more than the
+    memory budget's cap (at least 1). Splitting changes no result: every run trains on its own."""
+    chunk = max(1, max_runs // sources)
+    limit = None if cap is None else cap(task, sources)
+    return chunk if limit is None else max(1, min(chunk, int(limit)))
+
 
 class ObjectiveBase:
     """What Objective and modules.ModuleObjective share: the constant-pair forms of their
@@ -374,7 +387,13 @@ class Objective(ObjectiveBase):
     blocks (segment_boundaries).
     """
 
-    def __init__(self, tasks: Sequence[Task], draws: Sequence[int], max_runs: int = 512):
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        draws: Sequence[int],
+        max_runs: int = 512,
+        screen_cap: ScreenCap | None = None,
+    ):
         if not tasks or not draws:
             raise ValueError("An objective needs at least one task and one draw.")
         for task in tasks:
@@ -386,6 +405,7 @@ class Objective(ObjectiveBase):
         self.groups = [_make_group(src) for src in by_sig.values()]
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
+        self.chunks = [screen_chunk(max_runs, g.n_sources, g.tasks[0], screen_cap) for g in self.groups]
         self.zero_loss_floor = mean_floor(tasks)  # a meta-loss below it is no better (losses.py)
 
     def losses_values(self, lr: Tensor, momentum: Tensor) -> list[float]:
@@ -393,8 +413,7 @@ class Objective(ObjectiveBase):
         count = lr.shape[0]
         totals = [0.0] * count
         with torch.no_grad():
-            for g in self.groups:
-                chunk = max(1, self.max_runs // g.n_sources)
+            for g, chunk in zip(self.groups, self.chunks, strict=True):
                 for start in range(0, count, chunk):
                     lr_c = lr[start : start + chunk].to(dtype=g.dtype, device=g.device)
                     mom_c = momentum[start : start + chunk].to(dtype=g.dtype, device=g.device)

@@ -27,11 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .functional import METHODS, Objective, ObjectiveBase
+from .functional import METHODS, Objective, ObjectiveBase, ScreenCap, screen_chunk
 from .kinds import (
     ModuleTask,
     TaskKind,
@@ -219,13 +220,20 @@ class ModuleObjective(ObjectiveBase):
     task must then have the same number) and segments split the steps into equal blocks.
     """
 
-    def __init__(self, tasks: Sequence[Task | TaskKind], draws: Sequence[int], max_runs: int = 128):
+    def __init__(
+        self,
+        tasks: Sequence[Task | TaskKind],
+        draws: Sequence[int],
+        max_runs: int = 128,
+        screen_cap: ScreenCap | None = None,
+    ):
         if not tasks or not draws:
             raise ValueError("An objective needs at least one task and one draw.")
         self.tasks = [kind_of(t).as_module_task() for t in tasks]
         self.groups = [_make_group(t, [int(d) for d in draws]) for t in self.tasks]
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
+        self.chunks = [screen_chunk(max_runs, g.n_sources, g.task, screen_cap) for g in self.groups]
         self.zero_loss_floor = mean_floor(self.tasks)  # a meta-loss below it is no better (losses.py)
 
     def layer_groups(self) -> list[list[str]]:
@@ -238,9 +246,8 @@ class ModuleObjective(ObjectiveBase):
         count = lr.shape[0]
         totals = [0.0] * count
         with torch.no_grad():
-            for g in self.groups:
+            for g, chunk in zip(self.groups, self.chunks, strict=True):
                 dt, dev = g.task.x_train.dtype, g.task.x_train.device
-                chunk = max(1, self.max_runs // g.n_sources)
                 for start in range(0, count, chunk):
                     lr_c = lr[start : start + chunk].to(dtype=dt, device=dev)
                     mom_c = momentum[start : start + chunk].to(dtype=dt, device=dev)
@@ -336,11 +343,19 @@ def unrolled_val_loss_module(task: ModuleTask, lr, momentum, draw: int = 0, crea
     return val.reshape(())
 
 
-def make_objective(tasks: Sequence[Task | TaskKind], draws: Sequence[int]) -> Objective | ModuleObjective:
+def make_objective(
+    tasks: Sequence[Task | TaskKind], draws: Sequence[int], config: Any = None
+) -> Objective | ModuleObjective:
     """functional.Objective (the fast batched path) when every task has an MLP view
     (TaskKind.as_mlp_task), else ModuleObjective on every task's module view. The one-line
-    dispatch for meta.evaluate's evaluators."""
+    dispatch for meta.evaluate's evaluators. With a config whose job_memory_mb is set, screens are
+    sub-batched to fit it (plan.screen_cap)."""
+    cap = None
+    if config is not None and getattr(config, "job_memory_mb", None) is not None:
+        from .plan import screen_cap
+
+        cap = screen_cap(tasks, config)
     mlps = [kind_of(t).as_mlp_task() for t in tasks]
     if all(m is not None for m in mlps):
-        return Objective([m for m in mlps if m is not None], draws)
-    return ModuleObjective(tasks, draws)
+        return Objective([m for m in mlps if m is not None], draws, screen_cap=cap)
+    return ModuleObjective(tasks, draws, screen_cap=cap)

@@ -11,7 +11,7 @@ linear and conv2d calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +23,9 @@ from gradtune.spec.costs import (
     MetaCost,
     TaskCost,
     hypergradient_bytes,
+    path_of,
+    screen_candidates,
+    unroll_budget,
 )
 from gradtune.spec.costs import (
     estimate as spec_estimate,
@@ -155,6 +158,7 @@ def meta_cost(config: Any, slots: int = 1) -> MetaCost:
         rich_random_directions=int(get("rich_random_directions", base.rich_random_directions)),
         constant_fraction=float(get("constant_fraction", base.constant_fraction)),
         memory_budget_bytes=float(get("memory_budget_mb", 1024.0)) * _MB,
+        job_memory_bytes=None if get("job_memory_mb", None) is None else float(get("job_memory_mb", 0.0)) * _MB,
     )
 
 
@@ -162,6 +166,20 @@ def spec_inputs(tasks: Sequence[Any], config: Any) -> tuple[list[TaskCost], Meta
     """The spec's inputs for the engine's tasks (MLP Tasks and ModuleTasks) and config."""
     pairs = [task_cost(t) for t in tasks]
     return [c for c, _ in pairs], meta_cost(config, max(s for _, s in pairs))
+
+
+def screen_cap(tasks: Sequence[Any], config: Any) -> Callable[[Any, int], int | None]:
+    """The objectives' screen_cap: (a group's first task, its sources) -> the most candidates one
+    screen unroll may batch within config.job_memory_mb beside the job's data, by the spec's model
+    (costs.screen_candidates, which costs.estimate counts the screens' peak with)."""
+    costs_in, meta = spec_inputs(tasks, config)
+    budget = unroll_budget(costs_in, meta)
+    path = path_of(costs_in)
+
+    def cap(task: Any, sources: int) -> int | None:
+        return screen_candidates(task_cost(task)[0], path, sources, budget)
+
+    return cap
 
 
 def job_estimate(tasks: Sequence[Any], config: Any) -> CostEstimate:

@@ -170,3 +170,76 @@ def test_the_spec_batches_what_the_engine_batches(monkeypatch):
 def test_requested_methods_are_kept(method):
     out = plan.estimate([synthetic_task(dtype=torch.float32)], MetaConfig(method=method))
     assert out["method"] == method
+
+
+def _budget_for(tasks, config, candidates):
+    """A job budget (MB) under which a screen of the tasks' one group batches ``candidates``."""
+    costs_in, meta = plan.spec_inputs(tasks, config)
+    own, prepared, _ = costs.data_bytes(costs_in, meta)
+    sources = len(tasks) * len(config.draws)
+    unroll = costs.unroll_bytes(costs_in[0], "screen", "mlp", candidates * sources, candidates)
+    return (own + prepared + costs.SLACK_BYTES + unroll + 1) / 2**20
+
+
+def test_the_spec_batches_what_the_engine_sub_batches_under_a_job_budget(monkeypatch):
+    """The same 32-task run with a job memory budget that fits 3 candidates x 64 sources per screen
+    unroll: the engine screens in chunks of 3, and the spec's parts (the peak admission checks)
+    count those chunks, not 8."""
+    seen: list[tuple[int, bool]] = []
+    inner = functional._unroll_group
+
+    def spy(group, lr, momentum, grad_from=0):
+        seen.append((lr.shape[0] * group.n_sources, torch.is_grad_enabled()))
+        return inner(group, lr, momentum, grad_from)
+
+    monkeypatch.setattr(functional, "_unroll_group", spy)
+    tasks = [
+        synthetic_task(seed=s, hidden=(2,), steps=2, batch=8, n=16, n_val=4, dtype=torch.float32) for s in range(32)
+    ]
+    probe = MetaConfig(iterations=2, method="reverse")
+    config = MetaConfig(iterations=2, method="reverse", job_memory_mb=_budget_for(tasks, probe, 3))
+    run_meta(tasks, config, init_state(config, 0.01, 0.9), 2)
+    est = plan.job_estimate(tasks, config)
+    unbounded = plan.job_estimate(tasks, probe)
+    screened = [runs for runs, grad in seen if not grad]
+    assert max(screened) == est.part("start").runs == 3 * 64
+    assert est.part("start").candidates == 3 and unbounded.part("start").candidates == 8
+    assert est.part("start").bytes < unbounded.part("start").bytes
+    assert est.peak_bytes <= config.job_memory_mb * 2**20
+    assert screened[: math.ceil(36 / 3)] == [3 * 64] * 12  # the start's 36 candidates, 3 at a time
+    # one byte less and only 2 fit
+    tight = MetaConfig(iterations=2, method="reverse", job_memory_mb=_budget_for(tasks, probe, 3) - 2 / 2**20)
+    assert plan.job_estimate(tasks, tight).part("start").candidates == 2
+
+
+def _screen(objective, k=7):
+    lrs = [0.003 * 2.0**i for i in range(k)]
+    moms = [0.0, 0.5, 0.9, 0.99, 0.3, 0.7, 0.95][:k]
+    return objective.losses(lrs, moms)
+
+
+def test_sub_batched_screens_give_the_same_losses_to_the_last_bit():
+    tasks = [synthetic_task(seed=s) for s in range(3)] + [synthetic_task(seed=7, hidden=(4, 3))]
+    whole = _screen(Objective(tasks, (0, 1)))
+    assert all(math.isfinite(v) for v in whole[:4])
+    for cap in (1, 2, 3):
+        split = Objective(tasks, (0, 1), screen_cap=lambda task, sources, cap=cap: cap)
+        assert split.chunks == [cap, cap]
+        assert _screen(split) == whole  # exact equality, float64
+    images = [images_task(), images_task(steps=5)]
+    for t in images:
+        t.x_train, t.x_val = t.x_train.double(), t.x_val.double()
+    whole = _screen(ModuleObjective(images, (0, 1)))
+    split = _screen(ModuleObjective(images, (0, 1), screen_cap=lambda task, sources: 2))
+    assert split == whole and all(math.isfinite(v) for v in whole)
+
+
+def test_make_objective_caps_screens_by_the_jobs_budget():
+    from worker.engine.modules import make_objective
+
+    tasks = [synthetic_task(seed=s, dtype=torch.float32) for s in range(4)]
+    probe = MetaConfig()
+    obj = make_objective(tasks, (0, 1), MetaConfig(job_memory_mb=_budget_for(tasks, probe, 5)))
+    assert obj.chunks == [5]
+    assert make_objective(tasks, (0, 1), probe).chunks == [512 // 8]
+    assert make_objective(tasks, (0, 1)).chunks == [512 // 8]

@@ -66,6 +66,11 @@ class MetaConfig:
     truncation: int = 20
     # "auto" picks reverse while its estimated graph fits this budget
     memory_budget_mb: float = 1024.0
+    # the whole job's memory budget (the worker passes GRADTUNE_MAX_JOB_MEMORY_BYTES): a screen
+    # batches no more candidates per unroll than fit in it beside the data (plan.screen_cap, the
+    # spec's cost model, which the API admits the job's peak with). None: no cap (max_runs only).
+    # Sub-batching changes no result: every run trains on its own.
+    job_memory_mb: float | None = None
     # richer hyperparameters, learned after the constant pair and starting from it: one (lr,
     # momentum) per Linear layer, and/or values shared over S equal blocks of the steps
     # (boundaries: functional.segment_boundaries). The constant phase gets at most
@@ -122,6 +127,8 @@ def check_config(config: MetaConfig) -> None:
         raise EngineError("The number of schedule segments must be at least 1.")
     if not config.memory_budget_mb > 0:
         raise EngineError("The memory budget must be positive.")
+    if config.job_memory_mb is not None and not config.job_memory_mb > 0:
+        raise EngineError("The job's memory budget must be positive.")
     if not (math.isfinite(config.stability_margin) and config.stability_margin >= 1.0):
         raise EngineError("The stability margin must be a number of at least 1.")
     if not 0.0 < config.constant_fraction <= 1.0:

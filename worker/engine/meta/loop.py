@@ -103,14 +103,14 @@ class _LazyObjective:
     """The tasks' objective (modules.make_objective), prepared on first use: an iteration that only
     records convergence needs none."""
 
-    def __init__(self, tasks: Sequence[Task], draws: Sequence[int]):
-        self._tasks, self._draws, self._objective = tasks, draws, None
+    def __init__(self, tasks: Sequence[Task], draws: Sequence[int], config: MetaConfig | None = None):
+        self._tasks, self._draws, self._config, self._objective = tasks, draws, config, None
 
     def __getattr__(self, name: str):
         if self._objective is None:
             from ..modules import make_objective  # functional.Objective for MLP Tasks, else ModuleObjective
 
-            self._objective = make_objective(self._tasks, self._draws)
+            self._objective = make_objective(self._tasks, self._draws, self._config)
         return getattr(self._objective, name)
 
 
@@ -126,7 +126,7 @@ class _Phases:
         layout: Layout | None,
         should_stop: Callable[[], bool] | None = None,
     ):
-        objective = _LazyObjective(tasks, config.draws)
+        objective = _LazyObjective(tasks, config.draws, config)
 
         def checked(evaluator):
             return evaluator if should_stop is None else StopChecked(evaluator, should_stop)
