@@ -41,6 +41,10 @@ SEARCHES: tuple[str, ...] = ("stencil", "line")
 PATHS: tuple[str, ...] = ("mlp", "module")
 INDEX_BYTES = 8  # int64 row indices
 SLACK_BYTES = 16 * 1024**2  # allocator slack and small tensors: measured 4-10 MB above the terms below
+# A whole meta-loop holds more than one evaluation does: the allocator keeps freed blocks between
+# screening sub-batches, the state, records and the objective's prepared groups. Measured
+# (benchmarks/memory_budget.py): 60-100 MB above the largest evaluation on digits-size jobs.
+LOOP_SLACK_BYTES = 112 * 1024**2
 MAX_RUNS = {"mlp": 512, "module": 128}  # functional.Objective / modules.ModuleObjective max_runs
 
 # ---------------------------------------------------------------------------- calibrated constants
@@ -209,7 +213,7 @@ def unroll_budget(tasks: Sequence[TaskCost], meta: MetaCost) -> float | None:
     if meta.job_memory_bytes is None:
         return None
     own, prepared, _build = data_bytes(tasks, meta)
-    return float(meta.job_memory_bytes) - own - prepared - SLACK_BYTES
+    return float(meta.job_memory_bytes) - own - prepared - SLACK_BYTES - LOOP_SLACK_BYTES
 
 
 def screen_candidates(t: TaskCost, path: str, sources: int, budget: float | None) -> int | None:
@@ -432,7 +436,7 @@ def estimate(tasks: Sequence[TaskCost], meta: MetaCost) -> CostEstimate:
     own, prepared, build = data_bytes(tasks, meta)
     working = max(max(p.bytes for p in parts), build)
     return CostEstimate(
-        peak_bytes=int(own + prepared + working + SLACK_BYTES),
+        peak_bytes=int(own + prepared + working + SLACK_BYTES + LOOP_SLACK_BYTES),
         flops=sum(p.flops for p in parts),
         data_bytes=own + prepared,
         task_bytes=own,

@@ -93,7 +93,9 @@ def test_the_peak_is_the_data_plus_the_largest_part():
     est = estimate(tasks, MetaCost(iterations=5))
     own, prepared, build = costs.data_bytes(tasks, MetaCost())
     assert (est.task_bytes, est.data_bytes, est.build_bytes) == (own, own + prepared, build)
-    assert est.peak_bytes == own + prepared + max(build, est.peak_part.bytes) + costs.SLACK_BYTES
+    assert (
+        est.peak_bytes == own + prepared + max(build, est.peak_part.bytes) + costs.SLACK_BYTES + costs.LOOP_SLACK_BYTES
+    )
     assert est.peak_part.bytes == max(p.bytes for p in est.parts)
     assert est.part("start").runs == 45 * 6 and est.part("refine").runs == 9 * 6  # candidates x sources
     assert est.part("hypergradient").runs == 6

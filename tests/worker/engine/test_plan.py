@@ -178,7 +178,7 @@ def _budget_for(tasks, config, candidates):
     own, prepared, _ = costs.data_bytes(costs_in, meta)
     sources = len(tasks) * len(config.draws)
     unroll = costs.unroll_bytes(costs_in[0], "screen", "mlp", candidates * sources, candidates)
-    return (own + prepared + costs.SLACK_BYTES + unroll + 1) / 2**20
+    return (own + prepared + costs.SLACK_BYTES + costs.LOOP_SLACK_BYTES + unroll + 1) / 2**20
 
 
 def test_the_spec_batches_what_the_engine_sub_batches_under_a_job_budget(monkeypatch):
