@@ -10,7 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 from gradtune.spec import (  # noqa: F401 - re-exported: service.schemas.ACTIVATIONS, STATUSES, ...
     ACTIVATIONS,
@@ -29,6 +30,26 @@ BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes"]
 
 # JSON has no NaN or Infinity, but Python's parser accepts them: refuse them here.
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+# No C0 control character (NUL included: PostgreSQL cannot store it in text) nor DEL in names and ids.
+NO_CONTROL_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+
+def no_control_characters(value: str) -> str:
+    """Refuse a string holding a control character (U+0000-U+001F, U+007F), naming the first one."""
+    for ch in value:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            raise PydanticCustomError(
+                "control_character",
+                "control characters are not allowed (found U+{code}); names and ids are printable text",
+                {"code": f"{ord(ch):04X}"},
+            )
+    return value
+
+
+# Free text and ids: the check above, and the same rule in the OpenAPI schema (as a pattern).
+Text = Annotated[str, AfterValidator(no_control_characters), Field(json_schema_extra={"pattern": NO_CONTROL_PATTERN})]
 
 
 class _Strict(BaseModel):
@@ -71,7 +92,7 @@ class BuiltinData(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-Name = Annotated[str, Field(min_length=1, max_length=255)]
+Name = Annotated[Text, Field(min_length=1, max_length=255)]
 
 
 class DatasetRef(_Strict):
@@ -83,7 +104,7 @@ class DatasetRef(_Strict):
     ``y``: the name of one tensor or column of N targets (``(N,)``, or ``(N, K)`` for mse).
     """
 
-    dataset: str = Field(min_length=1, max_length=64, description="A dataset id.")
+    dataset: Text = Field(min_length=1, max_length=64, description="A dataset id.")
     x: Annotated[
         Annotated[Name, Tag("name")] | Annotated[list[Name], Field(min_length=1, max_length=4096), Tag("names")],
         Discriminator(lambda v: "names" if isinstance(v, list) else "name"),
@@ -196,7 +217,7 @@ class ExportedModelRef(_Strict):
     from the weights in the file. Parameters keep the program's own names (``"0.weight"``...)."""
 
     kind: Literal["exported"]
-    model: str = Field(min_length=1, max_length=64, description="A model id.")
+    model: Text = Field(min_length=1, max_length=64, description="A model id.")
     init: Literal["default", "uploaded"] = "default"
 
 
@@ -204,7 +225,7 @@ Model = Annotated[MLPModel | CNNModel | ExportedModelRef, Field(discriminator="k
 
 
 class TaskSpec(_Strict):
-    name: str | None = Field(None, max_length=200)
+    name: Text | None = Field(None, max_length=200)
     data: TaskData
     model: Model
     loss: Loss
@@ -266,7 +287,7 @@ class MetaOptions(_Strict):
 
 
 class JobCreate(_Strict):
-    name: str = Field("job", min_length=1, max_length=200)
+    name: Text = Field("job", min_length=1, max_length=200)
     tasks: list[TaskSpec] = Field(min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     meta: MetaOptions = Field(default_factory=MetaOptions)

@@ -16,6 +16,10 @@ from service.queue import Producer
 from service.settings import Settings
 from service.storage import ArtifactStore
 
+# The most rows a list may skip (?offset=): past it the answer is 422 naming the parameter, not a
+# database error (SQLite and PostgreSQL take a 64-bit offset at most).
+MAX_OFFSET = 1_000_000_000
+
 
 def get_db(request: Request) -> Iterator[Session]:
     """One session per request; whatever the handler did not commit is rolled back."""

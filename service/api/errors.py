@@ -3,7 +3,8 @@
 * Validation errors -> 422 ``{"detail": [{"loc", "field", "msg", "type"}]}``. The offending
   input and pydantic's ``ctx`` are never echoed (a body can be megabytes of numbers).
 * Malformed JSON -> 400 ``{"detail": "the request body is not valid JSON: ... at line L column C"}``.
-* Database unreachable -> 503; a capacity limit -> 503 with ``Retry-After`` (``retry_later``);
+* Database unreachable -> 503; a capacity limit -> 503 with ``Retry-After`` (``retry_later``), the
+  database's connection pool exhausted (every connection busy past the pool timeout) included;
   anything unexpected -> 500 with a reference to the logged traceback.
 """
 
@@ -18,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 logger = logging.getLogger("service.api")
 
@@ -164,6 +166,19 @@ async def database_error_handler(request: Request, exc: Exception) -> JSONRespon
     )
 
 
+# Seconds a client is asked to wait when no database connection came free within the pool timeout.
+POOL_RETRY_AFTER = 2
+
+
+async def pool_exhausted_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("no database connection free during %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "the server is busy: every database connection is in use; try again shortly"},
+        headers={"Retry-After": str(POOL_RETRY_AFTER)},
+    )
+
+
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     ref = uuid.uuid4().hex[:12]
     logger.error("unhandled error %s during %s %s", ref, request.method, request.url.path, exc_info=exc)
@@ -185,4 +200,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, database_error_handler)
     app.add_exception_handler(InterfaceError, database_error_handler)
+    app.add_exception_handler(PoolTimeout, pool_exhausted_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)

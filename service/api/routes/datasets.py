@@ -21,7 +21,7 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
 from service import repository
-from service.api.deps import SessionDep, StoreDep
+from service.api.deps import MAX_OFFSET, SessionDep, StoreDep
 from service.api.uploads import (
     Receiver,
     UploadKind,
@@ -35,7 +35,7 @@ from service.api.uploads import (
     upload_responses,
 )
 from service.dataset_files import DatasetFileError, format_for, inspect_file
-from service.schemas import DatasetPublic, DatasetsPublic
+from service.schemas import DatasetPublic, DatasetsPublic, Text
 from service.settings import Settings
 
 logger = logging.getLogger("service.api.datasets")
@@ -44,7 +44,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 UPLOAD_PATH = "/v1/datasets"  # streamed past the body-size middleware (see service.main)
 
-DatasetId = Annotated[str, PathParam(description="The dataset id returned by POST /v1/datasets.")]
+DatasetId = Annotated[Text, PathParam(description="The dataset id returned by POST /v1/datasets.")]
 
 _NOT_FOUND = not_found_response("dataset")
 _BAD_FILE = bad_file_response(
@@ -113,7 +113,7 @@ async def upload_dataset(request: Request, response: Response) -> DatasetPublic:
 def list_datasets(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    offset: Annotated[int, Query(ge=0, description="Datasets to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Datasets to skip.")] = 0,
 ) -> DatasetsPublic:
     items, total = repository.list_datasets(session, limit=limit, offset=offset)
     return DatasetsPublic(

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from service import lifecycle, repository
-from service.api.deps import ProducerDep, SessionDep, SettingsDep, require_json
+from service.api.deps import MAX_OFFSET, ProducerDep, SessionDep, SettingsDep, require_json
 from service.api.errors import Message, ValidationErrorBody
 from service.schemas import (
     HistoryPublic,
@@ -20,6 +20,7 @@ from service.schemas import (
     JobsPublic,
     SettingsPublic,
     Status,
+    Text,
 )
 from service.settings import Settings
 from service.validation import check_job
@@ -28,7 +29,7 @@ logger = logging.getLogger("service.api.jobs")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-JobId = Annotated[str, Path(description="The job id returned by POST /v1/jobs.")]
+JobId = Annotated[Text, Path(description="The job id returned by POST /v1/jobs.")]
 
 _NOT_FOUND = {
     "model": Message,
@@ -202,7 +203,7 @@ def list_jobs(
     session: SessionDep,
     status: Annotated[Status | None, Query(description="Only jobs with this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
 ) -> JobsPublic:
     items, total = repository.list_jobs(session, status=status, limit=limit, offset=offset)
     return JobsPublic(items=[repository.to_public(j) for j in items], total=total, limit=limit, offset=offset)

@@ -21,7 +21,7 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
 from service import repository
-from service.api.deps import SessionDep, StoreDep
+from service.api.deps import MAX_OFFSET, SessionDep, StoreDep
 from service.api.uploads import (
     Receiver,
     UploadKind,
@@ -35,7 +35,7 @@ from service.api.uploads import (
     upload_responses,
 )
 from service.exported_files import ExportedProgramError, describe_program, read_pt2
-from service.schemas import ModelPublic, ModelsPublic
+from service.schemas import ModelPublic, ModelsPublic, Text
 from service.settings import Settings
 
 logger = logging.getLogger("service.api.models")
@@ -44,7 +44,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 UPLOAD_PATH = "/v1/models"  # streamed past the body-size middleware (see service.main)
 
-ModelId = Annotated[str, PathParam(description="The model id returned by POST /v1/models.")]
+ModelId = Annotated[Text, PathParam(description="The model id returned by POST /v1/models.")]
 
 
 class ModelFileError(ValueError):
@@ -126,7 +126,7 @@ async def upload_model(request: Request, response: Response) -> ModelPublic:
 def list_models(
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
-    offset: Annotated[int, Query(ge=0, description="Models to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Models to skip.")] = 0,
 ) -> ModelsPublic:
     items, total = repository.list_models(session, limit=limit, offset=offset)
     return ModelsPublic(items=[repository.model_to_public(m) for m in items], total=total, limit=limit, offset=offset)
