@@ -23,11 +23,11 @@ from service.main import create_app
 from service.settings import Settings
 from tests.e2e.conftest import logs, small_job, wait_for, worker_env
 
-# A dead worker's lease is stale after 2.5 s (heartbeats every 0.25 s), and each live worker sweeps
+# A dead worker's lease is stale after 2 s (heartbeats every 0.2 s), and each live worker sweeps
 # twice a second: a kill costs about three seconds of waiting.
 CHAOS_ENV = {
-    "GRADTUNE_HEARTBEAT_SECONDS": "0.25",
-    "GRADTUNE_STALE_AFTER_SECONDS": "2.5",
+    "GRADTUNE_HEARTBEAT_SECONDS": "0.2",
+    "GRADTUNE_STALE_AFTER_SECONDS": "2",
     "GRADTUNE_SWEEP_SECONDS": "0.5",
 }
 
@@ -122,7 +122,7 @@ def test_ten_kill_dash_nines_in_a_row_mid_chunk(tmp_path, pg_url, redis_url, spa
     one is started after each kill. The job completes with a gapless history and at most one chunk
     redone per kill."""
     started = time.monotonic()
-    kills_wanted, iterations = 10, 18
+    kills_wanted, iterations = 10, 20
     env = worker_env(tmp_path, pg_url, redis_url, GRADTUNE_CHUNK_ITERATIONS="1", **CHAOS_ENV)
     watch = _Watch(pg_url)
     alive = [spawn_worker(env, "w"), spawn_worker(env, "w")]
@@ -132,27 +132,30 @@ def test_ten_kill_dash_nines_in_a_row_mid_chunk(tmp_path, pg_url, redis_url, spa
     with _client(env) as client:
         jid = client.post("/v1/jobs", json=_digits_job(iterations, steps=400)).json()["id"]
         seen: dict[str, float] = {}  # lease token -> when first seen
-        deadline = time.monotonic() + 75
+        trace: list[str] = []
+        deadline = time.monotonic() + 110
         while len(kills) < kills_wanted:
-            assert time.monotonic() < deadline, f"{len(kills)} kills in 75 s\n{logs(everyone)}"
+            assert time.monotonic() < deadline, f"{len(kills)} kills in 110 s\n{logs(everyone)}"
             row = watch.row(jid)
-            assert row.status in ("queued", "running"), (row.status, row.error, len(kills), logs(everyone))
+            assert row.status in ("queued", "running"), f"{row.status} {row.error} {kills} {missed} {trace}"
             it, token = row.iteration, row.lease_owner
             # A chunk with work (not the final evaluation), later than the last kill's, under way 0.25 s.
             if token is None or it >= iterations or (kills and it <= kills[-1]):
                 time.sleep(0.03)
                 continue
-            if time.monotonic() - seen.setdefault(token, time.monotonic()) < 0.25:
+            if time.monotonic() - seen.setdefault(token, time.monotonic()) < 0.1:
                 time.sleep(0.03)
                 continue
             pid = watch.holder_pid(jid, {p.pid for p in alive})
             victim = next((p for p in alive if p.pid == pid), None)
             if victim is None:
+                trace.append(f"{time.monotonic() - started:.2f} it={it} no holder")
                 time.sleep(0.03)
                 continue
             _kill(victim)
             alive.remove(victim)
             after = watch.row(jid)
+            trace.append(f"{time.monotonic() - started:.2f} kill it={it} after={after.iteration}")
             if after.lease_owner == token and after.iteration == it:
                 kills.append(it)
             else:
@@ -163,6 +166,7 @@ def test_ten_kill_dash_nines_in_a_row_mid_chunk(tmp_path, pg_url, redis_url, spa
         row = watch.wait_done(jid, 60, everyone)
         history = watch.history(jid)
     watch.close()
+    print("\nkill trace (s since start): " + "; ".join(trace))
     wall = _report(
         "ten_kills", started, row, everyone, kills=len(kills) + missed, mid_chunk_kills=len(kills), killed_at=kills
     )
@@ -173,7 +177,7 @@ def test_ten_kill_dash_nines_in_a_row_mid_chunk(tmp_path, pg_url, redis_url, spa
     assert row.chunks_started - row.chunks_committed <= len(kills) + missed
     assert row.chunks_started - row.chunks_committed >= len(kills)
     assert row.chunks_committed == iterations
-    assert wall < 120
+    assert wall < 150
 
 
 def _mid_chunk(watch: _Watch, jid: str, procs) -> None:
