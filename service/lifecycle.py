@@ -249,6 +249,21 @@ def clear_enqueued(session: Session, *, job_id: str, iteration: int) -> None:
     )
 
 
+def forget_messages(session: Session) -> int:
+    """The broker connection was lost and is back: the broker may have restarted and lost the
+    messages it held (Redis without persistence does). Forget every outstanding message of a job no
+    lease holds, so that the sweep sends one as soon as the job is stale instead of waiting for the
+    visibility timeout; a message that did survive becomes a harmless duplicate (stale, or refused
+    by the live lease). Returns how many jobs were touched."""
+    res = session.execute(
+        update(Job)
+        .where(Job.status.in_((QUEUED, RUNNING)), Job.lease_owner.is_(None), Job.enqueued_at.is_not(None))
+        .values(enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(cast("CursorResult[Any]", res).rowcount or 0)
+
+
 def _held(session: Session, job_id: str, token: str) -> Job | None:
     """The job, under its row lock, if it is unfinished and ``token``'s lease holds it."""
     job = _lock(session, job_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 
 from service.queue import make_celery
 from service.settings import get_settings
@@ -41,6 +41,42 @@ app.conf.update(
     worker_enable_remote_control=settings.resolved_broker_url().startswith(("redis", "amqp")),
     include=["worker.tasks"],
 )
+
+
+# ---------------------------------------------------------------- broker reconnection
+
+
+class BrokerReconnected(bootsteps.StartStopStep):
+    """A consumer step Celery starts again each time the broker connection comes back: after the
+    first start, the broker may have restarted and lost the chunk messages it held (Redis without
+    persistence), so the jobs' outstanding messages are forgotten and the sweep resends them
+    (service.lifecycle.forget_messages) instead of waiting for the visibility timeout."""
+
+    requires = {"celery.worker.consumer.connection:Connection"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.starts = 0
+
+    def start(self, parent: Any) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            return
+        import logging
+
+        from service import lifecycle
+        from service.db.session import session_scope
+
+        log = logging.getLogger("gradtune.worker")
+        try:
+            with session_scope() as db:
+                n = lifecycle.forget_messages(db)
+            log.warning("broker connection back: %d outstanding chunk message(s) will be resent by the sweep", n)
+        except Exception:  # the database may be down too; the visibility timeout still applies
+            log.exception("broker connection back, but the outstanding messages could not be forgotten")
+
+
+app.steps["consumer"].add(BrokerReconnected)
 
 
 # ---------------------------------------------------------------- registration (GET /v1/workers)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from gradtune.cli import worker_argv
+from tests.conftest import unavailable
+from tests.helpers.servers import PostgresServer, RedisServer, missing_postgres, missing_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +58,37 @@ def spawn_worker(tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=10)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis server of this test's own (not started: call ``.start()``), killed at the end. Tests
+    stop and restart it; the machine's shared Redis is never touched."""
+    reason = missing_redis()
+    if reason:
+        unavailable(reason)
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_postgres():
+    """A private PostgreSQL cluster, started, with a migrated database ``gradtune`` (``.app_url``);
+    stopped and deleted at the end. Tests stop and restart it, never the machine's server."""
+    reason = missing_postgres()
+    if reason:
+        unavailable(reason)
+    from service.db.migrate import upgrade
+
+    server = PostgresServer()
+    try:
+        server.start()
+        server.app_url = server.create_database("gradtune")  # type: ignore[attr-defined]
+        upgrade(server.app_url)  # type: ignore[attr-defined]
+        yield server
+    finally:
+        server.close()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
