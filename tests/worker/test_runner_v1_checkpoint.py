@@ -22,7 +22,8 @@ def _old_engine(monkeypatch):
 
     def meta_config(job):
         cfg = new_config(job)
-        return legacy.MetaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+        known = {f.name for f in dataclasses.fields(legacy.MetaConfig)}  # later fields did not exist then
+        return legacy.MetaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in known})
 
     monkeypatch.setattr(runner, "meta_config", meta_config)
     for name in ("init_state", "run_meta", "best_settings"):
