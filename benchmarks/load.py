@@ -1,0 +1,361 @@
+"""Issue 10, item 11: load on `gradtune serve` (SQLite, server-less broker) against a bare FastAPI app.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/load.py            # a few minutes on 2 cores
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/load.py --jobs 50 --rounds 2 --seconds 2   # quick
+
+Part 1: ``--clients`` (50) asyncio httpx clients submit ``--jobs`` (500) small jobs (one inline task,
+mlp [4], 5 steps, 2 iterations) and poll GET /v1/jobs/{id} until each finishes. Checked: every job
+succeeded with its two iterations, the history is gapless (1..iterations) with no iteration twice
+(read from the SQLite file itself), chunks started == chunks committed (no chunk ran twice), and no
+request got an HTTP error or a transport error.
+
+Part 2: with one (longer) job running, the same 50 clients poll GET /v1/jobs/{id} of that job, and
+then a bare FastAPI endpoint returning a JSON body of the same shape and size, for ``--seconds``
+each, alternating, ``--rounds`` times. The table gives requests per second and p50/p99 latency of
+each, and the ratios service / bare (target: req/s ratio >= 0.8, p99 ratio <= 2).
+
+Both servers are uvicorn with the same settings (one process, the ``gradtune serve`` config), on
+free 127.0.0.1 ports, and both run their handler as a sync function in the thread pool as
+FastAPI's sync routes do. The driver runs on the same machine, so it shares the CPUs with both.
+Everything stops by itself: each phase has a deadline, and the servers are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+TASK = {
+    "name": "t0",
+    "data": {
+        "source": "inline",
+        "x_train": [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.5, 0.5], [0.2, 0.8]],
+        "y_train": [1, 1, 0, 0, 2, 1],
+        "x_val": [[0.9, 0.1], [0.1, 0.1]],
+        "y_val": [1, 0],
+    },
+    "model": {"kind": "mlp", "hidden": [4], "activation": "tanh"},
+    "loss": "cross_entropy",
+    "steps": 5,
+    "batch_size": 2,
+}
+
+
+def small_job(i: int) -> dict:
+    return {
+        "name": f"load-{i}",
+        "tasks": [TASK],
+        "hyperparameters": {"lr": 0.01, "momentum": 0.9},
+        "meta": {"iterations": 2, "seed": i},
+    }
+
+
+# The job that runs while part 2 measures: long enough to outlast it (it is cancelled at the end).
+LONG_JOB = {
+    "name": "load-running",
+    "tasks": [
+        {
+            "name": "digits",
+            "data": {"source": "builtin", "name": "digits", "val_fraction": 0.2, "seed": 0},
+            "model": {"kind": "mlp", "hidden": [32], "activation": "tanh"},
+            "loss": "cross_entropy",
+            "steps": 100,
+            "batch_size": 32,
+        }
+    ],
+    "hyperparameters": {"lr": 0.01, "momentum": 0.9},
+    "meta": {"iterations": 1000, "seed": 0},
+}
+
+# What the bare endpoint answers: a GET /v1/jobs/{id} body of a running job, same keys and sizes.
+BARE_BODY = {
+    "id": "0b6f3c1e-5d2a-4f7e-9c1b-2a3d4e5f6a7b",
+    "name": "load-running",
+    "status": "running",
+    "progress": {"iteration": 12, "iterations": 1000, "meta_loss": 0.6931, "lr": 0.0123, "momentum": 0.9},
+    "created_at": "2025-01-01T00:00:00.000000Z",
+    "started_at": "2025-01-01T00:00:01.000000Z",
+    "finished_at": None,
+    "error": None,
+    "cancel_requested": False,
+    "stopped": None,
+    "max_seconds": 3600.0,
+    "elapsed_seconds": 12.5,
+}
+
+
+def bare_app():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: str) -> dict:  # sync, like the service's handler: runs in the thread pool
+        return {**BARE_BODY, "id": job_id}
+
+    return app
+
+
+def serve_bare(port: int) -> None:
+    """The bare app under uvicorn with the config ``gradtune serve`` uses."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(bare_app(), host=HOST, port=port, timeout_graceful_shutdown=5)).run()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def start(argv: list[str], env: dict, log: pathlib.Path) -> subprocess.Popen:
+    out = open(log, "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+async def wait_up(client, url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            if (await client.get(url)).status_code < 500:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors: list[str] = []
+
+    def error(self, what: str) -> None:
+        if len(self.errors) < 20:
+            self.errors.append(what)
+        else:
+            self.errors[-1] = f"... and more (last: {what})"
+
+
+async def request(client, counts: Counts, method: str, url: str, **kw):
+    counts.requests += 1
+    try:
+        r = await client.request(method, url, **kw)
+    except Exception as exc:  # a transport error is an error too
+        counts.error(f"{method} {url}: {type(exc).__name__}: {exc}")
+        return None
+    if r.status_code >= 400:
+        counts.error(f"{method} {url}: {r.status_code} {r.text[:200]}")
+        return None
+    return r.json()
+
+
+async def submit_and_poll(
+    client, base: str, jobs: list[int], counts: Counts, done: dict, deadline: float, poll: float
+) -> None:
+    while jobs:
+        i = jobs.pop()
+        body = await request(client, counts, "POST", f"{base}/v1/jobs", json=small_job(i))
+        if body is None:
+            continue
+        job_id = body["id"]
+        while body["status"] not in TERMINAL and time.monotonic() < deadline:
+            await asyncio.sleep(poll)
+            body = await request(client, counts, "GET", f"{base}/v1/jobs/{job_id}") or body
+        done[job_id] = body
+
+
+def check_database(db: pathlib.Path, ids: list[str]) -> list[str]:
+    """Problems seen in the SQLite file: a job not succeeded once, a gap or a repeat in a history."""
+    problems = []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        for job_id in ids:
+            row = con.execute(
+                "SELECT status, iteration, iterations, chunks_started, chunks_committed FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            its = [r[0] for r in con.execute("SELECT iteration FROM job_iterations WHERE job_id = ?", (job_id,))]
+            status, iteration, iterations, started, committed = row
+            if status != "succeeded" or iteration != iterations:
+                problems.append(f"{job_id}: {status} at {iteration}/{iterations}")
+            if sorted(its) != list(range(1, iterations + 1)):
+                problems.append(f"{job_id}: history iterations {sorted(its)}")
+            if started != committed:
+                problems.append(f"{job_id}: {started} chunks started, {committed} committed")
+    finally:
+        con.close()
+    return problems
+
+
+async def part1(client, base: str, args, db: pathlib.Path) -> bool:
+    counts, done = Counts(), {}
+    jobs = list(range(args.jobs))[::-1]
+    deadline = time.monotonic() + args.timeout
+    t0 = time.perf_counter()
+    await asyncio.gather(
+        *(submit_and_poll(client, base, jobs, counts, done, deadline, args.poll) for _ in range(args.clients))
+    )
+    secs = time.perf_counter() - t0
+    statuses: dict[str, int] = {}
+    for body in done.values():
+        statuses[body["status"]] = statuses.get(body["status"], 0) + 1
+    for job_id, body in done.items():  # the history through the API as well: 1..iterations, once each
+        hist = await request(client, counts, "GET", f"{base}/v1/jobs/{job_id}/history")
+        if hist is not None and [it["iteration"] for it in hist["items"]] != list(range(1, 3)):
+            counts.error(f"{job_id}: API history {[it['iteration'] for it in hist['items']]}")
+    problems = check_database(db, list(done))
+    print(f"Part 1: {args.clients} clients, {args.jobs} jobs in {secs:.1f} s ({args.jobs / secs:.1f} jobs/s)")
+    print(f"  statuses: {statuses}; jobs seen: {len(done)}; requests: {counts.requests}; errors: {len(counts.errors)}")
+    print(f"  database problems (not succeeded once, history gaps or repeats, chunks redone): {len(problems)}")
+    for line in (counts.errors + problems)[:20]:
+        print(f"    {line}")
+    return len(done) == args.jobs and statuses == {"succeeded": args.jobs} and not counts.errors and not problems
+
+
+async def hammer(client, url: str, seconds: float, clients: int, counts: Counts) -> tuple[int, list[float], float]:
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def one() -> None:
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            if await request(client, counts, "GET", url) is not None:
+                lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return len(lat), lat, time.perf_counter() - t0
+
+
+def p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] if len(values) > 1 else float("nan")
+
+
+async def part2(client, base: str, bare: str, args) -> bool:
+    counts = Counts()
+    job = await request(client, counts, "POST", f"{base}/v1/jobs", json=LONG_JOB)
+    if job is None:
+        print(f"Part 2: could not submit the running job: {counts.errors}")
+        return False
+    deadline = time.monotonic() + 120
+    while job["status"] != "running" and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        job = await request(client, counts, "GET", f"{base}/v1/jobs/{job['id']}") or job
+    print(f"\nPart 2: job {job['id']} is {job['status']} at iteration {job['progress']['iteration']}")
+    rows = []
+    targets = {"service": f"{base}/v1/jobs/{job['id']}", "bare": f"{bare}/v1/jobs/{job['id']}"}
+    await hammer(client, targets["service"], 1.0, args.clients, Counts())  # warm both up
+    await hammer(client, targets["bare"], 1.0, args.clients, Counts())
+    for r in range(args.rounds):
+        order = ("service", "bare") if r % 2 == 0 else ("bare", "service")
+        got = {}
+        for name in order:
+            n, lat, secs = await hammer(client, targets[name], args.seconds, args.clients, counts)
+            got[name] = (n / secs, p(lat, 0.5) * 1000, p(lat, 0.99) * 1000)
+        rows.append(got)
+    still = await request(client, counts, "GET", targets["service"])
+    if still is not None and still["status"] not in TERMINAL:
+        await request(client, counts, "POST", f"{base}/v1/jobs/{job['id']}/cancel")
+    print(f"  the job was still {still and still['status']} at iteration {still and still['progress']['iteration']}")
+    print(f"  {args.clients} clients, {args.seconds:g} s per measurement, errors: {len(counts.errors)}\n")
+    print("| round | service req/s | bare req/s | ratio req/s | service p50 ms | bare p50 ms "
+          "| service p99 ms | bare p99 ms | ratio p99 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, g in enumerate(rows, 1):
+        (sr, s50, s99), (br, b50, b99) = g["service"], g["bare"]
+        print(f"| {i} | {sr:.0f} | {br:.0f} | {sr / br:.2f} | {s50:.1f} | {b50:.1f} | {s99:.1f} | {b99:.1f} | {s99 / b99:.2f} |")
+    med = [statistics.median(g[k][j] for g in rows) for k in ("service", "bare") for j in range(3)]
+    ratio_rps, ratio_p99 = med[0] / med[3], med[2] / med[5]
+    print(f"| median | {med[0]:.0f} | {med[3]:.0f} | {ratio_rps:.2f} | {med[1]:.1f} | {med[4]:.1f} "
+          f"| {med[2]:.1f} | {med[5]:.1f} | {ratio_p99:.2f} |")
+    met = ratio_rps >= 0.8 and ratio_p99 <= 2.0
+    print(f"\ntarget (req/s ratio >= 0.8, p99 ratio <= 2): {'met' if met else 'MISSED'}")
+    for line in counts.errors[:10]:
+        print(f"    {line}")
+    return not counts.errors
+
+
+async def drive(args, base: str, bare: str, procs, db: pathlib.Path) -> bool:
+    import httpx
+
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
+        await wait_up(client, f"{base}/healthz", procs[0])
+        await wait_up(client, f"{bare}/v1/jobs/x", procs[1])
+        ok = True
+        if args.jobs:
+            ok = await part1(client, base, args, db)
+        if args.rounds:
+            ok = await part2(client, base, bare, args) and ok
+    return ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--jobs", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=2, help="embedded workers of gradtune serve")
+    ap.add_argument("--poll", type=float, default=0.25, help="seconds between two polls of one job")
+    ap.add_argument("--timeout", type=float, default=900.0, help="deadline of part 1 in seconds")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of one measurement")
+    ap.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare_server:
+        serve_bare(args.bare_server)
+        return 0
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="gradtune-load-"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GRADTUNE_DATA_DIR": str(tmp),
+        "GRADTUNE_DATABASE_URL": "",
+        "GRADTUNE_BROKER_URL": "",
+        "GRADTUNE_TORCH_THREADS": "1",
+    }
+    port, bare_port = free_port(), free_port()
+    cli = "import sys; from gradtune.cli import cli; sys.argv[0] = 'gradtune'; cli()"
+    serve_argv = [sys.executable, "-c", cli, "serve", "--host", HOST, "--port", str(port)]
+    procs = [
+        start([*serve_argv, "--workers", str(args.workers)], env, tmp / "serve.log"),
+        start([sys.executable, __file__, "--bare-server", str(bare_port)], env, tmp / "bare.log"),
+    ]
+    print(f"gradtune serve on {HOST}:{port} ({args.workers} workers), bare FastAPI on {HOST}:{bare_port}; logs in {tmp}")
+    try:
+        ok = asyncio.run(drive(args, f"http://{HOST}:{port}", f"http://{HOST}:{bare_port}", procs, tmp / "gradtune.db"))
+    finally:
+        for proc in procs:
+            stop(proc)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
