@@ -124,7 +124,7 @@ def free_port() -> int:
 
 
 def start(argv: list[str], env: dict, log: pathlib.Path) -> subprocess.Popen:
-    out = open(log, "wb")  # noqa: SIM115 - closed with the process
+    out = open(log, "wb")
     return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
@@ -227,7 +227,7 @@ async def part1(client, base: str, args, db: pathlib.Path) -> bool:
     statuses: dict[str, int] = {}
     for body in done.values():
         statuses[body["status"]] = statuses.get(body["status"], 0) + 1
-    for job_id, body in done.items():  # the history through the API as well: 1..iterations, once each
+    for job_id in done:  # the history through the API as well: 1..iterations, once each
         hist = await request(client, counts, "GET", f"{base}/v1/jobs/{job_id}/history")
         if hist is not None and [it["iteration"] for it in hist["items"]] != list(range(1, 3)):
             counts.error(f"{job_id}: API history {[it['iteration'] for it in hist['items']]}")
@@ -286,16 +286,21 @@ async def part2(client, base: str, bare: str, args) -> bool:
         await request(client, counts, "POST", f"{base}/v1/jobs/{job['id']}/cancel")
     print(f"  the job was still {still and still['status']} at iteration {still and still['progress']['iteration']}")
     print(f"  {args.clients} clients, {args.seconds:g} s per measurement, errors: {len(counts.errors)}\n")
-    print("| round | service req/s | bare req/s | ratio req/s | service p50 ms | bare p50 ms "
-          "| service p99 ms | bare p99 ms | ratio p99 |")
+    print(
+        "| round | service req/s | bare req/s | ratio req/s | service p50 ms | bare p50 ms "
+        "| service p99 ms | bare p99 ms | ratio p99 |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for i, g in enumerate(rows, 1):
         (sr, s50, s99), (br, b50, b99) = g["service"], g["bare"]
-        print(f"| {i} | {sr:.0f} | {br:.0f} | {sr / br:.2f} | {s50:.1f} | {b50:.1f} | {s99:.1f} | {b99:.1f} | {s99 / b99:.2f} |")
+        cells = (i, f"{sr:.0f}", f"{br:.0f}", f"{sr / br:.2f}", f"{s50:.1f}", f"{b50:.1f}", f"{s99:.1f}", f"{b99:.1f}")
+        print("| " + " | ".join(map(str, cells)) + f" | {s99 / b99:.2f} |")
     med = [statistics.median(g[k][j] for g in rows) for k in ("service", "bare") for j in range(3)]
     ratio_rps, ratio_p99 = med[0] / med[3], med[2] / med[5]
-    print(f"| median | {med[0]:.0f} | {med[3]:.0f} | {ratio_rps:.2f} | {med[1]:.1f} | {med[4]:.1f} "
-          f"| {med[2]:.1f} | {med[5]:.1f} | {ratio_p99:.2f} |")
+    print(
+        f"| median | {med[0]:.0f} | {med[3]:.0f} | {ratio_rps:.2f} | {med[1]:.1f} | {med[4]:.1f} "
+        f"| {med[2]:.1f} | {med[5]:.1f} | {ratio_p99:.2f} |"
+    )
     met = ratio_rps >= 0.8 and ratio_p99 <= 2.0
     print(f"\ntarget (req/s ratio >= 0.8, p99 ratio <= 2): {'met' if met else 'MISSED'}")
     for line in counts.errors[:10]:
@@ -348,7 +353,9 @@ def main() -> int:
         start([*serve_argv, "--workers", str(args.workers)], env, tmp / "serve.log"),
         start([sys.executable, __file__, "--bare-server", str(bare_port)], env, tmp / "bare.log"),
     ]
-    print(f"gradtune serve on {HOST}:{port} ({args.workers} workers), bare FastAPI on {HOST}:{bare_port}; logs in {tmp}")
+    print(
+        f"gradtune serve on {HOST}:{port} ({args.workers} workers), bare FastAPI on {HOST}:{bare_port}; logs in {tmp}"
+    )
     try:
         ok = asyncio.run(drive(args, f"http://{HOST}:{port}", f"http://{HOST}:{bare_port}", procs, tmp / "gradtune.db"))
     finally:
