@@ -214,14 +214,15 @@ def list_jobs(
     summary="A job's status and progress",
     responses={404: _NOT_FOUND},
 )
-def get_job(job_id: JobId, reader: ReaderDep) -> JobPublic:
+def get_job(job_id: JobId, reader: ReaderDep) -> Response:
     # The hot path of every client's polling: a read connection (no write lock on SQLite), the
-    # public columns only, opened here so that the request takes one thread-pool hop.
+    # public columns only, opened here so that the request takes one thread-pool hop, and the
+    # JobPublic serialized once (returned as a model, FastAPI would validate it a second time).
     with reader.connect() as conn:
         job = repository.get_job_status(conn, job_id=job_id)
     if job is None:
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
-    return repository.to_public(job)
+    return Response(repository.to_public(job).model_dump_json(), media_type="application/json")
 
 
 @router.get(
