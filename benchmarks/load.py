@@ -9,10 +9,11 @@ succeeded with its two iterations, the history is gapless (1..iterations) with n
 (read from the SQLite file itself), chunks started == chunks committed (no chunk ran twice), and no
 request got an HTTP error or a transport error.
 
-Part 2: with one (longer) job running, the same 50 clients poll GET /v1/jobs/{id} of that job, and
-then a bare FastAPI endpoint returning a JSON body of the same shape and size, for ``--seconds``
-each, alternating, ``--rounds`` times. The table gives requests per second and p50/p99 latency of
-each, and the ratios service / bare (target: req/s ratio >= 0.8, p99 ratio <= 2).
+Part 2: with one (longer) job running, 50 kept-alive connections (a bare asyncio HTTP/1.1 client:
+httpx would be the bottleneck) poll GET /v1/jobs/{id} of that job, and then a bare FastAPI endpoint
+returning a JSON body of the same shape and size, for ``--seconds`` each, alternating, ``--rounds``
+times. The table gives requests per second and p50/p99 latency of each, and the ratios service /
+bare (target: req/s ratio >= 0.8, p99 ratio <= 2).
 
 Both servers are uvicorn with the same settings (one process, the ``gradtune serve`` config), on
 free 127.0.0.1 ports, and both run their handler as a sync function in the thread pool as
