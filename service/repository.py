@@ -16,7 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Row, bindparam, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from gradtune.spec import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus
@@ -128,6 +128,35 @@ def get_job(session: Session, *, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id).options(defer(Job.spec), defer(Job.checkpoint)))
 
 
+# What ``to_public`` reads: a status poll selects these columns only (no ORM object is built).
+_PUBLIC_COLUMNS = (
+    Job.id,
+    Job.name,
+    Job.status,
+    Job.iteration,
+    Job.iterations,
+    Job.meta_loss,
+    Job.lr,
+    Job.momentum,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.error,
+    Job.cancel_requested,
+    Job.stopped,
+    Job.max_seconds,
+    Job.elapsed_seconds,
+)
+
+
+_STATUS_QUERY = select(*_PUBLIC_COLUMNS).where(Job.id == bindparam("job_id"))  # built once: polls are hot
+
+
+def get_job_status(session: Session | Connection, *, job_id: str) -> Any:
+    """What ``to_public`` needs of the job (a ``Row`` with those attributes), or None."""
+    return session.execute(_STATUS_QUERY, {"job_id": job_id}).one_or_none()
+
+
 def list_jobs(
     session: Session, *, status: str | None = None, limit: int = 20, offset: int = 0
 ) -> tuple[list[Job], int]:
@@ -196,7 +225,8 @@ def finite_or_none(value: float | None) -> float | None:
     return value
 
 
-def to_public(job: Job) -> JobPublic:
+def to_public(job: Job | Row[Any]) -> JobPublic:
+    """The public view of a job, from a ``Job`` or a ``get_job_status`` row."""
     return JobPublic(
         id=job.id,
         name=job.name,

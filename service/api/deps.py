@@ -7,11 +7,13 @@ with different settings can live in one process (tests do this).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.session import read_sessionmaker
 from service.queue import Producer
 from service.settings import Settings
 from service.storage import ArtifactStore
@@ -24,6 +26,32 @@ MAX_OFFSET = 1_000_000_000
 def get_db(request: Request) -> Iterator[Session]:
     """One session per request; whatever the handler did not commit is rolled back."""
     session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _read_factory(state: Any) -> sessionmaker[Session]:
+    """``state.sessionmaker``'s read twin (``service.db.session.read_sessionmaker``), made once."""
+    factory = getattr(state, "read_sessionmaker", None)
+    if factory is None or getattr(state, "read_sessionmaker_of", None) is not state.sessionmaker:
+        factory = read_sessionmaker(state.sessionmaker)
+        state.read_sessionmaker, state.read_sessionmaker_of = factory, state.sessionmaker
+    return factory
+
+
+async def get_reader(request: Request) -> Engine:
+    """The read engine (see ``get_read_db``) for a hot handler that opens its own connection: as an
+    async dependency it costs no thread-pool hop, so a sync handler runs in one hop like a bare one,
+    and a Core connection skips the ORM session's bookkeeping."""
+    return _read_factory(request.app.state).kw["bind"]
+
+
+def get_read_db(request: Request) -> Iterator[Session]:
+    """A session for handlers that only read: on SQLite it begins deferred, so it takes no write
+    lock and neither waits for a worker's commit nor delays one (WAL readers see the last commit)."""
+    session: Session = _read_factory(request.app.state)()
     try:
         yield session
     finally:
@@ -63,6 +91,8 @@ def require_json(request: Request) -> None:
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
+ReadSessionDep = Annotated[Session, Depends(get_read_db)]
+ReaderDep = Annotated[Engine, Depends(get_reader)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ProducerDep = Annotated[Producer, Depends(get_producer)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]

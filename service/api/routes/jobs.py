@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
 from service import lifecycle, repository
-from service.api.deps import MAX_OFFSET, ProducerDep, SessionDep, SettingsDep, require_json
+from service.api.deps import MAX_OFFSET, ProducerDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep, require_json
 from service.api.errors import Message, ValidationErrorBody
 from service.schemas import (
     HistoryPublic,
@@ -200,7 +200,7 @@ def create_job(
     responses={422: _INVALID},
 )
 def list_jobs(
-    session: SessionDep,
+    session: ReadSessionDep,
     status: Annotated[Status | None, Query(description="Only jobs with this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
@@ -215,8 +215,15 @@ def list_jobs(
     summary="A job's status and progress",
     responses={404: _NOT_FOUND},
 )
-def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
-    return repository.to_public(_get_or_404(session, job_id))
+def get_job(job_id: JobId, reader: ReaderDep) -> Response:
+    # The hot path of every client's polling: a read connection (no write lock on SQLite), the
+    # public columns only, opened here so that the request takes one thread-pool hop, and the
+    # JobPublic serialized once (returned as a model, FastAPI would validate it a second time).
+    with reader.connect() as conn:
+        job = repository.get_job_status(conn, job_id=job_id)
+    if job is None:
+        raise HTTPException(status_code=404, detail=f"job {job_id} not found")
+    return Response(repository.to_public(job).model_dump_json(), media_type="application/json")
 
 
 @router.get(
@@ -225,7 +232,7 @@ def get_job(job_id: JobId, session: SessionDep) -> JobPublic:
     summary="Per-iteration meta-loss, lr and momentum",
     responses={404: _NOT_FOUND},
 )
-def get_history(job_id: JobId, session: SessionDep) -> HistoryPublic:
+def get_history(job_id: JobId, session: ReadSessionDep) -> HistoryPublic:
     _get_or_404(session, job_id)
     items = [
         IterationPublic(
@@ -264,7 +271,7 @@ def get_history(job_id: JobId, session: SessionDep) -> HistoryPublic:
         },
     },
 )
-def get_job_settings(job_id: JobId, session: SessionDep) -> SettingsPublic:
+def get_job_settings(job_id: JobId, session: ReadSessionDep) -> SettingsPublic:
     """`lr` and `momentum` go straight into `torch.optim.SGD(params, lr=..., momentum=...)`;
     `evaluation` compares validation losses with the initial and the learned settings."""
     job = _get_or_404(session, job_id)
