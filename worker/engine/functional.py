@@ -64,7 +64,9 @@ def sgd_step(
     return new_params, new_bufs
 
 
-def _signature(task: Task) -> tuple:
+def group_signature(task: Task) -> tuple:
+    """The key MLP tasks are grouped by: tasks of equal shapes train batched together (plan.py
+    counts the groups the same way)."""
     return (
         task.x_train.shape[1],
         tuple(task.hidden),
@@ -401,7 +403,7 @@ class Objective(ObjectiveBase):
         by_sig: dict[tuple, list[tuple[Task, int]]] = {}
         for task in tasks:
             for d in draws:
-                by_sig.setdefault(_signature(task), []).append((task, int(d)))
+                by_sig.setdefault(group_signature(task), []).append((task, int(d)))
         self.groups = [_make_group(src) for src in by_sig.values()]
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs

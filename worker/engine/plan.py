@@ -32,9 +32,9 @@ from gradtune.spec.costs import (
 )
 from gradtune.spec.shapes import mlp_shapes
 
+from .functional import group_signature
 from .kinds import kind_of
 from .reference import EVAL_DRAWS
-from .tasks import Task
 
 _MB = 1024.0 * 1024.0
 
@@ -79,21 +79,6 @@ def module_terms(task: Any) -> dict:
     }
 
 
-def _signature(task: Task) -> tuple:
-    """The key functional.Objective groups MLP tasks by (equal shapes batch together)."""
-    return (
-        task.x_train.shape[1],
-        tuple(task.hidden),
-        task.activation,
-        task.loss,
-        task.out_features,
-        task.steps,
-        task.batch_size,
-        task.x_train.dtype,
-        str(task.x_train.device),
-    )
-
-
 def task_cost(task: Any) -> tuple[TaskCost, int]:
     """The spec's TaskCost of an engine task, and its per-layer slots."""
     common = dict(
@@ -114,7 +99,7 @@ def task_cost(task: Any) -> tuple[TaskCost, int]:
             macs=shapes.macs,
             out_features=int(task.out_features),
             kind="mlp",
-            group=_signature(task),
+            group=group_signature(task),
             **common,
         )
         return cost, len(task.hidden) + 1
