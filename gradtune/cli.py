@@ -301,7 +301,7 @@ def settings(
 
 @cli.command()
 def cancel(job_id: str, url: str = URL) -> None:
-    """Cancel a job (a running one stops at its next chunk boundary)."""
+    """Cancel a job (a running one stops within one heartbeat, between evaluations)."""
     with _api(url) as client:
         typer.echo(_job_line(client.cancel(job_id)))
 
