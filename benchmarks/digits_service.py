@@ -56,11 +56,12 @@ def main() -> None:
     from service.schemas import JobCreate
     from service.settings import get_settings
     from worker import engine, runner
+    from worker.device import configure_process
 
     settings = get_settings()
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
-    runner.configure_process()
+    configure_process()
 
     def run(client, spec):
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from service.settings import get_settings
 from service.workers import record_current_job
 from worker import engine
 from worker.dataset_loader import DatasetUnavailable
-from worker.device import configure_process, device  # noqa: F401 - configure_process: runner's name too
+from worker.device import device
 
 log = logging.getLogger("gradtune.worker")
 

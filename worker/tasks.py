@@ -7,6 +7,7 @@ from celery import signals
 from service.queue import RUN_CHUNK
 from worker import runner
 from worker.celery_app import app
+from worker.device import configure_process
 
 
 @app.task(name=RUN_CHUNK, bind=True)
@@ -18,12 +19,12 @@ def run_chunk(self, job_id: str, iteration: int | None = None) -> None:
 @signals.worker_process_init.connect
 def _child_start(**_kwargs) -> None:
     # A prefork child: choose its own device (CUDA never crosses a fork).
-    runner.configure_process()
+    configure_process()
 
 
 @signals.worker_ready.connect
 def _start(sender=None, **_kwargs) -> None:
-    runner.configure_process()
+    configure_process()
     runner.start_sweeper()
 
 
