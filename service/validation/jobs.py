@@ -75,6 +75,15 @@ def _check_limits(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
                 "limit_exceeded",
             )
         )
+    asked = job.meta.max_seconds
+    if asked is not None and asked > settings.max_job_seconds:
+        errors.append(
+            _err(
+                ["meta", "max_seconds"],
+                f"max_seconds {asked:g} is above the limit of {settings.max_job_seconds:g} seconds",
+                "limit_exceeded",
+            )
+        )
     return errors
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +22,6 @@ from service.schemas import (
     Status,
     Text,
 )
-from service.settings import Settings
 from service.validation import check_job
 
 logger = logging.getLogger("service.api.jobs")
@@ -114,20 +113,6 @@ def _get_or_404(session, job_id: str):
     return job
 
 
-def _deadline_errors(job: JobCreate, settings: Settings) -> list[dict[str, Any]]:
-    """meta.max_seconds above GRADTUNE_MAX_JOB_SECONDS: one error naming the field and the limit."""
-    asked = job.meta.max_seconds
-    if asked is None or asked <= settings.max_job_seconds:
-        return []
-    return [
-        {
-            "loc": ["body", "meta", "max_seconds"],
-            "msg": f"max_seconds {asked:g} is above the limit of {settings.max_job_seconds:g} seconds",
-            "type": "limit_exceeded",
-        }
-    ]
-
-
 def _not_enqueued(session: Session, job_id: str) -> None:
     """No message went out: say so, so that the sweep sends one as soon as the job is stale."""
     try:
@@ -173,7 +158,7 @@ def create_job(
     datasets = {i: repository.dataset_to_public(d) for i, d in rows.items()}
     model_rows = repository.models_by_id(session, ids=job.model_ids(), lock=True)
     models = {i: repository.model_to_public(m) for i, m in model_rows.items()}
-    errors = check_job(job, settings, datasets, models) + _deadline_errors(job, settings)
+    errors = check_job(job, settings, datasets, models)
     if errors:
         raise RequestValidationError(errors)
     row = repository.create_job(
