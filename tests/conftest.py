@@ -186,3 +186,44 @@ def redis_url(_redis_session_url) -> str:
 def make_settings():
     """The ``make_settings(tmp_path, **overrides)`` helper: Settings isolated from GRADTUNE_* env."""
     return _make_settings
+
+
+# ---------------------------------------------------------------- the API and the runner in-process
+
+
+@pytest.fixture
+def runner_env(db_url, tmp_path, monkeypatch):
+    """``start(**settings)`` -> (app, client): an API app and the worker's settings (GRADTUNE_* from
+    the environment, as a real worker reads them) on one database; the runner's messages land in
+    ``sent`` instead of the broker."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from service.db import session as db_session
+    from service.main import create_app
+    from service.settings import get_settings
+    from worker import runner  # imported here: torch, only for the tests that take this fixture
+
+    def start(**settings):
+        monkeypatch.setenv("GRADTUNE_DATABASE_URL", db_url)
+        monkeypatch.setenv("GRADTUNE_DATA_DIR", str(tmp_path / "data"))
+        for k, v in settings.items():
+            monkeypatch.setenv(f"GRADTUNE_{k.upper()}", str(v))
+        for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
+            f.cache_clear()
+        app = create_app(get_settings())
+        client = TestClient(app)
+        client.__enter__()
+        started.append(client)
+        return app, client
+
+    started: list[TestClient] = []
+    sent: list[tuple[str, int]] = []
+    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
+    yield SimpleNamespace(start=start, sent=sent)
+    for client in started:
+        client.__exit__(None, None, None)
+    db_session.get_engine().dispose()
+    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
+        f.cache_clear()

@@ -11,16 +11,13 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service import lifecycle
 from service.db import session as db_session
 from service.db.clock import database_now
 from service.db.models import Job
-from service.main import create_app
 from service.settings import get_settings
 from tests.e2e.conftest import small_job
 from tests.helpers.support import queued_messages
@@ -29,31 +26,9 @@ from worker import engine, runner
 
 
 @pytest.fixture
-def env(db_url, tmp_path, monkeypatch):
-    """An API app and the worker's settings on one database; the worker's messages counted."""
-
-    def start(**settings):
-        monkeypatch.setenv("GRADTUNE_DATABASE_URL", db_url)
-        monkeypatch.setenv("GRADTUNE_DATA_DIR", str(tmp_path / "data"))
-        for k, v in settings.items():
-            monkeypatch.setenv(f"GRADTUNE_{k.upper()}", str(v))
-        for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
-            f.cache_clear()
-        app = create_app(get_settings())
-        client = TestClient(app)
-        client.__enter__()
-        started.append(client)
-        return app, client
-
-    started: list[TestClient] = []
-    sent: list[tuple[str, int]] = []
-    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
-    yield SimpleNamespace(start=start, sent=sent)
-    for client in started:
-        client.__exit__(None, None, None)
-    db_session.get_engine().dispose()
-    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
-        f.cache_clear()
+def env(runner_env):
+    """The API and the runner on one database (tests/conftest.py: runner_env)."""
+    return runner_env
 
 
 def _row(job_id: str) -> Job:

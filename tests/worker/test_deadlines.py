@@ -19,13 +19,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.db import session as db_session
 from service.db.models import Job, JobIteration
-from service.main import create_app
-from service.settings import Settings, get_settings
+from service.settings import Settings
 from tests.e2e.conftest import small_job
 from tests.helpers.tasks import synthetic_task
 from worker import engine, runner
@@ -164,30 +162,9 @@ def test_cancel_and_a_lost_lease_stop_at_once():
 
 
 @pytest.fixture
-def env(db_url, tmp_path, monkeypatch):
-    """Worker settings from the environment, messages captured, an API client on the same database."""
-
-    def start(**settings: str):
-        monkeypatch.setenv("GRADTUNE_DATABASE_URL", db_url)
-        monkeypatch.setenv("GRADTUNE_DATA_DIR", str(tmp_path / "data"))
-        for k, v in settings.items():
-            monkeypatch.setenv(f"GRADTUNE_{k.upper()}", str(v))
-        for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
-            f.cache_clear()
-        client = TestClient(create_app(get_settings()))
-        client.__enter__()
-        started.append(client)
-        return client
-
-    started: list[TestClient] = []
-    sent: list[tuple[str, int]] = []
-    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
-    yield SimpleNamespace(start=start, sent=sent)
-    for client in started:
-        client.__exit__(None, None, None)
-    db_session.get_engine().dispose()
-    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
-        f.cache_clear()
+def env(runner_env):
+    """The API and the runner on one database (tests/conftest.py: runner_env)."""
+    return runner_env
 
 
 @pytest.fixture
@@ -239,7 +216,7 @@ def _submit(client, spec) -> str:
 
 @pytest.mark.parametrize("chunk_iterations", [2, 100])
 def test_at_the_deadline_the_job_succeeds_with_the_best_point_so_far(env, sim_clock, chunk_iterations):
-    client = env.start(chunk_iterations=chunk_iterations, chunk_seconds=10_000)
+    _, client = env.start(chunk_iterations=chunk_iterations, chunk_seconds=10_000)
     spec = small_job(iterations=40, tasks=1, steps=10)
     spec["meta"]["max_seconds"] = 7
     jid = _submit(client, spec)
@@ -261,7 +238,7 @@ def test_at_the_deadline_the_job_succeeds_with_the_best_point_so_far(env, sim_cl
 
 
 def test_a_deadline_before_the_first_iteration_ends_succeeded_with_the_start(env, sim_clock):
-    client = env.start(chunk_iterations=100, chunk_seconds=10_000)
+    _, client = env.start(chunk_iterations=100, chunk_seconds=10_000)
     spec = small_job(iterations=10, tasks=1, steps=10)
     spec["meta"]["max_seconds"] = 0.5  # passes during the first evaluation
     jid = _submit(client, spec)
@@ -275,7 +252,7 @@ def test_a_deadline_before_the_first_iteration_ends_succeeded_with_the_start(env
 
 
 def test_a_job_without_max_seconds_gets_the_default_and_a_job_in_time_is_not_stopped(env, sim_clock):
-    client = env.start(chunk_iterations=100, default_job_seconds=10_000)
+    _, client = env.start(chunk_iterations=100, default_job_seconds=10_000)
     jid = _submit(client, small_job(iterations=3, tasks=1, steps=10))
     assert client.get(f"/v1/jobs/{jid}").json()["max_seconds"] == 10_000
     env.sent.append((jid, 0))
@@ -287,7 +264,7 @@ def test_a_job_without_max_seconds_gets_the_default_and_a_job_in_time_is_not_sto
 
 def test_no_chunk_runs_longer_than_its_share_and_chunking_changes_no_result(env, sim_clock):
     share = 6.0
-    client = env.start(chunk_iterations=100, chunk_seconds=share)
+    _, client = env.start(chunk_iterations=100, chunk_seconds=share)
     spec = small_job(iterations=12, tasks=1, steps=10)
     jid = _submit(client, spec)
     env.sent.append((jid, 0))
@@ -380,7 +357,7 @@ def _wait_for(predicate, timeout=30.0):
 
 def test_cancel_shows_at_once_and_stops_the_chunk_within_one_heartbeat(env, slow_evaluations):
     beat = 0.2
-    client = env.start(chunk_iterations=1000, heartbeat_seconds=beat)
+    _, client = env.start(chunk_iterations=1000, heartbeat_seconds=beat)
     jid = _submit(client, small_job(iterations=500, tasks=1, steps=10))
     outcome: list[str] = []
     worker = threading.Thread(target=lambda: outcome.append(runner.run_chunk(jid, 0)))
@@ -405,7 +382,7 @@ def test_cancel_shows_at_once_and_stops_the_chunk_within_one_heartbeat(env, slow
 
 def test_a_lost_lease_stops_the_chunk_within_one_heartbeat(env, slow_evaluations):
     beat = 0.2
-    client = env.start(chunk_iterations=1000, heartbeat_seconds=beat)
+    _, client = env.start(chunk_iterations=1000, heartbeat_seconds=beat)
     jid = _submit(client, small_job(iterations=500, tasks=1, steps=10))
     outcome: list[str] = []
     worker = threading.Thread(target=lambda: outcome.append(runner.run_chunk(jid, 0)))
@@ -422,7 +399,7 @@ def test_a_lost_lease_stops_the_chunk_within_one_heartbeat(env, slow_evaluations
 
 
 def test_cancel_during_the_evaluation_of_the_last_chunk_ends_cancelled(env, monkeypatch):
-    client = env.start(chunk_iterations=100)
+    _, client = env.start(chunk_iterations=100)
     jid = _submit(client, small_job(iterations=2, tasks=1, steps=10))
     assert runner.run_chunk(jid, 0) == "committed"
     real = runner.evaluate_settings
@@ -442,7 +419,7 @@ def test_cancel_during_the_evaluation_of_the_last_chunk_ends_cancelled(env, monk
 
 def test_cancel_during_the_last_iterations_unnoticed_by_a_heartbeat_ends_cancelled(env, monkeypatch):
     """The heartbeat is too slow to notice: the chunk runs to its end, and its commit ends the job."""
-    client = env.start(chunk_iterations=100, heartbeat_seconds=3600)
+    _, client = env.start(chunk_iterations=100, heartbeat_seconds=3600)
     jid = _submit(client, small_job(iterations=3, tasks=1, steps=10))
     real = engine.run_meta
 
@@ -462,7 +439,7 @@ def test_cancel_racing_the_last_chunk_never_ends_succeeded(env, monkeypatch):
     request in another, at staggered moments (before the claim, during the evaluation, after the
     finish): whichever takes the row lock first wins, and a cancel that was accepted (202) always
     ends cancelled; a cancel refused (409) found the job already succeeded."""
-    client = env.start(chunk_iterations=100, heartbeat_seconds=0.05)
+    _, client = env.start(chunk_iterations=100, heartbeat_seconds=0.05)
     real = runner.evaluate_settings
 
     def slower(*args, **kwargs):
