@@ -6,4 +6,5 @@
 * ``pt2_files``: .pt2 archives written by hand, without torch.
 * ``tasks``: small synthetic engine tasks.
 * ``net``: free loopback ports.
+* ``properties``: the hypothesis settings of the file readers' property tests.
 """

@@ -14,20 +14,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from service.exported_files import ExportedProgramError, describe_program, read_pt2, read_weights
+from tests.helpers.properties import FUZZ, ROUND_TRIP
 from tests.helpers.pt2_files import mlp_parts, mlp_pt2, write_pt2
 
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-ROUND_TRIP = settings(FUZZ, max_examples=100)
 _PATH = Path(tempfile.mkdtemp(prefix="gradtune-pt2-properties-")) / "example.pt2"
 
 json_values = st.recursive(

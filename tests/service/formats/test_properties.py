@@ -14,22 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from service.formats import REGISTRY, DatasetFileError
 from tests.helpers.dataset_files import csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes
+from tests.helpers.properties import FUZZ, ROUND_TRIP
 
 LIMIT = 1 << 30
-FUZZ = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-ROUND_TRIP = settings(FUZZ, max_examples=100)
 
 _DIR = Path(tempfile.mkdtemp(prefix="gradtune-properties-"))
 
