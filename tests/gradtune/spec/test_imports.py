@@ -13,30 +13,11 @@ SPEC = ROOT / "gradtune" / "spec"
 HEAVY = ("torch", "numpy", "pydantic", "httpx", "fastapi", "sqlalchemy")
 
 
-def test_importing_the_spec_loads_no_third_party_package():
+def _heavy_loaded(imports: str) -> set[str]:
+    """The HEAVY packages (top-level names) a fresh interpreter holds after ``imports``."""
     code = (
         "import json, sys\n"
-        "import gradtune.spec, gradtune.spec.costs, gradtune.spec.shapes, gradtune.spec.vocab, gradtune.spec.hyper\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == []
-
-
-def test_the_check_above_can_fail():
-    """The same probe sees a third-party package when one is imported (here pydantic, which the
-    API's schemas import)."""
-    code = (
-        "import json, sys\n"
-        "import service.schemas\n"
+        f"{imports}\n"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules if m.split('.')[0] in {HEAVY!r}}})))\n"
     )
     out = subprocess.run(
@@ -48,7 +29,18 @@ def test_the_check_above_can_fail():
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert "pydantic" in json.loads(out.stdout)
+    return set(json.loads(out.stdout))
+
+
+def test_importing_the_spec_loads_no_third_party_package():
+    spec = "import gradtune.spec, gradtune.spec.costs, gradtune.spec.shapes, gradtune.spec.vocab, gradtune.spec.hyper"
+    assert _heavy_loaded(spec) == set()
+
+
+def test_the_check_above_can_fail():
+    """The same probe sees a third-party package when one is imported (here pydantic, which the
+    API's schemas import)."""
+    assert "pydantic" in _heavy_loaded("import service.schemas")
 
 
 def test_every_spec_module_imports_only_the_standard_library():
