@@ -259,14 +259,12 @@ def _task_offers(costs: Sequence[TaskCost], fits: Callable[[Sequence[TaskCost]],
     return out
 
 
-def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int) -> list[str]:
+def what_would_fit(costs: Sequence[TaskCost], meta: MetaCost, limit: int, est: CostEstimate) -> list[str]:
     """Changes of one kind that bring the job's peak under ``limit``: a smaller batch, fewer steps,
-    fewer tasks, and ``method: forward`` when the job's method is another and forward fits."""
+    fewer tasks, and ``method: forward`` when the job's method (``est``, its estimate) is another and
+    forward fits."""
     out = _task_offers(costs, lambda tasks: estimate(tasks, meta).peak_bytes <= limit)
-    if (
-        estimate(costs, meta).method != "forward"
-        and estimate(costs, replace(meta, method="forward")).peak_bytes <= limit
-    ):
+    if est.method != "forward" and estimate(costs, replace(meta, method="forward")).peak_bytes <= limit:
         out.append("method: forward")
     return out
 
@@ -307,7 +305,7 @@ _FLOPS_NAMES = {
 
 
 def job_memory_message(costs: Sequence[TaskCost], meta: MetaCost, est: CostEstimate, limit: int) -> str:
-    fixes = what_would_fit(costs, meta, limit)
+    fixes = what_would_fit(costs, meta, limit, est)
     fit = (" It would fit with " + ", or ".join(fixes) + ".") if fixes else " Use a smaller model."
     return (
         f"this job needs about {_gib(est.peak_bytes)} of memory at its peak, above the limit of {_gib(limit)}: "
