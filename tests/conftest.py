@@ -38,6 +38,13 @@ def pytest_configure(config):
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
 
 
+@pytest.fixture(autouse=True)
+def _testclient_host(monkeypatch):
+    """Apps built from the environment (Settings()) answer starlette's TestClient, which sends
+    ``Host: testserver``, as well as the loopback names (service.settings.allowed_hosts)."""
+    monkeypatch.setenv("GRADTUNE_ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+
+
 def unavailable(what: str) -> None:
     """A service the test needs is down: fail under CI=true, skip elsewhere."""
     if os.environ.get("CI") == "true":
@@ -134,6 +141,13 @@ def pg_url(_pg_session_url) -> str:
             conn.execute(text("DELETE FROM jobs"))
             conn.execute(text("DELETE FROM datasets"))
             conn.execute(text("DELETE FROM workers"))
+            conn.execute(text("DELETE FROM api_keys"))
+            conn.execute(text("DELETE FROM tenants WHERE name <> 'default'"))
+            conn.execute(
+                text(
+                    "UPDATE tenants SET max_active_jobs = NULL, max_stored_bytes = NULL, max_concurrent_uploads = NULL"
+                )
+            )
     finally:
         engine.dispose()
     return _pg_session_url
@@ -203,6 +217,7 @@ def runner_env(db_url, tmp_path, monkeypatch):
     from service.db import session as db_session
     from service.main import create_app
     from service.settings import get_settings
+    from tests.helpers.support import keyed_client
     from worker import runner  # imported here: torch, only for the tests that take this fixture
 
     def start(**settings):
@@ -213,7 +228,7 @@ def runner_env(db_url, tmp_path, monkeypatch):
         for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
             f.cache_clear()
         app = create_app(get_settings())
-        client = TestClient(app)
+        client = keyed_client(app)
         client.__enter__()
         started.append(client)
         return app, client

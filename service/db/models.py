@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from gradtune.spec import STATUSES, JobStatus
+from gradtune.spec import DEFAULT_TENANT, STATUSES, JobStatus
 
 
 def utcnow() -> datetime:
@@ -33,6 +33,14 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     pass
+
+
+# Every job, dataset and model belongs to the tenant of the API key that created it (migration 0007
+# gave existing rows to "default"). No foreign key: a tenant is a name, ``tenants`` holds its quotas.
+
+
+def _tenant_column() -> Mapped[str]:
+    return mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT)
 
 
 # A job's status is one of gradtune.spec's JobStatus values, enforced by the database too
@@ -44,6 +52,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     # The validated job body (service.schemas.JobCreate, JSON mode).
@@ -91,6 +100,7 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
         CheckConstraint(JOB_STATUS_CHECK, name="ck_jobs_status"),
     )
 
@@ -117,12 +127,14 @@ class JobIteration(Base):
 class Dataset(Base):
     """An uploaded dataset file: its stored object (key = ``sha256``) and what it holds.
 
-    ``sha256`` is unique: the same bytes uploaded twice are one dataset and one stored object.
+    ``(tenant, sha256)`` is unique: the same bytes uploaded twice by one tenant are one dataset; two
+    tenants get a dataset each, sharing one stored object (never said in an answer).
     """
 
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
     sha256: Mapped[str] = mapped_column(String(64))
@@ -134,8 +146,10 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (
-        Index("ix_datasets_sha256", "sha256", unique=True),
+        Index("ix_datasets_tenant_sha256", "tenant", "sha256", unique=True),
+        Index("ix_datasets_sha256", "sha256"),
         Index("ix_datasets_created_at", "created_at"),
+        Index("ix_datasets_tenant_created_at", "tenant", "created_at"),
     )
 
 
@@ -155,12 +169,13 @@ class ExportedModel(Base):
     """An uploaded ``torch.export`` program (``.pt2``): its stored object (key = ``sha256``) and
     what the reader found in it (service.exported_files.describe_program).
 
-    ``sha256`` is unique: the same bytes uploaded twice are one model and one stored object.
+    ``(tenant, sha256)`` is unique, as for datasets.
     """
 
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
     filename: Mapped[str] = mapped_column(String(255))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
@@ -169,8 +184,10 @@ class ExportedModel(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (
-        Index("ix_models_sha256", "sha256", unique=True),
+        Index("ix_models_tenant_sha256", "tenant", "sha256", unique=True),
+        Index("ix_models_sha256", "sha256"),
         Index("ix_models_created_at", "created_at"),
+        Index("ix_models_tenant_created_at", "tenant", "created_at"),
     )
 
 
@@ -207,3 +224,33 @@ class Worker(Base):
     current_job: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (Index("ix_workers_last_seen", "last_seen"),)
+
+
+class Tenant(Base):
+    """A tenant: a name its keys, jobs, datasets and models share, and its quota overrides (None:
+    the settings' default, GRADTUNE_TENANT_MAX_*)."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent_uploads: Mapped[int | None] = mapped_column(Integer)
+
+
+class ApiKey(Base):
+    """An API key (service/keys.py): ``id`` is the public part of the key, ``key_hash`` the SHA-256 of
+    the whole key (the key itself is shown once and never stored). A revoked key stays, for the record."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), ForeignKey("tenants.name"))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_api_keys_tenant", "tenant"),)
