@@ -60,6 +60,7 @@ class Claim:
     max_seconds: float | None = None  # the job's deadline (None: the settings' default)
     elapsed_seconds: float = 0.0  # chunk wall time spent before this claim
     stopped: str | None = None  # the search already ended early ("deadline"): evaluate and finish
+    tenant: str = "default"  # whose job: the datasets and models it names must be this tenant's
 
 
 def new_token() -> str:
@@ -144,6 +145,7 @@ def claim_job(
         max_seconds=job.max_seconds,
         elapsed_seconds=float(job.elapsed_seconds or 0.0),
         stopped=job.stopped,
+        tenant=job.tenant,
     )
 
 

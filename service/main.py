@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from sqlalchemy.orm import sessionmaker
 
 from service.api.errors import install_error_handlers
@@ -37,9 +39,14 @@ task's data (`{"source": "dataset", "train": {"dataset": id, "x": ..., "y": ...}
 Models: upload a `torch.export` archive (`POST /v1/models`, multipart field `file`, `.pt2`) and
 name its id in a task's model (`{"kind": "exported", "model": id}`).
 
-Errors: 400 malformed JSON, 404 unknown job or dataset, 409 wrong status (or a dataset in use),
+Keys: every /v1 route needs `Authorization: Bearer <key>` (Authorize, above); a key belongs to a
+tenant, and a tenant sees only its own jobs, datasets and models (another tenant's id answers 404).
+
+Errors: 400 malformed JSON, 401 missing, malformed, unknown or revoked key,
+404 unknown job or dataset, 409 wrong status (or a dataset in use),
 413 body or file too large, 415 not JSON (or not multipart for uploads), 422 invalid job or
-refused file (`detail` lists `loc`, `field`, `msg`, `type` per problem).
+refused file (`detail` lists `loc`, `field`, `msg`, `type` per problem), 429 over a tenant's
+quota of active jobs or uploads (`Retry-After`).
 """
 
 TAGS = [
@@ -75,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.producer = Producer(settings)
     app.state.store = settings.artifact_store()  # connects on first use only
+    app.state.key_cache = {}  # service/api/auth.py: checked keys, per process
     install_error_handlers(app)
     # Dataset uploads stream past the body limit: their route enforces GRADTUNE_MAX_UPLOAD_BYTES.
     app.add_middleware(
@@ -82,6 +90,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         passthrough=(("POST", UPLOAD_PATH), ("POST", MODEL_UPLOAD_PATH)),
     )
+    if settings.cors_origins:  # no CORS unless configured: a web page cannot read the API's answers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    # Outermost: a request naming another host (DNS rebinding) gets 400 before anything else runs.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.resolved_allowed_hosts())
     app.include_router(api_router)
     return app
 

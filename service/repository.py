@@ -21,7 +21,16 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from gradtune.spec import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus
 from service.db.clock import database_now
-from service.db.models import Dataset, ExportedModel, Job, JobDataset, JobIteration, JobModel
+from service.db.models import (
+    DEFAULT_TENANT,
+    Dataset,
+    ExportedModel,
+    Job,
+    JobDataset,
+    JobIteration,
+    JobModel,
+    Tenant,
+)
 from service.schemas import DatasetItem, DatasetPublic, JobPublic, ModelPublic, Progress
 
 
@@ -58,9 +67,15 @@ _HEAVY = (defer(Job.spec), defer(Job.checkpoint), defer(Job.result))
 
 
 def create_job(
-    session: Session, *, spec: dict[str, Any], name: str, iterations: int, max_seconds: float | None = None
+    session: Session,
+    *,
+    spec: dict[str, Any],
+    name: str,
+    iterations: int,
+    max_seconds: float | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> Job:
-    """Insert a queued job. ``spec`` is the validated body (``JobCreate.model_dump(mode="json")``),
+    """Insert a queued job of ``tenant``. ``spec`` is the validated body (``JobCreate.model_dump(mode="json")``),
     ``max_seconds`` its deadline (the settings' default already applied).
 
     Progress starts at iteration 0 with the starting lr and momentum, so a client polling a
@@ -72,6 +87,7 @@ def create_job(
     now = database_now(session)
     job = Job(
         id=str(uuid.uuid4()),
+        tenant=tenant,
         name=name,
         status=JobStatus.QUEUED.value,
         spec=spec,
@@ -99,6 +115,14 @@ def create_job(
     return job
 
 
+def active_jobs(session: Session, *, tenant: str) -> int:
+    """The tenant's queued and running jobs, counted under its tenant row's lock (PostgreSQL; SQLite's
+    write transaction already excludes other writers), so two submits cannot both pass a quota."""
+    session.execute(select(Tenant.name).where(Tenant.name == tenant).with_for_update())
+    query = select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
+    return session.scalar(query) or 0
+
+
 def spec_model_ids(spec: dict[str, Any]) -> list[str]:
     """Ids of the uploaded models a stored job body names (``kind: exported`` tasks)."""
     ids: list[str] = []
@@ -123,14 +147,23 @@ def spec_dataset_ids(spec: dict[str, Any]) -> list[str]:
     return ids
 
 
-def get_job(session: Session, *, job_id: str) -> Job | None:
-    """The job, or None. Its spec and checkpoint load only if accessed."""
-    return session.scalar(select(Job).where(Job.id == job_id).options(defer(Job.spec), defer(Job.checkpoint)))
+def _owned(table: Any, tenant: str | None) -> list[Any]:
+    """The where-clause that keeps ``tenant``'s rows (none for None: an admin key sees every row)."""
+    return [] if tenant is None else [table.tenant == tenant]
+
+
+def get_job(session: Session, *, job_id: str, tenant: str | None = None) -> Job | None:
+    """The job, or None (also when it belongs to a tenant other than ``tenant``, unless None).
+    Its spec and checkpoint load only if accessed."""
+    return session.scalar(
+        select(Job).where(Job.id == job_id, *_owned(Job, tenant)).options(defer(Job.spec), defer(Job.checkpoint))
+    )
 
 
 # What ``to_public`` reads: a status poll selects these columns only (no ORM object is built).
 _PUBLIC_COLUMNS = (
     Job.id,
+    Job.tenant,
     Job.name,
     Job.status,
     Job.iteration,
@@ -149,19 +182,26 @@ _PUBLIC_COLUMNS = (
 )
 
 
-_STATUS_QUERY = select(*_PUBLIC_COLUMNS).where(Job.id == bindparam("job_id"))  # built once: polls are hot
+# Built once: polls are hot. Any tenant's job (an admin key), or one tenant's.
+_STATUS_QUERY = select(*_PUBLIC_COLUMNS).where(Job.id == bindparam("job_id"))
+_OWN_STATUS_QUERY = _STATUS_QUERY.where(Job.tenant == bindparam("tenant"))
 
 
-def get_job_status(session: Session | Connection, *, job_id: str) -> Any:
-    """What ``to_public`` needs of the job (a ``Row`` with those attributes), or None."""
-    return session.execute(_STATUS_QUERY, {"job_id": job_id}).one_or_none()
+def get_job_status(session: Session | Connection, *, job_id: str, tenant: str | None = None) -> Any:
+    """What ``to_public`` needs of the job (a ``Row`` with those attributes), or None (also when
+    the job belongs to a tenant other than ``tenant``, unless None)."""
+    if tenant is None:
+        return session.execute(_STATUS_QUERY, {"job_id": job_id}).one_or_none()
+    return session.execute(_OWN_STATUS_QUERY, {"job_id": job_id, "tenant": tenant}).one_or_none()
 
 
 def list_jobs(
-    session: Session, *, status: str | None = None, limit: int = 20, offset: int = 0
+    session: Session, *, tenant: str | None, status: str | None = None, limit: int = 20, offset: int = 0
 ) -> tuple[list[Job], int]:
-    """A page of jobs, newest first, and the total count matching the filter."""
+    """A page of ``tenant``'s jobs (every tenant's for None), newest first, and the total count
+    matching the filter."""
     where = [Job.status == status] if status else []
+    where += _owned(Job, tenant)
     total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     items = session.scalars(
         select(Job)
@@ -174,7 +214,7 @@ def list_jobs(
     return list(items), total
 
 
-def request_cancel(session: Session, *, job_id: str) -> Job:
+def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) -> Job:
     """Cancel a job, under its row lock (on SQLite the write lock of BEGIN IMMEDIATE).
 
     queued -> cancelled at once (finished_at set); running -> ``cancel_requested``, shown at once
@@ -183,7 +223,7 @@ def request_cancel(session: Session, *, job_id: str) -> Job:
     service.lifecycle); a finished job raises ``Conflict``. Requesting again for a running job is
     harmless.
     """
-    job = session.scalar(select(Job).where(Job.id == job_id).options(*_HEAVY).with_for_update())
+    job = session.scalar(select(Job).where(Job.id == job_id, *_owned(Job, tenant)).options(*_HEAVY).with_for_update())
     if job is None:
         raise NotFound(job_id)
     now = database_now(session)
@@ -229,6 +269,7 @@ def to_public(job: Job | Row[Any]) -> JobPublic:
     """The public view of a job, from a ``Job`` or a ``get_job_status`` row."""
     return JobPublic(
         id=job.id,
+        tenant=job.tenant,
         name=job.name,
         status=job.status,
         progress=Progress(
@@ -255,29 +296,46 @@ def to_public(job: Job | Row[Any]) -> JobPublic:
 # A queued or running job (gradtune.spec's ACTIVE_STATUSES) keeps the files it names.
 
 
-def _get(session: Session, table: Any, row_id: str, lock: bool) -> Any:
-    query = select(table).where(table.id == row_id)
+def _get(session: Session, table: Any, row_id: str, tenant: str | None, lock: bool) -> Any:
+    query = select(table).where(table.id == row_id, *_owned(table, tenant))
     return session.scalar(query.with_for_update() if lock else query)
 
 
-def _get_by_sha256(session: Session, table: Any, sha256: str) -> Any:
-    return session.scalar(select(table).where(table.sha256 == sha256))
+def _get_by_sha256(session: Session, table: Any, sha256: str, tenant: str) -> Any:
+    return session.scalar(select(table).where(table.sha256 == sha256, table.tenant == tenant))
 
 
-def _by_id(session: Session, table: Any, ids: list[str], lock: bool) -> dict[str, Any]:
+def _by_id(session: Session, table: Any, ids: list[str], tenant: str | None, lock: bool) -> dict[str, Any]:
     if not ids:
         return {}
-    query = select(table).where(table.id.in_(ids)).order_by(table.id)
+    query = select(table).where(table.id.in_(ids), *_owned(table, tenant)).order_by(table.id)
     rows = session.scalars(query.with_for_update() if lock else query).all()
     return {r.id: r for r in rows}
 
 
-def _list(session: Session, table: Any, limit: int, offset: int) -> tuple[list[Any], int]:
-    total = session.scalar(select(func.count()).select_from(table)) or 0
+def _list(session: Session, table: Any, tenant: str | None, limit: int, offset: int) -> tuple[list[Any], int]:
+    where = _owned(table, tenant)
+    total = session.scalar(select(func.count()).select_from(table).where(*where)) or 0
     items = session.scalars(
-        select(table).order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset)
+        select(table).where(*where).order_by(table.created_at.desc(), table.id.desc()).limit(limit).offset(offset)
     ).all()
     return list(items), total
+
+
+def stored_bytes(session: Session, *, tenant: str) -> int:
+    """The bytes of the tenant's datasets and models (each row counts, shared objects too)."""
+    total = 0
+    for table in (Dataset, ExportedModel):
+        total += session.scalar(select(func.coalesce(func.sum(table.size), 0)).where(table.tenant == tenant)) or 0
+    return int(total)
+
+
+def object_in_use(session: Session, *, sha256: str) -> bool:
+    """Whether any row of any tenant, dataset or model, holds the stored object ``sha256``."""
+    return any(
+        session.scalar(select(table.id).where(table.sha256 == sha256).limit(1)) is not None
+        for table in (Dataset, ExportedModel)
+    )
 
 
 def _active_jobs(session: Session, link: Any, column: InstrumentedAttribute, row_id: str) -> list[tuple[str, str]]:
@@ -296,6 +354,7 @@ def _delete_unused(
     table: Any,
     row_id: str,
     *,
+    tenant: str | None,
     kind: str,
     not_found: type[LookupError],
     link: Any,
@@ -303,7 +362,7 @@ def _delete_unused(
 ) -> Any:
     """Delete the row under its row lock; ``not_found(row_id)`` if there is none, ``Conflict``
     (naming the ``kind``: "dataset", "model") while a queued or running job uses it."""
-    row = _get(session, table, row_id, lock=True)
+    row = _get(session, table, row_id, tenant, lock=True)
     if row is None:
         raise not_found(row_id)
     users = _active_jobs(session, link, column, row_id)
@@ -323,12 +382,21 @@ def _delete_unused(
 
 
 def create_dataset(
-    session: Session, *, filename: str, format: str, sha256: str, size: int, facts: dict[str, Any]
+    session: Session,
+    *,
+    filename: str,
+    format: str,
+    sha256: str,
+    size: int,
+    facts: dict[str, Any],
+    tenant: str = DEFAULT_TENANT,
 ) -> Dataset:
-    """Insert a dataset row; ``facts`` is what ``service.dataset_files.inspect_file`` returned.
-    A second row with the same sha256 violates a unique index (IntegrityError at flush)."""
+    """Insert a dataset row of ``tenant``; ``facts`` is what ``service.dataset_files.inspect_file``
+    returned. A second row of one tenant with the same sha256 violates a unique index (IntegrityError
+    at flush)."""
     dataset = Dataset(
         id=str(uuid.uuid4()),
+        tenant=tenant,
         filename=filename,
         format=format,
         sha256=sha256,
@@ -342,33 +410,38 @@ def create_dataset(
     return dataset
 
 
-def get_dataset(session: Session, *, dataset_id: str, lock: bool = False) -> Dataset | None:
-    """The dataset, or None; ``lock`` takes its row lock until the transaction ends."""
-    return _get(session, Dataset, dataset_id, lock)
+def get_dataset(session: Session, *, dataset_id: str, tenant: str | None = None, lock: bool = False) -> Dataset | None:
+    """The dataset, or None (also when another tenant's, unless ``tenant`` is None); ``lock`` takes
+    its row lock until the transaction ends."""
+    return _get(session, Dataset, dataset_id, tenant, lock)
 
 
-def get_dataset_by_sha256(session: Session, *, sha256: str) -> Dataset | None:
-    return _get_by_sha256(session, Dataset, sha256)
+def get_dataset_by_sha256(session: Session, *, sha256: str, tenant: str) -> Dataset | None:
+    return _get_by_sha256(session, Dataset, sha256, tenant)
 
 
-def datasets_by_id(session: Session, *, ids: list[str], lock: bool = False) -> dict[str, Dataset]:
-    """The datasets among ``ids`` that exist, by id. With ``lock``, their rows stay locked until
-    the transaction ends, so that a dataset a new job names cannot be deleted meanwhile."""
-    return _by_id(session, Dataset, ids, lock)
+def datasets_by_id(session: Session, *, ids: list[str], tenant: str | None, lock: bool = False) -> dict[str, Dataset]:
+    """The datasets among ``ids`` that exist (and are ``tenant``'s, unless None), by id. With
+    ``lock``, their rows stay locked until the transaction ends, so that a dataset a new job names
+    cannot be deleted meanwhile."""
+    return _by_id(session, Dataset, ids, tenant, lock)
 
 
-def list_datasets(session: Session, *, limit: int = 20, offset: int = 0) -> tuple[list[Dataset], int]:
-    """A page of datasets, newest first, and the total count."""
-    return _list(session, Dataset, limit, offset)
+def list_datasets(
+    session: Session, *, tenant: str | None, limit: int = 20, offset: int = 0
+) -> tuple[list[Dataset], int]:
+    """A page of ``tenant``'s datasets (every tenant's for None), newest first, and the total count."""
+    return _list(session, Dataset, tenant, limit, offset)
 
 
-def delete_dataset(session: Session, *, dataset_id: str) -> Dataset:
+def delete_dataset(session: Session, *, dataset_id: str, tenant: str | None = None) -> Dataset:
     """Delete the dataset's row under its row lock; the caller removes the stored object after
     the commit. ``DatasetNotFound``, or ``Conflict`` while a queued or running job uses it."""
     return _delete_unused(
         session,
         Dataset,
         dataset_id,
+        tenant=tenant,
         kind="dataset",
         not_found=DatasetNotFound,
         link=JobDataset,
@@ -381,6 +454,7 @@ def dataset_to_public(dataset: Dataset) -> DatasetPublic:
     tabular = dataset.format in ("csv", "parquet")
     return DatasetPublic(
         id=dataset.id,
+        tenant=dataset.tenant,
         filename=dataset.filename,
         format=dataset.format,
         sha256=dataset.sha256,
@@ -395,11 +469,20 @@ def dataset_to_public(dataset: Dataset) -> DatasetPublic:
 # ---------------------------------------------------------------- models (uploaded torch.export programs)
 
 
-def create_model(session: Session, *, filename: str, sha256: str, size: int, program: dict[str, Any]) -> ExportedModel:
-    """Insert a model row; ``program`` is service.exported_files.describe_program's summary.
-    A second row with the same sha256 violates a unique index (IntegrityError at flush)."""
+def create_model(
+    session: Session,
+    *,
+    filename: str,
+    sha256: str,
+    size: int,
+    program: dict[str, Any],
+    tenant: str = DEFAULT_TENANT,
+) -> ExportedModel:
+    """Insert a model row of ``tenant``; ``program`` is service.exported_files.describe_program's
+    summary. A second row of one tenant with the same sha256 violates a unique index (IntegrityError)."""
     model = ExportedModel(
         id=str(uuid.uuid4()),
+        tenant=tenant,
         filename=filename,
         sha256=sha256,
         size=size,
@@ -411,31 +494,39 @@ def create_model(session: Session, *, filename: str, sha256: str, size: int, pro
     return model
 
 
-def get_model(session: Session, *, model_id: str, lock: bool = False) -> ExportedModel | None:
-    return _get(session, ExportedModel, model_id, lock)
+def get_model(
+    session: Session, *, model_id: str, tenant: str | None = None, lock: bool = False
+) -> ExportedModel | None:
+    return _get(session, ExportedModel, model_id, tenant, lock)
 
 
-def get_model_by_sha256(session: Session, *, sha256: str) -> ExportedModel | None:
-    return _get_by_sha256(session, ExportedModel, sha256)
+def get_model_by_sha256(session: Session, *, sha256: str, tenant: str) -> ExportedModel | None:
+    return _get_by_sha256(session, ExportedModel, sha256, tenant)
 
 
-def models_by_id(session: Session, *, ids: list[str], lock: bool = False) -> dict[str, ExportedModel]:
-    """The models among ``ids`` that exist, by id (rows locked until the transaction ends with ``lock``)."""
-    return _by_id(session, ExportedModel, ids, lock)
+def models_by_id(
+    session: Session, *, ids: list[str], tenant: str | None, lock: bool = False
+) -> dict[str, ExportedModel]:
+    """The models among ``ids`` that exist (and are ``tenant``'s, unless None), by id (rows locked
+    until the transaction ends with ``lock``)."""
+    return _by_id(session, ExportedModel, ids, tenant, lock)
 
 
-def list_models(session: Session, *, limit: int = 20, offset: int = 0) -> tuple[list[ExportedModel], int]:
-    """A page of models, newest first, and the total count."""
-    return _list(session, ExportedModel, limit, offset)
+def list_models(
+    session: Session, *, tenant: str | None, limit: int = 20, offset: int = 0
+) -> tuple[list[ExportedModel], int]:
+    """A page of ``tenant``'s models (every tenant's for None), newest first, and the total count."""
+    return _list(session, ExportedModel, tenant, limit, offset)
 
 
-def delete_model(session: Session, *, model_id: str) -> ExportedModel:
+def delete_model(session: Session, *, model_id: str, tenant: str | None = None) -> ExportedModel:
     """Delete the model's row under its row lock (the caller removes the stored object after the
     commit). ``ModelNotFound``, or ``Conflict`` while a queued or running job uses it."""
     return _delete_unused(
         session,
         ExportedModel,
         model_id,
+        tenant=tenant,
         kind="model",
         not_found=ModelNotFound,
         link=JobModel,
@@ -447,6 +538,7 @@ def model_to_public(model: ExportedModel) -> ModelPublic:
     p = model.program or {}
     return ModelPublic(
         id=model.id,
+        tenant=model.tenant,
         filename=model.filename,
         sha256=model.sha256,
         size=model.size,

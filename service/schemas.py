@@ -325,6 +325,7 @@ StopReason = Literal["deadline"]
 
 class JobPublic(BaseModel):
     id: str
+    tenant: str = Field(description="The tenant of the key that created it.")
     name: str
     status: Status
     progress: Progress
@@ -467,6 +468,7 @@ class DatasetItem(BaseModel):
 
 class DatasetPublic(BaseModel):
     id: str
+    tenant: str = Field(description="The tenant of the key that created it.")
     filename: str
     format: DatasetFormat
     sha256: str
@@ -504,6 +506,7 @@ class ModelPublic(BaseModel):
     """An uploaded ``torch.export`` program, as the reader found it."""
 
     id: str
+    tenant: str = Field(description="The tenant of the key that created it.")
     filename: str
     sha256: str
     size: int = Field(description="Bytes of the uploaded file.")

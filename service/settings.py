@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
+# The Host header names a loopback-bound API answers by default ([::1] is how a client writes ::1).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 class Settings(BaseSettings):
@@ -73,6 +78,35 @@ class Settings(BaseSettings):
     # API
     host: str = "127.0.0.1"
     port: int = 8000
+    # Host headers the API answers (DNS rebinding: a web page whose name resolves to 127.0.0.1 must
+    # not reach a local server). Unset: the loopback names, and "*" (any) when ``host`` is not a
+    # loopback address (``gradtune serve --host 0.0.0.0``). Comma-separated in the environment.
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    # Origins a browser may call the API from (CORS); none unless configured. Comma-separated.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Keys and tenants (service/keys.py). A key is looked up in the database at most once per
+    # key_cache_seconds per API process: a revoked key stops working within that time.
+    key_cache_seconds: float = Field(default=2.0, ge=0)
+    # Per-tenant quotas (defaults; ``gradtune keys quota`` overrides them per tenant).
+    tenant_max_active_jobs: int = Field(default=100, ge=0)  # queued + running; one more: 429
+    tenant_max_stored_bytes: int = Field(default=20 * 1024**3, ge=0)  # datasets + models; past it: 413
+    tenant_max_concurrent_uploads: int = Field(default=2, ge=0)  # uploads in progress; one more: 429
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def resolved_allowed_hosts(self) -> list[str]:
+        """``allowed_hosts``, or its default for the address the API is bound to."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        if self.host in LOOPBACK_ADDRESSES or self.host == "localhost":
+            return list(LOOPBACK_NAMES)
+        return ["*"]
 
     def job_seconds(self, requested: float | None) -> float:
         """A job's deadline: what it asked for, else the default (never above the ceiling)."""

@@ -181,9 +181,12 @@ def _sessionmaker(url: str):
     return sessionmaker(bind=make_engine(url), expire_on_commit=False)
 
 
-def _rows(session: Session, ids: list[str]) -> dict[str, tuple[str, str, str]]:
+def _rows(session: Session, ids: list[str], tenant: str | None) -> dict[str, tuple[str, str, str]]:
+    query = session.query(Dataset).filter(Dataset.id.in_(ids))
+    if tenant is not None:
+        query = query.filter(Dataset.tenant == tenant)
     out = {}
-    for d in session.query(Dataset).filter(Dataset.id.in_(ids)).all():
+    for d in query.all():
         out[d.id] = (d.format, d.sha256, d.filename)
     return out
 
@@ -197,30 +200,35 @@ def load_dataset_task_data(
     *,
     session: Session | None = None,
     store: ArtifactStore | None = None,
+    tenant: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(x_train, y_train, x_val, y_val)`` for a task whose ``data`` has ``source: dataset``.
 
     ``data_spec`` is the task's ``data`` (the model or its JSON form). Dataset rows are read with
     ``session`` when given, else through a connection of ``settings``' database; the files come
     from ``store`` when given, else from ``settings.artifact_store()``. Raises
-    ``DatasetUnavailable`` when a dataset or its file is gone.
+    ``DatasetUnavailable`` when a dataset or its file is gone, or (with ``tenant``) is not that
+    tenant's: a job's data is its own tenant's only.
     """
     settings = settings or get_settings()
     data = data_spec if isinstance(data_spec, DatasetData) else DatasetData.model_validate(data_spec)
     refs = data.references()
     ids = list(dict.fromkeys(ref.dataset for _split, ref in refs))
     if session is not None:
-        rows = _rows(session, ids)
+        rows = _rows(session, ids, tenant)
     else:
         with _sessionmaker(settings.resolved_database_url())() as own:
-            rows = _rows(own, ids)
+            rows = _rows(own, ids, tenant)
     store = store or settings.artifact_store()
     cache_dir = (settings.data_dir / "cache" / "artifacts").resolve()
 
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, ref in refs:
         if ref.dataset not in rows:
-            raise DatasetUnavailable(f"dataset {ref.dataset} ({split}) no longer exists; it was deleted")
+            raise DatasetUnavailable(
+                f"dataset {ref.dataset} ({split}) no longer exists"
+                + (f" for tenant {tenant!r}" if tenant is not None else "; it was deleted")
+            )
         fmt, sha256, filename = rows[ref.dataset]
         label = f"dataset {ref.dataset} ({filename})"
         path = local_copy(store, sha256, cache_dir)

@@ -41,18 +41,26 @@ def load_program(
     *,
     session: Session | None = None,
     store: ArtifactStore | None = None,
+    tenant: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """``(program, weights)`` of the uploaded model ``model_id``; ModelUnavailable if it is gone."""
+    """``(program, weights)`` of the uploaded model ``model_id``; ModelUnavailable if it is gone
+    (or, with ``tenant``, is not that tenant's)."""
     settings = settings or get_settings()
+
+    def find(db: Session) -> tuple[str, str] | None:
+        row = db.get(ExportedModel, model_id)
+        if row is None or (tenant is not None and row.tenant != tenant):
+            return None
+        return row.sha256, row.filename
+
     if session is not None:
-        row = session.get(ExportedModel, model_id)
-        found = (row.sha256, row.filename) if row is not None else None
+        found = find(session)
     else:
         with _sessionmaker(settings.resolved_database_url())() as own:
-            row = own.get(ExportedModel, model_id)
-            found = (row.sha256, row.filename) if row is not None else None
+            found = find(own)
     if found is None:
-        raise ModelUnavailable(f"model {model_id} no longer exists; it was deleted")
+        where = f" for tenant {tenant!r}" if tenant is not None else "; it was deleted"
+        raise ModelUnavailable(f"model {model_id} no longer exists{where}")
     sha256, filename = found
     cached = _cache.get(sha256)
     if cached is not None:

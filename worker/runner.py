@@ -58,7 +58,7 @@ def _cnn_task(spec: Any, common: dict, out: int) -> Any:
     return cnn_task(**common, layers=[layer.model_dump() for layer in spec.model.layers], out_features=out)
 
 
-def _exported_task(spec: Any, common: dict) -> Any:
+def _exported_task(spec: Any, common: dict, tenant: str | None) -> Any:
     """A ModuleTask for an ``exported`` model: the uploaded program (worker/model_loader.py, read as
     data) run by worker/engine/exported.ProgramModule, whose parameters carry the program's own
     names; ``init`` "default" re-draws PyTorch-default weights in call order (as an mlp or cnn
@@ -66,14 +66,15 @@ def _exported_task(spec: Any, common: dict) -> Any:
     from worker.engine.exported import exported_task
     from worker.model_loader import load_program
 
-    program, weights = load_program(spec.model.model, get_settings())
+    program, weights = load_program(spec.model.model, get_settings(), tenant=tenant)
     return exported_task(**common, program=program, weights=weights, init=spec.model.init)
 
 
-def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
+def build_tasks(job: JobCreate, dev: torch.device | None = None, *, tenant: str | None = None) -> list[Any]:
     """Engine tasks from a validated job body (the API has checked shapes and labels): an
     ``engine.Task`` for an ``mlp`` model, a ``ModuleTask`` (worker/engine/modules.py) for a ``cnn``
-    or an ``exported`` program."""
+    or an ``exported`` program. With ``tenant``, every dataset and model the job names must be that
+    tenant's (else DatasetUnavailable: the job fails naming it)."""
     from worker.dataset_loader import load_dataset_task_data
     from worker.datasets import load_builtin
 
@@ -86,7 +87,7 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
         elif data.source == "builtin":
             xt, yt, xv, yv = load_builtin(data.name, val_fraction=data.val_fraction, seed=data.seed)
         else:
-            xt, yt, xv, yv = load_dataset_task_data(data, get_settings())
+            xt, yt, xv, yv = load_dataset_task_data(data, get_settings(), tenant=tenant)
         y_train, width = _targets(yt, spec.loss, dev)
         y_val, _ = _targets(yv, spec.loss, dev)
         if spec.loss == "cross_entropy":
@@ -111,7 +112,7 @@ def build_tasks(job: JobCreate, dev: torch.device | None = None) -> list[Any]:
         if spec.model.kind == "cnn":
             tasks.append(_cnn_task(spec, common, out))
         elif spec.model.kind == "exported":
-            tasks.append(_exported_task(spec, common))
+            tasks.append(_exported_task(spec, common, tenant))
         else:
             tasks.append(
                 engine.Task(
@@ -366,7 +367,7 @@ def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -
     try:
         with beat:
             job = JobCreate.model_validate(claim.spec)
-            tasks = build_tasks(job)
+            tasks = build_tasks(job, tenant=claim.tenant)
             config = meta_config(job)
             state = claim.checkpoint or engine.init_state(config, job.hyperparameters.lr, job.hyperparameters.momentum)
             if claim.iteration >= claim.iterations or claim.stopped:

@@ -188,10 +188,14 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> JSONRespo
     )
 
 
-def retry_later(detail: str, seconds: int, headers: dict[str, str] | None = None) -> HTTPException:
-    """503 with ``Retry-After: seconds``: the server is at a capacity limit, the request was not
-    started, and the same request may succeed later."""
-    return HTTPException(status_code=503, detail=detail, headers={"Retry-After": str(seconds), **(headers or {})})
+def retry_later(
+    detail: str, seconds: int, headers: dict[str, str] | None = None, status_code: int = 503
+) -> HTTPException:
+    """503 (or 429, a tenant's quota) with ``Retry-After: seconds``: a capacity limit was reached,
+    the request was not started, and the same request may succeed later."""
+    return HTTPException(
+        status_code=status_code, detail=detail, headers={"Retry-After": str(seconds), **(headers or {})}
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,12 +1,19 @@
 """All routes of the API, one module per resource."""
 
-from fastapi import APIRouter
+from typing import Any
 
+from fastapi import APIRouter, Depends
+
+from service.api.auth import authenticate
+from service.api.errors import Message
 from service.api.routes import datasets, health, jobs, models, workers
 
+# Every /v1 route needs a key (service/api/auth.py); the probes stay open.
+_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": Message, "description": "No key, or a malformed, unknown or revoked one (the detail says which)."}
+}
+
 api_router = APIRouter()
-api_router.include_router(jobs.router)
-api_router.include_router(datasets.router)
-api_router.include_router(models.router)
-api_router.include_router(workers.router)
+for keyed in (jobs.router, datasets.router, models.router, workers.router):
+    api_router.include_router(keyed, dependencies=[Depends(authenticate)], responses=_UNAUTHORIZED)
 api_router.include_router(health.router)

@@ -30,8 +30,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from service import repository
+from service import keys, repository
 from service.api.errors import Message, ValidationErrorBody, retry_later
+from service.keys import Principal
 from service.settings import Settings
 from service.storage import ArtifactStore, StoreError
 
@@ -283,42 +284,58 @@ class UploadKind:
     example: str  # the file named in hints (curl -F file=@<example>)
     extensions: str  # the accepted extensions, in words
     check: Callable[[Receiver, Settings], Any]  # the received file's facts, or a Refused (422)
-    get_by_sha256: Callable[..., Any]  # (session, *, sha256) -> the row holding those bytes, or None
-    create: Callable[[Session, Receiver, str, Any], Any]  # (session, upload, sha256, facts) -> a new row
+    get_by_sha256: Callable[..., Any]  # (session, *, sha256, tenant) -> the tenant's row of those bytes, or None
+    create: Callable[[Session, Receiver, str, Any, str], Any]  # (session, upload, sha256, facts, tenant) -> new row
     to_public: Callable[[Any], Any]  # row -> the response model
-    delete: Callable[[Session, str], Any]  # (session, id) -> the deleted row; ``not_found`` or Conflict
+    # (session, id, tenant or None for any) -> the deleted row; ``not_found`` or Conflict
+    delete: Callable[[Session, str, str | None], Any]
     not_found: type[Exception]
     # Whether an existing row with the same bytes answers the upload without checking the file.
     reuse: Callable[[Any, Receiver], bool] = lambda row, upload: True
 
 
-def _store(request: Request, upload: Receiver, kind: UploadKind) -> tuple[Any, bool]:
-    """Check, store and record the uploaded file; (the public row, whether it is new)."""
+def _check_storage(session: Session, tenant: str, size: int, settings: Settings) -> None:
+    """413 when the tenant's stored bytes plus this file would pass its quota."""
+    limit = keys.quotas_of(session, tenant=tenant, settings=settings)["max_stored_bytes"]
+    used = repository.stored_bytes(session, tenant=tenant)
+    if used + size > limit:
+        raise Refused(
+            413,
+            f"tenant {tenant!r} stores {used} bytes ({_human(used)}) of datasets and models; this "
+            f"file's {size} bytes would pass its quota of {limit} bytes ({_human(limit)}); delete "
+            "some, or ask an admin to raise the quota (gradtune keys quota)",
+        )
+
+
+def _store(request: Request, upload: Receiver, kind: UploadKind, tenant: str) -> tuple[Any, bool]:
+    """Check, store and record the uploaded file for ``tenant``; (the public row, whether it is new).
+    The same bytes as another tenant's file make a row of this tenant's (sharing the stored object)."""
     app = request.app
     store = app.state.store
     sha256 = upload.sha.hexdigest()
     assert upload.path is not None and upload.filename and upload.format
     with app.state.sessionmaker() as session:
-        existing = kind.get_by_sha256(session, sha256=sha256)
+        existing = kind.get_by_sha256(session, sha256=sha256, tenant=tenant)
         if existing is not None and kind.reuse(existing, upload):
             store.put_file(sha256, upload.path)  # no-op when present; heals a lost object
             return kind.to_public(existing), False
+        _check_storage(session, tenant, upload.size, app.state.settings)
     facts = kind.check(upload, app.state.settings)
     store.put_file(sha256, upload.path)
     with app.state.sessionmaker() as session:
         try:
-            row = kind.create(session, upload, sha256, facts)
+            row = kind.create(session, upload, sha256, facts, tenant)
             session.commit()
             return kind.to_public(row), True
-        except IntegrityError:  # the same bytes, uploaded concurrently, won the race
+        except IntegrityError:  # the same bytes, uploaded concurrently by this tenant, won the race
             session.rollback()
-            existing = kind.get_by_sha256(session, sha256=sha256)
+            existing = kind.get_by_sha256(session, sha256=sha256, tenant=tenant)
             if existing is None:
                 raise
             return kind.to_public(existing), False
         except BaseException:
             session.rollback()
-            if kind.get_by_sha256(session, sha256=sha256) is None:
+            if not repository.object_in_use(session, sha256=sha256):
                 try:
                     store.delete(sha256)
                 except StoreError:
@@ -335,7 +352,15 @@ def _slots(app: Any) -> threading.BoundedSemaphore:
     return slots
 
 
-async def upload(request: Request, response: Response, kind: UploadKind) -> Any:
+def _tenant_uploads(app: Any) -> dict[str, int]:
+    """Uploads in progress per tenant in this API process (only the event loop's thread uses it)."""
+    counts = getattr(app.state, "tenant_uploads", None)
+    if counts is None:
+        counts = app.state.tenant_uploads = {}
+    return counts
+
+
+async def upload(request: Request, response: Response, kind: UploadKind, principal: Principal) -> Any:
     """The body of an upload route: receive, check, store, record; 201 with ``Location`` for new
     bytes, 200 with the existing row for bytes uploaded before. Refusals answer their status
     (413 with ``Connection: close``), an unavailable artifact store 503. At most
@@ -343,6 +368,17 @@ async def upload(request: Request, response: Response, kind: UploadKind) -> Any:
     temporary file and a reader's bounded memory); one more is answered at once, before its body
     is read, with 503 and ``Retry-After``."""
     settings = request.app.state.settings
+    tenant = principal.tenant
+    limit = await run_in_threadpool(_upload_quota, request.app, tenant)
+    in_progress = _tenant_uploads(request.app)
+    if in_progress.get(tenant, 0) >= limit:
+        raise retry_later(
+            f"tenant {tenant!r} has {in_progress.get(tenant, 0)} uploads in progress, its limit is {limit} "
+            f"(gradtune keys quota); try again in {UPLOAD_RETRY_AFTER} seconds",
+            UPLOAD_RETRY_AFTER,
+            headers={"Connection": "close"},
+            status_code=429,
+        )
     slots = _slots(request.app)
     if not slots.acquire(blocking=False):
         raise retry_later(
@@ -351,13 +387,22 @@ async def upload(request: Request, response: Response, kind: UploadKind) -> Any:
             UPLOAD_RETRY_AFTER,
             headers={"Connection": "close"},
         )
+    in_progress[tenant] = in_progress.get(tenant, 0) + 1
     try:
-        return await _upload(request, response, kind, settings)
+        return await _upload(request, response, kind, settings, tenant)
     finally:
         slots.release()
+        in_progress[tenant] -= 1
+        if in_progress[tenant] <= 0:
+            del in_progress[tenant]
 
 
-async def _upload(request: Request, response: Response, kind: UploadKind, settings: Settings) -> Any:
+def _upload_quota(app: Any, tenant: str) -> int:
+    with app.state.sessionmaker() as session:
+        return keys.quotas_of(session, tenant=tenant, settings=app.state.settings)["max_concurrent_uploads"]
+
+
+async def _upload(request: Request, response: Response, kind: UploadKind, settings: Settings, tenant: str) -> Any:
     received: Receiver | None = None
     try:
         received = await receive(
@@ -368,7 +413,7 @@ async def _upload(request: Request, response: Response, kind: UploadKind, settin
             example=kind.example,
             extensions=kind.extensions,
         )
-        row, created = await run_in_threadpool(_store, request, received, kind)
+        row, created = await run_in_threadpool(_store, request, received, kind, tenant)
     except Refused as exc:
         headers = {"Connection": "close"} if exc.status_code == 413 else None
         raise HTTPException(status_code=exc.status_code, detail=exc.detail, headers=headers) from None
@@ -386,22 +431,20 @@ async def _upload(request: Request, response: Response, kind: UploadKind, settin
     return row
 
 
-def delete(session: Session, store: ArtifactStore, kind: UploadKind, row_id: str) -> Response:
-    """The body of a delete route: 404 for an unknown id, 409 while a queued or running job uses
-    the row, else 204; the stored object goes after the commit unless a row still holds its bytes."""
+def delete(session: Session, store: ArtifactStore, kind: UploadKind, row_id: str, tenant: str | None) -> Response:
+    """The body of a delete route: 404 for an unknown id (or another tenant's, unless ``tenant`` is
+    None), 409 while a queued or running job uses the row, else 204; the stored object goes after
+    the commit unless a row (of any tenant) still holds its bytes."""
     try:
-        row = kind.delete(session, row_id)
+        row = kind.delete(session, row_id, tenant)
     except kind.not_found as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
     except repository.Conflict as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     sha256 = row.sha256
     session.commit()
-    # After the commit; unless the same bytes were uploaded again meanwhile (as a dataset or a model).
-    if (
-        repository.get_dataset_by_sha256(session, sha256=sha256) is None
-        and repository.get_model_by_sha256(session, sha256=sha256) is None
-    ):
+    # After the commit; unless a row of any tenant holds the same bytes (as a dataset or a model).
+    if not repository.object_in_use(session, sha256=sha256):
         try:
             store.delete(sha256)
         except StoreError as exc:  # the row is gone; an orphaned object only costs space

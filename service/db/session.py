@@ -87,3 +87,28 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database could not be used (unreachable, not migrated, ...): the sentence says why."""
+
+
+@contextmanager
+def scoped_session(url: str) -> Iterator[Session]:
+    """One transaction on the database at ``url`` with an engine of its own (a command line's
+    single use): commit on success; a database error becomes ``DatabaseUnavailable``."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = make_engine(url)
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+    except SQLAlchemyError as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DatabaseUnavailable(
+            f"the database could not be used ({type(exc).__name__}: {first}); is it reachable, and "
+            "migrated (gradtune migrate)?"
+        ) from exc
+    finally:
+        engine.dispose()

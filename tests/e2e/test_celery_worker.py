@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,16 +14,18 @@ from service.db.session import make_engine
 from service.main import create_app
 from service.settings import Settings
 from tests.e2e.conftest import logs, small_job, wait_for, worker_env
+from tests.helpers.support import keyed_client
 
 
-def _client(env) -> TestClient:
+def _client(env) -> Any:
     settings = Settings(
         data_dir=env["GRADTUNE_DATA_DIR"],
         database_url=env["GRADTUNE_DATABASE_URL"],
         broker_url=env["GRADTUNE_BROKER_URL"],
         queue_name=env["GRADTUNE_QUEUE_NAME"],
+        allowed_hosts=["testserver"],
     )
-    return TestClient(create_app(settings))
+    return keyed_client(create_app(settings))
 
 
 def _status(client, jid):

@@ -13,8 +13,8 @@ import signal
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,6 +24,7 @@ from service.db.session import make_engine
 from service.main import create_app
 from service.settings import Settings
 from tests.e2e.conftest import logs, small_job, wait_for, worker_env
+from tests.helpers.support import keyed_client
 
 # A dead worker's lease is stale after 2 s (heartbeats every 0.2 s), and each live worker sweeps
 # twice a second: a kill costs about three seconds of waiting.
@@ -34,14 +35,15 @@ CHAOS_ENV = {
 }
 
 
-def _client(env) -> TestClient:
+def _client(env) -> Any:
     settings = Settings(
         data_dir=env["GRADTUNE_DATA_DIR"],
         database_url=env["GRADTUNE_DATABASE_URL"],
         broker_url=env["GRADTUNE_BROKER_URL"],
         queue_name=env["GRADTUNE_QUEUE_NAME"],
+        allowed_hosts=["testserver"],
     )
-    return TestClient(create_app(settings))
+    return keyed_client(create_app(settings))
 
 
 def _digits_job(iterations: int, steps: int) -> dict:

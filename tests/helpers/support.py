@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from service.settings import LOOPBACK_NAMES, Settings
 
 # The PostgreSQL server the suite creates its throwaway databases on (an admin connection to
 # an existing database), and the Redis server it borrows one numbered database of.
@@ -37,6 +37,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     }
     values["data_dir"] = Path(tmp_path) / "data"
     values["ready_needs_worker"] = False
+    values["allowed_hosts"] = ["testserver", *LOOPBACK_NAMES]  # TestClient sends Host: testserver
     values.update(overrides)
     # Explicit keyword arguments win over the environment in pydantic-settings.
     return Settings(**values)
@@ -102,3 +103,28 @@ def mock_client(seen: dict[str, Any]):
         return httpx.Response(404, json={"detail": "no"})
 
     return Client("http://test", transport=httpx.MockTransport(handler))
+
+
+def api_key(app_or_factory: Any, tenant: str = "default", admin: bool = False) -> str:
+    """A new API key of ``tenant`` in an app's database (``create_app``'s app, or a sessionmaker)."""
+    from service import keys
+
+    factory = getattr(getattr(app_or_factory, "state", None), "sessionmaker", app_or_factory)
+    with factory() as session:
+        _row, key = keys.create_key(session, tenant=tenant, admin=admin)
+        session.commit()
+    return key
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def keyed_client(app: Any, tenant: str = "default", admin: bool = False, **kwargs: Any) -> Any:
+    """A TestClient that sends a new key of ``tenant`` with every request (``client.key`` holds it)."""
+    from fastapi.testclient import TestClient
+
+    key = api_key(app, tenant=tenant, admin=admin)
+    client = TestClient(app, headers={**bearer(key), **kwargs.pop("headers", {})}, **kwargs)
+    client.key = key  # type: ignore[attr-defined]
+    return client

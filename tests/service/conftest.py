@@ -61,9 +61,9 @@ def app(settings):
 
 @pytest.fixture
 def client(app):
-    from fastapi.testclient import TestClient
+    from tests.helpers.support import keyed_client
 
-    with TestClient(app) as c:
+    with keyed_client(app) as c:
         yield c
 
 

@@ -11,7 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import repository
+from service.keys import new_key
 from service.main import create_app
+from tests.helpers.support import bearer, keyed_client
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +56,7 @@ def test_readyz_503_when_the_broker_is_unreachable(tmp_path, sqlite_url, make_se
 def test_readyz_503_when_the_database_is_unreachable(tmp_path, make_settings, url):
     with TestClient(create_app(make_settings(tmp_path, database_url=url))) as c:
         r = c.get("/readyz")
-        jobs = c.get("/v1/jobs")
+        jobs = c.get("/v1/jobs", headers=bearer(new_key()[1]))  # checking the key needs the database
     assert r.status_code == 503
     body = r.json()
     assert body["checks"]["broker"] == "ok"
@@ -78,7 +80,7 @@ def test_unexpected_errors_are_a_sentence_not_a_traceback(app, monkeypatch, capl
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(repository, "list_jobs", broken)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with keyed_client(app, raise_server_exceptions=False) as c:
         r = c.get("/v1/jobs")
     assert r.status_code == 500
     detail = r.json()["detail"]

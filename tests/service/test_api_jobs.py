@@ -8,7 +8,6 @@ import uuid
 from datetime import datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.db.models import Job, JobIteration, utcnow
@@ -16,7 +15,7 @@ from service.db.session import make_engine
 from service.main import create_app
 from service.queue import RUN_CHUNK
 from service.schemas import JobCreate
-from tests.helpers.support import decode_message
+from tests.helpers.support import decode_message, keyed_client
 from tests.service.conftest import BUILTIN_TASK, count_jobs, enqueued, job_body
 
 
@@ -112,7 +111,7 @@ def test_a_sent_message_is_recorded_as_outstanding(client, app):
 
 def test_unreachable_redis_broker_still_202(tmp_path, db_url, make_settings):
     app = create_app(make_settings(tmp_path, database_url=db_url, broker_url="redis://127.0.0.1:1/0"))
-    with TestClient(app) as client:
+    with keyed_client(app) as client:
         job = submit(client)
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
     assert count_jobs(app) == 1
@@ -123,7 +122,7 @@ def test_submit_enqueues_on_real_redis(tmp_path, db_url, redis_url, make_setting
 
     settings = make_settings(tmp_path, database_url=db_url, broker_url=redis_url, queue_name="gt-api-test")
     app = create_app(settings)
-    with TestClient(app) as client:
+    with keyed_client(app) as client:
         job = submit(client)
     r = redis.Redis.from_url(redis_url)
     try:
@@ -396,5 +395,5 @@ def test_a_deadline_must_be_a_positive_number(client, nothing_changed, value):
 def test_the_default_deadline_never_exceeds_the_ceiling(tmp_path, db_url, make_settings):
     settings = make_settings(tmp_path, database_url=db_url, default_job_seconds=5000, max_job_seconds=600)
     assert settings.job_seconds(None) == 600 and settings.job_seconds(30) == 30
-    with TestClient(create_app(settings)) as client:
+    with keyed_client(create_app(settings)) as client:
         assert submit(client)["max_seconds"] == 600

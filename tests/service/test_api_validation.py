@@ -11,9 +11,9 @@ import re
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service.main import create_app
+from tests.helpers.support import keyed_client
 from tests.service.conftest import BUILTIN_TASK, INLINE_TASK, count_jobs, enqueued, job_body
 
 
@@ -466,7 +466,7 @@ def test_the_issue_job_is_refused_quickly(client, nothing_changed, settings):
 
 def test_body_over_the_limit_by_content_length_is_413(tmp_path, db_url, make_settings):
     app = create_app(make_settings(tmp_path, database_url=db_url, max_body_bytes=2000))
-    with TestClient(app) as client:
+    with keyed_client(app) as client:
         body = job_body(_inline(x_train=[[0.25, 0.5]] * 400, y_train=[0] * 400))
         data = json.dumps(body).encode()
         assert len(data) > 2000
@@ -489,7 +489,7 @@ def test_chunked_body_over_the_limit_is_413(tmp_path, db_url, make_settings):
         for i in range(0, len(data), 500):
             yield data[i : i + 500]
 
-    with TestClient(app) as client:
+    with keyed_client(app) as client:
         r = client.post("/v1/jobs", content=stream(), headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text
         assert r.json()["detail"].startswith("the request body is larger than the limit of 2000 bytes")

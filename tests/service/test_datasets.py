@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 import numpy as np
 import pyarrow as pa
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from service.db.models import Dataset, Job, JobDataset, utcnow
@@ -20,7 +19,7 @@ from service.main import create_app
 from service.schemas import DatasetPublic, JobCreate
 from service.validation import check_job
 from tests.helpers.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
-from tests.helpers.support import stored_files, temp_files
+from tests.helpers.support import keyed_client, stored_files, temp_files
 from tests.service.conftest import count_jobs, job_body
 
 
@@ -354,7 +353,7 @@ def test_upload_over_the_size_limit_is_413_while_streaming(tmp_path, db_url, mak
     app = create_app(make_settings(tmp_path, database_url=db_url, max_upload_bytes=2000))
     data = npz_bytes(x=np.zeros((40, 10)))  # ~3.4 kB: over the file limit, within the framing slack
     assert len(data) > 2000
-    with TestClient(app) as c:
+    with keyed_client(app) as c:
         r = upload(c, "big.npz", data)
         refused(r, 413, "'big.npz'", "2000 bytes", "GRADTUNE_MAX_UPLOAD_BYTES")
         # A declared Content-Length far over the limit is refused before reading.
@@ -378,7 +377,7 @@ def test_upload_over_the_size_limit_is_413_while_streaming(tmp_path, db_url, mak
 def test_uploads_are_not_held_to_the_json_body_limit(tmp_path, db_url, make_settings):
     app = create_app(make_settings(tmp_path, database_url=db_url, max_body_bytes=1000))
     data = npz_bytes(x=np.zeros((50, 10)))
-    with TestClient(app) as c:
+    with keyed_client(app) as c:
         assert upload(c, "d.npz", data).status_code == 201
         r = c.post("/v1/jobs", json=job_body(name="x" * 100, meta={"iterations": 5, "seed": 0}) | {"pad": "y" * 2000})
         assert r.status_code == 413

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from service import repository
 from service.main import create_app
+from tests.helpers.support import api_key, bearer
 from tests.service.conftest import job_body
 
 # max_examples per (operation, mode): 16 operations, two modes, plus the existing-id pass.
@@ -39,9 +40,9 @@ MIN_REQUESTS = 1000
 
 def _seed(app) -> dict[str, str]:
     """A job, a dataset and a model that exist, so some requests find something."""
-    from fastapi.testclient import TestClient
+    from tests.helpers.support import keyed_client
 
-    with TestClient(app) as client:
+    with keyed_client(app) as client:
         job = client.post("/v1/jobs", json=job_body())
         assert job.status_code == 202, job.text
         ds = client.post("/v1/datasets", files={"file": ("d.csv", b"a,b,y\n0,1,0\n1,0,1\n1,1,0\n0,0,1\n")})
@@ -70,7 +71,7 @@ def _seed(app) -> dict[str, str]:
     return {"job_id": job.json()["id"], "dataset_id": ds.json()["id"], "model_id": model_id}
 
 
-def _run(operation, mode: GenerationMode, examples: int, record, **fixed: Any) -> bool:
+def _run(operation, mode: GenerationMode, examples: int, record, headers: dict[str, str], **fixed: Any) -> bool:
     """Drive one operation in one mode; False when schemathesis could generate nothing for it."""
 
     @given(case=operation.as_strategy(generation_mode=mode, **fixed))
@@ -84,7 +85,7 @@ def _run(operation, mode: GenerationMode, examples: int, record, **fixed: Any) -
     )
     def drive(case) -> None:
         try:
-            response = case.call()
+            response = case.call(headers=headers)
         except Exception as exc:  # an unhandled exception the test transport re-raised: a 500
             record(operation.label, mode.value, 500, f"raised {type(exc).__name__}: {exc}", case)
             return
@@ -105,6 +106,7 @@ def _run(operation, mode: GenerationMode, examples: int, record, **fixed: Any) -
 def test_no_server_error_from_generated_requests(tmp_path, db_url, make_settings, capsys):
     app = create_app(make_settings(tmp_path, database_url=db_url))
     ids = _seed(app)
+    headers = bearer(api_key(app))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     statuses: collections.Counter = collections.Counter()
     per_operation: collections.Counter = collections.Counter()
@@ -122,12 +124,12 @@ def test_no_server_error_from_generated_requests(tmp_path, db_url, make_settings
         operation = result.ok()
         labels.append(operation.label)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            if not _run(operation, mode, EXAMPLES, record):
+            if not _run(operation, mode, EXAMPLES, record, headers):
                 skipped.append(f"{operation.label} [{mode.value}]")
         names = [p.name for p in operation.path_parameters]
         if names:
             fixed = {name: ids[name] for name in names}
-            _run(operation, GenerationMode.POSITIVE, EXISTING_ID_EXAMPLES, record, path_parameters=fixed)
+            _run(operation, GenerationMode.POSITIVE, EXISTING_ID_EXAMPLES, record, headers, path_parameters=fixed)
     elapsed = time.monotonic() - started
     total = sum(statuses.values())
     with capsys.disabled():

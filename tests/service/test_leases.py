@@ -207,7 +207,7 @@ def test_the_sweep_keeps_at_most_one_outstanding_message_per_job(env, capsys):
     one message the API sent. Jobs whose message could not be sent, and jobs whose worker died, get
     exactly one from the sweep; jobs between chunks none. Past the visibility timeout an
     outstanding message is presumed lost: one more each, then none again for 10 minutes."""
-    app, client = env.start(stale_after_seconds=30, chunk_seconds=300)
+    app, client = env.start(stale_after_seconds=30, chunk_seconds=300, tenant_max_active_jobs=1000)
     visibility = get_settings().visibility_timeout_seconds()
     waiting = [_submit(client) for _ in range(200)]
 

@@ -209,12 +209,11 @@ def test_refused_archives_say_why_and_leave_nothing(client, app, tmp_path):
 
 
 def test_a_model_over_the_upload_limit_is_413(tmp_path, db_url, make_settings):
-    from fastapi.testclient import TestClient
-
     from service.main import create_app
+    from tests.helpers.support import keyed_client
 
     app = create_app(make_settings(tmp_path, database_url=db_url, max_upload_bytes=4096))
-    with TestClient(app) as c:
+    with keyed_client(app) as c:
         r = upload(c, "big.pt2", mlp_pt2(features=64, hidden=64))
         assert r.status_code == 413 and "upload limit" in r.json()["detail"]
     assert_nothing_stored(app)

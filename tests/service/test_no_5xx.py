@@ -118,14 +118,14 @@ def test_a_nul_in_a_path_id_is_422_naming_it(client, method, template, param):
 
 def test_pool_exhaustion_is_503_with_retry_after(app, settings):
     """One connection in the pool, held here: a request waits pool_timeout, then gets 503."""
-    from fastapi.testclient import TestClient
+    from tests.helpers.support import keyed_client
 
     original = app.state.engine
     tiny = make_engine(settings.resolved_database_url(), pool_size=1, max_overflow=0, pool_timeout=0.3)
     app.state.engine = tiny
     app.state.sessionmaker = sessionmaker(bind=tiny, expire_on_commit=False)
     try:
-        with TestClient(app) as client:
+        with keyed_client(app) as client:
             assert client.get("/v1/jobs").status_code == 200
             held = tiny.connect()  # the only connection
             try:

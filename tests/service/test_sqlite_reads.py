@@ -13,10 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service import repository
 from service.main import create_app
+from tests.helpers.support import keyed_client
 from tests.service.conftest import job_body
 
 QUICK = 5.0  # seconds: far below the 30 s busy timeout a write-locking read would wait
@@ -24,7 +24,7 @@ QUICK = 5.0  # seconds: far below the 30 s busy timeout a write-locking read wou
 
 @pytest.fixture
 def sqlite_client(tmp_path, sqlite_url, make_settings):
-    with TestClient(create_app(make_settings(tmp_path, database_url=sqlite_url))) as client:
+    with keyed_client(create_app(make_settings(tmp_path, database_url=sqlite_url))) as client:
         yield client, sqlite_url.removeprefix("sqlite:///")
 
 

@@ -15,12 +15,12 @@ import uuid
 import boto3
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.storage import LocalStore, ObjectMissing, S3Store, StoreError, open_store
 from tests.helpers.dataset_files import blobs, npz_bytes
 from tests.helpers.net import free_port
+from tests.helpers.support import keyed_client
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -165,7 +165,7 @@ def test_upload_and_delete_through_the_api_on_s3(moto_endpoint, bucket, tmp_path
     x, y = blobs(20, 3)
     data = npz_bytes(x=x, y=y)
     sha = hashlib.sha256(data).hexdigest()
-    with TestClient(app) as c:
+    with keyed_client(app) as c:
         r = c.post("/v1/datasets", files={"file": ("d.npz", data)})
         assert r.status_code == 201, r.text
         body = r.json()
@@ -207,7 +207,7 @@ def test_store_down_is_503_and_leaves_nothing(aws_env, tmp_path, sqlite_url, mak
         s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
     )
     app = create_app(settings)
-    with TestClient(app) as c:
+    with keyed_client(app) as c:
         r = c.post("/v1/datasets", files={"file": ("d.csv", b"a,b\n1,2\n")})
         assert r.status_code == 503, r.text
         assert r.json()["detail"].startswith("the artifact store is unavailable; try again later")

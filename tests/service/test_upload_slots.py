@@ -18,10 +18,9 @@ SLOW = 30  # seconds a held upload waits at most (the test releases it long befo
 def one_slot_client(tmp_path, db_url, make_settings, monkeypatch):
     """A client of an app with one upload slot, and a gate: while it is closed, a dataset upload
     stops inside its check (after its body was received) and sets ``inside``."""
-    from fastapi.testclient import TestClient
-
     import service.api.routes.datasets as datasets
     from service.main import create_app
+    from tests.helpers.support import keyed_client
 
     inside, gate = threading.Event(), threading.Event()
     real = datasets.inspect_file
@@ -33,7 +32,7 @@ def one_slot_client(tmp_path, db_url, make_settings, monkeypatch):
 
     monkeypatch.setattr(datasets, "inspect_file", held)
     app = create_app(make_settings(tmp_path, database_url=db_url, max_concurrent_uploads=1, max_upload_bytes=4096))
-    with TestClient(app) as client:
+    with keyed_client(app) as client:
         yield client, app, inside, gate
     gate.set()
 

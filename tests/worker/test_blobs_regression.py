@@ -18,12 +18,12 @@ import pathlib
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from service.db import session as db_session
 from service.main import create_app
 from service.schemas import JobCreate
 from service.settings import get_settings
+from tests.helpers.support import keyed_client
 from worker import engine, runner
 from worker.engine.meta import evaluate as meta_evaluate
 
@@ -42,7 +42,7 @@ def env(db_url, tmp_path, monkeypatch):
     sent: list[tuple[str, int]] = []
     monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
     torch.set_num_threads(1)
-    with TestClient(create_app(get_settings())) as client:
+    with keyed_client(create_app(get_settings())) as client:
         yield client, sent
     db_session.get_engine().dispose()
     for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):

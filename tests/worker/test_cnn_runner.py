@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.schemas import JobCreate
 from tests.helpers.dataset_files import npz_bytes
+from tests.helpers.support import keyed_client
 from worker import dataset_loader, engine, runner
 from worker.dataset_loader import load_dataset_task_data
 from worker.engine.cnn import build_cnn
@@ -135,7 +135,7 @@ def test_dataset_loader_reads_images(tmp_path, settings):
     dataset_loader.clear_cache()
     xt, yt, _, _ = digits_images(50, 0)
     x = xt.astype(np.float32)
-    with TestClient(create_app(settings)) as client:
+    with keyed_client(create_app(settings)) as client:
         r = client.post("/v1/datasets", files={"file": ("digits.npz", npz_bytes(x=x, y=yt.astype(np.int64)))})
         assert r.status_code == 201, r.text
         ds = r.json()["id"]

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from fastapi.testclient import TestClient
 
 from service.main import create_app
 from service.schemas import DatasetData
 from service.storage import LocalStore
 from tests.helpers.dataset_files import blobs, csv_bytes, npz_bytes, parquet_bytes, safetensors_bytes, safetensors_raw
+from tests.helpers.support import keyed_client
 from worker import dataset_loader
 from worker.dataset_loader import DatasetUnavailable, load_dataset_task_data
 
@@ -30,7 +30,7 @@ def settings(tmp_path, sqlite_url, make_settings):
 
 @pytest.fixture
 def client(settings):
-    with TestClient(create_app(settings)) as c:
+    with keyed_client(create_app(settings)) as c:
         yield c
 
 

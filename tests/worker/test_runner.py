@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service.db import session as db_session
 from service.main import create_app
 from service.settings import get_settings
 from tests.e2e.conftest import small_job
+from tests.helpers.support import keyed_client
 from worker import runner
 
 
@@ -22,7 +22,7 @@ def env(db_url, tmp_path, monkeypatch):
         f.cache_clear()
     sent: list[tuple[str, int]] = []
     monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
-    with TestClient(create_app(get_settings())) as client:
+    with keyed_client(create_app(get_settings())) as client:
         yield client, sent
     db_session.get_engine().dispose()
     for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):

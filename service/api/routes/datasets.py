@@ -21,6 +21,7 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
 from service import repository
+from service.api.auth import PrincipalDep, TenantQuery, listing_scope
 from service.api.deps import MAX_OFFSET, SessionDep, StoreDep
 from service.api.uploads import (
     Receiver,
@@ -62,7 +63,7 @@ def _inspect(received: Receiver, settings: Settings) -> dict[str, Any]:
         raise file_error(f"{received.filename}: {exc}", exc.code) from None
 
 
-def _create(session: Session, received: Receiver, sha256: str, facts: dict[str, Any]) -> Any:
+def _create(session: Session, received: Receiver, sha256: str, facts: dict[str, Any], tenant: str) -> Any:
     assert received.filename is not None and received.format is not None  # a completed upload
     return repository.create_dataset(
         session,
@@ -71,6 +72,7 @@ def _create(session: Session, received: Receiver, sha256: str, facts: dict[str, 
         sha256=sha256,
         size=received.size,
         facts=facts,
+        tenant=tenant,
     )
 
 
@@ -85,7 +87,7 @@ _UPLOAD = UploadKind(
     get_by_sha256=repository.get_dataset_by_sha256,
     create=_create,
     to_public=repository.dataset_to_public,
-    delete=lambda session, dataset_id: repository.delete_dataset(session, dataset_id=dataset_id),
+    delete=lambda session, dataset_id, tenant: repository.delete_dataset(session, dataset_id=dataset_id, tenant=tenant),
     not_found=repository.DatasetNotFound,
     reuse=lambda existing, received: existing.format == received.format,
 )
@@ -99,23 +101,27 @@ _UPLOAD = UploadKind(
     openapi_extra=request_body(".safetensors, .npz, .csv or .parquet"),
     responses=upload_responses(_UPLOAD, DatasetPublic, _BAD_FILE),
 )
-async def upload_dataset(request: Request, response: Response) -> DatasetPublic:
+async def upload_dataset(request: Request, response: Response, principal: PrincipalDep) -> DatasetPublic:
     """Upload one file in the multipart field `file`: `.safetensors`, `.npz` (numeric arrays
     only, never pickle), `.csv` (a header row, then numbers) or `.parquet` (numeric columns).
 
     The answer lists the tensors (or columns) found, with shape, dtype, min, max and whether
     every value is a whole number. NaN or infinity anywhere, a truncated or corrupt file, or a
     wrong extension is refused with 422 naming the problem; nothing is stored then."""
-    return await upload(request, response, _UPLOAD)
+    return await upload(request, response, _UPLOAD, principal)
 
 
 @router.get("", response_model=DatasetsPublic, summary="List datasets, newest first")
 def list_datasets(
     session: SessionDep,
+    principal: PrincipalDep,
+    tenant: TenantQuery = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Datasets to skip.")] = 0,
 ) -> DatasetsPublic:
-    items, total = repository.list_datasets(session, limit=limit, offset=offset)
+    items, total = repository.list_datasets(
+        session, tenant=listing_scope(principal, tenant), limit=limit, offset=offset
+    )
     return DatasetsPublic(
         items=[repository.dataset_to_public(d) for d in items], total=total, limit=limit, offset=offset
     )
@@ -127,8 +133,8 @@ def list_datasets(
     summary="A dataset's description",
     responses={404: _NOT_FOUND},
 )
-def get_dataset(dataset_id: DatasetId, session: SessionDep) -> DatasetPublic:
-    dataset = repository.get_dataset(session, dataset_id=dataset_id)
+def get_dataset(dataset_id: DatasetId, session: SessionDep, principal: PrincipalDep) -> DatasetPublic:
+    dataset = repository.get_dataset(session, dataset_id=dataset_id, tenant=principal.scope())
     if dataset is None:
         raise HTTPException(status_code=404, detail=f"dataset {dataset_id} not found")
     return repository.dataset_to_public(dataset)
@@ -140,6 +146,6 @@ def get_dataset(dataset_id: DatasetId, session: SessionDep) -> DatasetPublic:
     summary="Delete a dataset and its stored file",
     responses=delete_responses("dataset"),
 )
-def delete_dataset(dataset_id: DatasetId, session: SessionDep, store: StoreDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, session: SessionDep, store: StoreDep, principal: PrincipalDep) -> Response:
     """Refused with 409 while a queued or running job names the dataset."""
-    return delete(session, store, _UPLOAD, dataset_id)
+    return delete(session, store, _UPLOAD, dataset_id, principal.scope())

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Respon
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from service import lifecycle, repository
+from service import keys, lifecycle, repository
+from service.api.auth import PrincipalDep, TenantQuery, listing_scope
 from service.api.deps import MAX_OFFSET, ProducerDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep, require_json
-from service.api.errors import Message, ValidationErrorBody
+from service.api.errors import Message, ValidationErrorBody, retry_later
 from service.schemas import (
     HistoryPublic,
     IterationPublic,
@@ -22,6 +23,7 @@ from service.schemas import (
     Status,
     Text,
 )
+from service.settings import Settings
 from service.validation import check_job
 
 logger = logging.getLogger("service.api.jobs")
@@ -106,11 +108,27 @@ JOB_EXAMPLES = {
 }
 
 
-def _get_or_404(session, job_id: str):
-    job = repository.get_job(session, job_id=job_id)
+def _get_or_404(session, job_id: str, tenant: str | None):
+    job = repository.get_job(session, job_id=job_id, tenant=tenant)
     if job is None:
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
     return job
+
+
+ACTIVE_RETRY_AFTER = 30  # seconds a tenant at its active-jobs quota is asked to wait
+
+
+def _check_active_quota(session: Session, tenant: str, settings: Settings) -> None:
+    """429 when the tenant already has its quota of queued and running jobs."""
+    limit = keys.quotas_of(session, tenant=tenant, settings=settings)["max_active_jobs"]
+    active = repository.active_jobs(session, tenant=tenant)
+    if active >= limit:
+        raise retry_later(
+            f"tenant {tenant!r} has {active} active jobs (queued or running), its limit is {limit} "
+            f"(gradtune keys quota); wait for one to finish or cancel one, then submit again",
+            ACTIVE_RETRY_AFTER,
+            status_code=429,
+        )
 
 
 def _not_enqueued(session: Session, job_id: str) -> None:
@@ -138,6 +156,7 @@ def _not_enqueued(session: Session, job_id: str) -> None:
         413: {"model": Message, "description": "The body is larger than the configured limit."},
         415: {"model": Message, "description": "The body is not sent as application/json."},
         422: _INVALID,
+        429: {"model": Message, "description": "The tenant has its quota of active jobs (`Retry-After`)."},
     },
 )
 def create_job(
@@ -146,6 +165,7 @@ def create_job(
     settings: SettingsDep,
     producer: ProducerDep,
     response: Response,
+    principal: PrincipalDep,
 ) -> JobPublic:
     """Validate the job, store it as `queued` and hand it to the workers.
 
@@ -154,19 +174,22 @@ def create_job(
     """
     # The rows of the datasets the job names stay locked until the commit, so none of them
     # can be deleted between this check and the job being stored.
-    rows = repository.datasets_by_id(session, ids=job.dataset_ids(), lock=True)
+    # A job names its own tenant's files only (an admin key's included).
+    rows = repository.datasets_by_id(session, ids=job.dataset_ids(), tenant=principal.tenant, lock=True)
     datasets = {i: repository.dataset_to_public(d) for i, d in rows.items()}
-    model_rows = repository.models_by_id(session, ids=job.model_ids(), lock=True)
+    model_rows = repository.models_by_id(session, ids=job.model_ids(), tenant=principal.tenant, lock=True)
     models = {i: repository.model_to_public(m) for i, m in model_rows.items()}
     errors = check_job(job, settings, datasets, models)
     if errors:
         raise RequestValidationError(errors)
+    _check_active_quota(session, principal.tenant, settings)
     row = repository.create_job(
         session,
         spec=job.model_dump(mode="json"),
         name=job.name,
         iterations=job.meta.iterations,
         max_seconds=settings.job_seconds(job.meta.max_seconds),
+        tenant=principal.tenant,
     )
     session.commit()
     try:
@@ -186,11 +209,14 @@ def create_job(
 )
 def list_jobs(
     session: ReadSessionDep,
+    principal: PrincipalDep,
+    tenant: TenantQuery = None,
     status: Annotated[Status | None, Query(description="Only jobs with this status.")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
 ) -> JobsPublic:
-    items, total = repository.list_jobs(session, status=status, limit=limit, offset=offset)
+    scope = listing_scope(principal, tenant)
+    items, total = repository.list_jobs(session, tenant=scope, status=status, limit=limit, offset=offset)
     return JobsPublic(items=[repository.to_public(j) for j in items], total=total, limit=limit, offset=offset)
 
 
@@ -200,12 +226,12 @@ def list_jobs(
     summary="A job's status and progress",
     responses={404: _NOT_FOUND},
 )
-def get_job(job_id: JobId, reader: ReaderDep) -> Response:
+def get_job(job_id: JobId, reader: ReaderDep, principal: PrincipalDep) -> Response:
     # The hot path of every client's polling: a read connection (no write lock on SQLite), the
     # public columns only, opened here so that the request takes one thread-pool hop, and the
     # JobPublic serialized once (returned as a model, FastAPI would validate it a second time).
     with reader.connect() as conn:
-        job = repository.get_job_status(conn, job_id=job_id)
+        job = repository.get_job_status(conn, job_id=job_id, tenant=principal.scope())
     if job is None:
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
     return Response(repository.to_public(job).model_dump_json(), media_type="application/json")
@@ -217,8 +243,8 @@ def get_job(job_id: JobId, reader: ReaderDep) -> Response:
     summary="Per-iteration meta-loss, lr and momentum",
     responses={404: _NOT_FOUND},
 )
-def get_history(job_id: JobId, session: ReadSessionDep) -> HistoryPublic:
-    _get_or_404(session, job_id)
+def get_history(job_id: JobId, session: ReadSessionDep, principal: PrincipalDep) -> HistoryPublic:
+    _get_or_404(session, job_id, principal.scope())
     items = [
         IterationPublic(
             iteration=it.iteration,
@@ -256,10 +282,10 @@ def get_history(job_id: JobId, session: ReadSessionDep) -> HistoryPublic:
         },
     },
 )
-def get_job_settings(job_id: JobId, session: ReadSessionDep) -> SettingsPublic:
+def get_job_settings(job_id: JobId, session: ReadSessionDep, principal: PrincipalDep) -> SettingsPublic:
     """`lr` and `momentum` go straight into `torch.optim.SGD(params, lr=..., momentum=...)`;
     `evaluation` compares validation losses with the initial and the learned settings."""
-    job = _get_or_404(session, job_id)
+    job = _get_or_404(session, job_id, principal.scope())
     if job.status == "succeeded" and job.result is not None:
         return SettingsPublic.model_validate(job.result)
     if job.status == "failed":
@@ -288,13 +314,13 @@ def get_job_settings(job_id: JobId, session: ReadSessionDep) -> SettingsPublic:
         409: {"model": Message, "description": "The job has already finished."},
     },
 )
-def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> JobPublic:
     """A queued job reads `cancelled` at once. A running one shows `cancel_requested: true` at once;
     its worker notices within one heartbeat, stops between two evaluations, keeps the iterations it
     finished, and the job ends `cancelled` (never `succeeded`, even when the cancel comes during its
     last chunk)."""
     try:
-        job = repository.request_cancel(session, job_id=job_id)
+        job = repository.request_cancel(session, job_id=job_id, tenant=principal.scope())
     except repository.NotFound as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
     except repository.Conflict as exc:

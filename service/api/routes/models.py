@@ -21,6 +21,7 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 
 from service import repository
+from service.api.auth import PrincipalDep, TenantQuery, listing_scope
 from service.api.deps import MAX_OFFSET, SessionDep, StoreDep
 from service.api.uploads import (
     Receiver,
@@ -80,10 +81,10 @@ def _describe(received: Receiver, settings: Settings) -> dict[str, Any]:
         raise file_error(f"{received.filename}: {exc}", "unsupported_program") from None
 
 
-def _create(session: Session, received: Receiver, sha256: str, program: dict[str, Any]) -> Any:
+def _create(session: Session, received: Receiver, sha256: str, program: dict[str, Any], tenant: str) -> Any:
     assert received.filename is not None  # a completed upload
     return repository.create_model(
-        session, filename=received.filename, sha256=sha256, size=received.size, program=program
+        session, filename=received.filename, sha256=sha256, size=received.size, program=program, tenant=tenant
     )
 
 
@@ -98,7 +99,7 @@ _UPLOAD = UploadKind(
     get_by_sha256=repository.get_model_by_sha256,
     create=_create,
     to_public=repository.model_to_public,
-    delete=lambda session, model_id: repository.delete_model(session, model_id=model_id),
+    delete=lambda session, model_id, tenant: repository.delete_model(session, model_id=model_id, tenant=tenant),
     not_found=repository.ModelNotFound,
 )
 
@@ -111,7 +112,7 @@ _UPLOAD = UploadKind(
     openapi_extra=request_body("a .pt2 archive written by torch.export.save"),
     responses=upload_responses(_UPLOAD, ModelPublic, _BAD_FILE),
 )
-async def upload_model(request: Request, response: Response) -> ModelPublic:
+async def upload_model(request: Request, response: Response, principal: PrincipalDep) -> ModelPublic:
     """Upload one `.pt2` archive (`torch.export.save(torch.export.export(model, (x,)), path)`) in
     the multipart field `file`. The archive is read as data, never unpickled or executed: the
     program must have static shapes, one input tensor, one (rows, outputs) result, parameters only
@@ -119,22 +120,24 @@ async def upload_model(request: Request, response: Response) -> ModelPublic:
     relu, tanh, sigmoid, gelu, max_pool2d, avg_pool2d, flatten. The answer describes it: the shape
     of one example, the output width, the operators in call order and the parameters (with the
     program's own names) in call order. Anything else is refused with 422 and the reason."""
-    return await upload(request, response, _UPLOAD)
+    return await upload(request, response, _UPLOAD, principal)
 
 
 @router.get("", response_model=ModelsPublic, summary="List uploaded models, newest first")
 def list_models(
     session: SessionDep,
+    principal: PrincipalDep,
+    tenant: TenantQuery = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Models to skip.")] = 0,
 ) -> ModelsPublic:
-    items, total = repository.list_models(session, limit=limit, offset=offset)
+    items, total = repository.list_models(session, tenant=listing_scope(principal, tenant), limit=limit, offset=offset)
     return ModelsPublic(items=[repository.model_to_public(m) for m in items], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{model_id}", response_model=ModelPublic, summary="A model's description", responses={404: _NOT_FOUND})
-def get_model(model_id: ModelId, session: SessionDep) -> ModelPublic:
-    model = repository.get_model(session, model_id=model_id)
+def get_model(model_id: ModelId, session: SessionDep, principal: PrincipalDep) -> ModelPublic:
+    model = repository.get_model(session, model_id=model_id, tenant=principal.scope())
     if model is None:
         raise HTTPException(status_code=404, detail=f"model {model_id} not found")
     return repository.model_to_public(model)
@@ -146,6 +149,6 @@ def get_model(model_id: ModelId, session: SessionDep) -> ModelPublic:
     summary="Delete a model and its stored file",
     responses=delete_responses("model"),
 )
-def delete_model(model_id: ModelId, session: SessionDep, store: StoreDep) -> Response:
+def delete_model(model_id: ModelId, session: SessionDep, store: StoreDep, principal: PrincipalDep) -> Response:
     """Refused with 409 while a queued or running job names the model."""
-    return delete(session, store, _UPLOAD, model_id)
+    return delete(session, store, _UPLOAD, model_id, principal.scope())

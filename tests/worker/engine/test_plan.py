@@ -123,6 +123,7 @@ def test_an_exported_program_is_sized_alike_by_the_api_and_the_engine(tmp_path):
     program = read_pt2(path)
     public = ModelPublic(
         id="m",
+        tenant="default",
         filename="m.pt2",
         sha256="0" * 64,
         size=1,
