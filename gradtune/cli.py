@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
+
+from gradtune.extras import fail, require
+from gradtune.keys_cli import keys_cli
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -39,39 +41,10 @@ def worker_argv(queue: str, loglevel: str = "INFO") -> list[str]:
     ]
 
 
-# The client commands need the base install only (httpx, typer, rich). The server-side commands
-# import service/ and worker/ inside their bodies, after _require has checked that the extras they
-# need are installed: these modules (import names) stand for each extra.
-EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "api": ("fastapi", "uvicorn", "sqlalchemy", "alembic", "pydantic_settings", "celery"),
-    "worker": ("torch", "numpy", "sqlalchemy", "pydantic_settings", "celery"),
-}
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _require(command: str, *extras: str) -> None:
-    """Exit 1, naming the extras and the pip command, when `command` needs an extra not installed."""
-    missing = sorted({m for extra in extras for m in EXTRA_MODULES[extra] if not _installed(m)})
-    if missing:
-        what = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
-        _fail(
-            RuntimeError(
-                f"gradtune {command} needs the {what}: pip install 'gradtune[{','.join(extras)}]' "
-                f"(not installed: {', '.join(missing)})"
-            )
-        )
-
-
 @cli.command()
 def migrate() -> None:
     """Create or upgrade the database schema (alembic upgrade head)."""
-    _require("migrate", "api")
+    require("migrate", "api")
     from service.db.migrate import upgrade
     from service.settings import get_settings
 
@@ -84,7 +57,7 @@ def migrate() -> None:
 @cli.command()
 def worker(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> None:
     """Run one worker process: it drains the queue, one chunk at a time, on CUDA when present."""
-    _require("worker", "worker")
+    require("worker", "worker")
     from service.settings import get_settings
 
     settings = get_settings()
@@ -101,7 +74,7 @@ def serve(
 ) -> None:
     """API on :8000 plus embedded workers, restarted when they die; SQLite and a server-less broker
     unless configured. Exits 1 when a worker cannot start at all; stops its workers when it stops."""
-    _require("serve", *(("api", "worker") if workers else ("api",)))
+    require("serve", *(("api", "worker") if workers else ("api",)))
     import uvicorn
 
     from gradtune.supervisor import Supervisor
@@ -112,9 +85,11 @@ def serve(
     settings = get_settings()
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
-    config = uvicorn.Config(
-        create_app(settings), host=host or settings.host, port=port or settings.port, timeout_graceful_shutdown=5
-    )
+    _first_admin_key(settings)
+    bind = host or settings.host
+    if settings.allowed_hosts is None and bind != settings.host:  # the allowlist follows --host
+        settings = settings.model_copy(update={"host": bind})
+    config = uvicorn.Config(create_app(settings), host=bind, port=port or settings.port, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     supervisor = Supervisor(
         worker_argv(settings.queue_name), workers, on_fatal=lambda _reason: setattr(server, "should_exit", True)
@@ -137,6 +112,21 @@ def serve(
         signal.raise_signal(stopped_by[0])
 
 
+def _first_admin_key(settings) -> None:
+    """On first start (no key in the database): tenant default, an admin key printed once and
+    written to <data_dir>/admin.key (mode 0600), which the CLI on this machine reads by itself."""
+    require("serve", "api")
+    from service.db.session import scoped_session
+    from service.keys import first_admin_key
+
+    with scoped_session(settings.resolved_database_url()) as session:
+        made = first_admin_key(session, settings.data_dir)
+    if made is not None:
+        path, key = made
+        typer.echo(f"gradtune: created tenant default and its admin key, written to {path} (mode 0600):")
+        typer.echo(key)
+
+
 def _stop_on_signals(server, supervisor) -> list[int]:
     """SIGTERM and SIGINT make uvicorn exit and start stopping the workers at once; the returned list
     collects the signals received. (uvicorn installs its own handlers while it serves and re-raises
@@ -154,14 +144,21 @@ def _stop_on_signals(server, supervisor) -> list[int]:
 
 
 URL = typer.Option("http://localhost:8000", "--url", envvar="GRADTUNE_URL", help="The gradtune API.")
+KEY = typer.Option(
+    None,
+    "--key",
+    envvar="GRADTUNE_API_KEY",
+    help="API key (default: GRADTUNE_API_KEY, else <GRADTUNE_DATA_DIR>/admin.key for a server on this machine).",
+    show_default=False,
+)
 
 
 @contextmanager
-def _api(url: str) -> Iterator:
+def _api(url: str, key: str | None = None) -> Iterator:
     """A client whose refused requests end the command: exit 1 with the server's message."""
     from gradtune.client import Client, GradtuneError
 
-    with Client(url) as client:
+    with Client(url, api_key=key) as client:
         try:
             yield client
         except GradtuneError as exc:
@@ -169,8 +166,7 @@ def _api(url: str) -> Iterator:
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
+    fail(str(exc))
 
 
 def _job_line(job: dict) -> str:
@@ -246,6 +242,7 @@ def submit(
         None, "--timeout", min=0, help="With --wait: give up after this many seconds (exit 1; the job goes on)."
     ),
     url: str = URL,
+    key: str | None = KEY,
 ) -> None:
     """Submit a tuning job; prints its id (and, with --wait, follows it to the end: exit 1 unless it
     succeeded, or when --timeout runs out). Says on stderr when no worker is live to run it."""
@@ -255,7 +252,7 @@ def submit(
         body = json.loads(job_file.read_text())
     except ValueError as exc:
         _fail(ValueError(f"{job_file} is not valid JSON: {exc}"))
-    with _api(url) as client:
+    with _api(url, key) as client:
         job = client.submit(body)
         typer.echo(job["id"])
         if wait:
@@ -266,9 +263,9 @@ def submit(
 
 
 @cli.command()
-def status(job_id: str, url: str = URL) -> None:
+def status(job_id: str, url: str = URL, key: str | None = KEY) -> None:
     """Status and progress of one job."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         typer.echo(_job_line(client.job(job_id)))
 
 
@@ -277,9 +274,10 @@ def jobs(
     status: str | None = typer.Option(None, help="Only jobs with this status."),
     limit: int = typer.Option(20, help="How many (1..100)."),
     url: str = URL,
+    key: str | None = KEY,
 ) -> None:
     """Jobs, newest first."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         page = client.jobs(status=status, limit=limit)
     for job in page["items"]:
         typer.echo(_job_line(job))
@@ -290,19 +288,20 @@ def settings(
     job_id: str,
     format: str = typer.Option("json", "--format", help="json, or python: the torch code that builds the optimizer."),
     url: str = URL,
+    key: str | None = KEY,
 ) -> None:
     """The learned settings of a succeeded job."""
     if format not in ("json", "python"):
         _fail(ValueError(f"--format must be json or python, not {format!r}"))
-    with _api(url) as client:
+    with _api(url, key) as client:
         s = client.settings(job_id)
     typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
 
 
 @cli.command()
-def cancel(job_id: str, url: str = URL) -> None:
+def cancel(job_id: str, url: str = URL, key: str | None = KEY) -> None:
     """Cancel a job (a running one stops within one heartbeat, between evaluations)."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         typer.echo(_job_line(client.cancel(job_id)))
 
 
@@ -314,9 +313,10 @@ cli.add_typer(datasets_cli, name="datasets")
 def datasets_upload(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .safetensors, .npz, .csv or .parquet file."),
     url: str = URL,
+    key: str | None = KEY,
 ) -> None:
     """Upload a dataset file; prints its id and the tensors or columns found."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         ds = client.upload_dataset(file)
     typer.echo(ds["id"])
     for item in ds.get("tensors") or ds.get("columns") or []:
@@ -324,13 +324,15 @@ def datasets_upload(
 
 
 @datasets_cli.command("list")
-def datasets_list(url: str = URL) -> None:
+def datasets_list(url: str = URL, key: str | None = KEY) -> None:
     """Datasets, newest first."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         page = client.datasets()
     for ds in page["items"]:
         typer.echo(f"{ds['id']}  {ds['format']:<11}  {ds['size']:>10}  {ds['filename']}")
 
+
+cli.add_typer(keys_cli, name="keys")
 
 models_cli = typer.Typer(no_args_is_help=True, help="Upload and list exported models (.pt2).")
 cli.add_typer(models_cli, name="models")
@@ -340,9 +342,10 @@ cli.add_typer(models_cli, name="models")
 def models_upload(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .pt2 archive written by torch.export.save."),
     url: str = URL,
+    key: str | None = KEY,
 ) -> None:
     """Upload an exported model; prints its id, the example shape, outputs and parameters."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         m = client.upload_model(file)
     typer.echo(m["id"])
     typer.echo(f"  input {tuple(m['input_shape'])} -> {m['output_width']} outputs: {' '.join(m['operators'])}")
@@ -351,9 +354,9 @@ def models_upload(
 
 
 @models_cli.command("list")
-def models_list(url: str = URL) -> None:
+def models_list(url: str = URL, key: str | None = KEY) -> None:
     """Uploaded models, newest first."""
-    with _api(url) as client:
+    with _api(url, key) as client:
         page = client.models()
     for m in page["items"]:
         shape = str(tuple(m["input_shape"]))

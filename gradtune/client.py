@@ -8,6 +8,7 @@ numpy are imported inside the functions that handle models and tensors (``tune``
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -116,12 +117,39 @@ class TunedSettings:
         return "\n".join(lines) + "\n"
 
 
+ADMIN_KEY_FILE = "admin.key"  # written by the first `gradtune serve` into its data directory
+
+
+def local_admin_key(url: str) -> str | None:
+    """For a server on this machine (a loopback URL): the admin key the first `gradtune serve` wrote
+    to <GRADTUNE_DATA_DIR>/admin.key (default ./data), if this user can read it."""
+    from urllib.parse import urlsplit
+
+    if (urlsplit(url).hostname or "") not in ("localhost", "127.0.0.1", "::1"):
+        return None
+    path = Path(os.environ.get("GRADTUNE_DATA_DIR") or "./data") / ADMIN_KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class Client:
+    """The gradtune API. ``api_key``: the key sent as ``Authorization: Bearer`` (every /v1 route
+    needs one); default GRADTUNE_API_KEY, else, for a server on this machine, the admin key that
+    `gradtune serve` wrote on its first start (``local_admin_key``)."""
+
     def __init__(
-        self, url: str = "http://localhost:8000", timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+        self,
+        url: str = "http://localhost:8000",
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        key = api_key or os.environ.get("GRADTUNE_API_KEY") or local_admin_key(self.url)
+        headers = {"Authorization": f"Bearer {key.strip()}"} if key else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()

@@ -35,6 +35,13 @@ def _serve(tmp_path: Path, *args: str, name: str = "serve", **extra_env: str) ->
     return proc, f"http://127.0.0.1:{port}", env
 
 
+def _admin(tmp_path: Path) -> dict[str, str]:
+    """The Authorization header of the admin key serve wrote on its first start (mode 0600)."""
+    path = tmp_path / "data" / "admin.key"
+    assert path.stat().st_mode & 0o777 == 0o600
+    return {"Authorization": f"Bearer {path.read_text().strip()}"}
+
+
 def _up(base: str, path: str = "/healthz") -> bool:
     try:
         return httpx.get(f"{base}{path}", timeout=1).status_code == 200
@@ -57,14 +64,20 @@ def test_gradtune_serve_runs_a_job_with_no_server(tmp_path):
         wait_for(lambda: _up(base), 60, "gradtune serve to answer")
         # ready once its embedded worker has registered
         wait_for(lambda: _up(base, "/readyz"), 60, "gradtune serve to be ready (a live worker)")
-        r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=3, tasks=1))
+        auth = _admin(tmp_path)
+        log = Path(proc.log_path).read_text()
+        assert "created tenant default and its admin key" in log and auth["Authorization"][7:] in log
+        assert httpx.post(f"{base}/v1/jobs", json=small_job()).status_code == 401  # no key
+        r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=3, tasks=1), headers=auth)
         assert r.status_code == 202, r.text
         url = base + r.headers["location"]
         job = wait_for(
-            lambda: (j := httpx.get(url).json())["status"] in ("succeeded", "failed") and j, 120, "the job to finish"
+            lambda: (j := httpx.get(url, headers=auth).json())["status"] in ("succeeded", "failed") and j,
+            120,
+            "the job to finish",
         )
         assert job["status"] == "succeeded", Path(proc.log_path).read_text()
-        s = httpx.get(url + "/settings").json()
+        s = httpx.get(url + "/settings", headers=auth).json()
         assert s["optimizer"] == "SGD" and s["lr"] > 0
         assert (tmp_path / "data" / "gradtune.db").exists()
         # Everything lives under the data dir; nothing is dropped into the working directory.
@@ -105,7 +118,7 @@ def _cli_against_live_server(tmp_path: Path, base: str, env: dict, done_id: str)
     r = _gradtune(env, "settings", new_id)
     assert r.returncode == 0
     body = json.loads(r.stdout)
-    assert body == httpx.get(f"{base}/v1/jobs/{new_id}/settings").json()
+    assert body == httpx.get(f"{base}/v1/jobs/{new_id}/settings", headers=_admin(tmp_path)).json()
 
     r = _gradtune(env, "settings", new_id, "--format", "python")
     assert r.returncode == 0
@@ -141,7 +154,8 @@ def _client_tune_against_live_server(tmp_path: Path, base: str, env: dict) -> No
     xt, yt = torch.tensor(x[perm[:100]], dtype=torch.float32), torch.tensor(y[perm[:100]])
     xv, yv = torch.tensor(x[perm[100:]], dtype=torch.float32), torch.tensor(y[perm[100:]])
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    with Client(base) as client:
+    key = _admin(tmp_path)["Authorization"].split()[1]
+    with Client(base, api_key=key) as client:
         s = client.tune(
             model,
             (xt, yt),
@@ -262,8 +276,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _live_workers(base: str) -> list[dict]:
-    return [w for w in httpx.get(f"{base}/v1/workers").json()["items"] if w["live"]]
+def _live_workers(base: str, auth: dict[str, str]) -> list[dict]:
+    return [w for w in httpx.get(f"{base}/v1/workers", headers=auth).json()["items"] if w["live"]]
 
 
 def test_serve_restarts_a_killed_worker_and_leaves_none_after_sigterm(tmp_path):
@@ -273,7 +287,8 @@ def test_serve_restarts_a_killed_worker_and_leaves_none_after_sigterm(tmp_path):
     pids: list[int] = []
     try:
         wait_for(lambda: _up(base, "/readyz"), 90, "serve's worker to register")
-        (first,) = _live_workers(base)
+        auth = _admin(tmp_path)
+        (first,) = _live_workers(base, auth)
         pids.append(first["pid"])
         assert first["pid"] in _children(proc.pid) and first["queues"] == ["gradtune"]
         assert os.getsid(first["pid"]) == first["pid"]  # its own session: a Ctrl-C reaches serve only
@@ -283,26 +298,26 @@ def test_serve_restarts_a_killed_worker_and_leaves_none_after_sigterm(tmp_path):
         (new_pid,) = wait_for(lambda: [p for p in _children(proc.pid) if p != first["pid"]], 30, "a new worker")
         started = time.monotonic() - killed
         pids.append(new_pid)
-        wait_for(lambda: [w["pid"] for w in _live_workers(base)] == [new_pid], 60, "only the new worker live")
+        wait_for(lambda: [w["pid"] for w in _live_workers(base, auth)] == [new_pid], 60, "only the new worker live")
         registered = time.monotonic() - killed
         log = Path(proc.log_path).read_text()
         assert f"worker 1 (pid {first['pid']}) died after" in log, log[-3000:]
         assert "killed by SIGKILL; restarting in 0.5 s" in log
         assert _up(base, "/readyz")
 
-        r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=4, tasks=2, steps=200))
+        r = httpx.post(f"{base}/v1/jobs", json=small_job(iterations=4, tasks=2, steps=200), headers=auth)
         assert r.status_code == 202, r.text
         url = base + r.headers["location"]
         seen_running: set[str | None] = set()
 
         def finished():
-            seen_running.update(w["current_job"] for w in _live_workers(base))
-            return (j := httpx.get(url).json())["status"] in ("succeeded", "failed", "cancelled") and j
+            seen_running.update(w["current_job"] for w in _live_workers(base, auth))
+            return (j := httpx.get(url, headers=auth).json())["status"] in ("succeeded", "failed", "cancelled") and j
 
         job = wait_for(finished, 180, "the job to finish", interval=0.05)
         assert job["status"] == "succeeded", Path(proc.log_path).read_text()[-3000:]
         assert job["id"] in seen_running  # /v1/workers showed the job while its chunks ran
-        wait_for(lambda: _live_workers(base)[0]["current_job"] is None, 10, "current_job cleared")
+        wait_for(lambda: _live_workers(base, auth)[0]["current_job"] is None, 10, "current_job cleared")
 
         stopping = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)  # serve alone, as systemd or docker stop would

@@ -122,19 +122,19 @@ def test_upload_model_sends_a_path_or_bytes_and_surfaces_refusals(tmp_path):
 
 def test_cli_models_upload_and_list_against_a_live_app(tmp_path, sqlite_url, make_settings, monkeypatch):
     """`gradtune models upload FILE` / `models list` through the real API (in-process transport)."""
-    from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
     import gradtune.client as client_mod
     from gradtune.cli import cli
     from service.main import create_app
+    from tests.helpers.support import keyed_client
 
     app = create_app(make_settings(tmp_path, database_url=sqlite_url))
-    with TestClient(app) as live:
+    with keyed_client(app) as live:
         real = client_mod.Client
 
         def bound(url, *a, **kw):  # the CLI's client, talking to the app in this process
-            return real(url, transport=live._transport)
+            return real(url, transport=live._transport, api_key=live.key)
 
         monkeypatch.setattr(client_mod, "Client", bound)
         path = tmp_path / "res.pt2"

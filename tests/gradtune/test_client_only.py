@@ -150,27 +150,30 @@ def test_the_blocker_blocks():
 def test_server_commands_see_installed_extras():
     from typer.testing import CliRunner
 
-    from gradtune import cli
+    from gradtune import cli, extras
 
-    assert cli._installed("torch") and not cli._installed("gradtune_no_such_module")
+    assert extras.installed("torch") and not extras.installed("gradtune_no_such_module")
     result = CliRunner().invoke(cli.cli, ["serve", "--help"])
     assert result.exit_code == 0  # --help never reaches the check
 
 
 def test_client_sources_never_import_service_or_worker():
     """gradtune/ (client, CLI, progress, torch_utils, spec) imports service/ or worker/ only inside
-    cli.py's server-side commands, which check their extras first."""
-    server_commands = {"migrate", "worker", "serve"}
+    functions that first check their extras (``require(...)``): the server-side commands of cli.py
+    and keys_cli.py."""
+    server_side = {"cli.py": {"migrate", "worker", "serve"}, "keys_cli.py": {"create", "list_", "revoke", "quota"}}
     for path in sorted((ROOT / "gradtune").rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         allowed: set[int] = set()
-        if path.name == "cli.py":
-            for fn in tree.body:
-                if isinstance(fn, ast.FunctionDef) and fn.name in server_commands:
-                    first = fn.body[1] if isinstance(fn.body[0], ast.Expr) else fn.body[0]
-                    call = ast.unparse(first)
-                    assert call.startswith("_require("), f"cli.{fn.name} must check its extras first"
+        checked = set()
+        for fn in tree.body:
+            if isinstance(fn, ast.FunctionDef):
+                body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) else fn.body  # past a docstring
+                if body and ast.unparse(body[0]).startswith("require("):
+                    checked.add(fn.name)
                     allowed.update(id(n) for n in ast.walk(fn))
+        missing = server_side.get(path.name, set()) - checked
+        assert not missing, f"{path.name}: {sorted(missing)} must check their extras first (require(...))"
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

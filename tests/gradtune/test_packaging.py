@@ -28,7 +28,7 @@ OWN = {"gradtune", "service", "worker", "migrations", "tests", "benchmarks"}
 CLIENT = {"httpx", "typer", "rich"}
 # Imported by gradtune/ but not installed with it: the user's torch and numpy (Client.tune,
 # TunedSettings.sgd, gradtune.torch_utils), and what the server-side commands import once
-# cli._require has found their extras.
+# extras.require has found their extras.
 FROM_USER_ENV = {"torch", "numpy"}
 SERVER_SIDE = {"service", "worker", "uvicorn"}
 
@@ -141,7 +141,7 @@ def closure(reqs: list[str]) -> set[str]:
 
 
 def test_readme_commands_install_what_serve_and_the_tests_need():
-    from gradtune.cli import EXTRA_MODULES
+    from gradtune.extras import EXTRA_MODULES
 
     start, ci = readme_command(None), readme_command("<!-- ci:test -->")
     assert start.endswith("gradtune serve") and installed_extras(start) >= set(EXTRA_MODULES) == {"api", "worker"}
