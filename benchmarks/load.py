@@ -243,9 +243,11 @@ async def part1(client, base: str, args, db: pathlib.Path) -> bool:
     return len(done) == args.jobs and statuses == {"succeeded": args.jobs} and not counts.errors and not problems
 
 
-async def raw_get(reader, writer, host: str, path: str) -> tuple[int, bytes]:
-    """One GET on a kept-alive HTTP/1.1 connection: the status and the body (Content-Length framed)."""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\n\r\n".encode())
+async def raw_get(reader, writer, host: str, path: str, key: str) -> tuple[int, bytes]:
+    """One GET on a kept-alive HTTP/1.1 connection: the status and the body (Content-Length framed).
+    Both servers get the API key (the bare one ignores it)."""
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json\r\nAuthorization: Bearer {key}\r\n"
+    writer.write((head + "\r\n").encode())
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -253,7 +255,7 @@ async def raw_get(reader, writer, host: str, path: str) -> tuple[int, bytes]:
     return int(lines[0].split()[1]), await reader.readexactly(length)
 
 
-async def hammer(url: str, seconds: float, clients: int, counts: Counts) -> tuple[int, list[float], float]:
+async def hammer(url: str, seconds: float, clients: int, counts: Counts, key: str) -> tuple[int, list[float], float]:
     """``clients`` kept-alive connections GET ``url`` in a loop for ``seconds``: a bare asyncio client
     (a small fraction of httpx's CPU per request), so that the servers, not the driver, set the pace."""
     lat: list[float] = []
@@ -267,7 +269,7 @@ async def hammer(url: str, seconds: float, clients: int, counts: Counts) -> tupl
             while time.perf_counter() < end:
                 t = time.perf_counter()
                 counts.requests += 1
-                status, body = await raw_get(reader, writer, f"{host}:{port}", path)
+                status, body = await raw_get(reader, writer, f"{host}:{port}", path, key)
                 if status >= 400:
                     counts.error(f"GET {url}: {status} {body[:200]!r}")
                 else:
@@ -313,7 +315,7 @@ async def part2(client, base: str, bare: str, args) -> bool:
         targets = {"service": f"{base}/v1/jobs/{job['id']}", "bare": f"{bare}/v1/jobs/{job['id']}"}
         got = {}
         for name in ("service", "bare") if r % 2 == 0 else ("bare", "service"):
-            n, lat, secs = await hammer(targets[name], args.seconds if r else 1.0, args.clients, counts)
+            n, lat, secs = await hammer(targets[name], args.seconds if r else 1.0, args.clients, counts, args.key)
             got[name] = (n / secs, p(lat, 0.5) * 1000, p(lat, 0.99) * 1000)
         if r:
             rows.append(got)
@@ -357,6 +359,9 @@ async def drive(args, base: str, bare: str, procs, db: pathlib.Path) -> bool:
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
         await wait_up(client, f"{base}/healthz", procs[0])
+        # the admin key serve wrote on its first start: every request carries it, as a client's would
+        args.key = (db.parent / "admin.key").read_text().strip()
+        client.headers["Authorization"] = f"Bearer {args.key}"
         await wait_up(client, f"{bare}/v1/jobs/x", procs[1])
         ok = True
         if args.jobs:
@@ -388,6 +393,7 @@ def main() -> int:
         "GRADTUNE_DATABASE_URL": "",
         "GRADTUNE_BROKER_URL": "",
         "GRADTUNE_TORCH_THREADS": "1",
+        "GRADTUNE_TENANT_MAX_ACTIVE_JOBS": "100000",  # 500 jobs of one tenant at once
     }
     port, bare_port = free_port(), free_port()
     cli = "import sys; from gradtune.cli import cli; sys.argv[0] = 'gradtune'; cli()"
