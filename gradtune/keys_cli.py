@@ -22,7 +22,7 @@ keys_cli = typer.Typer(no_args_is_help=True, help=__doc__)
 
 def _tenant(name: str | None) -> str | None:
     """--tenant's check, before anything reaches the database."""
-    if name is not None and not TENANT_RE.match(name):
+    if name is not None and not TENANT_RE.fullmatch(name):
         raise typer.BadParameter(f"{name!r} is not a tenant name: {TENANT_RULE}")
     return name
 

@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from gradtune.spec import DEFAULT_TENANT, TENANT_RE, TENANT_RULE
@@ -79,7 +79,7 @@ def new_key() -> tuple[str, str]:
 
 
 def check_tenant_name(name: str) -> str:
-    if not TENANT_RE.match(name or ""):
+    if not TENANT_RE.fullmatch(name or ""):
         raise BadTenant(f"tenant name {name!r} is not valid: {TENANT_RULE}")
     return name
 
@@ -139,14 +139,14 @@ def parse_bearer(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise KeyRefused("malformed", "the Authorization header must read 'Bearer <key>'")
     key = key.strip()
-    if not KEY_RE.match(key):
+    if not KEY_RE.fullmatch(key):
         raise KeyRefused("malformed", "the API key is malformed: gradtune keys read gt_<16 hex digits>_<43 characters>")
     return key
 
 
 def check_key(session: Session, key: str) -> tuple[Principal, ApiKey]:
     """Who ``key`` (a well-formed key) is, or ``KeyRefused`` (unknown, revoked)."""
-    match = KEY_RE.match(key)
+    match = KEY_RE.fullmatch(key)
     if match is None:
         raise KeyRefused("malformed", "the API key is malformed")
     row = session.get(ApiKey, match.group(1))
@@ -159,17 +159,27 @@ def check_key(session: Session, key: str) -> tuple[Principal, ApiKey]:
     return Principal(key_id=row.id, tenant=row.tenant, admin=bool(row.admin)), row
 
 
-def touch(session: Session, row: ApiKey) -> bool:
-    """Set ``last_used_at`` if it is older than a minute (the caller commits); whether it wrote."""
-    now = database_now(session)
+def last_use_is_stale(session: Session, row: ApiKey) -> bool:
+    """Whether the key's ``last_used_at`` is unset or older than a minute (by the database's clock)."""
     last = row.last_used_at
-    if last is not None and last.tzinfo is None:
+    if last is None:
+        return True
+    now = database_now(session)
+    if last.tzinfo is None:
         last = last.replace(tzinfo=now.tzinfo)
-    if last is not None and now - last < LAST_USED_EVERY:
-        return False
-    row.last_used_at = now
-    session.flush()
-    return True
+    return now - last >= LAST_USED_EVERY
+
+
+def record_use(session: Session, *, key_id: str) -> None:
+    """Set the key's ``last_used_at`` to now unless another request did within the minute (the
+    caller commits)."""
+    now = database_now(session)
+    session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id)
+        .where(or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < now - LAST_USED_EVERY))
+        .values(last_used_at=now)
+    )
 
 
 def set_quotas(session: Session, *, tenant: str, **quotas: Any) -> Tenant:

@@ -16,7 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, select
+from sqlalchemy import Connection, Row, bindparam, func, literal, select, text
 from sqlalchemy.orm import InstrumentedAttribute, Session, defer
 
 from gradtune.spec import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus
@@ -115,10 +115,25 @@ def create_job(
     return job
 
 
-def active_jobs(session: Session, *, tenant: str) -> int:
-    """The tenant's queued and running jobs, counted under its tenant row's lock (PostgreSQL; SQLite's
-    write transaction already excludes other writers), so two submits cannot both pass a quota."""
+def lock_tenant(session: Session, *, tenant: str) -> None:
+    """Take the tenant row's lock until the transaction ends (PostgreSQL; SQLite's write transaction
+    already excludes other writers): quota checks that count and then insert cannot both pass."""
     session.execute(select(Tenant.name).where(Tenant.name == tenant).with_for_update())
+
+
+def lock_object(session: Session, *, sha256: str) -> None:
+    """Serialize, per stored object, an upload that records a row of it with a delete that removes
+    it once no row holds it: a PostgreSQL advisory lock until the transaction ends; on SQLite the
+    write transaction's lock (BEGIN IMMEDIATE, taken by this first statement)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"gradtune-object:{sha256}"})
+    else:
+        session.execute(select(literal(1)))
+
+
+def active_jobs(session: Session, *, tenant: str) -> int:
+    """The tenant's queued and running jobs, counted under its tenant row's lock (``lock_tenant``)."""
+    lock_tenant(session, tenant=tenant)
     query = select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status.in_(ACTIVE_STATUSES))
     return session.scalar(query) or 0
 

@@ -50,8 +50,11 @@ def check_key(key: str) -> str:
 class ArtifactStore(Protocol):
     url: str
 
-    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
-        """Store the file at ``local_path`` under ``key`` (the caller keeps its file)."""
+    def put_file(self, key: str, local_path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Store the file at ``local_path`` under ``key`` (the caller keeps its file). An object
+        already there is kept unless ``overwrite`` (the same key holds the same bytes: overwriting
+        costs the same time whether or not it was there, which uploads use so that their timing
+        says nothing about other tenants' files)."""
 
     def get_file(self, key: str, local_path: str | os.PathLike) -> None:
         """Copy the object to ``local_path`` (written atomically); ``ObjectMissing`` if absent."""
@@ -89,9 +92,9 @@ class LocalStore:
         key = check_key(key)
         return self.root / key[:2] / key
 
-    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
+    def put_file(self, key: str, local_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         dest = self._path(key)
-        if dest.is_file():
+        if dest.is_file() and not overwrite:
             return  # content-addressed: the same key holds the same bytes
         try:
             _atomic_copy(local_path, dest)
@@ -152,9 +155,9 @@ class S3Store:
     def _fail(self, what: str, key: str, exc: Exception) -> StoreError:
         return StoreError(f"{what} {self.url}/{key} failed: {type(exc).__name__}: {exc}")
 
-    def put_file(self, key: str, local_path: str | os.PathLike) -> None:
+    def put_file(self, key: str, local_path: str | os.PathLike, *, overwrite: bool = False) -> None:
         name = self._key(key)
-        if self.exists(key):
+        if not overwrite and self.exists(key):
             return
         try:
             # One PUT (or a multipart upload) becomes visible only once complete: atomic.

@@ -45,7 +45,8 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
     "diabetes": {"n": 442, "features": 10, "classes": None, "task": "regression"},
 }
 
-# A tenant's name (service/keys.py stores it; `gradtune keys` checks it before reaching the database).
+# A tenant's name (service/keys.py stores it; `gradtune keys` checks it before reaching the database;
+# the API's ?tenant= too). Match with fullmatch: "$" alone would let a final newline through.
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 TENANT_RULE = "1-64 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 DEFAULT_TENANT = "default"  # migration 0007 gave every earlier row to it; `gradtune serve` makes its admin key

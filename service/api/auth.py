@@ -21,7 +21,9 @@ from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from gradtune.spec import TENANT_RE
 from service import keys
+from service.api.deps import read_sessionmaker_of
 from service.keys import KeyRefused, Principal
 
 logger = logging.getLogger("service.api.auth")
@@ -43,16 +45,19 @@ def _refuse(exc: KeyRefused) -> HTTPException:
 
 
 def _lookup(app: Any, key: str) -> Principal:
-    """Check the key in the database; refresh its last use (at most once a minute)."""
-    with app.state.sessionmaker() as session:
+    """Check the key with a read session (on SQLite it takes no lock, so a flood of wrong keys cannot
+    hold up the workers' commits); refresh its last use, at most once a minute, in a write of its own."""
+    with read_sessionmaker_of(app.state)() as session:
         principal, row = keys.check_key(session, key)
+        stale = keys.last_use_is_stale(session, row)
+    if stale:
         try:
-            if keys.touch(session, row):
+            with app.state.sessionmaker() as session:
+                keys.record_use(session, key_id=row.id)
                 session.commit()
         except Exception as exc:  # a busy database delays the record, never the request
-            session.rollback()
             logger.warning("could not record the last use of key %s (%s)", row.id, type(exc).__name__)
-        return principal
+    return principal
 
 
 async def authenticate(
@@ -102,6 +107,7 @@ TenantQuery = Annotated[
     str | None,
     Query(
         max_length=64,
+        pattern=TENANT_RE.pattern,
         description="An admin key lists every tenant's rows, or this tenant's; other keys list their own only.",
     ),
 ]

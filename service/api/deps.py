@@ -32,7 +32,7 @@ def get_db(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def _read_factory(state: Any) -> sessionmaker[Session]:
+def read_sessionmaker_of(state: Any) -> sessionmaker[Session]:
     """``state.sessionmaker``'s read twin (``service.db.session.read_sessionmaker``), made once."""
     factory = getattr(state, "read_sessionmaker", None)
     if factory is None or getattr(state, "read_sessionmaker_of", None) is not state.sessionmaker:
@@ -45,13 +45,13 @@ async def get_reader(request: Request) -> Engine:
     """The read engine (see ``get_read_db``) for a hot handler that opens its own connection: as an
     async dependency it costs no thread-pool hop, so a sync handler runs in one hop like a bare one,
     and a Core connection skips the ORM session's bookkeeping."""
-    return _read_factory(request.app.state).kw["bind"]
+    return read_sessionmaker_of(request.app.state).kw["bind"]
 
 
 def get_read_db(request: Request) -> Iterator[Session]:
     """A session for handlers that only read: on SQLite it begins deferred, so it takes no write
     lock and neither waits for a worker's commit nor delays one (WAL readers see the last commit)."""
-    session: Session = _read_factory(request.app.state)()
+    session: Session = read_sessionmaker_of(request.app.state)()
     try:
         yield session
     finally:

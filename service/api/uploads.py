@@ -307,11 +307,27 @@ def _check_storage(session: Session, tenant: str, size: int, settings: Settings)
         )
 
 
+def remove_unused_object(session: Session, store: ArtifactStore, sha256: str, logger: logging.Logger) -> None:
+    """Remove the stored object unless a row of any tenant holds it, under the object's lock
+    (repository.lock_object), so that an upload recording a row of it cannot slip in between."""
+    try:
+        repository.lock_object(session, sha256=sha256)
+        if not repository.object_in_use(session, sha256=sha256):
+            store.delete(sha256)
+        session.commit()
+    except StoreError as exc:  # an orphaned object only costs space
+        session.rollback()
+        logger.warning("could not remove the unused object %s: %s", sha256, exc)
+
+
 def _store(request: Request, upload: Receiver, kind: UploadKind, tenant: str) -> tuple[Any, bool]:
     """Check, store and record the uploaded file for ``tenant``; (the public row, whether it is new).
-    The same bytes as another tenant's file make a row of this tenant's (sharing the stored object)."""
+    The same bytes as another tenant's file make a row of this tenant's (sharing the stored object);
+    the object is written again all the same, so that the answer takes as long as for new bytes and
+    says nothing about what other tenants hold."""
     app = request.app
     store = app.state.store
+    settings = app.state.settings
     sha256 = upload.sha.hexdigest()
     assert upload.path is not None and upload.filename and upload.format
     with app.state.sessionmaker() as session:
@@ -319,11 +335,19 @@ def _store(request: Request, upload: Receiver, kind: UploadKind, tenant: str) ->
         if existing is not None and kind.reuse(existing, upload):
             store.put_file(sha256, upload.path)  # no-op when present; heals a lost object
             return kind.to_public(existing), False
-        _check_storage(session, tenant, upload.size, app.state.settings)
-    facts = kind.check(upload, app.state.settings)
-    store.put_file(sha256, upload.path)
+        _check_storage(session, tenant, upload.size, settings)
+    facts = kind.check(upload, settings)
+    store.put_file(sha256, upload.path, overwrite=True)
     with app.state.sessionmaker() as session:
         try:
+            # Under the object's lock, a delete of another row of these bytes cannot remove the object
+            # between this check and the commit; under the tenant's, another upload cannot pass the
+            # storage quota at the same time.
+            repository.lock_object(session, sha256=sha256)
+            repository.lock_tenant(session, tenant=tenant)
+            _check_storage(session, tenant, upload.size, settings)
+            if not store.exists(sha256):  # removed meanwhile, with the last other row of these bytes
+                store.put_file(sha256, upload.path)
             row = kind.create(session, upload, sha256, facts, tenant)
             session.commit()
             return kind.to_public(row), True
@@ -335,11 +359,7 @@ def _store(request: Request, upload: Receiver, kind: UploadKind, tenant: str) ->
             return kind.to_public(existing), False
         except BaseException:
             session.rollback()
-            if not repository.object_in_use(session, sha256=sha256):
-                try:
-                    store.delete(sha256)
-                except StoreError:
-                    kind.logger.warning("could not remove object %s after a failed upload", sha256)
+            remove_unused_object(session, store, sha256, kind.logger)
             raise
 
 
@@ -371,6 +391,12 @@ async def upload(request: Request, response: Response, kind: UploadKind, princip
     tenant = principal.tenant
     limit = await run_in_threadpool(_upload_quota, request.app, tenant)
     in_progress = _tenant_uploads(request.app)
+    if limit == 0:  # waiting would not help
+        raise HTTPException(
+            status_code=403,
+            detail=f"tenant {tenant!r} may not upload: its quota of uploads in progress is 0 (gradtune keys quota)",
+            headers={"Connection": "close"},
+        )
     if in_progress.get(tenant, 0) >= limit:
         raise retry_later(
             f"tenant {tenant!r} has {in_progress.get(tenant, 0)} uploads in progress, its limit is {limit} "
@@ -444,11 +470,7 @@ def delete(session: Session, store: ArtifactStore, kind: UploadKind, row_id: str
     sha256 = row.sha256
     session.commit()
     # After the commit; unless a row of any tenant holds the same bytes (as a dataset or a model).
-    if not repository.object_in_use(session, sha256=sha256):
-        try:
-            store.delete(sha256)
-        except StoreError as exc:  # the row is gone; an orphaned object only costs space
-            kind.logger.warning("%s %s deleted but its object was not: %s", kind.noun, row_id, exc)
+    remove_unused_object(session, store, sha256, kind.logger)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -503,13 +525,22 @@ def upload_responses(kind: UploadKind, public: type, bad_file: dict[str, Any]) -
             "headers": {"Location": {"description": f"{kind.location}/<id>", "schema": {"type": "string"}}},
         },
         400: {"model": Message, "description": "The multipart body is malformed or incomplete."},
-        413: {"model": Message, "description": "The file is larger than GRADTUNE_MAX_UPLOAD_BYTES."},
+        403: {"model": Message, "description": "The tenant's quota of uploads in progress is 0."},
+        413: {
+            "model": Message,
+            "description": "The file is larger than GRADTUNE_MAX_UPLOAD_BYTES, or would pass the tenant's "
+            "quota of stored bytes.",
+        },
         415: {"model": Message, "description": "The body is not multipart/form-data."},
         422: bad_file,
         503: {
             "model": Message,
             "description": "The artifact store is unavailable, or GRADTUNE_MAX_CONCURRENT_UPLOADS uploads are "
             "in progress (`Retry-After` says when to try again).",
+        },
+        429: {
+            "model": Message,
+            "description": "The tenant has its quota of uploads in progress (`Retry-After`).",
         },
     }
 

@@ -107,14 +107,23 @@ def test_stored_bytes_quota_answers_413(tmp_path, db_url, make_settings):
 
 
 def test_concurrent_uploads_quota_answers_429(app):
+    """One upload of alpha's held open (in this process's count, as while its body streams): the next
+    gets 429; another tenant's does not; a quota of 0 is 403 (waiting would not help)."""
     with app.state.sessionmaker() as s:
-        keys.set_quotas(s, tenant="alpha", max_concurrent_uploads=0)
+        keys.set_quotas(s, tenant="alpha", max_concurrent_uploads=1)
+        keys.set_quotas(s, tenant="gamma", max_concurrent_uploads=0)
         s.commit()
-    with keyed_client(app, "alpha") as a, keyed_client(app, "beta") as b:
+    with keyed_client(app, "alpha") as a, keyed_client(app, "beta") as b, keyed_client(app, "gamma") as g:
+        app.state.tenant_uploads = {"alpha": 1}
         r = a.post("/v1/datasets", files={"file": ("d.csv", CSV)})
         assert r.status_code == 429 and r.headers["retry-after"] == "5"
-        assert "tenant 'alpha' has 0 uploads in progress, its limit is 0" in r.json()["detail"]
+        assert "tenant 'alpha' has 1 uploads in progress, its limit is 1" in r.json()["detail"]
         assert b.post("/v1/datasets", files={"file": ("d.csv", CSV)}).status_code == 201
+        app.state.tenant_uploads = {}
+        assert a.post("/v1/datasets", files={"file": ("d.csv", CSV)}).status_code == 201
+        assert app.state.tenant_uploads == {}  # released after each upload
+        zero = g.post("/v1/datasets", files={"file": ("d.csv", CSV)})
+        assert zero.status_code == 403 and "quota of uploads in progress is 0" in zero.json()["detail"]
 
 
 def test_the_worker_refuses_another_tenants_dataset(app):
@@ -165,3 +174,104 @@ def test_no_cors_unless_configured(tmp_path, sqlite_url, make_settings):
         ok = c.options("/v1/jobs", headers={**preflight, "Origin": "https://ui.example"})
         assert ok.headers["access-control-allow-origin"] == "https://ui.example"
         assert "access-control-allow-origin" not in c.options("/v1/jobs", headers=preflight).headers
+
+
+# ---------------------------------------------------------------- races and side channels
+
+
+def test_an_upload_restores_the_object_a_concurrent_delete_removed(app, monkeypatch):
+    """beta uploads bytes alpha holds while alpha deletes its dataset: whichever order the two take,
+    beta's dataset ends with its object (the upload checks again under the object's lock)."""
+    from service import repository
+
+    store = app.state.store
+    with keyed_client(app, "alpha") as a, keyed_client(app, "beta") as b:
+        first = a.post("/v1/datasets", files={"file": ("d.csv", CSV)}).json()
+        real_lock = repository.lock_object
+
+        def delete_wins(session, *, sha256):  # alpha's delete committed and removed the object just now
+            with app.state.sessionmaker() as other:
+                repository.delete_dataset(other, dataset_id=first["id"])
+                other.commit()
+            store.delete(sha256)
+            monkeypatch.setattr(repository, "lock_object", real_lock)
+            real_lock(session, sha256=sha256)
+
+        monkeypatch.setattr(repository, "lock_object", delete_wins)
+        theirs = b.post("/v1/datasets", files={"file": ("d.csv", CSV)})
+        assert theirs.status_code == 201, theirs.text
+        assert store.exists(first["sha256"])
+        assert a.get(f"/v1/datasets/{first['id']}").status_code == 404
+
+
+def test_a_new_row_writes_the_object_even_when_another_tenant_holds_it(app, monkeypatch):
+    """The first upload of bytes by a tenant costs a full write whether or not someone else holds
+    them, so its answer time says nothing about other tenants' files."""
+    store = app.state.store
+    calls: list[bool] = []
+    real_put = store.put_file
+    monkeypatch.setattr(
+        store,
+        "put_file",
+        lambda key, path, overwrite=False: (calls.append(overwrite), real_put(key, path, overwrite=overwrite)),
+    )
+    with keyed_client(app, "alpha") as a, keyed_client(app, "beta") as b:
+        assert a.post("/v1/datasets", files={"file": ("d.csv", CSV)}).status_code == 201
+        assert calls == [True]
+        assert b.post("/v1/datasets", files={"file": ("d.csv", CSV)}).status_code == 201
+        assert calls == [True, True]
+
+
+def test_two_submits_at_once_cannot_both_pass_the_active_jobs_quota(app):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with app.state.sessionmaker() as s:
+        keys.set_quotas(s, tenant="alpha", max_active_jobs=1)
+        s.commit()
+    key = api_key(app, "alpha")
+    with TestClient(app, headers=bearer(key)) as c, ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            codes = sorted(
+                f.result().status_code for f in [pool.submit(c.post, "/v1/jobs", json=job_body()) for _ in range(4)]
+            )
+            assert codes == [202, 429, 429, 429], codes
+            job = c.get("/v1/jobs", params={"status": "queued"}).json()["items"][0]["id"]
+            assert c.post(f"/v1/jobs/{job}/cancel").status_code == 202
+
+
+def test_a_flood_of_unknown_keys_does_not_take_sqlites_write_lock(tmp_path, sqlite_url, make_settings):
+    import sqlite3
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(make_settings(tmp_path, database_url=sqlite_url))
+    writer = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None, timeout=30)
+    with TestClient(app) as c, ThreadPoolExecutor(max_workers=2) as pool:
+        writer.execute("BEGIN IMMEDIATE")  # a worker's commit in progress
+        try:
+            t0 = time.monotonic()
+            for _ in range(5):
+                r = pool.submit(c.get, "/v1/jobs", headers=bearer(keys.new_key()[1])).result(timeout=5)
+                assert r.status_code == 401
+            assert time.monotonic() - t0 < 5
+        finally:
+            writer.execute("COMMIT")
+            writer.close()
+
+
+def test_tenant_names_from_the_query_are_checked(app):
+    with keyed_client(app, "ops", admin=True) as ops:
+        for bad in ("\x00", "alpha\n", "A", "x" * 65):
+            r = ops.get("/v1/jobs", params={"tenant": bad})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "tenant"], (bad, r.text)
+    with pytest.raises(keys.BadTenant):
+        keys.check_tenant_name("alpha\n")
+
+
+def test_a_quota_of_zero_active_jobs_is_403(app):
+    with app.state.sessionmaker() as s:
+        keys.set_quotas(s, tenant="alpha", max_active_jobs=0)
+        s.commit()
+    with keyed_client(app, "alpha") as a:
+        r = a.post("/v1/jobs", json=job_body())
+    assert r.status_code == 403 and "quota of active jobs is 0" in r.json()["detail"]

@@ -121,6 +121,11 @@ ACTIVE_RETRY_AFTER = 30  # seconds a tenant at its active-jobs quota is asked to
 def _check_active_quota(session: Session, tenant: str, settings: Settings) -> None:
     """429 when the tenant already has its quota of queued and running jobs."""
     limit = keys.quotas_of(session, tenant=tenant, settings=settings)["max_active_jobs"]
+    if limit == 0:  # waiting would not help
+        raise HTTPException(
+            status_code=403,
+            detail=f"tenant {tenant!r} may not submit jobs: its quota of active jobs is 0 (gradtune keys quota)",
+        )
     active = repository.active_jobs(session, tenant=tenant)
     if active >= limit:
         raise retry_later(
@@ -156,6 +161,7 @@ def _not_enqueued(session: Session, job_id: str) -> None:
         413: {"model": Message, "description": "The body is larger than the configured limit."},
         415: {"model": Message, "description": "The body is not sent as application/json."},
         422: _INVALID,
+        403: {"model": Message, "description": "The tenant's quota of active jobs is 0."},
         429: {"model": Message, "description": "The tenant has its quota of active jobs (`Retry-After`)."},
     },
 )
