@@ -18,11 +18,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from sqlalchemy.orm import sessionmaker
 
+from service.api.auth import KeyMiddleware
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
 from service.api.router import api_router
 from service.api.routes.datasets import UPLOAD_PATH
 from service.api.routes.models import UPLOAD_PATH as MODEL_UPLOAD_PATH
+from service.api.status_cache import StatusCache
 from service.db.session import make_engine
 from service.queue import Producer
 from service.settings import Settings, get_settings
@@ -83,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.producer = Producer(settings)
     app.state.store = settings.artifact_store()  # connects on first use only
     app.state.key_cache = {}  # service/api/auth.py: checked keys, per process
+    app.state.status_cache = StatusCache(settings.status_cache_seconds)  # GET /v1/jobs/{id}
     install_error_handlers(app)
     # Dataset uploads stream past the body limit: their route enforces GRADTUNE_MAX_UPLOAD_BYTES.
     app.add_middleware(
@@ -90,6 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         passthrough=(("POST", UPLOAD_PATH), ("POST", MODEL_UPLOAD_PATH)),
     )
+    # A /v1 request without a valid key gets 401 before its body is read (service/api/auth.py).
+    app.add_middleware(KeyMiddleware)
+    # Outside the key check: a browser's preflight carries no key. No CORS unless configured.
     if settings.cors_origins:  # no CORS unless configured: a web page cannot read the API's answers
         app.add_middleware(
             CORSMiddleware,

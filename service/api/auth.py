@@ -20,6 +20,8 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gradtune.spec import TENANT_RE
 from service import keys
@@ -60,14 +62,10 @@ def _lookup(app: Any, key: str) -> Principal:
     return principal
 
 
-async def authenticate(
-    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Principal:
-    try:
-        key = keys.parse_bearer(request.headers.get("authorization"))
-    except KeyRefused as exc:
-        raise _refuse(exc) from None
-    state = request.app.state
+async def check_request(app: Any, authorization: str | None) -> Principal:
+    """Who the ``Authorization`` header is (from the cache, else the database), or ``KeyRefused``."""
+    key = keys.parse_bearer(authorization)
+    state = app.state
     ttl = state.settings.key_cache_seconds
     cache: dict[str, tuple[Principal, float]] = state.key_cache  # set by create_app
     digest = keys.hash_key(key)
@@ -76,15 +74,55 @@ async def authenticate(
     if hit is not None and hit[1] > now:
         return hit[0]
     try:
-        principal = await run_in_threadpool(_lookup, request.app, key)
-    except KeyRefused as exc:
+        principal = await run_in_threadpool(_lookup, app, key)
+    except KeyRefused:
         cache.pop(digest, None)
-        raise _refuse(exc) from None
+        raise
     if ttl > 0:
         if len(cache) >= CACHE_SIZE:
             cache.clear()
         cache[digest] = (principal, now + ttl)
     return principal
+
+
+class KeyMiddleware:
+    """Checks the key of every /v1 request before anything else runs, the body's parsing included
+    (a request without a valid key cannot make the server read a 32 MiB JSON body), answering 401 at
+    once; the principal goes to ``request.state.principal`` for ``authenticate``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == "/v1" or path.startswith("/v1/"):
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(b"authorization")
+            try:
+                principal = await check_request(scope["app"], raw.decode("latin-1") if raw is not None else None)
+            except KeyRefused as exc:
+                refused = _refuse(exc)
+                response = JSONResponse({"detail": refused.detail}, 401, headers=refused.headers)
+                await response(scope, receive, send)
+                return
+            except Exception:  # e.g. the database is down: the route's dependency checks again, where
+                pass  # the app's error handlers answer (503 naming the database, no traceback)
+            else:
+                scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+async def authenticate(
+    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    """The request's principal: checked by ``KeyMiddleware`` already (an app without it: here)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        return principal
+    try:
+        return await check_request(request.app, request.headers.get("authorization"))
+    except KeyRefused as exc:
+        raise _refuse(exc) from None
 
 
 PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -166,3 +166,21 @@ def test_the_openapi_description_declares_the_bearer_scheme_on_every_v1_route(tm
             secured = op.get("security") == [{"apiKey": []}]
             assert secured == path.startswith("/v1"), (method, path, op.get("security"))
             assert ("401" in op["responses"]) == path.startswith("/v1"), (method, path)
+
+
+def test_no_key_is_refused_before_the_body_is_read(tmp_path, make_settings, sqlite_url):
+    """Without a valid key a /v1 request is answered 401 before its body is parsed: broken JSON or
+    a body past the size limit still gets 401, not 400 or 413."""
+    app = create_app(make_settings(tmp_path, database_url=sqlite_url, max_body_bytes=1024))
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer " + keys.new_key()[1]}):
+            broken = c.post("/v1/jobs", content=b"{not json", headers={**headers, "Content-Type": "application/json"})
+            big = c.post(
+                "/v1/jobs", content=b"[" + b"0," * 4096 + b"0]", headers={**headers, "Content-Type": "application/json"}
+            )
+            assert broken.status_code == big.status_code == 401, (broken.text, big.text)
+        own = bearer(api_key(app))
+        assert (
+            c.post("/v1/jobs", content=b"{not json", headers={**own, "Content-Type": "application/json"}).status_code
+            == 400
+        )

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service import keys, lifecycle, repository
 from service.api.auth import PrincipalDep, TenantQuery, listing_scope
 from service.api.deps import MAX_OFFSET, ProducerDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep, require_json
 from service.api.errors import Message, ValidationErrorBody, retry_later
+from service.api.status_cache import CachedStatus, StatusCache
 from service.schemas import (
     HistoryPublic,
     IterationPublic,
@@ -232,15 +235,25 @@ def list_jobs(
     summary="A job's status and progress",
     responses={404: _NOT_FOUND},
 )
-def get_job(job_id: JobId, reader: ReaderDep, principal: PrincipalDep) -> Response:
-    # The hot path of every client's polling: a read connection (no write lock on SQLite), the
-    # public columns only, opened here so that the request takes one thread-pool hop, and the
-    # JobPublic serialized once (returned as a model, FastAPI would validate it a second time).
-    with reader.connect() as conn:
-        job = repository.get_job_status(conn, job_id=job_id, tenant=principal.scope())
-    if job is None:
+async def get_job(job_id: JobId, reader: ReaderDep, principal: PrincipalDep, request: Request) -> Response:
+    # The hot path of every client's polling: answered from the status cache (service/api/
+    # status_cache.py) when this job was read within GRADTUNE_STATUS_CACHE_SECONDS, with no
+    # thread-pool hop; else one hop reads the public columns through a read connection (no write lock
+    # on SQLite) and serializes the JobPublic once (returned as a model, FastAPI would validate it again).
+    cache: StatusCache = request.app.state.status_cache
+    status = await cache.fetch(job_id, lambda: run_in_threadpool(_read_status, reader, cache, job_id))
+    scope = principal.scope()
+    if status is None or (scope is not None and status.tenant != scope):
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
-    return Response(repository.to_public(job).model_dump_json(), media_type="application/json")
+    return Response(status.body, media_type="application/json")
+
+
+def _read_status(reader: Engine, cache: StatusCache, job_id: str) -> CachedStatus | None:
+    with reader.connect() as conn:
+        job = repository.get_job_status(conn, job_id=job_id)
+    if job is None:
+        return None
+    return cache.put(job_id, job.tenant, repository.to_public(job).model_dump_json().encode())
 
 
 @router.get(
@@ -320,7 +333,7 @@ def get_job_settings(job_id: JobId, session: ReadSessionDep, principal: Principa
         409: {"model": Message, "description": "The job has already finished."},
     },
 )
-def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep, request: Request) -> JobPublic:
     """A queued job reads `cancelled` at once. A running one shows `cancel_requested: true` at once;
     its worker notices within one heartbeat, stops between two evaluations, keeps the iterations it
     finished, and the job ends `cancelled` (never `succeeded`, even when the cancel comes during its
@@ -332,4 +345,5 @@ def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep) -> J
     except repository.Conflict as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     session.commit()
+    request.app.state.status_cache.drop(job_id)  # cancel_requested shows at once
     return repository.to_public(job)
