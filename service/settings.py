@@ -88,9 +88,10 @@ class Settings(BaseSettings):
     # Keys and tenants (service/keys.py). A key is looked up in the database at most once per
     # key_cache_seconds per API process: a revoked key stops working within that time.
     key_cache_seconds: float = Field(default=2.0, ge=0)
-    # GET /v1/jobs/{id} answers from a per-process cache at most this old (0: off); this process's
-    # cancel drops the job's entry at once (service/api/status_cache.py).
-    status_cache_seconds: float = Field(default=0.1, ge=0)
+    # GET /v1/jobs/{id}: polls of one job that arrive while its status is being read share that
+    # read; with this > 0 an answer is also kept that long per process (a cancel through the same
+    # process drops it at once). service/api/status_cache.py; docs/benchmarks.md "Load".
+    status_cache_seconds: float = Field(default=0.0, ge=0)
     # Per-tenant quotas (defaults; ``gradtune keys quota`` overrides them per tenant).
     tenant_max_active_jobs: int = Field(default=100, ge=0)  # queued + running; one more: 429
     tenant_max_stored_bytes: int = Field(default=20 * 1024**3, ge=0)  # datasets + models; past it: 413

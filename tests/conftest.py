@@ -41,11 +41,8 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _testclient_host(monkeypatch):
     """Apps built from the environment (Settings()) answer starlette's TestClient, which sends
-    ``Host: testserver``, as well as the loopback names (service.settings.allowed_hosts), and read
-    every status from the database (no status cache: tests poll right after the worker wrote;
-    tests/service/test_status_cache.py covers the cache)."""
+    ``Host: testserver``, as well as the loopback names (service.settings.allowed_hosts)."""
     monkeypatch.setenv("GRADTUNE_ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
-    monkeypatch.setenv("GRADTUNE_STATUS_CACHE_SECONDS", "0")
 
 
 def unavailable(what: str) -> None:

@@ -1,12 +1,12 @@
 """Job status bodies, kept for a fraction of a second per API process (GET /v1/jobs/{id}).
 
 Polling is the API's hottest path: many clients ask for the same running job many times a second.
-Each answer is kept for ``GRADTUNE_STATUS_CACHE_SECONDS`` (0.1 s; 0 turns it off), so a burst of
-polls costs one database read, and a poll answered from it takes no thread-pool hop. A status is at
-most that old; this process's own writes to a job (cancel) drop its entry at once. The entry carries
-the job's tenant, checked on every hit exactly as the database query would. Requests that miss at
-the same time share one read (``fetch``): when an entry expires under 50 polling clients, one
-database read refreshes it instead of 50 in the thread pool at once.
+Requests for one job that arrive while its status is being read share that read (``fetch``): 50
+polling clients cost one database read at a time instead of 50 in the thread pool, and the waiting
+ones take no thread-pool hop. An answer is then at most one read's duration older than the request
+(milliseconds). With ``GRADTUNE_STATUS_CACHE_SECONDS`` above 0 (default 0) each answer is also kept
+that long; this process's own writes to a job (cancel) drop its entry at once. The entry carries the
+job's tenant, checked on every hit exactly as the database query would.
 """
 
 from __future__ import annotations

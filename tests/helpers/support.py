@@ -38,7 +38,6 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values["data_dir"] = Path(tmp_path) / "data"
     values["ready_needs_worker"] = False
     values["allowed_hosts"] = ["testserver", *LOOPBACK_NAMES]  # TestClient sends Host: testserver
-    values["status_cache_seconds"] = 0.0  # every status from the database (test_status_cache.py: the cache)
     values.update(overrides)
     # Explicit keyword arguments win over the environment in pydantic-settings.
     return Settings(**values)
