@@ -257,6 +257,23 @@ def request_cancel(session: Session, *, job_id: str, tenant: str | None = None) 
     return job
 
 
+def history_after(conn: Session | Connection, *, job_id: str, after: int) -> list[Any]:
+    """The job's iterations after ``after`` in order, as rows (for the events stream)."""
+    query = (
+        select(
+            JobIteration.iteration,
+            JobIteration.meta_loss,
+            JobIteration.lr,
+            JobIteration.momentum,
+            JobIteration.accepted,
+            JobIteration.step_size,
+        )
+        .where(JobIteration.job_id == job_id, JobIteration.iteration > after)
+        .order_by(JobIteration.iteration)
+    )
+    return list(conn.execute(query).all())
+
+
 def list_history(session: Session, *, job_id: str) -> list[JobIteration]:
     """The job's meta-iterations in order (empty for an unknown job: check with get_job)."""
     return list(

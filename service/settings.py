@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # read; with this > 0 an answer is also kept that long per process (a cancel through the same
     # process drops it at once). service/api/status_cache.py; docs/benchmarks.md "Load".
     status_cache_seconds: float = Field(default=0.0, ge=0)
+    # How often an open GET /v1/jobs/{id}/events stream reads its job for new iterations.
+    events_poll_seconds: float = Field(default=0.5, gt=0)
     # Per-tenant quotas (defaults; ``gradtune keys quota`` overrides them per tenant).
     tenant_max_active_jobs: int = Field(default=100, ge=0)  # queued + running; one more: 429
     tenant_max_stored_bytes: int = Field(default=20 * 1024**3, ge=0)  # datasets + models; past it: 413

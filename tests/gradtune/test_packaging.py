@@ -45,6 +45,7 @@ API = {
     "numpy",
     "pyarrow",
     "boto3",
+    "sse-starlette",
 }
 WORKER = {
     "celery",

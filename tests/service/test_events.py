@@ -1,0 +1,116 @@
+"""GET /v1/jobs/{id}/events (Server-Sent Events), on SQLite and PostgreSQL: every committed iteration
+once, in order, a status event per change, the stream ending with a finished job's status; resumable
+with Last-Event-ID; another tenant's job answers 404; live: events arrive while the chunks run."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from service.main import create_app
+from tests.helpers.support import keyed_client
+from tests.service.conftest import job_body
+
+
+def parse(lines) -> list[dict]:
+    """SSE lines -> [{"event", "id", "data"}] (comments and pings dropped)."""
+    events, current = [], {}
+    for line in lines:
+        if line == "":
+            if "data" in current:
+                events.append(current)
+            current = {}
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            current[field] = value[1:] if value.startswith(" ") else value
+    return events
+
+
+def stream(client, job_id: str, **headers) -> list[dict]:
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return parse(r.iter_lines())
+
+
+@pytest.fixture
+def env(runner_env):
+    app, client = runner_env.start(chunk_iterations=2, events_poll_seconds=0.05)
+    return app, client, runner_env.sent
+
+
+def run_all(sent, job_id: str) -> None:
+    """Run the job's chunks as a worker would: the first (the API's message went to the broker),
+    then each one the runner enqueues."""
+    from worker import runner
+
+    sent.append((job_id, 0))
+    while sent:
+        job_id, it = sent.pop(0)
+        runner.run_chunk(job_id, it, owner="t")
+
+
+def test_a_finished_job_streams_every_iteration_then_its_status_and_ends(env):
+    app, client, sent = env
+    job_id = client.post("/v1/jobs", json=job_body(meta={"iterations": 5, "seed": 0})).json()["id"]
+    run_all(sent, job_id)
+    events = stream(client, job_id)
+    iterations = [e for e in events if e["event"] == "iteration"]
+    assert [int(e["id"]) for e in iterations] == [1, 2, 3, 4, 5]
+    history = client.get(f"/v1/jobs/{job_id}/history").json()["items"]
+    assert [json.loads(e["data"]) for e in iterations] == history
+    assert events[-1]["event"] == "status" and events[-1]["id"] == "5:succeeded"
+    assert json.loads(events[-1]["data"]) == client.get(f"/v1/jobs/{job_id}").json()
+
+    resumed = stream(client, job_id, **{"Last-Event-ID": "3"})
+    assert [(e["event"], e["id"]) for e in resumed] == [
+        ("iteration", "4"),
+        ("iteration", "5"),
+        ("status", "5:succeeded"),
+    ]
+    assert stream(client, job_id, **{"Last-Event-ID": "5:succeeded"}) == []
+    assert [e["id"] for e in stream(client, job_id, **{"Last-Event-ID": "junk"})][:1] == ["1"]  # from the start
+
+
+def test_events_arrive_while_the_job_runs(env):
+    app, client, sent = env
+    job_id = client.post("/v1/jobs", json=job_body(meta={"iterations": 6, "seed": 0})).json()["id"]
+    seen: list[dict] = []
+    done = threading.Event()
+
+    def listen():
+        try:
+            with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                for event in parse(r.iter_lines()):
+                    seen.append(event)
+        finally:
+            done.set()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    run_all(sent, job_id)
+    assert done.wait(30), "the stream did not end after the job finished"
+    kinds = [(e["event"], e["id"]) for e in seen]
+    assert kinds[0] == ("status", "0:queued")
+    assert [i for k, i in kinds if k == "iteration"] == [str(n) for n in range(1, 7)]
+    statuses = [i.split(":")[1] for k, i in kinds if k == "status"]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded" and len(statuses) == len(set(statuses))
+
+
+def test_another_tenants_job_is_404_and_no_key_is_401(tmp_path, db_url, make_settings):
+    app = create_app(make_settings(tmp_path, database_url=db_url))
+    with keyed_client(app, "alpha") as a, keyed_client(app, "beta") as b:
+        job_id = a.post("/v1/jobs", json=job_body()).json()["id"]
+        assert b.get(f"/v1/jobs/{job_id}/events").status_code == 404
+        assert b.get(f"/v1/jobs/{job_id}/events").json() == {"detail": f"job {job_id} not found"}
+        assert a.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        events = stream(a, job_id)
+        assert [(e["event"], e["id"]) for e in events] == [("status", "0:cancelled")]
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as anonymous:
+        assert anonymous.get(f"/v1/jobs/{job_id}/events").status_code == 401
