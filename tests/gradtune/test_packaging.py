@@ -45,6 +45,7 @@ API = {
     "numpy",
     "pyarrow",
     "boto3",
+    "prometheus-client",
 }
 WORKER = {
     "celery",
@@ -57,6 +58,7 @@ WORKER = {
     "scikit-learn",
     "pyarrow",
     "boto3",
+    "prometheus-client",
 }
 
 
