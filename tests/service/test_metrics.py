@@ -169,3 +169,42 @@ def test_database_down_or_unreadable_metric_files_still_answer(tmp_path, make_se
     with TestClient(create_app(settings)) as client:
         got = scrape(client)
     assert got[("gradtune_database_up", ())] == 1 and got[("gradtune_jobs", (("status", "queued"),))] == 0
+
+
+def test_api_processes_in_multiprocess_mode_count_once(tmp_path, sqlite_url):
+    """``uvicorn --workers N`` with PROMETHEUS_MULTIPROC_DIR inside GRADTUNE_METRICS_DIR: the HTTP
+    histogram goes to files and each sample is answered once (summed over processes), not twice."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADTUNE_", "PROMETHEUS_"))}
+    env.update(
+        PYTHONPATH=str(root),
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "m" / "api"),
+        GRADTUNE_METRICS_DIR=str(tmp_path / "m"),
+        GRADTUNE_DATA_DIR=str(tmp_path / "data"),
+        GRADTUNE_DATABASE_URL=sqlite_url,
+        GRADTUNE_ALLOWED_HOSTS="testserver",
+    )
+    (tmp_path / "m" / "api").mkdir(parents=True)
+    code = (
+        "from fastapi.testclient import TestClient\n"
+        "from service.main import create_app\n"
+        "with TestClient(create_app()) as c:\n"
+        "    c.get('/healthz'); c.get('/healthz')\n"
+        "    print(c.get('/metrics').text)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    samples = [
+        s
+        for family in text_string_to_metric_families(out.stdout)
+        for s in family.samples
+        if s.name == "gradtune_http_request_seconds_count" and s.labels["route"] == "/healthz"
+    ]
+    assert [s.value for s in samples] == [2.0]
+    files = [p.name for p in (tmp_path / "m" / "api").iterdir()]
+    assert len(files) == 1 and files[0].startswith("histogram_"), files
