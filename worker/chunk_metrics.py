@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,20 @@ def host_dir(settings: Settings) -> Path:
     return settings.resolved_metrics_dir() / host
 
 
+def _too_late() -> bool:
+    """prometheus_client was imported in this process without multiprocess mode: setting the
+    variable now would change nothing here, only leak into child processes."""
+    values = sys.modules.get("prometheus_client.values")
+    return values is not None and not getattr(values.ValueClass, "_multiprocess", False)
+
+
 def prepare(settings: Settings | None = None) -> Path | None:
-    """Create this host's folder and point PROMETHEUS_MULTIPROC_DIR at it; None (logged) when the
-    folder cannot be made: the worker runs on without chunk metrics."""
+    """Create this host's folder and point PROMETHEUS_MULTIPROC_DIR at it. None (logged) when the
+    folder cannot be made, or when prometheus_client was imported already (the histogram then stays
+    in this process): the worker runs on without exported chunk metrics."""
+    if _too_late():
+        log.warning("chunk metrics stay in this process: prometheus_client was imported before %s was set", ENV)
+        return None
     folder = host_dir(settings or get_settings())
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -52,15 +64,14 @@ def prepare(settings: Settings | None = None) -> Path | None:
 
 
 def chunk_histogram() -> Any:
-    """The process's histogram, made on first use (its values in this host's folder)."""
+    """The process's histogram, made on first use (its values in this host's folder when
+    ``prepare`` could point prometheus_client there, else in this process only)."""
     global _histogram
     if _histogram is None:
-        if ENV not in os.environ and prepare() is None:
-            raise RuntimeError("no metrics directory")
-        from prometheus_client import Histogram, values
+        if ENV not in os.environ:
+            prepare()
+        from prometheus_client import Histogram
 
-        if not getattr(values.ValueClass, "_multiprocess", False):
-            log.warning("chunk metrics stay in this process: prometheus_client was imported before %s was set", ENV)
         _histogram = Histogram(
             "gradtune_chunk_seconds",
             "Wall time of a chunk in a worker, from its claim to its commit or end, by outcome.",

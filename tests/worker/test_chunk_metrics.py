@@ -29,6 +29,8 @@ def test_chunks_are_timed_by_outcome_and_summed_by_the_api(runner_env, monkeypat
     assert before[("gradtune_jobs", (("status", "queued"),))] == 1
     assert not [k for k in before if k[0].startswith("gradtune_chunk_seconds")]
 
+    # this test process imported prometheus_client without the variable: prepare leaves it alone
+    assert chunk_metrics.prepare() is None and chunk_metrics.ENV not in os.environ
     with monkeypatch.context() as m:
         # What a worker process is: PROMETHEUS_MULTIPROC_DIR set before prometheus_client's import
         # (this test process imported it long ago), and a histogram of its own.
