@@ -26,6 +26,7 @@ from service.api.routes.datasets import UPLOAD_PATH
 from service.api.routes.models import UPLOAD_PATH as MODEL_UPLOAD_PATH
 from service.api.status_cache import StatusCache
 from service.db.session import make_engine
+from service.metrics import HttpMetricsMiddleware
 from service.queue import Producer
 from service.settings import Settings, get_settings
 
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         passthrough=(("POST", UPLOAD_PATH), ("POST", MODEL_UPLOAD_PATH)),
     )
+    app.add_middleware(HttpMetricsMiddleware)  # GET /metrics: latency by route template and status (service/metrics.py)
     # A /v1 request without a valid key gets 401 before its body is read (service/api/auth.py).
     app.add_middleware(KeyMiddleware)
     # Outside the key check: a browser's preflight carries no key. No CORS unless configured.

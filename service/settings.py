@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     worker_stale_seconds: float = Field(default=60.0, gt=0)
     ready_needs_worker: bool = True
 
+    # Prometheus (GET /metrics, service/metrics.py): worker processes write the chunk duration histogram
+    # to files in a folder of their host's under this directory, which the API reads at each scrape.
+    # Empty means <data_dir>/metrics; API and workers must see the same directory (a shared volume).
+    metrics_dir: str = ""
+
     # Worker
     device: str = "auto"  # auto | cpu | cuda
     torch_threads: int = 1
@@ -143,6 +148,9 @@ class Settings(BaseSettings):
         from service.storage import open_store
 
         return open_store(self.resolved_artifact_url(), s3_endpoint_url=self.s3_endpoint_url or None)
+
+    def resolved_metrics_dir(self) -> Path:
+        return Path(self.metrics_dir).resolve() if self.metrics_dir else (self.data_dir / "metrics").resolve()
 
     def tmp_dir(self) -> Path:
         """Where uploads are spooled while they stream in (created on demand)."""

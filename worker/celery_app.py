@@ -15,8 +15,11 @@ from celery import bootsteps, signals
 
 from service.queue import make_celery
 from service.settings import get_settings
+from worker import chunk_metrics
 
 settings = get_settings()
+# Before anything imports prometheus_client: this process's chunk histogram goes to files the API reads.
+chunk_metrics.prepare(settings)
 app = make_celery(settings)
 app.conf.update(
     # A chunk is acknowledged only after it ran, and a worker takes one message at a time.

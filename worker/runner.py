@@ -25,6 +25,7 @@ from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
 from service.settings import get_settings
 from service.workers import record_current_job
 from worker import engine
+from worker.chunk_metrics import observe_chunk
 from worker.dataset_loader import DatasetUnavailable
 from worker.device import device
 
@@ -345,11 +346,19 @@ def _claim(job_id: str, iteration: int | None, settings: Any) -> lifecycle.Claim
 
 def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -> str:
     """Run one chunk of a job; returns what happened (for logs and tests): "skipped", "committed",
-    "succeeded", "cancelled", "failed" or "lost".
+    "succeeded", "cancelled", "failed" or "lost". A chunk that ran is timed in the
+    ``gradtune_chunk_seconds`` histogram by that outcome (worker/chunk_metrics.py).
 
     ``owner`` names the delivery in logs (the Celery task id); the lease is a fresh token per claim,
     so a redelivered message with the same task id cannot pass for the worker still running it.
     """
+    started = time.perf_counter()
+    outcome = _run_chunk(job_id, iteration, owner)
+    observe_chunk(outcome, time.perf_counter() - started)
+    return outcome
+
+
+def _run_chunk(job_id: str, iteration: int | None, owner: str | None) -> str:
     settings = get_settings()
     claim = _claim(job_id, iteration, settings)
     if claim is None:

@@ -46,6 +46,7 @@ API = {
     "pyarrow",
     "boto3",
     "sse-starlette",
+    "prometheus-client",
 }
 WORKER = {
     "celery",
@@ -58,6 +59,7 @@ WORKER = {
     "scikit-learn",
     "pyarrow",
     "boto3",
+    "prometheus-client",
 }
 
 

@@ -113,6 +113,7 @@ def test_openapi_documents_the_endpoints(client):
         "/v1/workers": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
+        "/metrics": {"get"},
     }
     post = spec["paths"]["/v1/jobs"]["post"]
     assert post["tags"] == ["jobs"]

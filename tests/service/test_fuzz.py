@@ -7,7 +7,8 @@ and PostgreSQL database. The operations that take an id also run with the ids of
 and a model that exist. Each response goes through schemathesis's ``not_a_server_error`` check.
 Nothing is excluded: the multipart uploads (``POST /v1/datasets``, ``/v1/models``) get the
 multipart bodies schemathesis generates from their request schema. Negative mode is skipped only
-where schemathesis finds nothing that breaks the schema (``/healthz``, ``/readyz`` take no input).
+where schemathesis finds nothing that breaks the schema (``/healthz``, ``/readyz``, ``/metrics`` take no
+input).
 
 Counts are printed (``pytest -s``); the test asserts at least 1,000 requests, every operation
 reached, and 0 server errors. About 25-35 s per database on 2 cores.
@@ -32,7 +33,7 @@ from service.main import create_app
 from tests.helpers.support import api_key, bearer
 from tests.service.conftest import job_body
 
-# max_examples per (operation, mode): 16 operations, two modes, plus the existing-id pass.
+# max_examples per (operation, mode): 17 operations, two modes, plus the existing-id pass.
 EXAMPLES = 34
 EXISTING_ID_EXAMPLES = 5
 MIN_REQUESTS = 1000
