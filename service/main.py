@@ -19,6 +19,7 @@ from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from sqlalchemy.orm import sessionmaker
 
 from service.api.auth import KeyMiddleware
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
 from service.api.router import api_router
@@ -78,6 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc from local assets: install_docs below
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -106,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost: a request naming another host (DNS rebinding) gets 400 before anything else runs.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.resolved_allowed_hosts())
     app.include_router(api_router)
+    install_docs(app)
     return app
 
 
