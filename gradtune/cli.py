@@ -19,14 +19,16 @@ from gradtune.keys_cli import keys_cli
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
-def worker_argv(queue: str, loglevel: str = "INFO") -> list[str]:
-    """The command line of one worker process (solo pool: one chunk at a time, one device)."""
+def worker_argv(queue: str, loglevel: str = "INFO", quiet: bool = False) -> list[str]:
+    """The command line of one worker process (solo pool: one chunk at a time, one device);
+    ``quiet``: without Celery's start banner (JSON log lines only)."""
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
         "worker.celery_app",
+        *(["--quiet"] if quiet else []),
         "worker",
         "--pool",
         "solo",
@@ -55,14 +57,16 @@ def migrate() -> None:
 
 
 @cli.command()
-def worker(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> None:
+def worker(
+    loglevel: str | None = typer.Option(None, help="Log level (default GRADTUNE_LOG_LEVEL, INFO).", show_default=False),
+) -> None:
     """Run one worker process: it drains the queue, one chunk at a time, on CUDA when present."""
     require("worker", "worker")
     from service.settings import get_settings
 
     settings = get_settings()
     settings.ensure_dirs()
-    argv = worker_argv(settings.queue_name, loglevel)
+    argv = worker_argv(settings.queue_name, loglevel or settings.log_level, quiet=settings.log_format == "json")
     os.execv(argv[0], argv)
 
 
@@ -79,20 +83,26 @@ def serve(
 
     from gradtune.supervisor import Supervisor
     from service.db.migrate import upgrade
+    from service.logs import configure_logging
     from service.main import create_app
     from service.settings import get_settings
 
     settings = get_settings()
+    configure_logging(settings)  # uvicorn's lines too: it is given no logging config of its own
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
     _first_admin_key(settings)
     bind = host or settings.host
     if settings.allowed_hosts is None and bind != settings.host:  # the allowlist follows --host
         settings = settings.model_copy(update={"host": bind})
-    config = uvicorn.Config(create_app(settings), host=bind, port=port or settings.port, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(settings), host=bind, port=port or settings.port, timeout_graceful_shutdown=5, log_config=None
+    )
     server = uvicorn.Server(config)
     supervisor = Supervisor(
-        worker_argv(settings.queue_name), workers, on_fatal=lambda _reason: setattr(server, "should_exit", True)
+        worker_argv(settings.queue_name, settings.log_level, quiet=settings.log_format == "json"),
+        workers,
+        on_fatal=lambda _reason: setattr(server, "should_exit", True),
     )
     stopped_by = _stop_on_signals(server, supervisor)
     typer.echo(

@@ -22,11 +22,13 @@ from service.api.auth import KeyMiddleware
 from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.router import api_router
 from service.api.routes.datasets import UPLOAD_PATH
 from service.api.routes.models import UPLOAD_PATH as MODEL_UPLOAD_PATH
 from service.api.status_cache import StatusCache
 from service.db.session import make_engine
+from service.logs import configure_logging
 from service.queue import Producer
 from service.settings import Settings, get_settings
 
@@ -64,6 +66,8 @@ TAGS = [
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A FastAPI app with its own engine, sessionmaker and queue producer on ``app.state``."""
     settings = settings or get_settings()
+    if settings.log_format:  # GRADTUNE_LOG_FORMAT set: this process's lines, uvicorn's included
+        configure_logging(settings)
     settings.ensure_dirs()
     engine = make_engine(settings.resolved_database_url())
 
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         passthrough=(("POST", UPLOAD_PATH), ("POST", MODEL_UPLOAD_PATH)),
     )
+    app.add_middleware(RequestIdMiddleware)  # X-Request-ID, and the request id of its log lines
     # A /v1 request without a valid key gets 401 before its body is read (service/api/auth.py).
     app.add_middleware(KeyMiddleware)
     # Outside the key check: a browser's preflight carries no key. No CORS unless configured.

@@ -19,6 +19,7 @@ import torch
 from gradtune.spec import JobStatus
 from service import lifecycle
 from service.db.session import session_scope
+from service.logs import job_context
 from service.queue import RUN_CHUNK
 from service.redaction import redact
 from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
@@ -345,11 +346,16 @@ def _claim(job_id: str, iteration: int | None, settings: Any) -> lifecycle.Claim
 
 def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -> str:
     """Run one chunk of a job; returns what happened (for logs and tests): "skipped", "committed",
-    "succeeded", "cancelled", "failed" or "lost".
+    "succeeded", "cancelled", "failed" or "lost". Its log lines carry the job id (service/logs.py).
 
     ``owner`` names the delivery in logs (the Celery task id); the lease is a fresh token per claim,
     so a redelivered message with the same task id cannot pass for the worker still running it.
     """
+    with job_context(job_id):
+        return _run_chunk(job_id, iteration, owner)
+
+
+def _run_chunk(job_id: str, iteration: int | None, owner: str | None) -> str:
     settings = get_settings()
     claim = _claim(job_id, iteration, settings)
     if claim is None:
