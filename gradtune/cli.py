@@ -19,14 +19,16 @@ from gradtune.keys_cli import keys_cli
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
-def worker_argv(queue: str, loglevel: str = "INFO") -> list[str]:
-    """The command line of one worker process (solo pool: one chunk at a time, one device)."""
+def worker_argv(queue: str, loglevel: str = "INFO", quiet: bool = False) -> list[str]:
+    """The command line of one worker process (solo pool: one chunk at a time, one device);
+    ``quiet``: without Celery's start banner (JSON log lines only)."""
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
         "worker.celery_app",
+        *(["--quiet"] if quiet else []),
         "worker",
         "--pool",
         "solo",
@@ -55,14 +57,16 @@ def migrate() -> None:
 
 
 @cli.command()
-def worker(loglevel: str = typer.Option("INFO", help="Celery log level.")) -> None:
+def worker(
+    loglevel: str | None = typer.Option(None, help="Log level (default GRADTUNE_LOG_LEVEL, INFO).", show_default=False),
+) -> None:
     """Run one worker process: it drains the queue, one chunk at a time, on CUDA when present."""
     require("worker", "worker")
     from service.settings import get_settings
 
     settings = get_settings()
     settings.ensure_dirs()
-    argv = worker_argv(settings.queue_name, loglevel)
+    argv = worker_argv(settings.queue_name, loglevel or settings.log_level, quiet=settings.log_format == "json")
     os.execv(argv[0], argv)
 
 
@@ -79,20 +83,26 @@ def serve(
 
     from gradtune.supervisor import Supervisor
     from service.db.migrate import upgrade
+    from service.logs import configure_logging
     from service.main import create_app
     from service.settings import get_settings
 
     settings = get_settings()
+    configure_logging(settings)  # uvicorn's lines too: it is given no logging config of its own
     settings.ensure_dirs()
     upgrade(settings.resolved_database_url())
     _first_admin_key(settings)
     bind = host or settings.host
     if settings.allowed_hosts is None and bind != settings.host:  # the allowlist follows --host
         settings = settings.model_copy(update={"host": bind})
-    config = uvicorn.Config(create_app(settings), host=bind, port=port or settings.port, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(settings), host=bind, port=port or settings.port, timeout_graceful_shutdown=5, log_config=None
+    )
     server = uvicorn.Server(config)
     supervisor = Supervisor(
-        worker_argv(settings.queue_name), workers, on_fatal=lambda _reason: setattr(server, "should_exit", True)
+        worker_argv(settings.queue_name, settings.log_level, quiet=settings.log_format == "json"),
+        workers,
+        on_fatal=lambda _reason: setattr(server, "should_exit", True),
     )
     stopped_by = _stop_on_signals(server, supervisor)
     typer.echo(
@@ -143,21 +153,39 @@ def _stop_on_signals(server, supervisor) -> list[int]:
     return received
 
 
-URL = typer.Option("http://localhost:8000", "--url", envvar="GRADTUNE_URL", help="The gradtune API.")
-KEY = typer.Option(
-    None,
-    "--key",
-    envvar="GRADTUNE_API_KEY",
-    help="API key (default: GRADTUNE_API_KEY, else <GRADTUNE_DATA_DIR>/admin.key for a server on this machine).",
-    show_default=False,
+DEFAULT_URL = "http://localhost:8000"
+KEY_HELP = "API key (default: GRADTUNE_API_KEY, else <GRADTUNE_DATA_DIR>/admin.key for a server on this machine)."
+# A subcommand's own --url / --key (None when not on its command line) win over the ones given before
+# the subcommand, which default to the environment variables (see _global_options).
+URL = typer.Option(
+    None, "--url", help=f"The gradtune API (default: GRADTUNE_URL, else {DEFAULT_URL}).", show_default=False
 )
+KEY = typer.Option(None, "--key", help=KEY_HELP, show_default=False)
+_GLOBAL: dict[str, str | None] = {}
+
+
+@cli.callback()
+def _global_options(
+    url: str = typer.Option(
+        DEFAULT_URL, "--url", envvar="GRADTUNE_URL", help="The gradtune API, for every subcommand."
+    ),
+    key: str | None = typer.Option(
+        None, "--key", envvar="GRADTUNE_API_KEY", help=KEY_HELP + " For every subcommand.", show_default=False
+    ),
+) -> None:
+    """--url and --key before the subcommand: ``gradtune --url U --key K status ID``."""
+    _GLOBAL.clear()
+    _GLOBAL.update(url=url, key=key)
 
 
 @contextmanager
-def _api(url: str, key: str | None = None) -> Iterator:
-    """A client whose refused requests end the command: exit 1 with the server's message."""
+def _api(url: str | None, key: str | None = None) -> Iterator:
+    """A client whose refused requests end the command: exit 1 with the server's message. ``url`` and
+    ``key``: the subcommand's own options, else the global ones."""
     from gradtune.client import Client, GradtuneError
 
+    url = url or _GLOBAL.get("url") or os.environ.get("GRADTUNE_URL") or DEFAULT_URL
+    key = key or _GLOBAL.get("key")
     with Client(url, api_key=key) as client:
         try:
             yield client
@@ -241,7 +269,7 @@ def submit(
     timeout: float | None = typer.Option(
         None, "--timeout", min=0, help="With --wait: give up after this many seconds (exit 1; the job goes on)."
     ),
-    url: str = URL,
+    url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """Submit a tuning job; prints its id (and, with --wait, follows it to the end: exit 1 unless it
@@ -263,7 +291,7 @@ def submit(
 
 
 @cli.command()
-def status(job_id: str, url: str = URL, key: str | None = KEY) -> None:
+def status(job_id: str, url: str | None = URL, key: str | None = KEY) -> None:
     """Status and progress of one job."""
     with _api(url, key) as client:
         typer.echo(_job_line(client.job(job_id)))
@@ -273,7 +301,7 @@ def status(job_id: str, url: str = URL, key: str | None = KEY) -> None:
 def jobs(
     status: str | None = typer.Option(None, help="Only jobs with this status."),
     limit: int = typer.Option(20, help="How many (1..100)."),
-    url: str = URL,
+    url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """Jobs, newest first."""
@@ -287,7 +315,7 @@ def jobs(
 def settings(
     job_id: str,
     format: str = typer.Option("json", "--format", help="json, or python: the torch code that builds the optimizer."),
-    url: str = URL,
+    url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """The learned settings of a succeeded job."""
@@ -299,7 +327,7 @@ def settings(
 
 
 @cli.command()
-def cancel(job_id: str, url: str = URL, key: str | None = KEY) -> None:
+def cancel(job_id: str, url: str | None = URL, key: str | None = KEY) -> None:
     """Cancel a job (a running one stops within one heartbeat, between evaluations)."""
     with _api(url, key) as client:
         typer.echo(_job_line(client.cancel(job_id)))
@@ -312,7 +340,7 @@ cli.add_typer(datasets_cli, name="datasets")
 @datasets_cli.command("upload")
 def datasets_upload(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .safetensors, .npz, .csv or .parquet file."),
-    url: str = URL,
+    url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """Upload a dataset file; prints its id and the tensors or columns found."""
@@ -324,7 +352,7 @@ def datasets_upload(
 
 
 @datasets_cli.command("list")
-def datasets_list(url: str = URL, key: str | None = KEY) -> None:
+def datasets_list(url: str | None = URL, key: str | None = KEY) -> None:
     """Datasets, newest first."""
     with _api(url, key) as client:
         page = client.datasets()
@@ -341,7 +369,7 @@ cli.add_typer(models_cli, name="models")
 @models_cli.command("upload")
 def models_upload(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .pt2 archive written by torch.export.save."),
-    url: str = URL,
+    url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """Upload an exported model; prints its id, the example shape, outputs and parameters."""
@@ -354,7 +382,7 @@ def models_upload(
 
 
 @models_cli.command("list")
-def models_list(url: str = URL, key: str | None = KEY) -> None:
+def models_list(url: str | None = URL, key: str | None = KEY) -> None:
     """Uploaded models, newest first."""
     with _api(url, key) as client:
         page = client.models()

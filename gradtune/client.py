@@ -22,12 +22,14 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class GradtuneError(Exception):
-    """The server refused a request; ``str()`` is the server's message."""
+    """The server refused a request; ``str()`` is the server's message after its HTTP status.
+    ``status_code`` 0: the server could not be reached (``str()`` is then the message alone)."""
 
     def __init__(self, status_code: int, detail: Any) -> None:
         self.status_code = status_code
         self.detail = detail
-        super().__init__(f"{status_code}: {format_detail(detail)}")
+        message = format_detail(detail)
+        super().__init__(f"{status_code}: {message}" if status_code else message)
 
 
 def format_detail(detail: Any) -> str:

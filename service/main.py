@@ -19,13 +19,16 @@ from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from sqlalchemy.orm import sessionmaker
 
 from service.api.auth import KeyMiddleware
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
+from service.api.request_id import RequestIdMiddleware
 from service.api.router import api_router
 from service.api.routes.datasets import UPLOAD_PATH
 from service.api.routes.models import UPLOAD_PATH as MODEL_UPLOAD_PATH
 from service.api.status_cache import StatusCache
 from service.db.session import make_engine
+from service.logs import configure_logging
 from service.metrics import HttpMetricsMiddleware
 from service.queue import Producer
 from service.settings import Settings, get_settings
@@ -64,6 +67,8 @@ TAGS = [
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A FastAPI app with its own engine, sessionmaker and queue producer on ``app.state``."""
     settings = settings or get_settings()
+    if settings.log_format:  # GRADTUNE_LOG_FORMAT set: this process's lines, uvicorn's included
+        configure_logging(settings)
     settings.ensure_dirs()
     engine = make_engine(settings.resolved_database_url())
 
@@ -79,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc from local assets: install_docs below
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -105,9 +112,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    # Outermost: a request naming another host (DNS rebinding) gets 400 before anything else runs.
+    # Then: a request naming another host (DNS rebinding) gets 400 before anything else runs.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.resolved_allowed_hosts())
+    # Outermost of all: every answer, refusals included, carries X-Request-ID (service/api/request_id.py).
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)
+    install_docs(app)
     return app
 
 

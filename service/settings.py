@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda
     torch_threads: int = 1
 
+    # Log lines (service/logs.py): json (one object per line) or console. Unset: console for
+    # `gradtune serve` and the workers, and a plain `uvicorn --factory service.main:create_app` keeps
+    # uvicorn's own logging; set, create_app configures it (uvicorn's lines included).
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
     # API
     host: str = "127.0.0.1"
     port: int = 8000
@@ -103,6 +109,16 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = Field(default=100, ge=0)  # queued + running; one more: 429
     tenant_max_stored_bytes: int = Field(default=20 * 1024**3, ge=0)  # datasets + models; past it: 413
     tenant_max_concurrent_uploads: int = Field(default=2, ge=0)  # uploads in progress; one more: 429
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return (value.strip().lower() or None) if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("allowed_hosts", "cors_origins", mode="before")
     @classmethod

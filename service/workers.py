@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from service.db.clock import as_utc, database_now
 from service.db.models import Worker
+from service.logs import set_worker_id
 
 log = logging.getLogger("gradtune.worker.registry")
 
@@ -175,8 +176,9 @@ def start_registration(*, device: str, queues: Sequence[str], every: float) -> W
     global _active
     if _active is not None:
         _active.stop()
-    _active = WorkerBeat(device=device, queues=queues, every=every).start()
-    return _active
+    _active = WorkerBeat(device=device, queues=queues, every=every)
+    set_worker_id(_active.worker_id)  # this process's log lines carry it from now on
+    return _active.start()
 
 
 def stop_registration() -> None:
@@ -184,6 +186,7 @@ def stop_registration() -> None:
     if _active is not None:
         _active.stop()
         _active = None
+        set_worker_id(None)
 
 
 def record_current_job(job_id: str | None) -> None:

@@ -82,6 +82,18 @@ class BrokerReconnected(bootsteps.StartStopStep):
 app.steps["consumer"].add(BrokerReconnected)
 
 
+# ---------------------------------------------------------------- log lines
+
+
+@signals.setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_kwargs: Any) -> None:
+    """Celery's lines and ours in GRADTUNE_LOG_FORMAT (service/logs.py), at the worker's --loglevel;
+    a receiver here makes Celery add no handler of its own."""
+    from service.logs import configure_logging
+
+    configure_logging(settings, level=loglevel or None)
+
+
 # ---------------------------------------------------------------- registration (GET /v1/workers)
 
 

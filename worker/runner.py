@@ -19,6 +19,7 @@ import torch
 from gradtune.spec import JobStatus
 from service import lifecycle
 from service.db.session import session_scope
+from service.logs import job_context
 from service.queue import RUN_CHUNK
 from service.redaction import redact
 from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
@@ -347,15 +348,17 @@ def _claim(job_id: str, iteration: int | None, settings: Any) -> lifecycle.Claim
 def run_chunk(job_id: str, iteration: int | None, *, owner: str | None = None) -> str:
     """Run one chunk of a job; returns what happened (for logs and tests): "skipped", "committed",
     "succeeded", "cancelled", "failed" or "lost". A chunk that ran is timed in the
-    ``gradtune_chunk_seconds`` histogram by that outcome (worker/chunk_metrics.py).
+    ``gradtune_chunk_seconds`` histogram by that outcome (worker/chunk_metrics.py). Its log lines
+    carry the job id (service/logs.py).
 
     ``owner`` names the delivery in logs (the Celery task id); the lease is a fresh token per claim,
     so a redelivered message with the same task id cannot pass for the worker still running it.
     """
-    started = time.perf_counter()
-    outcome = _run_chunk(job_id, iteration, owner)
-    observe_chunk(outcome, time.perf_counter() - started)
-    return outcome
+    with job_context(job_id):
+        started = time.perf_counter()
+        outcome = _run_chunk(job_id, iteration, owner)
+        observe_chunk(outcome, time.perf_counter() - started)
+        return outcome
 
 
 def _run_chunk(job_id: str, iteration: int | None, owner: str | None) -> str:

@@ -180,7 +180,9 @@ async def pool_exhausted_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    ref = uuid.uuid4().hex[:12]
+    # the request's id (X-Request-ID, service/api/request_id.py) when it has one: the log line and the
+    # client's answer name the same reference
+    ref = getattr(request.state, "request_id", None) or uuid.uuid4().hex[:12]
     logger.error("unhandled error %s during %s %s", ref, request.method, request.url.path, exc_info=exc)
     return JSONResponse(
         status_code=500,

@@ -1,0 +1,70 @@
+"""The runner's log lines carry the job id (service/logs.py's job_context around run_chunk), and a
+worker process's Celery logging goes through configure_logging."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from service import logs
+from service.db import session as db_session
+from service.main import create_app
+from service.settings import get_settings
+from tests.e2e.conftest import small_job
+from tests.helpers.support import keyed_client
+from worker import runner
+
+
+@pytest.fixture
+def env(db_url, tmp_path, monkeypatch):
+    """Worker settings from the environment (as a real worker reads them), messages captured."""
+    monkeypatch.setenv("GRADTUNE_DATABASE_URL", db_url)
+    monkeypatch.setenv("GRADTUNE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("GRADTUNE_CHUNK_ITERATIONS", "2")
+    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
+        f.cache_clear()
+    sent: list[tuple[str, int]] = []
+    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
+    with keyed_client(create_app(get_settings())) as client:
+        yield client, sent
+    db_session.get_engine().dispose()
+    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
+        f.cache_clear()
+
+
+def test_lines_made_while_a_chunk_runs_carry_its_job_id(env, caplog):
+    client, sent = env
+    jid = client.post("/v1/jobs", json=small_job(iterations=2, tasks=1)).json()["id"]
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("gradtune.worker")
+    log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="gradtune.worker"):
+            assert runner.run_chunk(jid, 0, owner="a") == "committed"
+            assert runner.run_chunk(jid, 2, owner="b") == "succeeded"
+            log.info("after the chunk")
+    finally:
+        log.removeHandler(handler)
+    done = [r for r in caplog.records if r.getMessage().startswith(f"job {jid} succeeded")]
+    assert len(done) == 1 and done[0].job_id == jid
+    assert getattr(caplog.records[-1], "job_id", None) is None  # not after the chunk
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert any(line["message"].startswith(f"job {jid} succeeded") and line["job_id"] == jid for line in lines)
+    assert "job_id" not in lines[-1] and lines[-1]["message"] == "after the chunk"
+
+
+def test_celery_logging_setup_goes_through_configure_logging(monkeypatch):
+    from celery import signals
+
+    import worker.celery_app  # connects the receiver
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(logs, "configure_logging", lambda settings, level=None: calls.append((settings, level)))
+    receivers = signals.setup_logging.send(sender=None, loglevel=logging.DEBUG, logfile=None, format="", colorize=False)
+    assert receivers  # Celery adds no handler of its own when a receiver answers
+    assert calls == [(worker.celery_app.settings, logging.DEBUG)]
