@@ -19,6 +19,7 @@ from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from sqlalchemy.orm import sessionmaker
 
 from service.api.auth import KeyMiddleware
+from service.api.dashboard import install_dashboard
 from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(api_router)
     install_docs(app)
+    install_dashboard(app)
     return app
 
 

@@ -1,0 +1,332 @@
+// The gradtune dashboard: plain JavaScript, no build step, nothing fetched but this API.
+// Views by the URL's hash: #/jobs, #/job/<id>, #/workers, #/datasets, #/models.
+"use strict";
+
+const KEY = "gradtune.key";
+const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const PAGE = 20;
+const main = document.getElementById("main");
+let stopView = () => {};  // ends the current view's live stream
+
+class Unauthorized extends Error {}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) node.setAttribute(k, v);
+  }
+  for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return node;
+}
+
+const svgNS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(svgNS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  return node;
+}
+
+function fmt(x, digits = 4) {
+  if (x === null || x === undefined) return "–";
+  if (typeof x !== "number") return String(x);
+  return Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(2) : Number(x.toPrecision(digits)).toString();
+}
+
+async function api(path, options = {}) {
+  const key = sessionStorage.getItem(KEY);
+  if (!key) throw new Unauthorized("no key yet");
+  const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } });
+  if (response.status === 401) throw new Unauthorized((await response.json()).detail);
+  const body = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+  return body;
+}
+
+// Server-Sent Events over fetch (EventSource cannot send the Authorization header).
+async function follow(path, onEvent, signal) {
+  const key = sessionStorage.getItem(KEY);
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${key}`, Accept: "text/event-stream" }, signal });
+  if (!response.ok) throw new Error(`events: ${response.status}`);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", event = {};
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, cut).replace(/\r$/, "");
+      buffer = buffer.slice(cut + 1);
+      if (line === "") {
+        if (event.data !== undefined) onEvent(event.event || "message", JSON.parse(event.data), event.id);
+        event = {};
+      } else if (!line.startsWith(":")) {
+        const i = line.indexOf(":");
+        const field = i < 0 ? line : line.slice(0, i);
+        const val = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+        event[field] = field === "data" && event.data !== undefined ? `${event.data}\n${val}` : val;
+      }
+    }
+  }
+}
+
+function statusBadge(status) { return el("span", { class: `status ${status}` }, status); }
+
+function progressBar(p) {
+  const pct = p.iterations ? Math.round((100 * p.iteration) / p.iterations) : 0;
+  return el("span", {}, el("span", { class: "bar", title: `${pct}%` }, el("span", { style: `width:${pct}%` })), ` ${p.iteration}/${p.iterations}`);
+}
+
+// A line chart of (x, y) points as SVG; one circle per point (data-points counts them).
+function chart(title, points, { log = false } = {}) {
+  const W = 360, H = 170, L = 46, R = 8, T = 10, B = 22;
+  const box = svg("svg", { viewBox: `0 0 ${W} ${H}`, "data-points": String(points.length), role: "img", "aria-label": title });
+  const ys = points.map((p) => (log ? Math.log10(Math.max(p.y, 1e-12)) : p.y)).filter(Number.isFinite);
+  const xs = points.map((p) => p.x);
+  if (ys.length) {
+    let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+    if (y0 === y1) { y0 -= 0.5 || 1; y1 += 0.5 || 1; }
+    const x0 = Math.min(...xs), x1 = Math.max(x0 + 1, ...xs);
+    const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+    const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
+    const label = (v) => fmt(log ? 10 ** v : v, 3);
+    for (const v of [y0, y1]) box.append(Object.assign(svg("text", { x: 2, y: sy(v) + 3, class: "axis" }), { textContent: label(v) }));
+    box.append(Object.assign(svg("text", { x: L, y: H - 6, class: "axis" }), { textContent: `iteration ${x0}` }));
+    box.append(Object.assign(svg("text", { x: W - R - 40, y: H - 6, class: "axis" }), { textContent: String(x1) }));
+    const drawn = points.filter((p) => Number.isFinite(log ? Math.log10(p.y) : p.y));
+    const y = (p) => sy(log ? Math.log10(p.y) : p.y);
+    box.append(svg("polyline", { points: drawn.map((p) => `${sx(p.x)},${y(p)}`).join(" ") }));
+    for (const p of drawn) box.append(svg("circle", { cx: sx(p.x), cy: y(p), r: 2.4, class: p.accepted === false ? "rejected" : "" }));
+  }
+  return el("div", { class: "chart" }, el("h3", {}, title), box);
+}
+
+function sparkline(values) {
+  const box = svg("svg", { width: 100, height: 22, viewBox: "0 0 100 22" });
+  const ys = values.filter(Number.isFinite);
+  if (ys.length > 1) {
+    const y0 = Math.min(...ys), y1 = Math.max(...ys) || 1;
+    const pts = ys.map((v, i) => `${(100 * i) / (ys.length - 1)},${20 - (18 * (v - y0)) / (y1 - y0 || 1)}`);
+    box.append(svg("polyline", { points: pts.join(" "), fill: "none", stroke: "#2f6fde", "stroke-width": 1.4 }));
+  }
+  return box;
+}
+
+// ------------------------------------------------------------------ views
+
+async function jobsView(params) {
+  const status = params.get("status") || "";
+  const offset = Number(params.get("offset") || 0);
+  const query = new URLSearchParams({ limit: PAGE, offset });
+  if (status) query.set("status", status);
+  const page = await api(`/v1/jobs?${query}`);
+  const filter = el("select", { id: "status-filter", onchange: (e) => go({ status: e.target.value, offset: 0 }) },
+    el("option", { value: "" }, "all statuses"), ...STATUSES.map((s) => el("option", { value: s }, s)));
+  filter.value = status;
+  const go = (p) => { location.hash = `#/jobs?${new URLSearchParams({ status: p.status ?? status, offset: p.offset ?? offset })}`; };
+  const rows = page.items.map((job) => {
+    const spark = el("td", { class: "spark" });
+    api(`/v1/jobs/${job.id}/history`).then((h) => spark.append(sparkline(h.items.map((i) => i.meta_loss)))).catch(() => {});
+    return el("tr", { "data-job": job.id },
+      el("td", {}, el("a", { href: `#/job/${job.id}` }, job.name)),
+      el("td", {}, statusBadge(job.status)),
+      el("td", {}, progressBar(job.progress)),
+      el("td", { class: "num" }, fmt(job.progress.meta_loss)),
+      spark,
+      el("td", { class: "muted" }, job.tenant),
+      el("td", { class: "muted" }, new Date(job.created_at).toLocaleString()));
+  });
+  main.replaceChildren(
+    el("h1", {}, "Jobs"),
+    el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, `${page.total} job(s)`),
+      el("button", { disabled: offset <= 0 ? "" : null, onclick: () => go({ offset: Math.max(0, offset - PAGE) }) }, "‹ newer"),
+      el("span", { class: "muted" }, `${page.total ? offset + 1 : 0}–${offset + page.items.length}`),
+      el("button", { disabled: offset + PAGE >= page.total ? "" : null, onclick: () => go({ offset: offset + PAGE }) }, "older ›")),
+    el("table", { id: "jobs" },
+      el("thead", {}, el("tr", {}, ...["name", "status", "progress", "meta-loss", "", "tenant", "created"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, rows)));
+}
+
+// Python's repr of the values: floats keep a ".0" (lr=1.0), strings single-quoted.
+function pyRepr(v, integer = false) {
+  if (Array.isArray(v)) return `[${v.map((x) => pyRepr(x, integer)).join(", ")}]`;
+  if (typeof v === "string") return `'${v}'`;
+  const s = String(v);
+  return integer || /[.eEIN]/.test(s) ? s : `${s}.0`;
+}
+
+function pythonSnippet(s) {
+  if (!s.param_groups) {
+    return `import torch\noptimizer = torch.optim.SGD(model.parameters(), lr=${pyRepr(s.lr)}, momentum=${pyRepr(s.momentum)})\n`;
+  }
+  const lines = ["import bisect", "import torch", "", "named = dict(model.named_parameters())",
+    `boundaries = ${pyRepr(s.boundaries || [0], true)}`, "param_groups = ["];
+  for (const g of s.param_groups) lines.push(`    {'params': ${pyRepr(g.params)}, 'lr': ${pyRepr(g.lr)}, 'momentum': ${pyRepr(g.momentum)}},`);
+  lines.push("]", "optimizer = torch.optim.SGD(",
+    "    [{'params': [named[n] for n in g['params']], 'lr': g['lr'][0], 'momentum': g['momentum'][0]}",
+    "     for g in param_groups], lr=param_groups[0]['lr'][0])", "",
+    "def apply_schedule(step):  # call before optimizer.step() at every step",
+    "    seg = max(0, bisect.bisect_right(boundaries, step) - 1)",
+    "    for group, g in zip(optimizer.param_groups, param_groups):",
+    "        group['lr'], group['momentum'] = g['lr'][seg], g['momentum'][seg]");
+  return lines.join("\n") + "\n";
+}
+
+function heatmap(title, groups, field, log) {
+  const values = groups.flatMap((g) => g[field]);
+  const t = (v) => (log ? Math.log10(v) : v);
+  const lo = Math.min(...values.map(t)), hi = Math.max(...values.map(t));
+  const light = (v) => 92 - 50 * ((t(v) - lo) / (hi - lo || 1));
+  const color = (v) => `background:hsl(220, 70%, ${light(v)}%);color:${light(v) < 62 ? "#fff" : "inherit"}`;
+  const segments = groups[0][field].length;
+  return el("div", {},
+    el("h2", {}, title),
+    el("table", { class: "heatmap", "data-field": field },
+      el("thead", {}, el("tr", {}, el("th", {}, "parameters"), ...Array.from({ length: segments }, (_, i) => el("th", {}, `segment ${i + 1}`)))),
+      el("tbody", {}, groups.map((g) => el("tr", {}, el("td", {}, g.params.join(", ")),
+        ...g[field].map((v) => el("td", { style: color(v) }, fmt(v, 3))))))));
+}
+
+async function settingsPanel(job) {
+  const s = await api(`/v1/jobs/${job.id}/settings`);
+  const ev = s.evaluation || {};
+  const parts = [
+    el("h2", {}, "Learned settings"),
+    el("dl", { class: "facts" }, el("dt", {}, "lr"), el("dd", {}, fmt(s.lr, 6)), el("dt", {}, "momentum"), el("dd", {}, fmt(s.momentum, 6)),
+      el("dt", {}, "method"), el("dd", {}, s.method || "–"), el("dt", {}, "fallback"), el("dd", {}, s.fallback || "none")),
+  ];
+  if (s.param_groups) {
+    parts.push(heatmap("Learning rate per layer × segment", s.param_groups, "lr", true));
+    parts.push(heatmap("Momentum per layer × segment", s.param_groups, "momentum", false));
+  }
+  if (ev.tasks) {
+    parts.push(el("h2", {}, "Evaluation: validation loss after torch.optim.SGD training"),
+      el("table", { id: "evaluation" },
+        el("thead", {}, el("tr", {}, el("th", {}, "task"), el("th", {}, "with the start"), el("th", {}, "with the learned"))),
+        el("tbody", {}, ev.tasks.map((t) => el("tr", {}, el("td", {}, t.name), el("td", { class: "num" }, fmt(t.initial_val_loss)), el("td", { class: "num" }, fmt(t.learned_val_loss)))),
+          el("tr", {}, el("th", {}, "mean"), el("th", { class: "num" }, fmt(ev.mean_initial_val_loss)), el("th", { class: "num" }, fmt(ev.mean_learned_val_loss))))));
+  }
+  const code = pythonSnippet(s);
+  const copy = el("button", { id: "copy", onclick: async () => { await navigator.clipboard.writeText(code).catch(() => {}); copy.textContent = "copied"; } }, "copy");
+  parts.push(el("h2", {}, "In your training script ", copy), el("pre", { id: "snippet" }, code));
+  return el("div", { class: "card", id: "settings" }, parts);
+}
+
+async function jobView(id) {
+  let job = await api(`/v1/jobs/${id}`);
+  const points = [];
+  const head = el("div", { class: "card", id: "job-head" });
+  const charts = el("div", { class: "charts", id: "charts" });
+  const after = el("div");
+  const draw = () => {
+    head.replaceChildren(
+      el("h1", {}, job.name, " ", statusBadge(job.status)),
+      el("dl", { class: "facts" },
+        el("dt", {}, "id"), el("dd", {}, job.id), el("dt", {}, "tenant"), el("dd", {}, job.tenant),
+        el("dt", {}, "progress"), el("dd", {}, progressBar(job.progress)),
+        el("dt", {}, "meta-loss"), el("dd", {}, fmt(job.progress.meta_loss)),
+        el("dt", {}, "lr / momentum"), el("dd", {}, `${fmt(job.progress.lr)} / ${fmt(job.progress.momentum)}`),
+        ...(job.error ? [el("dt", {}, "error"), el("dd", { class: "error" }, job.error)] : []),
+        ...(job.stopped ? [el("dt", {}, "stopped"), el("dd", {}, job.stopped)] : [])),
+      TERMINAL.has(job.status) ? "" : el("p", {}, el("button", { id: "cancel", class: "danger", disabled: job.cancel_requested ? "" : null, onclick: cancel },
+        job.cancel_requested ? "cancel requested" : "Cancel job")));
+    charts.replaceChildren(
+      chart("meta-loss", points.map((p) => ({ x: p.iteration, y: p.meta_loss, accepted: p.accepted }))),
+      chart("learning rate", points.map((p) => ({ x: p.iteration, y: p.lr, accepted: p.accepted })), { log: true }),
+      chart("momentum", points.map((p) => ({ x: p.iteration, y: p.momentum, accepted: p.accepted }))));
+  };
+  const cancel = async () => { job = await api(`/v1/jobs/${id}/cancel`, { method: "POST" }); draw(); };
+  main.replaceChildren(head, charts, after);
+  draw();
+  const controller = new AbortController();
+  stopView = () => controller.abort();
+  const onEvent = (kind, data) => {
+    if (kind === "iteration") {
+      points.push(data);
+      job.progress = { ...job.progress, iteration: data.iteration, meta_loss: data.meta_loss, lr: data.lr, momentum: data.momentum };
+    } else if (kind === "status") {
+      job = data;
+    }
+    draw();
+    if (kind === "status" && job.status === "succeeded") settingsPanel(job).then((p) => after.replaceChildren(p)).catch((e) => after.replaceChildren(el("p", { class: "error" }, e.message)));
+  };
+  try {
+    await follow(`/v1/jobs/${id}/events`, onEvent, controller.signal);
+  } catch (e) {
+    if (e.name === "AbortError") return;
+    // polling fallback
+    while (!TERMINAL.has(job.status) && !controller.signal.aborted) {
+      await new Promise((r) => setTimeout(r, 1000));
+      const h = await api(`/v1/jobs/${id}/history`);
+      points.splice(0, points.length, ...h.items);
+      onEvent("status", await api(`/v1/jobs/${id}`));
+    }
+  }
+}
+
+function tableView(title, path, columns) {
+  return async () => {
+    const page = await api(path);
+    main.replaceChildren(el("h1", {}, title), el("p", { class: "muted" }, `${page.total} in all`),
+      el("table", { id: title.toLowerCase() },
+        el("thead", {}, el("tr", {}, columns.map(([h]) => el("th", {}, h)))),
+        el("tbody", {}, page.items.map((item) => el("tr", {}, columns.map(([, f]) => el("td", {}, f(item))))))));
+  };
+}
+
+const workersView = tableView("Workers", "/v1/workers", [
+  ["id", (w) => w.id], ["host", (w) => w.host], ["pid", (w) => String(w.pid)], ["device", (w) => w.device],
+  ["live", (w) => (w.live ? "live" : "not seen lately")], ["last seen", (w) => new Date(w.last_seen).toLocaleString()],
+  ["current job", (w) => (w.current_job ? el("a", { href: `#/job/${w.current_job}` }, w.current_job.slice(0, 8)) : "–")]]);
+const datasetsView = tableView("Datasets", "/v1/datasets?limit=100", [
+  ["file", (d) => d.filename], ["format", (d) => d.format], ["rows", (d) => fmt(d.rows)], ["bytes", (d) => String(d.size)],
+  ["tensors / columns", (d) => (d.tensors.length ? d.tensors : d.columns).map((i) => `${i.name} ${JSON.stringify(i.shape)}`).join(", ")],
+  ["id", (d) => d.id]]);
+const modelsView = tableView("Models", "/v1/models?limit=100", [
+  ["file", (m) => m.filename], ["input", (m) => JSON.stringify(m.input_shape)], ["outputs", (m) => String(m.output_width)],
+  ["operators", (m) => m.operators.join(" ")], ["parameters", (m) => String(m.parameter_count)], ["id", (m) => m.id]]);
+
+function keyForm(message) {
+  const form = document.getElementById("key-form").content.cloneNode(true);
+  main.replaceChildren(form);
+  document.getElementById("key-error").textContent = message || "";
+  document.getElementById("key").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(KEY, document.getElementById("key-input").value.trim());
+    route();
+  });
+}
+
+function showWho() {
+  const who = document.getElementById("who");
+  who.replaceChildren();
+  if (sessionStorage.getItem(KEY)) {
+    who.append("key set", el("button", { id: "forget", onclick: () => { sessionStorage.removeItem(KEY); route(); } }, "forget key"));
+  }
+}
+
+async function route() {
+  stopView();
+  stopView = () => {};
+  const [path, query] = (location.hash.slice(1) || "/jobs").split("?");
+  const params = new URLSearchParams(query || "");
+  for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", path.startsWith(a.getAttribute("href").slice(1)));
+  showWho();
+  try {
+    if (path.startsWith("/job/")) await jobView(decodeURIComponent(path.slice(5)));
+    else if (path === "/workers") await workersView();
+    else if (path === "/datasets") await datasetsView();
+    else if (path === "/models") await modelsView();
+    else await jobsView(params);
+  } catch (e) {
+    if (e instanceof Unauthorized) keyForm(sessionStorage.getItem(KEY) ? e.message : "");
+    else if (e.name !== "AbortError") main.replaceChildren(el("p", { class: "error" }, e.message));
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();

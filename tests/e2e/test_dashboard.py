@@ -1,0 +1,125 @@
+"""The dashboard in a real headless Chromium (Debian's chromium, driven by playwright's Python API; no
+browser is downloaded), against a live `gradtune serve` with one worker, on SQLite and PostgreSQL:
+enter the key, see the jobs, open a running job and watch its chart's points grow to the last
+iteration, read its settings, cancel another job from its page.
+
+Screenshots go to the test's tmp_path; with GRADTUNE_SCREENSHOT_DIR set they are also written there
+(docs/ holds the ones the README shows)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import small_job, wait_for
+from tests.e2e.test_embedded_serve import _admin, _serve, _stop, _up
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    target = os.environ.get("GRADTUNE_SCREENSHOT_DIR")
+    if target:
+        shutil.copy(path, Path(target) / name)
+
+
+def _per_layer_job() -> dict:
+    job = small_job(iterations=4, tasks=2, steps=30)
+    job["name"] = "iris-per-layer"
+    job["hyperparameters"].update(per_layer=True, schedule_segments=2)
+    return job
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_dashboard_follows_a_job_and_cancels_another(tmp_path, backend, request):
+    extra = {"GRADTUNE_EVENTS_POLL_SECONDS": "0.2"}
+    if backend == "postgresql":
+        extra["GRADTUNE_DATABASE_URL"] = request.getfixturevalue("pg_url")
+    proc, base, _env = _serve(tmp_path, **extra)
+    try:
+        wait_for(lambda: _up(base, "/readyz"), 120, "gradtune serve and its worker")
+        auth = _admin(tmp_path)
+        key = auth["Authorization"].split()[1]
+        post = lambda body: httpx.post(f"{base}/v1/jobs", json=body, headers=auth).json()["id"]  # noqa: E731
+        watched = post(small_job(iterations=10, tasks=4, steps=400))  # a few seconds: long enough to watch
+        waiting = post(small_job(iterations=200, tasks=2, steps=60))  # queued behind it: one worker
+        with _browser() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{base}/#/job/{watched}")
+            page.fill("#key-input", key)  # asked once, kept in the tab's session storage
+            page.click("#key button")
+            page.wait_for_selector("#charts svg")
+
+            seen: list[int] = []
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                n = int(page.get_attribute("#charts svg", "data-points") or 0)
+                if not seen or n != seen[-1]:
+                    seen.append(n)
+                if n == 10 and page.locator("#job-head .status.succeeded").count():
+                    break
+                time.sleep(0.1)
+            assert seen[-1] == 10, seen
+            assert seen == sorted(seen) and len(seen) >= 3, f"the points did not grow live: {seen}"
+            page.wait_for_selector("#evaluation")
+            assert "optimizer = torch.optim.SGD(" in page.inner_text("#snippet")
+            history = httpx.get(f"{base}/v1/jobs/{watched}/history", headers=auth).json()["items"]
+            circles = page.locator("#charts .chart").first.locator("circle").count()
+            assert circles == len([i for i in history if i["meta_loss"] is not None]) == 10
+
+            page.goto(f"{base}/#/job/{waiting}")  # the key is still there: no form
+            page.wait_for_selector("#cancel")
+            page.click("#cancel")
+            page.wait_for_selector("#job-head .status.cancelled, #job-head button[disabled]#cancel", timeout=30_000)
+            wait_for(
+                lambda: httpx.get(f"{base}/v1/jobs/{waiting}", headers=auth).json()["status"] == "cancelled",
+                60,
+                "the job cancelled from its page",
+            )
+            page.wait_for_selector("#job-head .status.cancelled", timeout=30_000)
+
+            page.goto(f"{base}/#/jobs")
+            page.wait_for_selector(f"tr[data-job='{watched}']")
+            assert page.locator("#jobs tbody tr").count() == 2
+            page.select_option("#status-filter", "cancelled")
+            page.wait_for_function("document.querySelectorAll('#jobs tbody tr').length === 1")
+            if backend == "sqlite":
+                rich = post(_per_layer_job())
+                wait_for(
+                    lambda: httpx.get(f"{base}/v1/jobs/{rich}", headers=auth).json()["status"] == "succeeded",
+                    120,
+                    "the per-layer job",
+                )
+                page.goto(f"{base}/#/jobs")
+                page.wait_for_selector(f"tr[data-job='{rich}'] .spark polyline")
+                _shot(page, tmp_path, "dashboard-jobs.png")
+                page.goto(f"{base}/#/job/{rich}")
+                page.wait_for_selector("table.heatmap[data-field='lr']")
+                _shot(page, tmp_path, "dashboard-job.png")
+                for view, selector in (("workers", "#workers"), ("datasets", "#datasets"), ("models", "#models")):
+                    page.goto(f"{base}/#/{view}")
+                    page.wait_for_selector(selector)
+            assert errors == [], errors
+            browser.close()
+    finally:
+        _stop(proc)
