@@ -101,7 +101,7 @@ def stream_lines(
                 http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout)
             )
         except httpx.HTTPError as exc:
-            raise GradtuneError(0, f"cannot reach {http.base_url}: {exc}") from exc
+            raise GradtuneError(0, f"cannot reach {str(http.base_url).rstrip('/')}: {exc}") from exc
         if response.status_code != 200:
             response.read()
             raise refused(response)
@@ -156,8 +156,8 @@ def follow(
                             continue
                         if on_progress:
                             on_progress(job)
-                        if job["status"] in TERMINAL_STATUSES:
-                            return job
+                        if event.event == "status" and job["status"] in TERMINAL_STATUSES:
+                            return job  # the stream's last event
                     check_deadline()
         except GradtuneError as exc:
             if exc.status_code in FALLBACK_STATUSES:
