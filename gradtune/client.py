@@ -11,31 +11,19 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from gradtune.errors import GradtuneError, refused
+from gradtune.errors import format_detail as format_detail  # re-exported: gradtune.client.format_detail
+from gradtune.sse import ServerEvent, follow, stream_lines
+
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-class GradtuneError(Exception):
-    """The server refused a request; ``str()`` is the server's message after its HTTP status.
-    ``status_code`` 0: the server could not be reached (``str()`` is then the message alone)."""
-
-    def __init__(self, status_code: int, detail: Any) -> None:
-        self.status_code = status_code
-        self.detail = detail
-        message = format_detail(detail)
-        super().__init__(f"{status_code}: {message}" if status_code else message)
-
-
-def format_detail(detail: Any) -> str:
-    if isinstance(detail, list):
-        return "; ".join(f"{d.get('field') or d.get('loc')}: {d.get('msg')}" for d in detail if isinstance(d, dict))
-    return str(detail)
 
 
 @dataclass
@@ -168,11 +156,7 @@ class Client:
         except httpx.HTTPError as exc:
             raise GradtuneError(0, f"cannot reach {self.url}: {exc}") from exc
         if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise GradtuneError(r.status_code, detail)
+            raise refused(r)
         return r.json() if r.content else None
 
     def submit(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -354,6 +338,15 @@ class Client:
         torch.export.save(program, buf)
         return self.upload_model(buf.getvalue(), filename=f"{name}.pt2")["id"]
 
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[ServerEvent]:
+        """The job's live events (GET /v1/jobs/{id}/events, Server-Sent Events), as ``ServerEvent``
+        (``event``, ``id``, ``data`` parsed): ``iteration`` per committed meta-iteration (id ``N``),
+        ``status`` per status change (id ``N:status``, data: the job's body); it ends after a
+        finished job's status. ``last_event_id`` resumes after that event. GradtuneError when the
+        server refuses or cannot be reached; httpx.TransportError if the connection drops."""
+        with closing(stream_lines(self._http, job_id, last_event_id)) as lines:
+            yield from (event for event in lines if event is not None)
+
     def wait(
         self,
         job_id: str,
@@ -362,8 +355,27 @@ class Client:
         timeout: float | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job finishes; returns the final job (whatever its status)."""
+        """Follow the job until it finishes; returns the final job (whatever its status).
+
+        Follows the job's events: ``on_progress`` gets the job's body at each status change and, at
+        each committed iteration, the last body with that iteration's progress. Against a server
+        without the events route (404/405), or after the stream dropped twice (it is resumed once),
+        it polls GET /v1/jobs/{id} every ``poll`` seconds instead. ``timeout``: TimeoutError once
+        past it; while following events that is seen at the next event or keep-alive ping (the
+        server pings every 15 s; a read waits at most until the deadline), so it may come late by
+        up to that much.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        followed = follow(
+            self._http,
+            job_id,
+            fetch=lambda: self.job(job_id),
+            deadline=deadline,
+            timeout=timeout,
+            on_progress=on_progress,
+        )
+        if followed is not None:
+            return followed
         while True:
             job = self.job(job_id)
             if on_progress:
