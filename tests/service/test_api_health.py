@@ -104,6 +104,7 @@ def test_openapi_documents_the_endpoints(client):
         "/v1/jobs": {"get", "post"},
         "/v1/jobs/{job_id}": {"get"},
         "/v1/jobs/{job_id}/history": {"get"},
+        "/v1/jobs/{job_id}/events": {"get"},
         "/v1/jobs/{job_id}/settings": {"get"},
         "/v1/jobs/{job_id}/cancel": {"post"},
         "/v1/datasets": {"get", "post"},

@@ -58,7 +58,10 @@ class World:
         data = {"source": "dataset", "train": {"dataset": dataset.json()["id"], "x": ["a", "b"], "y": "y"}}
         body["tasks"][0].update(data=dict(data, val_fraction=0.25), batch_size=1)
         assert self.http.post("/v1/jobs", json=body, headers=own).status_code == 202
-        return {"job": job.json()["id"], "dataset": dataset.json()["id"], "model": model.json()["id"]}
+        # A cancelled job, whose event stream ends at once.
+        done = self.http.post("/v1/jobs", json=job_body(), headers=own).json()["id"]
+        assert self.http.post(f"/v1/jobs/{done}/cancel", headers=own).status_code == 202
+        return {"job": job.json()["id"], "dataset": dataset.json()["id"], "model": model.json()["id"], "done": done}
 
     def call(self, method: str, path: str, who: str, **kw):
         return self.http.request(method, path.format(**self.ids), headers=self.headers(who), **kw)
@@ -91,6 +94,7 @@ ROUTES = [
     ("GET", "/v1/jobs/{job}", {}, False, _status(200)),
     ("GET", "/v1/jobs/{job}/history", {}, False, _status(200)),
     ("GET", "/v1/jobs/{job}/settings", {}, False, _status(409)),  # queued: no settings yet
+    ("GET", "/v1/jobs/{done}/events", {}, False, _status(200)),
     ("POST", "/v1/jobs/{job}/cancel", {}, True, _status(202)),
     # alpha sent these bytes before (200, its own row); beta and ops get rows of their own (201)
     ("POST", "/v1/datasets", {"files": {"file": ("d.csv", CSV)}}, False, _status(200, other=201, admin=201)),
@@ -116,9 +120,10 @@ def test_the_matrix_covers_every_route(tmp_path, make_settings):
     paths = app.openapi()["paths"]
     served = {(method.upper(), path) for path, ops in paths.items() if path.startswith("/v1") for method in ops}
     listed = {
-        (m, p.replace("{job}", "{job_id}").replace("{dataset}", "{dataset_id}").replace("{model}", "{model_id}"))
+        (m, p.replace("{job}", "{job_id}").replace("{done}", "{job_id}").replace("{dataset}", "{dataset_id}"))
         for m, p, *_ in ROUTES
     }
+    listed = {(m, p.replace("{model}", "{model_id}")) for m, p in listed}
     assert served == listed
 
 

@@ -16,18 +16,21 @@ from tests.service.conftest import job_body
 
 def parse(lines) -> list[dict]:
     """SSE lines -> [{"event", "id", "data"}] (comments and pings dropped)."""
-    events, current = [], {}
+    return list(iter_events(lines))
+
+
+def iter_events(lines):
+    current: dict = {}
     for line in lines:
         if line == "":
             if "data" in current:
-                events.append(current)
+                yield current
             current = {}
         elif line.startswith(":"):
             continue
         else:
             field, _, value = line.partition(":")
             current[field] = value[1:] if value.startswith(" ") else value
-    return events
 
 
 def stream(client, job_id: str, **headers) -> list[dict]:
@@ -80,18 +83,20 @@ def test_events_arrive_while_the_job_runs(env):
     app, client, sent = env
     job_id = client.post("/v1/jobs", json=job_body(meta={"iterations": 6, "seed": 0})).json()["id"]
     seen: list[dict] = []
-    done = threading.Event()
+    first, done = threading.Event(), threading.Event()
 
     def listen():
         try:
             with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
-                for event in parse(r.iter_lines()):
+                for event in iter_events(r.iter_lines()):
                     seen.append(event)
+                    first.set()
         finally:
             done.set()
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
+    assert first.wait(30), "no first event"  # connected before the job starts
     run_all(sent, job_id)
     assert done.wait(30), "the stream did not end after the job finished"
     kinds = [(e["event"], e["id"]) for e in seen]
