@@ -187,6 +187,7 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> JSONRespo
     return JSONResponse(
         status_code=500,
         content={"detail": f"internal server error; the details were logged under reference {ref}"},
+        headers={"X-Request-ID": ref},  # this answer is made outside the request-id middleware
     )
 
 

@@ -102,7 +102,8 @@ def test_the_dashboard_follows_a_job_and_cancels_another(tmp_path, backend, requ
             page.wait_for_selector(f"tr[data-job='{watched}']")
             assert page.locator("#jobs tbody tr").count() == 2
             page.select_option("#status-filter", "cancelled")
-            page.wait_for_function("document.querySelectorAll('#jobs tbody tr').length === 1")
+            # (no wait_for_function: the page's Content-Security-Policy forbids evaluating strings)
+            wait_for(lambda: page.locator("#jobs tbody tr").count() == 1, 30, "the filtered list")
             if backend == "sqlite":
                 rich = post(_per_layer_job())
                 wait_for(

@@ -154,7 +154,7 @@ async function jobsView(params) {
 // Python's repr of the values: floats keep a ".0" (lr=1.0), strings single-quoted.
 function pyRepr(v, integer = false) {
   if (Array.isArray(v)) return `[${v.map((x) => pyRepr(x, integer)).join(", ")}]`;
-  if (typeof v === "string") return `'${v}'`;
+  if (typeof v === "string") return `'${v.replace(/\\/g, "\\\\").replace(/'/g, "\\'")}'`;
   const s = String(v);
   return integer || /[.eEIN]/.test(s) ? s : `${s}.0`;
 }
@@ -204,11 +204,16 @@ async function settingsPanel(job) {
     parts.push(heatmap("Momentum per layer × segment", s.param_groups, "momentum", false));
   }
   if (ev.tasks) {
+    const groups = ev.mean_learned_groups_val_loss !== undefined && ev.mean_learned_groups_val_loss !== null;
+    const cells = (...values) => values.map((v) => el("td", { class: "num" }, fmt(v)));
     parts.push(el("h2", {}, "Evaluation: validation loss after torch.optim.SGD training"),
       el("table", { id: "evaluation" },
-        el("thead", {}, el("tr", {}, el("th", {}, "task"), el("th", {}, "with the start"), el("th", {}, "with the learned"))),
-        el("tbody", {}, ev.tasks.map((t) => el("tr", {}, el("td", {}, t.name), el("td", { class: "num" }, fmt(t.initial_val_loss)), el("td", { class: "num" }, fmt(t.learned_val_loss)))),
-          el("tr", {}, el("th", {}, "mean"), el("th", { class: "num" }, fmt(ev.mean_initial_val_loss)), el("th", { class: "num" }, fmt(ev.mean_learned_val_loss))))));
+        el("thead", {}, el("tr", {}, el("th", {}, "task"), el("th", {}, "with the start"), el("th", {}, "with the learned lr, momentum"),
+          groups ? el("th", {}, "with the learned per-layer / schedule values") : "")),
+        el("tbody", {}, ev.tasks.map((t) => el("tr", {}, el("td", {}, t.name),
+          cells(t.initial_val_loss, t.learned_val_loss, ...(groups ? [t.learned_groups_val_loss] : [])))),
+          el("tr", { class: "mean" }, el("th", {}, "mean"),
+            cells(ev.mean_initial_val_loss, ev.mean_learned_val_loss, ...(groups ? [ev.mean_learned_groups_val_loss] : []))))));
   }
   const code = pythonSnippet(s);
   const copy = el("button", { id: "copy", onclick: async () => { await navigator.clipboard.writeText(code).catch(() => {}); copy.textContent = "copied"; } }, "copy");
@@ -239,7 +244,10 @@ async function jobView(id) {
       chart("learning rate", points.map((p) => ({ x: p.iteration, y: p.lr, accepted: p.accepted })), { log: true }),
       chart("momentum", points.map((p) => ({ x: p.iteration, y: p.momentum, accepted: p.accepted }))));
   };
-  const cancel = async () => { job = await api(`/v1/jobs/${id}/cancel`, { method: "POST" }); draw(); };
+  const cancel = async () => {
+    try { job = await api(`/v1/jobs/${id}/cancel`, { method: "POST" }); draw(); }
+    catch (e) { head.append(el("p", { class: "error" }, e.message)); }
+  };
   main.replaceChildren(head, charts, after);
   draw();
   const controller = new AbortController();
@@ -256,6 +264,7 @@ async function jobView(id) {
   };
   try {
     await follow(`/v1/jobs/${id}/events`, onEvent, controller.signal);
+    if (!TERMINAL.has(job.status)) throw new Error("the event stream ended before the job did");
   } catch (e) {
     if (e.name === "AbortError") return;
     // polling fallback
