@@ -152,7 +152,7 @@ class Metrics:
         in_files = bool(getattr(values.ValueClass, "_multiprocess", False))
         self.http = Histogram(
             "gradtune_http_request_seconds",
-            "HTTP requests by method, route template and status code: seconds until the response ended.",
+            "HTTP requests by method, route template and status code: seconds until the response started.",
             ["method", "route", "status"],
             buckets=HTTP_BUCKETS,
             registry=None if in_files else self.registry,
@@ -214,17 +214,13 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # an exception before the response started: the server error handler answers 500
+        recorded = False
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        def record(status: int) -> None:
+            # Until the response starts (its status line): the same as until it ends for a JSON
+            # answer, and an events stream (open for as long as a job runs) counts its first byte.
+            nonlocal recorded
+            recorded = True
             try:
                 metrics = metrics_of(scope["app"].state)
                 method = scope.get("method", "")
@@ -232,3 +228,14 @@ class HttpMetricsMiddleware:
                 metrics.http.labels(method, route_template(scope), str(status)).observe(time.perf_counter() - started)
             except Exception:  # a metric never fails a request
                 log.exception("metrics: could not record a request")
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start" and not recorded:
+                record(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if not recorded:  # an exception before the response started: the error handler answers 500
+                record(500)

@@ -8,6 +8,7 @@ the next chunk. The chunk after the last iteration evaluates and finishes the jo
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -244,7 +245,9 @@ class _Heartbeat:
         self.lost = False
         self.cancel = False
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        # run in a copy of the chunk's context, so its log lines carry the job id (service/logs.py)
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=f"heartbeat-{job_id}", daemon=True)
 
     def _run(self) -> None:
         while not self._done.wait(self.every):

@@ -68,3 +68,23 @@ def test_celery_logging_setup_goes_through_configure_logging(monkeypatch):
     receivers = signals.setup_logging.send(sender=None, loglevel=logging.DEBUG, logfile=None, format="", colorize=False)
     assert receivers  # Celery adds no handler of its own when a receiver answers
     assert calls == [(worker.celery_app.settings, logging.DEBUG)]
+
+
+def test_the_heartbeat_threads_lines_carry_the_job_id(monkeypatch, caplog):
+    """The heartbeat runs in its own thread: it gets a copy of the chunk's context, job id included."""
+
+    def broken():
+        raise RuntimeError("database away")
+
+    monkeypatch.setattr(runner, "session_scope", broken)
+    with caplog.at_level(logging.ERROR, logger=runner.log.name), logs.job_context("job-7"):
+        beat = runner._Heartbeat("job-7", "token", every=0.01)
+    with beat:
+        for _ in range(200):
+            if any("heartbeat for job job-7 failed" in r.getMessage() for r in caplog.records):
+                break
+            import time
+
+            time.sleep(0.01)
+    failed = [r for r in caplog.records if "heartbeat for job job-7 failed" in r.getMessage()]
+    assert failed and all(getattr(r, "job_id", None) == "job-7" for r in failed)

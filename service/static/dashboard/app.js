@@ -8,6 +8,8 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const PAGE = 20;
 const main = document.getElementById("main");
 let stopView = () => {};  // ends the current view's live stream
+let generation = 0;  // the current route's number: a slower earlier view must not draw over a newer one
+const stale = (gen) => gen !== generation;
 
 class Unauthorized extends Error {}
 
@@ -123,7 +125,9 @@ async function jobsView(params) {
   const offset = Number(params.get("offset") || 0);
   const query = new URLSearchParams({ limit: PAGE, offset });
   if (status) query.set("status", status);
+  const gen = generation;
   const page = await api(`/v1/jobs?${query}`);
+  if (stale(gen)) return;
   const filter = el("select", { id: "status-filter", onchange: (e) => go({ status: e.target.value, offset: 0 }) },
     el("option", { value: "" }, "all statuses"), ...STATUSES.map((s) => el("option", { value: s }, s)));
   filter.value = status;
@@ -222,7 +226,9 @@ async function settingsPanel(job) {
 }
 
 async function jobView(id) {
+  const gen = generation;
   let job = await api(`/v1/jobs/${id}`);
+  if (stale(gen)) return;
   const points = [];
   const head = el("div", { class: "card", id: "job-head" });
   const charts = el("div", { class: "charts", id: "charts" });
@@ -279,7 +285,9 @@ async function jobView(id) {
 
 function tableView(title, path, columns) {
   return async () => {
+    const gen = generation;
     const page = await api(path);
+    if (stale(gen)) return;
     main.replaceChildren(el("h1", {}, title), el("p", { class: "muted" }, `${page.total} in all`),
       el("table", { id: title.toLowerCase() },
         el("thead", {}, el("tr", {}, columns.map(([h]) => el("th", {}, h)))),
@@ -319,6 +327,7 @@ function showWho() {
 }
 
 async function route() {
+  generation += 1;
   stopView();
   stopView = () => {};
   const [path, query] = (location.hash.slice(1) || "/jobs").split("?");
