@@ -4,33 +4,19 @@ with Last-Event-ID; another tenant's job answers 404; live: events arrive while 
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 
+from gradtune.sse import ServerEvent, parse_sse
 from service.main import create_app
 from tests.helpers.support import keyed_client
 from tests.service.conftest import job_body
 
 
-def parse(lines) -> list[dict]:
-    """SSE lines -> [{"event", "id", "data"}] (comments and pings dropped)."""
-    return list(iter_events(lines))
-
-
-def iter_events(lines):
-    current: dict = {}
-    for line in lines:
-        if line == "":
-            if "data" in current:
-                yield current
-            current = {}
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(":")
-            current[field] = value[1:] if value.startswith(" ") else value
+def parse(lines) -> list[ServerEvent]:
+    """SSE lines -> events (the client's parser, gradtune/sse.py; comments and pings dropped)."""
+    return list(parse_sse(lines))
 
 
 def stream(client, job_id: str, **headers) -> list[dict]:
@@ -62,33 +48,33 @@ def test_a_finished_job_streams_every_iteration_then_its_status_and_ends(env):
     job_id = client.post("/v1/jobs", json=job_body(meta={"iterations": 5, "seed": 0})).json()["id"]
     run_all(sent, job_id)
     events = stream(client, job_id)
-    iterations = [e for e in events if e["event"] == "iteration"]
-    assert [int(e["id"]) for e in iterations] == [1, 2, 3, 4, 5]
+    iterations = [e for e in events if e.event == "iteration"]
+    assert [int(e.id) for e in iterations] == [1, 2, 3, 4, 5]
     history = client.get(f"/v1/jobs/{job_id}/history").json()["items"]
-    assert [json.loads(e["data"]) for e in iterations] == history
-    assert events[-1]["event"] == "status" and events[-1]["id"] == "5:succeeded"
-    assert json.loads(events[-1]["data"]) == client.get(f"/v1/jobs/{job_id}").json()
+    assert [e.data for e in iterations] == history
+    assert events[-1].event == "status" and events[-1].id == "5:succeeded"
+    assert events[-1].data == client.get(f"/v1/jobs/{job_id}").json()
 
     resumed = stream(client, job_id, **{"Last-Event-ID": "3"})
-    assert [(e["event"], e["id"]) for e in resumed] == [
+    assert [(e.event, e.id) for e in resumed] == [
         ("iteration", "4"),
         ("iteration", "5"),
         ("status", "5:succeeded"),
     ]
     assert stream(client, job_id, **{"Last-Event-ID": "5:succeeded"}) == []
-    assert [e["id"] for e in stream(client, job_id, **{"Last-Event-ID": "junk"})][:1] == ["1"]  # from the start
+    assert [e.id for e in stream(client, job_id, **{"Last-Event-ID": "junk"})][:1] == ["1"]  # from the start
 
 
 def test_events_arrive_while_the_job_runs(env):
     app, client, sent = env
     job_id = client.post("/v1/jobs", json=job_body(meta={"iterations": 6, "seed": 0})).json()["id"]
-    seen: list[dict] = []
+    seen: list[ServerEvent] = []
     first, done = threading.Event(), threading.Event()
 
     def listen():
         try:
             with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
-                for event in iter_events(r.iter_lines()):
+                for event in parse_sse(r.iter_lines()):
                     seen.append(event)
                     first.set()
         finally:
@@ -99,7 +85,7 @@ def test_events_arrive_while_the_job_runs(env):
     assert first.wait(30), "no first event"  # connected before the job starts
     run_all(sent, job_id)
     assert done.wait(30), "the stream did not end after the job finished"
-    kinds = [(e["event"], e["id"]) for e in seen]
+    kinds = [(e.event, e.id) for e in seen]
     assert kinds[0] == ("status", "0:queued")
     assert [i for k, i in kinds if k == "iteration"] == [str(n) for n in range(1, 7)]
     statuses = [i.split(":")[1] for k, i in kinds if k == "status"]
@@ -114,7 +100,7 @@ def test_another_tenants_job_is_404_and_no_key_is_401(tmp_path, db_url, make_set
         assert b.get(f"/v1/jobs/{job_id}/events").json() == {"detail": f"job {job_id} not found"}
         assert a.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
         events = stream(a, job_id)
-        assert [(e["event"], e["id"]) for e in events] == [("status", "0:cancelled")]
+        assert [(e.event, e.id) for e in events] == [("status", "0:cancelled")]
     from fastapi.testclient import TestClient
 
     with TestClient(app) as anonymous:
