@@ -7,35 +7,13 @@ import io
 import json
 import logging
 
-import pytest
-
 from service import logs
-from service.db import session as db_session
-from service.main import create_app
-from service.settings import get_settings
 from tests.e2e.conftest import small_job
-from tests.helpers.support import keyed_client
+from tests.worker.test_runner import env  # noqa: F401 - the runner's fixture: worker settings, messages captured
 from worker import runner
 
 
-@pytest.fixture
-def env(db_url, tmp_path, monkeypatch):
-    """Worker settings from the environment (as a real worker reads them), messages captured."""
-    monkeypatch.setenv("GRADTUNE_DATABASE_URL", db_url)
-    monkeypatch.setenv("GRADTUNE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("GRADTUNE_CHUNK_ITERATIONS", "2")
-    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
-        f.cache_clear()
-    sent: list[tuple[str, int]] = []
-    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
-    with keyed_client(create_app(get_settings())) as client:
-        yield client, sent
-    db_session.get_engine().dispose()
-    for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
-        f.cache_clear()
-
-
-def test_lines_made_while_a_chunk_runs_carry_its_job_id(env, caplog):
+def test_lines_made_while_a_chunk_runs_carry_its_job_id(env, caplog):  # noqa: F811
     client, sent = env
     jid = client.post("/v1/jobs", json=small_job(iterations=2, tasks=1)).json()["id"]
     out = io.StringIO()
