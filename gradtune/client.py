@@ -21,6 +21,7 @@ import httpx
 
 from gradtune.errors import GradtuneError, refused
 from gradtune.errors import format_detail as format_detail  # re-exported: gradtune.client.format_detail
+from gradtune.spec.vocab import ADMIN_KEY_FILE
 from gradtune.sse import ServerEvent, follow, stream_lines
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -105,9 +106,6 @@ class TunedSettings:
             "        group['lr'], group['momentum'] = g['lr'][seg], g['momentum'][seg]",
         ]
         return "\n".join(lines) + "\n"
-
-
-ADMIN_KEY_FILE = "admin.key"  # written by the first `gradtune serve` into its data directory
 
 
 def local_admin_key(url: str) -> str | None:

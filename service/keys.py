@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from gradtune.spec import DEFAULT_TENANT, TENANT_RE, TENANT_RULE
+from gradtune.spec import ADMIN_KEY_FILE, DEFAULT_TENANT, TENANT_RE, TENANT_RULE
 from service.db.clock import database_now
 from service.db.models import ApiKey, Tenant
 
@@ -203,9 +203,6 @@ def quotas_of(session: Session, *, tenant: str, settings: Any) -> dict[str, int]
         name: int(value) if (value := getattr(row, name, None)) is not None else int(getattr(settings, setting))
         for name, setting in QUOTAS.items()
     }
-
-
-ADMIN_KEY_FILE = "admin.key"  # gradtune.client reads it (the same name) for a server on this machine
 
 
 def first_admin_key(session: Session, data_dir: Path) -> tuple[Path, str] | None:

@@ -21,6 +21,7 @@ from gradtune.spec.shapes import ModelShapes, SpecError, cnn_shapes, mlp_shapes
 from gradtune.spec.vocab import (
     ACTIVATIONS,
     ACTIVE_STATUSES,
+    ADMIN_KEY_FILE,
     BUILTIN_DATASETS,
     CNN_LAYER_TYPES,
     DEFAULT_TENANT,
@@ -35,6 +36,7 @@ from gradtune.spec.vocab import (
 __all__ = [
     "ACTIVATIONS",
     "ACTIVE_STATUSES",
+    "ADMIN_KEY_FILE",
     "BUILTIN_DATASETS",
     "CNN_LAYER_TYPES",
     "DEFAULT_TENANT",

@@ -49,4 +49,7 @@ BUILTIN_DATASETS: dict[str, dict[str, Any]] = {
 # the API's ?tenant= too). Match with fullmatch: "$" alone would let a final newline through.
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 TENANT_RULE = "1-64 characters: lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+# The file the first `gradtune serve` writes its admin key to, in its data directory (service/keys.py);
+# the client and CLI read it for a server on this machine (gradtune/client.py).
+ADMIN_KEY_FILE = "admin.key"
 DEFAULT_TENANT = "default"  # migration 0007 gave every earlier row to it; `gradtune serve` makes its admin key
