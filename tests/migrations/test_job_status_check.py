@@ -26,13 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TS = "'2026-01-01 00:00:00+00:00'"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    return request.getfixturevalue("empty_pg_url")
-
-
 def _migration_0004():
     path = MIGRATIONS_DIR / "versions" / "0004_job_status_check.py"
     spec = importlib.util.spec_from_file_location("migration_0004", path)

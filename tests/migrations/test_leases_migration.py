@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.orm import sessionmaker
 
@@ -20,13 +19,6 @@ from tests.migrations.test_job_status_check import _offline_sql, _populate_0003,
 from tests.migrations.test_migrations import HEAD, TABLES, diff, tables, version
 
 NEW = {"attempts", "enqueued_at", "max_seconds", "elapsed_seconds", "stopped"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    return request.getfixturevalue("empty_pg_url")
 
 
 def _columns(url: str) -> set[str]:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
@@ -25,13 +24,6 @@ HEAD = "0007"
 TABLES_0004 = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
 TABLES_0006 = TABLES_0004 | {"workers"}
 TABLES = TABLES_0006 | {"tenants", "api_keys"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    return request.getfixturevalue("empty_pg_url")
 
 
 def diff(url: str) -> list:

@@ -16,13 +16,6 @@ from tests.migrations.test_job_status_check import TS, _populate_0003, _snapshot
 from tests.migrations.test_migrations import HEAD, TABLES, TABLES_0006, diff, tables, version
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    return request.getfixturevalue("empty_pg_url")
-
-
 def _query(url: str, sql: str) -> list[tuple]:
     engine = create_engine(url)
     try:

@@ -4,7 +4,6 @@ down to 0005 with only that table gone."""
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.orm import Session
 
@@ -12,13 +11,6 @@ from service import workers
 from service.db.migrate import downgrade, upgrade
 from tests.migrations.test_job_status_check import _populate_0003, _snapshot
 from tests.migrations.test_migrations import TABLES_0004, TABLES_0006, diff, tables, version
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    return request.getfixturevalue("empty_pg_url")
 
 
 def test_upgrade_from_0005_adds_the_workers_table_and_keeps_every_row(empty_url):
