@@ -394,6 +394,17 @@ class LearnedValues(BaseModel):
     boundaries: list[int] | None = None
 
 
+class RichCheck(BaseModel):
+    """The per-layer / scheduled values judged on tasks the search never saw (every 4th task, from 4
+    tasks on): kept only if their meta-loss there is lower than the constant pair's."""
+
+    held_back: list[int] = Field(description="Indices of the tasks held back from the richer search.")
+    table_loss: float | None
+    constant_loss: float | None
+    kept: Literal["table", "constant"]
+    reason: str | None = None
+
+
 class Evaluation(BaseModel):
     """Validation loss after each task's steps, trained with plain torch.optim.SGD.
 
@@ -414,6 +425,9 @@ class Evaluation(BaseModel):
     draws: list[int]
     training_draws: list[int] | None = Field(
         None, description="The draws the meta-objective trained on (disjoint from `draws`)."
+    )
+    rich_check: RichCheck | None = Field(
+        None, description="The richer values' check on held-back tasks; 'constant' sets fallback to constant."
     )
 
 
@@ -447,7 +461,8 @@ class SettingsPublic(BaseModel):
         None,
         description="null: the learned values are returned. 'start': they evaluated worse than the starting "
         "values, which are returned instead. 'constant': the per-layer / scheduled values evaluated worse than "
-        "the learned constant pair, which is returned without param_groups. evaluation keeps every evaluation.",
+        "the learned constant pair, or did not beat it on the tasks held back from their search "
+        "(evaluation.rich_check), and the pair is returned without param_groups. evaluation keeps every evaluation.",
     )
     evaluation: Evaluation
 

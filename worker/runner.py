@@ -178,7 +178,9 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
     from worker.engine import evaluate, evaluate_groups  # MLP, cnn and exported tasks alike
 
     hp = job.hyperparameters
+    state = engine.check_rich(tasks, meta_config(job), state)  # a job stopped early has not run it yet
     best = engine.best_settings(state)
+    check = best.get("rich_check")
     draws = list(engine.EVAL_DRAWS)
     before = evaluate(tasks, hp.lr, hp.momentum, draws)
     after = evaluate(tasks, best["lr"], best["momentum"], draws)
@@ -213,6 +215,11 @@ def evaluate_settings(tasks: list, job: JobCreate, state: dict) -> dict:
         evaluation["mean_learned_groups_val_loss"] = _finite(groups["mean_val_loss"])
         scores += (evaluation["mean_learned_groups_val_loss"],)
     fallback = choose_fallback(*scores)
+    if groups is not None and fallback is None and check is not None and check["kept"] == "constant":
+        fallback = "constant"  # the richer values did not beat the pair on tasks the search never saw
+        evaluation["rich_check"] = check
+    elif check is not None:
+        evaluation["rich_check"] = check
     returned = {"lr": hp.lr, "momentum": hp.momentum} if fallback == "start" else learned
     body = {
         "optimizer": "SGD",

@@ -67,7 +67,7 @@ from gradtune.spec.hyper import momentum_to_param, param_to_momentum
 
 from .config import LINE_SEARCH, MetaConfig
 from .costs import choose_method, estimate_costs
-from .loop import best_settings, init_state, run_meta, state_iteration
+from .loop import best_settings, check_rich, held_back, init_state, run_meta, state_iteration
 from .state import STATE_VERSION, MetaState
 
 __all__ = [
@@ -76,6 +76,8 @@ __all__ = [
     "MetaConfig",
     "MetaState",
     "best_settings",
+    "check_rich",
+    "held_back",
     "choose_method",
     "estimate_costs",
     "init_state",

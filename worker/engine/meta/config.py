@@ -86,6 +86,14 @@ class MetaConfig:
     # Per-layer and per-segment values can sit right at the edge of stability of the training tasks
     # and diverge on a new task of the same kind (measured: benchmarks/quality.py, teacher-illcond).
     stability_margin: float = 1.5
+    # richer phase, checked on tasks it never saw: with at least this many tasks, every
+    # rich_holdout-th task (the 4th, 8th, ... with 4) is held back from the richer search (the
+    # constant pair still learns on every task). When the search ends, the table is kept only if its
+    # meta-loss on the held-back tasks is lower than the best constant pair's there; otherwise
+    # best_settings returns the constant pair in the table's form and says why ("rich_check").
+    # Richer values that fit the training tasks do not always transfer to new tasks of the same
+    # kind (issue 13). 0 turns the check off (the richer search then sees every task).
+    rich_holdout: int = 4
 
 
 # The cheap search (MetaConfig(**LINE_SEARCH, iterations=3) is the "budget" row of
@@ -131,5 +139,7 @@ def check_config(config: MetaConfig) -> None:
         raise EngineError("The job's memory budget must be positive.")
     if not (math.isfinite(config.stability_margin) and config.stability_margin >= 1.0):
         raise EngineError("The stability margin must be a number of at least 1.")
+    if int(config.rich_holdout) < 0 or int(config.rich_holdout) == 1:
+        raise EngineError("rich_holdout must be 0 (off) or at least 2.")
     if not 0.0 < config.constant_fraction <= 1.0:
         raise EngineError("The constant fraction must lie in (0, 1].")

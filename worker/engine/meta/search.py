@@ -439,7 +439,15 @@ class Search:
                 self.accept(s, chosen, loss, grad)
                 s.step = min(steps[i], cfg.max_step)
                 accepted = True
-        if not accepted:
+        if not accepted and self.policy.table:
+            # a table's stencil moves each value alone (2 per value plus the random moves: 40
+            # candidates for 16 values, ten lines' worth): the line is retried at a shorter step
+            # instead, and a miss at the smallest step ends the search
+            if s.step <= cfg.min_step:
+                s.converged = True
+            else:
+                s.step = max(s.step * cfg.step_shrink, cfg.min_step)
+        elif not accepted:
             # near the edge of stability the hypergradient's sign says little about a finite step:
             # the stencil shrinks the step, or ends the search if nothing around is lower either
             s.screen_next = True

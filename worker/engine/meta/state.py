@@ -82,6 +82,8 @@ class MetaState:
     layout: Layout | None = None
     method: str | None = None
     method_reason: str | None = None
+    # the richer values' check on held-back tasks (loop.check_rich), once done: plain JSON
+    rich_check: dict | None = None
 
     @property
     def rich_enabled(self) -> bool:
@@ -115,6 +117,7 @@ class MetaState:
                 "iteration": c.best.iteration,
             },
             "rich": None if self.rich is None else _table_json(self.rich),
+            "rich_check": None if self.rich_check is None else dict(self.rich_check),
         }
 
     @classmethod
@@ -237,4 +240,5 @@ def _read(state: dict, strict: bool) -> MetaState:
         layout=_read_layout(_get(state, "layout", strict)),
         method=_get(state, "method", strict),
         method_reason=_get(state, "method_reason", strict),
+        rich_check=state.get("rich_check"),  # absent from states written before the check existed
     )

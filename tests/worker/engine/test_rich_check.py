@@ -1,0 +1,105 @@
+"""The richer values' check on held-back tasks (MetaConfig.rich_holdout, meta.loop.check_rich): the
+richer search never sees every 4th task; at the end the table is kept only if it beats the constant
+pair there, judged with plain torch.optim.SGD's losses; otherwise the pair comes back, saying so."""
+
+import json
+import math
+
+import pytest
+
+from tests.helpers.tasks import synthetic_task
+from worker.engine import EngineError, MetaConfig, best_settings, check_rich, init_state, run_meta, train_sgd_groups
+from worker.engine.meta import held_back
+from worker.engine.meta.loop import CHECK_DRAWS
+from worker.engine.meta.state import MetaState
+
+RICH = {"per_layer": True, "schedule_segments": 2, "iterations": 8}
+
+
+def _tasks(n: int):
+    return [synthetic_task(seed=i, name=f"t{i}") for i in range(n)]
+
+
+def test_held_back_is_every_kth_task_from_k_tasks_on():
+    cfg = MetaConfig(**RICH)
+    assert held_back(3, cfg) == []
+    assert held_back(4, cfg) == [3]
+    assert held_back(9, cfg) == [3, 7]
+    assert held_back(9, MetaConfig(**RICH, rich_holdout=3)) == [2, 5, 8]
+    assert held_back(9, MetaConfig(**RICH, rich_holdout=0)) == []
+    assert held_back(9, MetaConfig(iterations=8)) == []  # no richer values: nothing to check
+    with pytest.raises(EngineError, match="rich_holdout"):
+        init_state(MetaConfig(**RICH, rich_holdout=1), 0.1, 0.5)
+
+
+def test_the_richer_search_never_sees_a_held_back_task(monkeypatch):
+    """Every objective the run builds is recorded: the constant pair's sees all tasks, every richer
+    one none of the held-back tasks, and the check's only them."""
+    from worker.engine import modules
+
+    seen: list[list[str]] = []
+    real = modules.make_objective
+
+    def spy(tasks, draws, config=None):
+        seen.append([t.name for t in tasks])
+        return real(tasks, draws, config)
+
+    monkeypatch.setattr(modules, "make_objective", spy)
+    tasks = _tasks(8)
+    cfg = MetaConfig(**RICH)
+    state = run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations)
+    held = {"t3", "t7"}
+    assert state["rich_check"]["held_back"] == [3, 7]
+    assert seen[0] == [t.name for t in tasks]  # the constant pair: every task
+    assert seen[-1] == ["t3", "t7"]  # the check: the held-back tasks only
+    assert len(seen) == 3 and not held & set(seen[1])  # the richer search: none of them
+
+
+def test_the_check_judges_with_torch_sgd_and_keeps_a_better_table():
+    tasks = _tasks(4)
+    cfg = MetaConfig(**RICH)
+    state = run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations)
+    check = state["rich_check"]
+    s = MetaState.from_json(state)
+    # The reported losses are the mean over the check's draws of plain torch.optim.SGD on task 3.
+    held = tasks[3]
+    rich = best_settings({**state, "rich_check": None})
+    n = len(CHECK_DRAWS)
+    assert not set(CHECK_DRAWS) & set(cfg.draws)
+    table = sum(train_sgd_groups(held, rich["param_groups"], rich["boundaries"], d) for d in CHECK_DRAWS) / n
+    pair = [
+        {**g, "lr": [s.constant.best.lr] * 2, "momentum": [s.constant.best.momentum] * 2} for g in rich["param_groups"]
+    ]
+    constant = sum(train_sgd_groups(held, pair, rich["boundaries"], d) for d in CHECK_DRAWS) / n
+    assert check["table_loss"] == pytest.approx(table, rel=1e-5)
+    assert check["constant_loss"] == pytest.approx(constant, rel=1e-5)
+    assert check["kept"] == ("table" if table < constant else "constant")
+    json.dumps(state)  # still plain JSON
+
+
+def test_a_table_that_does_not_transfer_falls_back_to_the_pair_and_says_why():
+    tasks = _tasks(4)
+    cfg = MetaConfig(**RICH)
+    state = run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations - 1)
+    assert state["rich_check"] is None  # not yet at the end
+    # Make the table's best point one that diverges (lr at the upper bound, momentum near 1).
+    rich = state["rich"]
+    half = len(rich["best"]["theta"]) // 2
+    rich["best"]["theta"] = [math.log(10.0)] * half + [8.0] * half
+    checked = check_rich(tasks, cfg, state)
+    assert checked["rich_check"]["kept"] == "constant" and "held back" in checked["rich_check"]["reason"]
+    best = best_settings(checked)
+    assert best["rich_check"]["kept"] == "constant"
+    for g in best["param_groups"]:  # the constant pair, in the table's form
+        assert g["lr"] == [best["lr"]] * 2 and g["momentum"] == [best["momentum"]] * 2
+    assert check_rich(tasks, cfg, checked) == checked  # once only
+
+
+def test_without_enough_tasks_or_with_the_check_off_the_table_sees_every_task():
+    cfg = MetaConfig(**RICH, rich_holdout=0)
+    tasks = _tasks(4)
+    state = run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations)
+    assert state["rich_check"] is None and "param_groups" in best_settings(state)
+    three = MetaConfig(**RICH)
+    state = run_meta(tasks[:3], three, init_state(three, 0.05, 0.5), three.iterations)
+    assert state["rich_check"] is None
