@@ -118,6 +118,25 @@ def _queues(consumer: Any) -> list[str]:
     return names or [settings.queue_name]
 
 
+@signals.celeryd_after_setup.connect
+def _device_queue(sender: Any = None, instance: Any = None, **_kwargs: Any) -> None:
+    """Choose this worker's device now (worker.device: GRADTUNE_DEVICE, ``gradtune worker --device``)
+    and consume its device's queue beside the shared one the command line names (gradtune/spec/
+    devices.py): a GPU worker takes ``cuda`` and ``auto`` jobs, a CPU worker ``cpu`` and ``auto`` ones.
+    A worker asked for CUDA on a machine without it stops here with the reason, before taking a job."""
+    import logging
+
+    from gradtune.spec.devices import job_queue
+    from worker.device import DeviceUnavailable, configure_process
+
+    try:
+        dev = configure_process()
+    except DeviceUnavailable as exc:
+        logging.getLogger("gradtune.worker").critical("cannot start: %s", exc)
+        raise SystemExit(1) from None
+    instance.app.amqp.queues.select_add(job_queue(settings.queue_name, dev.type))
+
+
 @signals.worker_ready.connect
 def _register(sender: Any = None, **_kwargs: Any) -> None:
     from service import workers
