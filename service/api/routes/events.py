@@ -2,8 +2,7 @@
 
 One ``iteration`` event per committed meta-iteration (id ``N``, data: iteration, meta_loss, lr,
 momentum, accepted, step_size) and one ``status`` event per change of the job's status (id
-``N:status`` with N the job's iteration then, data: the job's body as GET /v1/jobs/{id} gives it;
-sent again, same id, when the job's ``waiting`` changes while its status does not).
+``N:status`` with N the job's iteration then, data: the job's body as GET /v1/jobs/{id} gives it).
 A new stream starts with every iteration so far and the current status; the stream ends after the
 status event of a finished job. Resumable: with ``Last-Event-ID`` the stream sends only iterations
 after the one named, and the current status unless the last event seen was that status.
@@ -36,7 +35,6 @@ from service.settings import Settings
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 PING_SECONDS = 15
-_UNSHOWN = object()
 _LAST_ID = re.compile(r"^(\d{1,9})(?::([a-z]{1,16}))?$")
 
 
@@ -59,38 +57,38 @@ def _iteration(row: Any) -> dict[str, Any]:
     }
 
 
-def _read(
-    reader: Engine, settings: Settings, job_id: str, tenant: str | None, after: int
-) -> tuple[Any, list[Any], Any]:
-    """The job's public row, its iterations after ``after`` and its body (``waiting`` included), read
-    in one transaction (so a finished job comes with all its iterations)."""
+def _read(reader: Engine, job_id: str, tenant: str | None, after: int) -> tuple[Any, list[Any]]:
+    """The job's public row and its iterations after ``after``, read in one transaction (so a
+    finished job comes with all its iterations)."""
     with reader.connect() as conn, conn.begin():
         job = repository.get_job_status(conn, job_id=job_id, tenant=tenant)
-        if job is None:
-            return None, [], None
-        rows = repository.history_after(conn, job_id=job_id, after=after)
-        return job, rows, placement.public_job(conn, job, settings)
+        rows = repository.history_after(conn, job_id=job_id, after=after) if job is not None else []
+    return job, rows
+
+
+def _body(reader: Engine, settings: Settings, job: Any) -> str:
+    """The job's body as GET /v1/jobs/{id} gives it (``waiting``: the worker registry read now)."""
+    with reader.connect() as conn:
+        return placement.public_job(conn, job, settings).model_dump_json()
 
 
 async def _events(
     request: Request, reader: Engine, job_id: str, tenant: str | None, after: int, seen: str | None, first: Any
 ) -> AsyncIterator[ServerSentEvent]:
-    settings = request.app.state.settings
-    job, rows, public = first
-    shown: Any = _UNSHOWN  # the ``waiting`` of the last body sent (or current when the stream began)
+    poll = request.app.state.settings.events_poll_seconds
+    job, rows = first
     while True:
         for row in rows:
             yield ServerSentEvent(json.dumps(_iteration(row)), event="iteration", id=str(row.iteration))
             after = row.iteration
-        # a status event per change of status, and when what the job waits for changes meanwhile
-        if job.status != seen or (shown is not _UNSHOWN and public.waiting != shown):
-            yield ServerSentEvent(public.model_dump_json(), event="status", id=f"{job.iteration}:{job.status}")
+        if job.status != seen:
+            body = await run_in_threadpool(_body, reader, request.app.state.settings, job)
+            yield ServerSentEvent(body, event="status", id=f"{job.iteration}:{job.status}")
             seen = job.status
-        shown = public.waiting
         if job.status in TERMINAL_STATUSES or await request.is_disconnected():
             return
-        await asyncio.sleep(settings.events_poll_seconds)
-        job, rows, public = await run_in_threadpool(_read, reader, settings, job_id, tenant, after)
+        await asyncio.sleep(poll)
+        job, rows = await run_in_threadpool(_read, reader, job_id, tenant, after)
         if job is None:  # deleted meanwhile
             return
 
@@ -117,7 +115,7 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> EventSourceResponse:
     after, seen = _resume_point(last_event_id)
-    first = await run_in_threadpool(_read, reader, request.app.state.settings, job_id, principal.scope(), after)
+    first = await run_in_threadpool(_read, reader, job_id, principal.scope(), after)
     if first[0] is None:
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
     stream = _events(request, reader, job_id, principal.scope(), after, seen, first)
