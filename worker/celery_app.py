@@ -124,16 +124,10 @@ def _device_queue(sender: Any = None, instance: Any = None, **_kwargs: Any) -> N
     and consume its device's queue beside the shared one the command line names (gradtune/spec/
     devices.py): a GPU worker takes ``cuda`` and ``auto`` jobs, a CPU worker ``cpu`` and ``auto`` ones.
     A worker asked for CUDA on a machine without it stops here with the reason, before taking a job."""
-    import logging
-
     from gradtune.spec.devices import job_queue
-    from worker.device import DeviceUnavailable, configure_process
+    from worker.device import configure_or_exit
 
-    try:
-        dev = configure_process()
-    except DeviceUnavailable as exc:
-        logging.getLogger("gradtune.worker").critical("cannot start: %s", exc)
-        raise SystemExit(1) from None
+    dev = configure_or_exit()
     instance.app.amqp.queues.select_add(job_queue(settings.queue_name, dev.type))
 
 

@@ -53,5 +53,15 @@ def configure_process() -> torch.device:
     return _device
 
 
+def configure_or_exit() -> torch.device:
+    """``configure_process`` for a starting worker: a device it cannot have stops it (exit 1) with the
+    reason in one log line, before it takes a job."""
+    try:
+        return configure_process()
+    except DeviceUnavailable as exc:
+        log.critical("cannot start: %s", exc)
+        raise SystemExit(1) from None
+
+
 def device() -> torch.device:
     return _device if _device is not None else configure_process()
