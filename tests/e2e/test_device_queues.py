@@ -40,7 +40,8 @@ def test_a_cpu_worker_runs_cpu_and_auto_jobs_and_leaves_the_cuda_one_waiting(tmp
         assert (row["device"], row["queues"], row["live"]) == ("cpu", sorted([base, f"{base}.cpu"]), True)
         cuda = _status(client, ids["cuda"])
         assert (cuda["status"], cuda["device"]) == ("queued", "cuda")
-        assert cuda["waiting"].startswith(f"waiting for a GPU worker: no live worker takes cuda jobs (queue {base}.cuda)")
+        expected = f"waiting for a GPU worker: no live worker takes cuda jobs (queue {base}.cuda)"
+        assert cuda["waiting"].startswith(expected)
     r = redis.Redis.from_url(redis_url)
     try:
         assert r.llen(job_queue(base, "cuda")) == 1  # its message waits in the broker for a GPU worker
