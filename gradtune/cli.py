@@ -59,15 +59,41 @@ def migrate() -> None:
 @cli.command()
 def worker(
     loglevel: str | None = typer.Option(None, help="Log level (default GRADTUNE_LOG_LEVEL, INFO).", show_default=False),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        help="cuda: take cuda and auto jobs (refused without CUDA); cpu: take cpu and auto jobs; auto: cuda "
+        "when available (default GRADTUNE_DEVICE, auto).",
+        show_default=False,
+    ),
 ) -> None:
-    """Run one worker process: it drains the queue, one chunk at a time, on CUDA when present."""
+    """Run one worker process: it drains its device's queue and the shared one, one chunk at a time."""
     require("worker", "worker")
     from service.settings import get_settings
 
+    if device is not None:
+        _check_device(device)
+        os.environ["GRADTUNE_DEVICE"] = device  # the worker process reads it (worker/device.py)
+        get_settings.cache_clear()
     settings = get_settings()
     settings.ensure_dirs()
     argv = worker_argv(settings.queue_name, loglevel or settings.log_level, quiet=settings.log_format == "json")
     os.execv(argv[0], argv)
+
+
+def _check_device(device: str) -> None:
+    """Refuse an unknown --device, and --device cuda on a machine without CUDA, before starting Celery."""
+    from gradtune.spec.devices import JOB_DEVICES
+
+    if device not in JOB_DEVICES:
+        _fail(ValueError(f"--device must be one of {', '.join(JOB_DEVICES)}, not {device!r}"))
+    if device == "cuda":
+        from worker.device import DeviceUnavailable, resolve
+
+        try:
+            resolve(device)
+        except DeviceUnavailable as exc:
+            _fail(exc)
 
 
 @cli.command()
@@ -204,14 +230,19 @@ def _job_line(job: dict) -> str:
         parts.append(f"meta-loss {p['meta_loss']:.4g}")
     if p.get("lr") is not None:
         parts.append(f"lr {p['lr']:.4g}  momentum {p['momentum']:.4g}")
+    if job.get("device", "auto") != "auto":
+        parts.append(f"device {job['device']}")
     if job.get("error"):
         parts.append(f"error: {job['error']}")
+    if job.get("waiting"):
+        parts.append(job["waiting"])
     return "  ".join(parts)
 
 
 class _NoWorkerNotice:
-    """Says once, on stderr, that a job waits while no worker is live (GET /v1/workers), checking
-    every ``every`` seconds while the job has not ended."""
+    """Says once, on stderr, that a job waits while no worker takes it: the job's ``waiting`` (e.g. a
+    cuda job with no live GPU worker), or, from a server whose bodies lack it, no live worker at all
+    (GET /v1/workers), checked every ``every`` seconds while the job has not ended."""
 
     def __init__(self, client, every: float = 10.0) -> None:
         self.client, self.every = client, every
@@ -220,8 +251,15 @@ class _NoWorkerNotice:
     def __call__(self, job: dict) -> None:
         from gradtune.client import TERMINAL, GradtuneError
 
+        if self.said or job["status"] in TERMINAL:
+            return
+        if "waiting" in job:  # the server says what the job waits for, if anything
+            if job["waiting"]:
+                self.said = True
+                typer.echo(f"gradtune: job {job['id']} is {job['status']}, {job['waiting']}", err=True)
+            return
         now = time.monotonic()
-        if self.said or job["status"] in TERMINAL or now < self.next_check:
+        if now < self.next_check:
             return
         self.next_check = now + self.every
         try:
@@ -269,17 +307,26 @@ def submit(
     timeout: float | None = typer.Option(
         None, "--timeout", min=0, help="With --wait: give up after this many seconds (exit 1; the job goes on)."
     ),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        help="auto, cpu or cuda: where the job runs (instead of the body's device; default auto).",
+        show_default=False,
+    ),
     url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """Submit a tuning job; prints its id (and, with --wait, follows it to the end: exit 1 unless it
-    succeeded, or when --timeout runs out). Says on stderr when no worker is live to run it."""
+    succeeded, or when --timeout runs out). Says on stderr when no worker takes it (a cuda job with
+    no live GPU worker, or no live worker at all)."""
     if timeout is not None and not wait:
         _fail(ValueError("--timeout goes with --wait"))
     try:
         body = json.loads(job_file.read_text())
     except ValueError as exc:
         _fail(ValueError(f"{job_file} is not valid JSON: {exc}"))
+    if device is not None and isinstance(body, dict):
+        body["device"] = device  # the server checks it (422 naming `device`)
     with _api(url, key) as client:
         job = client.submit(body)
         typer.echo(job["id"])

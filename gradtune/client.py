@@ -229,6 +229,7 @@ class Client:
         schedule_segments: int = 1,
         method: str = "auto",
         search: str = "stencil",
+        device: str = "auto",
     ) -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
@@ -242,7 +243,8 @@ class Client:
         model's current weights are not used; ``init="uploaded"`` always exports the model and
         starts every training run from its current weights. The tensors are uploaded as
         safetensors. ``per_layer``, ``schedule_segments``, ``method`` and ``search`` (``"line"`` with
-        few ``iterations`` for a quick answer) are the job options of the same names (the settings
+        few ``iterations`` for a quick answer) and ``device`` (``auto``, ``cpu`` or ``cuda``: which workers
+        run it) are the job options of the same names (the settings
         then carry ``param_groups``: ``settings.sgd(model)`` and
         ``settings.apply_schedule(optimizer, step)`` use them). Blocks until the job ends (with a
         progress bar when ``progress``); raises GradtuneError with the server's message if it fails.
@@ -296,6 +298,7 @@ class Client:
                 "schedule_segments": schedule_segments,
             },
             "meta": {"iterations": iterations, "seed": seed, "method": method, "search": search},
+            "device": device,
         }
         job_id = self.submit(job)["id"]
         if progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from gradtune.spec.devices import job_queue
 from service.settings import Settings
 
 RUN_CHUNK = "gradtune.run_chunk"
@@ -25,18 +26,24 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def send_chunk(app: Celery, settings: Settings, job_id: str, iteration: int, device: str | None) -> None:
+    """The one way a chunk message is sent (the API's first, the worker's next ones and re-sends)."""
+    app.send_task(RUN_CHUNK, args=[job_id, iteration], queue=job_queue(settings.queue_name, device))
+
+
 class Producer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = make_celery(settings)
 
-    def enqueue_chunk(self, job_id: str, iteration: int = 0) -> None:
-        """Ask a worker to run the job's next chunk, starting at ``iteration``.
+    def enqueue_chunk(self, job_id: str, iteration: int = 0, *, device: str | None = None) -> None:
+        """Ask a worker to run the job's next chunk, starting at ``iteration``, on the queue of the
+        device the job asked for (gradtune/spec/devices.py; None: auto, the base queue).
 
         A message whose iteration no longer matches the job is dropped by the
         worker, so duplicates (redelivery, the sweep) are harmless.
         """
-        self.app.send_task(RUN_CHUNK, args=[job_id, iteration], queue=self.settings.queue_name)
+        send_chunk(self.app, self.settings, job_id, iteration, device)
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached."""

@@ -97,6 +97,7 @@ def create_job(
         iterations=iterations,
         lr=hyper.get("lr"),
         momentum=hyper.get("momentum"),
+        requested_device=spec.get("device") or "auto",
         cancel_requested=False,
         chunks_started=0,
         chunks_committed=0,
@@ -194,6 +195,8 @@ _PUBLIC_COLUMNS = (
     Job.stopped,
     Job.max_seconds,
     Job.elapsed_seconds,
+    Job.requested_device,
+    Job.lease_owner,  # not shown: a job under a lease is being run (service/placement.py)
 )
 
 
@@ -319,6 +322,7 @@ def to_public(job: Job | Row[Any]) -> JobPublic:
         stopped=job.stopped,
         max_seconds=job.max_seconds,
         elapsed_seconds=float(job.elapsed_seconds or 0.0),
+        device=job.requested_device or "auto",
     )
 
 

@@ -27,6 +27,8 @@ Loss = Literal["cross_entropy", "mse"]
 # gradtune.spec's JobStatus values, spelled out for type checkers (tests/service checks they agree).
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes"]
+# gradtune.spec.JOB_DEVICES, spelled out for type checkers (tests/service/test_devices.py checks they agree).
+Device = Literal["auto", "cpu", "cuda"]
 
 # JSON has no NaN or Infinity, but Python's parser accepts them: refuse them here.
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -291,6 +293,12 @@ class JobCreate(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     meta: MetaOptions = Field(default_factory=MetaOptions)
+    device: Device = Field(
+        "auto",
+        description="Where its chunks run: `cpu` or `cuda` workers only, or `auto` (whichever live worker is "
+        "free first; a job may change device between chunks). A `cuda` job waits, saying so in `waiting`, "
+        "while no GPU worker is live.",
+    )
 
     def model_ids(self) -> list[str]:
         """The ids of the uploaded models the job's tasks name, each once, in order."""
@@ -343,6 +351,12 @@ class JobPublic(BaseModel):
     )
     max_seconds: float | None = Field(None, description="The job's deadline in seconds of worker time.")
     elapsed_seconds: float = Field(0.0, description="Worker time spent so far (committed chunks).")
+    device: Device = Field("auto", description="The device the job asked for (its `device`).")
+    waiting: str | None = Field(
+        None,
+        description="Set while the job has not ended and no live worker takes its device's queue, e.g. "
+        '"waiting for a GPU worker: ..." for a `cuda` job with no GPU worker; it runs once one starts.',
+    )
 
 
 class JobsPublic(BaseModel):

@@ -235,7 +235,7 @@ def runner_env(db_url, tmp_path, monkeypatch):
 
     started: list[TestClient] = []
     sent: list[tuple[str, int]] = []
-    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
+    monkeypatch.setattr(runner, "enqueue", lambda job_id, it, device=None: sent.append((job_id, it)))
     yield SimpleNamespace(start=start, sent=sent)
     for client in started:
         client.__exit__(None, None, None)

@@ -118,6 +118,19 @@ def _queues(consumer: Any) -> list[str]:
     return names or [settings.queue_name]
 
 
+@signals.celeryd_after_setup.connect
+def _device_queue(sender: Any = None, instance: Any = None, **_kwargs: Any) -> None:
+    """Choose this worker's device now (worker.device: GRADTUNE_DEVICE, ``gradtune worker --device``)
+    and consume its device's queue beside the shared one the command line names (gradtune/spec/
+    devices.py): a GPU worker takes ``cuda`` and ``auto`` jobs, a CPU worker ``cpu`` and ``auto`` ones.
+    A worker asked for CUDA on a machine without it stops here with the reason, before taking a job."""
+    from gradtune.spec.devices import job_queue
+    from worker.device import configure_or_exit
+
+    dev = configure_or_exit()
+    instance.app.amqp.queues.select_add(job_queue(settings.queue_name, dev.type))
+
+
 @signals.worker_ready.connect
 def _register(sender: Any = None, **_kwargs: Any) -> None:
     from service import workers

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from gradtune.spec import JobStatus
-from service import lifecycle
+from service import lifecycle, placement
 from service.db.session import session_scope
 from service.logs import job_context
-from service.queue import RUN_CHUNK
+from service.queue import send_chunk
 from service.redaction import redact
 from service.schemas import BUILTIN_DATASETS, JobCreate, SettingsPublic
 from service.settings import get_settings
@@ -319,17 +319,18 @@ class _Stop:
         return reason is not None
 
 
-def enqueue(job_id: str, iteration: int) -> None:
+def enqueue(job_id: str, iteration: int, device: str | None = None) -> None:
+    """Send a chunk message to the queue of the device the job asked for (None: auto)."""
     from worker.celery_app import app
 
-    app.send_task(RUN_CHUNK, args=[job_id, iteration], queue=get_settings().queue_name)
+    send_chunk(app, get_settings(), job_id, iteration, device)
 
 
-def _send(job_id: str, iteration: int) -> bool:
+def _send(job_id: str, iteration: int, device: str | None = None) -> bool:
     """Send the chunk message the database already announces (``enqueued_at``); when that fails,
     withdraw the announcement so that the sweep sends one once the job is stale."""
     try:
-        enqueue(job_id, iteration)
+        enqueue(job_id, iteration, device)
         return True
     except Exception as exc:
         log.warning("job %s: message for iteration %d not sent (%s); the sweep will", job_id, iteration, exc)
@@ -449,7 +450,7 @@ def _commit(claim: lifecycle.Claim, records: list[dict], state: dict, stop: _Sto
         return "cancelled"
     if stopped:
         log.info("job %s: deadline reached at iteration %d; evaluating the best point", job_id, claim.iteration)
-    _send(job_id, claim.iteration + len(records))
+    _send(job_id, claim.iteration + len(records), claim.spec.get("device"))  # the job's queue, as its first
     return "committed"
 
 
@@ -465,9 +466,10 @@ def sweep_once(now: datetime | None = None) -> list[tuple[str, int]]:
             max_attempts=settings.max_attempts,
             now=now,
         )
+        devices = placement.requested_devices(db, [job_id for job_id, _ in pairs])
     for job_id, iteration in pairs:
         log.warning("job %s: re-enqueued at iteration %d (worker lost or no message outstanding)", job_id, iteration)
-        _send(job_id, iteration)
+        _send(job_id, iteration, devices.get(job_id))
     return pairs
 
 

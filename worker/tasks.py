@@ -7,7 +7,7 @@ from celery import signals
 from service.queue import RUN_CHUNK
 from worker import runner
 from worker.celery_app import app
-from worker.device import configure_process
+from worker.device import configure_or_exit, configure_process
 
 
 @app.task(name=RUN_CHUNK, bind=True)
@@ -18,8 +18,9 @@ def run_chunk(self, job_id: str, iteration: int | None = None) -> None:
 
 @signals.worker_process_init.connect
 def _child_start(**_kwargs) -> None:
-    # A prefork child: choose its own device (CUDA never crosses a fork).
-    configure_process()
+    # A prefork child (or the solo pool's one process): choose its own device (CUDA never crosses a
+    # fork); one it cannot have stops it with the reason.
+    configure_or_exit()
 
 
 @signals.worker_ready.connect

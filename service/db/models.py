@@ -93,6 +93,9 @@ class Job(Base):
     chunks_committed: Mapped[int] = mapped_column(Integer, default=0)
     # Where the engine ran (e.g. "cpu", "cuda:0"), for the record.
     device: Mapped[str | None] = mapped_column(String(32))
+    # The device the job asked for (auto, cpu, cuda): its chunks' queue (gradtune/spec/devices.py).
+    # A column of its own, beside the spec, so the status read and the sweep need not parse the spec.
+    requested_device: Mapped[str] = mapped_column(String(8), default="auto", server_default="auto")
 
     history: Mapped[list[JobIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobIteration.iteration"

@@ -18,9 +18,9 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0007"
+HEAD = "0008"
 # The tables up to 0005 (0005 added columns only), at 0006 (it added workers), and at head (0007
-# added tenants and api_keys).
+# added tenants and api_keys; 0008 a column only).
 TABLES_0004 = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
 TABLES_0006 = TABLES_0004 | {"workers"}
 TABLES = TABLES_0006 | {"tenants", "api_keys"}

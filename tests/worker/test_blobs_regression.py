@@ -40,7 +40,7 @@ def env(db_url, tmp_path, monkeypatch):
     for f in (get_settings, db_session.get_engine, db_session.get_sessionmaker):
         f.cache_clear()
     sent: list[tuple[str, int]] = []
-    monkeypatch.setattr(runner, "enqueue", lambda job_id, it: sent.append((job_id, it)))
+    monkeypatch.setattr(runner, "enqueue", lambda job_id, it, device=None: sent.append((job_id, it)))
     torch.set_num_threads(1)
     with keyed_client(create_app(get_settings())) as client:
         yield client, sent

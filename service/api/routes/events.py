@@ -25,11 +25,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from gradtune.spec import TERMINAL_STATUSES
-from service import repository
+from service import placement, repository
 from service.api.auth import PrincipalDep
 from service.api.deps import ReaderDep
 from service.api.errors import Message
 from service.schemas import Text
+from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -65,6 +66,12 @@ def _read(reader: Engine, job_id: str, tenant: str | None, after: int) -> tuple[
     return job, rows
 
 
+def _body(reader: Engine, settings: Settings, job: Any) -> str:
+    """The job's body as GET /v1/jobs/{id} gives it (``waiting``: the worker registry read now)."""
+    with reader.connect() as conn:
+        return placement.public_job(conn, job, settings).model_dump_json()
+
+
 async def _events(
     request: Request, reader: Engine, job_id: str, tenant: str | None, after: int, seen: str | None, first: Any
 ) -> AsyncIterator[ServerSentEvent]:
@@ -75,7 +82,7 @@ async def _events(
             yield ServerSentEvent(json.dumps(_iteration(row)), event="iteration", id=str(row.iteration))
             after = row.iteration
         if job.status != seen:
-            body = repository.to_public(job).model_dump_json()
+            body = await run_in_threadpool(_body, reader, request.app.state.settings, job)
             yield ServerSentEvent(body, event="status", id=f"{job.iteration}:{job.status}")
             seen = job.status
         if job.status in TERMINAL_STATUSES or await request.is_disconnected():

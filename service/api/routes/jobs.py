@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import keys, lifecycle, repository
+from service import keys, lifecycle, placement, repository
 from service.api.auth import PrincipalDep, TenantQuery, listing_scope
 from service.api.deps import MAX_OFFSET, ProducerDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep, require_json
 from service.api.errors import Message, ValidationErrorBody, retry_later
@@ -202,12 +202,12 @@ def create_job(
     )
     session.commit()
     try:
-        producer.enqueue_chunk(row.id)
+        producer.enqueue_chunk(row.id, device=job.device)
     except Exception as exc:  # the sweep re-enqueues queued jobs
         logger.warning("job %s stored but not enqueued (%s: %s); the sweep will retry", row.id, type(exc).__name__, exc)
         _not_enqueued(session, row.id)
     response.headers["Location"] = f"/v1/jobs/{row.id}"
-    return repository.to_public(row)
+    return placement.public_job(session, row, settings)
 
 
 @router.get(
@@ -218,6 +218,7 @@ def create_job(
 )
 def list_jobs(
     session: ReadSessionDep,
+    settings: SettingsDep,
     principal: PrincipalDep,
     tenant: TenantQuery = None,
     status: Annotated[Status | None, Query(description="Only jobs with this status.")] = None,
@@ -226,7 +227,7 @@ def list_jobs(
 ) -> JobsPublic:
     scope = listing_scope(principal, tenant)
     items, total = repository.list_jobs(session, tenant=scope, status=status, limit=limit, offset=offset)
-    return JobsPublic(items=[repository.to_public(j) for j in items], total=total, limit=limit, offset=offset)
+    return JobsPublic(items=placement.public_jobs(session, items, settings), total=total, limit=limit, offset=offset)
 
 
 @router.get(
@@ -241,19 +242,21 @@ async def get_job(job_id: JobId, reader: ReaderDep, principal: PrincipalDep, req
     # thread-pool hop; else one hop reads the public columns through a read connection (no write lock
     # on SQLite) and serializes the JobPublic once (returned as a model, FastAPI would validate it again).
     cache: StatusCache = request.app.state.status_cache
-    status = await cache.fetch(job_id, lambda: run_in_threadpool(_read_status, reader, cache, job_id))
+    settings = request.app.state.settings
+    status = await cache.fetch(job_id, lambda: run_in_threadpool(_read_status, reader, cache, settings, job_id))
     scope = principal.scope()
     if status is None or (scope is not None and status.tenant != scope):
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
     return Response(status.body, media_type="application/json")
 
 
-def _read_status(reader: Engine, cache: StatusCache, job_id: str) -> CachedStatus | None:
+def _read_status(reader: Engine, cache: StatusCache, settings: Settings, job_id: str) -> CachedStatus | None:
     with reader.connect() as conn:
         job = repository.get_job_status(conn, job_id=job_id)
-    if job is None:
-        return None
-    return cache.put(job_id, job.tenant, repository.to_public(job).model_dump_json().encode())
+        if job is None:
+            return None
+        public = placement.public_job(conn, job, settings)  # reads the worker registry only if it may wait
+    return cache.put(job_id, job.tenant, public.model_dump_json().encode())
 
 
 @router.get(
@@ -333,7 +336,9 @@ def get_job_settings(job_id: JobId, session: ReadSessionDep, principal: Principa
         409: {"model": Message, "description": "The job has already finished."},
     },
 )
-def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep, request: Request) -> JobPublic:
+def cancel_job(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, principal: PrincipalDep, request: Request
+) -> JobPublic:
     """A queued job reads `cancelled` at once. A running one shows `cancel_requested: true` at once;
     its worker notices within one heartbeat, stops between two evaluations, keeps the iterations it
     finished, and the job ends `cancelled` (never `succeeded`, even when the cancel comes during its
@@ -346,4 +351,4 @@ def cancel_job(job_id: JobId, session: SessionDep, principal: PrincipalDep, requ
         raise HTTPException(status_code=409, detail=str(exc)) from None
     session.commit()
     request.app.state.status_cache.drop(job_id)  # cancel_requested shows at once
-    return repository.to_public(job)
+    return placement.public_job(session, job, settings)

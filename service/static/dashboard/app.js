@@ -241,6 +241,8 @@ async function jobView(id) {
         el("dt", {}, "progress"), el("dd", {}, progressBar(job.progress)),
         el("dt", {}, "meta-loss"), el("dd", {}, fmt(job.progress.meta_loss)),
         el("dt", {}, "lr / momentum"), el("dd", {}, `${fmt(job.progress.lr)} / ${fmt(job.progress.momentum)}`),
+        ...(job.device && job.device !== "auto" ? [el("dt", {}, "device"), el("dd", {}, job.device)] : []),
+        ...(job.waiting ? [el("dt", {}, "waiting"), el("dd", { class: "waiting" }, job.waiting)] : []),
         ...(job.error ? [el("dt", {}, "error"), el("dd", { class: "error" }, job.error)] : []),
         ...(job.stopped ? [el("dt", {}, "stopped"), el("dd", {}, job.stopped)] : [])),
       TERMINAL.has(job.status) ? "" : el("p", {}, el("button", { id: "cancel", class: "danger", disabled: job.cancel_requested ? "" : null, onclick: cancel },
