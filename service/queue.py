@@ -7,6 +7,8 @@ from celery import Celery
 from service.settings import Settings
 
 RUN_CHUNK = "gradtune.run_chunk"
+# After a study's job succeeded: learn the study's settings again (worker/study_runner.py).
+STUDY_UPDATE = "gradtune.study_update"
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -291,6 +291,12 @@ class JobCreate(_Strict):
     tasks: list[TaskSpec] = Field(min_length=1)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     meta: MetaOptions = Field(default_factory=MetaOptions)
+    study: Text | None = Field(
+        None,
+        max_length=64,
+        description="A study id (POST /v1/studies): the job starts from the study's settings and its "
+        "tasks join the study's pool.",
+    )
 
     def model_ids(self) -> list[str]:
         """The ids of the uploaded models the job's tasks name, each once, in order."""
