@@ -263,9 +263,9 @@ def update_inputs(session: Session, *, study_id: str, job_id: str) -> UpdateInpu
     training = [PoolEntry(r[0], r[1], r[2]) for r in rows if not r[3]]
     held = [PoolEntry(r[0], r[1], r[2]) for r in rows if r[3]]
     job_ids = sorted({e.job_id for e in training + held})
-    specs: dict[str, dict[str, Any]] = dict(
-        session.execute(select(Job.id, Job.spec).where(Job.id.in_(job_ids))).tuples().all()
-    )
+    specs: dict[str, dict[str, Any]] = {
+        row[0]: row[1] for row in session.execute(select(Job.id, Job.spec).where(Job.id.in_(job_ids)))
+    }
     result = job.result or {}
     mine: dict[str, Any] = {k: result[k] for k in ("lr", "momentum", "param_groups", "boundaries") if k in result}
     return UpdateInputs(
