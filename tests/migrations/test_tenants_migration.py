@@ -48,7 +48,7 @@ def test_upgrade_from_0006_gives_every_row_to_default_and_keeps_it(empty_url):
     assert tables(empty_url) == TABLES_0006
 
     upgrade(empty_url)
-    assert version(empty_url) == HEAD == "0007"
+    assert version(empty_url) == HEAD
     assert tables(empty_url) == TABLES and diff(empty_url) == []
     assert _snapshot(empty_url) == before
     for table in ("jobs", "datasets", "models"):
@@ -77,7 +77,8 @@ def test_upgrade_from_0006_gives_every_row_to_default_and_keeps_it(empty_url):
 
     with pytest.raises(RuntimeError, match="same bytes for several tenants"):
         downgrade(empty_url, "0006")
-    assert version(empty_url) == HEAD
+    # 0007's downgrade refused; 0008's (studies) may have gone down before it (SQLite)
+    assert version(empty_url) in (HEAD, "0007")
     engine = create_engine(empty_url)
     try:
         with engine.begin() as conn:
