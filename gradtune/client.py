@@ -176,6 +176,9 @@ class Client(StudiesMixin):
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def _tuned(self, body: dict[str, Any]) -> TunedSettings:
+        return TunedSettings.from_body(body)
+
     def settings(self, job_id: str) -> TunedSettings:
         body = self._call("GET", f"/v1/jobs/{job_id}/settings")
         return TunedSettings.from_body(body)

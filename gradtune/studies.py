@@ -15,6 +15,9 @@ class StudiesMixin:
     def _call(self, method: str, path: str, **kw: Any) -> Any:  # pragma: no cover - Client's
         raise NotImplementedError
 
+    def _tuned(self, body: dict[str, Any]) -> Any:  # pragma: no cover - Client's (TunedSettings.from_body)
+        raise NotImplementedError
+
     def create_study(
         self,
         name: str = "study",
@@ -52,9 +55,7 @@ class StudiesMixin:
     def study_settings(self, study_id: str) -> Any:
         """The study's current settings (``TunedSettings``; ``raw`` holds the body: ``version``,
         ``evaluation`` on the held-out tasks)."""
-        from gradtune.client import TunedSettings
-
-        return TunedSettings.from_body(self._call("GET", f"/v1/studies/{study_id}/settings"))
+        return self._tuned(self._call("GET", f"/v1/studies/{study_id}/settings"))
 
     def study_history(self, study_id: str) -> list[dict[str, Any]]:
         """One entry per update: the job after which it learned, the settings before and after."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from service import studies
@@ -33,6 +34,9 @@ from worker.engine.study import PoolConfig, relearn, warm_config
 log = logging.getLogger("gradtune.worker.studies")
 
 STALE_RETRIES = 3
+
+# worker.runner.build_tasks: a job body -> its engine tasks
+BuildTasks = Callable[..., list[Any]]
 
 
 def job_view(job_id: str, tasks: list[Any], config: engine.MetaConfig) -> tuple[list[Any], engine.MetaConfig]:
@@ -70,11 +74,11 @@ def study_config(hp: Hyperparameters) -> engine.MetaConfig:
     )
 
 
-def _tasks(inputs: studies.UpdateInputs, entries: list[studies.PoolEntry]) -> tuple[list[Any], list[Any]]:
+def _tasks(
+    inputs: studies.UpdateInputs, entries: list[studies.PoolEntry], build_tasks: BuildTasks
+) -> tuple[list[Any], list[Any]]:
     """Engine tasks of the pool ``entries`` (the entries whose data could not be loaded left out),
     and those entries."""
-    from worker.runner import build_tasks
-
     built: dict[str, list[Any] | None] = {}
     tasks, kept = [], []
     for entry in entries:
@@ -129,12 +133,12 @@ def held_out_evaluation(tasks: list[Any], entries: list[studies.PoolEntry], sett
     }
 
 
-def _learn(inputs: studies.UpdateInputs) -> tuple[dict, dict | None, dict, int]:
+def _learn(inputs: studies.UpdateInputs, build_tasks: BuildTasks) -> tuple[dict, dict | None, dict, int]:
     """(settings, held-out evaluation, the update's record, rounds run) for one update."""
     spec = StudyCreate.model_validate(inputs.spec)
     started = time.monotonic()
     deadline = started + float(get_settings().chunk_seconds)
-    train, train_entries = _tasks(inputs, inputs.training)
+    train, train_entries = _tasks(inputs, inputs.training, build_tasks)
     settings, rounds, note = dict(inputs.settings), [], None
     if train:
         pool = PoolConfig(
@@ -163,7 +167,7 @@ def _learn(inputs: studies.UpdateInputs) -> tuple[dict, dict | None, dict, int]:
     for r in rounds:  # indices into the training tasks -> pool positions
         r["batch"] = [positions[i] for i in r["batch"]]
         r["check"] = [positions[i] for i in r["check"]]
-    held, held_entries = _tasks(inputs, inputs.held_out)
+    held, held_entries = _tasks(inputs, inputs.held_out, build_tasks)
     hp = spec.hyperparameters
     evaluation = held_out_evaluation(held, held_entries, settings, {"lr": hp.lr, "momentum": hp.momentum})
     update = {
@@ -178,17 +182,18 @@ def _learn(inputs: studies.UpdateInputs) -> tuple[dict, dict | None, dict, int]:
     return settings, evaluation, update, len(rounds)
 
 
-def update_study(study_id: str, job_id: str) -> str:
+def update_study(study_id: str, job_id: str, build_tasks: BuildTasks) -> str:
     """Learn the study's settings again after ``job_id``: "recorded", "skipped" (nothing to do: an
     update already recorded, the job not succeeded, no such study), "gone" or "stale" (the study kept
-    changing under STALE_RETRIES tries)."""
+    changing under STALE_RETRIES tries). ``build_tasks``: worker.runner.build_tasks (passed in, so
+    that the runner imports this module and not the other way round)."""
     outcome = "stale"
     for _ in range(STALE_RETRIES):
         with session_scope() as db:
             inputs = studies.update_inputs(db, study_id=study_id, job_id=job_id)
         if inputs is None:
             return "skipped"
-        settings, evaluation, update, rounds = _learn(inputs)
+        settings, evaluation, update, rounds = _learn(inputs, build_tasks)
         with session_scope() as db:
             outcome = studies.record_update(
                 db,

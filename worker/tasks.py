@@ -18,7 +18,7 @@ def run_chunk(self, job_id: str, iteration: int | None = None) -> None:
 
 @app.task(name=STUDY_UPDATE)
 def study_update(study_id: str, job_id: str) -> None:
-    study_runner.update_study(study_id, job_id)
+    study_runner.update_study(study_id, job_id, runner.build_tasks)
 
 
 @signals.worker_process_init.connect

@@ -63,8 +63,8 @@ def test_no_held_out_task_is_ever_trained_on_and_each_job_updates_the_study_once
         sent.append((jid, 0))
         assert _drain(sent)[-1] == "succeeded"
         assert updates[-1] == (sid, jid)
-        assert study_runner.update_study(sid, jid) == "recorded"
-        assert study_runner.update_study(sid, jid) == "skipped"  # a retried message records nothing
+        assert study_runner.update_study(sid, jid, runner.build_tasks) == "recorded"
+        assert study_runner.update_study(sid, jid, runner.build_tasks) == "skipped"  # a retried message records nothing
         if j > 0:  # it started from the study's settings, warm, with half the iterations
             job = client.get(f"/v1/jobs/{jid}").json()
             assert job["progress"]["iterations"] == 1
@@ -112,7 +112,7 @@ def test_an_update_computed_from_settings_that_changed_meanwhile_is_stale(env, m
             rounds=0,
         )
     assert outcome == "stale"
-    assert study_runner.update_study(sid, jid) == "recorded"
+    assert study_runner.update_study(sid, jid, runner.build_tasks) == "recorded"
     assert client.get(f"/v1/studies/{sid}").json()["version"] == 1
 
 
