@@ -141,8 +141,8 @@ def main() -> None:
 
     print(f"\n### Held out, after {jobs} jobs of {per_job} tasks ({args.search} search)\n")
     print(
-        f"| family | one {per_job * jobs}-task job: regret | study: regret | difference | study after job 1, 2, 3, 4 "
-        "| each job's own settings | study's held-out loss (its 8 tasks) | study settings |"
+        f"| family | one {per_job * jobs}-task job: regret | study: regret | difference | study after each job "
+        "| each job's own settings | study's held-out loss (its held-out tasks) | study settings |"
     )
     print("|---|---:|---:|---:|---|---|---:|---|")
     for fam, r_whole, _secs, r_study, history, st, held_loss in summary:
