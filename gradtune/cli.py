@@ -409,6 +409,79 @@ def datasets_list(url: str | None = URL, key: str | None = KEY) -> None:
 
 cli.add_typer(keys_cli, name="keys")
 
+studies_cli = typer.Typer(no_args_is_help=True, help="Studies: settings that keep learning across jobs.")
+cli.add_typer(studies_cli, name="studies")
+
+
+@studies_cli.command("create")
+def studies_create(
+    name: str = typer.Option("study", help="A name."),
+    lr: float = typer.Option(0.01, help="Starting learning rate."),
+    momentum: float = typer.Option(0.9, help="Starting momentum."),
+    per_layer: bool = typer.Option(False, help="One lr and momentum per layer."),
+    schedule_segments: int = typer.Option(1, help="Values shared over this many blocks of steps."),
+    holdout_every: int = typer.Option(4, help="Every k-th task to join is held out (never trained on)."),
+    url: str | None = URL,
+    key: str | None = KEY,
+) -> None:
+    """Create a study; prints its id (name it in a job: "study": "<id>")."""
+    with _api(url, key) as client:
+        study = client.create_study(
+            name,
+            lr=lr,
+            momentum=momentum,
+            per_layer=per_layer,
+            schedule_segments=schedule_segments,
+            holdout_every=holdout_every,
+        )
+    typer.echo(study["id"])
+
+
+def _study_line(s: dict) -> str:
+    pool, st = s["pool"], s["settings"]
+    return (
+        f"{s['id']}  {s['name']}  version {s['version']}  jobs {s['jobs']}  tasks {pool['tasks']} "
+        f"({pool['held_out']} held out)  lr={st['lr']:.4g} momentum={st['momentum']:.4g}"
+    )
+
+
+@studies_cli.command("list")
+def studies_list(url: str | None = URL, key: str | None = KEY) -> None:
+    """Studies, newest first."""
+    with _api(url, key) as client:
+        page = client.studies()
+    for s in page["items"]:
+        typer.echo(_study_line(s))
+
+
+@studies_cli.command("show")
+def studies_show(study_id: str, url: str | None = URL, key: str | None = KEY) -> None:
+    """A study, and how its settings changed with each job."""
+    with _api(url, key) as client:
+        typer.echo(_study_line(client.study(study_id)))
+        for h in client.study_history(study_id):
+            a, held = h["after"], h.get("held_out_mean_val_loss")
+            typer.echo(
+                f"  v{h['version']}  after job {h['job_id']}: lr={a['lr']:.4g} momentum={a['momentum']:.4g}"
+                + (f"  held-out loss {held:.4g}" if held is not None else "")
+            )
+
+
+@studies_cli.command("settings")
+def studies_settings(
+    study_id: str,
+    format: str = typer.Option("json", "--format", help="json, or python: the torch code that builds the optimizer."),
+    url: str | None = URL,
+    key: str | None = KEY,
+) -> None:
+    """The study's current settings, with their evaluation on its held-out tasks."""
+    if format not in ("json", "python"):
+        _fail(ValueError(f"--format must be json or python, not {format!r}"))
+    with _api(url, key) as client:
+        s = client.study_settings(study_id)
+    typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
+
+
 models_cli = typer.Typer(no_args_is_help=True, help="Upload and list exported models (.pt2).")
 cli.add_typer(models_cli, name="models")
 

@@ -23,6 +23,7 @@ from gradtune.errors import GradtuneError, refused
 from gradtune.errors import format_detail as format_detail  # re-exported: gradtune.client.format_detail
 from gradtune.spec.vocab import ADMIN_KEY_FILE
 from gradtune.sse import ServerEvent, follow, stream_lines
+from gradtune.studies import StudiesMixin
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -122,7 +123,7 @@ def local_admin_key(url: str) -> str | None:
         return None
 
 
-class Client:
+class Client(StudiesMixin):
     """The gradtune API. ``api_key``: the key sent as ``Authorization: Bearer`` (every /v1 route
     needs one); default GRADTUNE_API_KEY, else, for a server on this machine, the admin key that
     `gradtune serve` wrote on its first start (``local_admin_key``)."""
@@ -174,6 +175,9 @@ class Client:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def _tuned(self, body: dict[str, Any]) -> TunedSettings:
+        return TunedSettings.from_body(body)
 
     def settings(self, job_id: str) -> TunedSettings:
         body = self._call("GET", f"/v1/jobs/{job_id}/settings")
@@ -230,6 +234,7 @@ class Client:
         method: str = "auto",
         search: str = "stencil",
         device: str = "auto",
+        study: str | None = None,
     ) -> TunedSettings:
         """Learn SGD settings for ``model`` trained on ``train = (x, y)``, judged on ``val = (x, y)``.
 
@@ -246,7 +251,9 @@ class Client:
         few ``iterations`` for a quick answer) and ``device`` (``auto``, ``cpu`` or ``cuda``: which workers
         run it) are the job options of the same names (the settings
         then carry ``param_groups``: ``settings.sgd(model)`` and
-        ``settings.apply_schedule(optimizer, step)`` use them). Blocks until the job ends (with a
+        ``settings.apply_schedule(optimizer, step)`` use them). With ``study`` (an id, see
+        ``create_study``) the job joins it: it starts from the study's settings and bounds (``lr``,
+        ``momentum``, ``per_layer`` and ``schedule_segments`` are the study's). Blocks until the job ends (with a
         progress bar when ``progress``); raises GradtuneError with the server's message if it fails.
         """
         if init not in ("default", "uploaded"):
@@ -300,6 +307,9 @@ class Client:
             "meta": {"iterations": iterations, "seed": seed, "method": method, "search": search},
             "device": device,
         }
+        if study is not None:
+            del job["hyperparameters"]
+            job["study"] = study
         job_id = self.submit(job)["id"]
         if progress:
             from gradtune.progress import job_progress

@@ -8,6 +8,8 @@ from gradtune.spec.devices import job_queue
 from service.settings import Settings
 
 RUN_CHUNK = "gradtune.run_chunk"
+# After a study's job succeeded: learn the study's settings again (worker/study_runner.py).
+STUDY_UPDATE = "gradtune.study_update"
 
 
 def make_celery(settings: Settings) -> Celery:

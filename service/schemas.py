@@ -299,6 +299,12 @@ class JobCreate(_Strict):
         "free first; a job may change device between chunks). A `cuda` job waits, saying so in `waiting`, "
         "while no GPU worker is live.",
     )
+    study: Text | None = Field(
+        None,
+        max_length=64,
+        description="A study id (POST /v1/studies): the job starts from the study's settings and its "
+        "tasks join the study's pool.",
+    )
 
     def model_ids(self) -> list[str]:
         """The ids of the uploaded models the job's tasks name, each once, in order."""

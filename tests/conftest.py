@@ -134,6 +134,9 @@ def pg_url(_pg_session_url) -> str:
         with engine.begin() as conn:
             # DELETE rather than TRUNCATE: it does not wait for idle sessions that merely read.
             conn.execute(text("SET LOCAL lock_timeout = '15s'"))
+            conn.execute(text("DELETE FROM study_tasks"))
+            conn.execute(text("DELETE FROM study_jobs"))
+            conn.execute(text("DELETE FROM studies"))
             conn.execute(text("DELETE FROM job_iterations"))
             conn.execute(text("DELETE FROM job_datasets"))
             conn.execute(text("DELETE FROM job_models"))

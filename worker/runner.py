@@ -392,15 +392,13 @@ def _run_chunk(job_id: str, iteration: int | None, owner: str | None) -> str:
             job = JobCreate.model_validate(claim.spec)
             tasks = build_tasks(job, tenant=claim.tenant)
             config = meta_config(job)
+            if job.study is not None:  # its held-out tasks left out, warm from the study's settings
+                from worker import study_runner
+
+                tasks, config = study_runner.job_view(job_id, tasks, config)
             state = claim.checkpoint or engine.init_state(config, job.hyperparameters.lr, job.hyperparameters.momentum)
-            if claim.iteration >= claim.iterations or claim.stopped:
-                result = evaluate_settings(tasks, job, state)
-                with session_scope() as db:
-                    status = lifecycle.finish_job(
-                        db, job_id=job_id, token=token, result=result, elapsed_seconds=stop.elapsed()
-                    )
-                log.info("job %s %s: lr=%g momentum=%g", job_id, status or "lost", result["lr"], result["momentum"])
-                return status or "lost"
+            if claim.iteration >= claim.iterations or claim.stopped or not tasks:
+                return _finish(claim, job, tasks or build_tasks(job, tenant=claim.tenant), state, stop)
             records: list[dict] = []
 
             def on_iteration(record: dict) -> None:
@@ -420,6 +418,22 @@ def _run_chunk(job_id: str, iteration: int | None, owner: str | None) -> str:
         _fail(claim, f"The worker hit an internal error ({type(exc).__name__}); the job cannot continue.", stop)
         return "failed"
     return _commit(claim, records, state, stop)
+
+
+def _finish(claim: lifecycle.Claim, job: JobCreate, tasks: list, state: dict, stop: _Stop) -> str:
+    """Evaluate and end the job; a study's job that succeeded asks for the study's update. A study's
+    job whose every task is held out trains on none: it evaluates the study's settings on them."""
+    result = evaluate_settings(tasks, job, state)
+    with session_scope() as db:
+        status = lifecycle.finish_job(
+            db, job_id=claim.job_id, token=claim.token, result=result, elapsed_seconds=stop.elapsed()
+        )
+    log.info("job %s %s: lr=%g momentum=%g", claim.job_id, status or "lost", result["lr"], result["momentum"])
+    if job.study is not None and status == JobStatus.SUCCEEDED.value:
+        from worker import study_runner
+
+        study_runner.enqueue_update(job.study, claim.job_id)
+    return status or "lost"
 
 
 def _fail(claim: lifecycle.Claim, error: str, stop: _Stop) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import signals
 
-from service.queue import RUN_CHUNK
-from worker import runner
+from service.queue import RUN_CHUNK, STUDY_UPDATE
+from worker import runner, study_runner
 from worker.celery_app import app
 from worker.device import configure_or_exit, configure_process
 
@@ -14,6 +14,11 @@ from worker.device import configure_or_exit, configure_process
 def run_chunk(self, job_id: str, iteration: int | None = None) -> None:
     # The task id only names the delivery in logs: the lease is a fresh token per claim.
     runner.run_chunk(job_id, iteration, owner=self.request.id or f"local-{job_id}-{iteration}")
+
+
+@app.task(name=STUDY_UPDATE)
+def study_update(study_id: str, job_id: str) -> None:
+    study_runner.update_study(study_id, job_id, runner.build_tasks)
 
 
 @signals.worker_process_init.connect

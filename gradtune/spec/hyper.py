@@ -26,3 +26,10 @@ def param_to_momentum(z: float, bounds: tuple[float, float]) -> float:
     lo, hi = bounds
     m = lo + (hi - lo) / (1.0 + math.exp(-z))
     return clamp(m, lo, hi)
+
+
+def warm_iterations(iterations: int) -> int:
+    """Meta-iterations of a job that starts warm, from a study's learned settings: half of the
+    iterations asked for (rounded up). The API stores it as the job's iterations; the engine starts
+    such a search without its population (worker/engine/study.py warm_config)."""
+    return max(1, math.ceil(iterations / 2))

@@ -257,3 +257,70 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_api_keys_tenant", "tenant"),)
+
+
+class Study(Base):
+    """A study (service/studies.py): settings learned across the jobs that name it.
+
+    ``spec`` is the validated body (service.study_schemas.StudyCreate, JSON mode); ``kind`` what its
+    tasks must share, fixed by its first job (None until then); ``settings`` the current settings
+    and ``evaluation`` theirs on the held-out tasks (None until the first update); ``version`` counts
+    updates; ``pool_size`` the tasks that joined (the next one's position); ``rounds`` the meta-batch
+    rounds run so far (each update draws fresh ones)."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = _tenant_column()
+    name: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    holdout_every: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    pool_size: Mapped[int] = mapped_column(Integer, default=0)
+    rounds: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_studies_tenant_created_at", "tenant", "created_at"),)
+
+
+class StudyJob(Base):
+    """A job of a study: where it started (``start``: the study's settings then; ``warm`` when the
+    study had learned some) and, once the study was updated after it, that update (``version``,
+    ``update``: settings before and after, rounds, pool counts). ``job_id`` is the primary key, so a
+    job joins once and its update is recorded once."""
+
+    __tablename__ = "study_jobs"
+
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    study_id: Mapped[str] = mapped_column(String(36), ForeignKey("studies.id", ondelete="CASCADE"))
+    warm: Mapped[bool] = mapped_column(Boolean)
+    start: Mapped[dict[str, Any]] = mapped_column(JSON)
+    version: Mapped[int | None] = mapped_column(Integer)
+    update: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_study_jobs_study_id", "study_id"),
+        Index("ix_study_jobs_study_version", "study_id", "version", unique=True),
+    )
+
+
+class StudyTask(Base):
+    """A task in a study's pool: task ``task_index`` of job ``job_id``, at ``position`` (the order
+    tasks joined; (study_id, position) is the key, so two jobs joining at once cannot share one).
+    ``held_out``: every ``holdout_every``-th position; such a task is never trained on."""
+
+    __tablename__ = "study_tasks"
+
+    study_id: Mapped[str] = mapped_column(String(36), ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    task_index: Mapped[int] = mapped_column(Integer)
+    held_out: Mapped[bool] = mapped_column(Boolean)
+
+    __table_args__ = (Index("ix_study_tasks_job_task", "job_id", "task_index", unique=True),)

@@ -61,7 +61,15 @@ class World:
         # A cancelled job, whose event stream ends at once.
         done = self.http.post("/v1/jobs", json=job_body(), headers=own).json()["id"]
         assert self.http.post(f"/v1/jobs/{done}/cancel", headers=own).status_code == 202
-        return {"job": job.json()["id"], "dataset": dataset.json()["id"], "model": model.json()["id"], "done": done}
+        study = self.http.post("/v1/studies", json={"name": "s"}, headers=own)
+        assert study.status_code == 201
+        return {
+            "job": job.json()["id"],
+            "dataset": dataset.json()["id"],
+            "model": model.json()["id"],
+            "done": done,
+            "study": study.json()["id"],
+        }
 
     def call(self, method: str, path: str, who: str, **kw):
         return self.http.request(method, path.format(**self.ids), headers=self.headers(who), **kw)
@@ -106,6 +114,11 @@ ROUTES = [
     ("GET", "/v1/models/{model}", {}, False, _status(200)),
     ("DELETE", "/v1/models/{model}", {}, True, _status(204)),
     ("GET", "/v1/workers", {}, False, _status(200, other=200)),
+    ("POST", "/v1/studies", {"json": {"name": "s"}}, False, _status(201, other=201)),
+    ("GET", "/v1/studies", {}, False, _listed("study")),
+    ("GET", "/v1/studies/{study}", {}, False, _status(200)),
+    ("GET", "/v1/studies/{study}/settings", {}, False, _status(200)),
+    ("GET", "/v1/studies/{study}/history", {}, False, _status(200)),
 ]
 REFUSED = {
     "none": "this route needs an API key",
@@ -123,7 +136,7 @@ def test_the_matrix_covers_every_route(tmp_path, make_settings):
         (m, p.replace("{job}", "{job_id}").replace("{done}", "{job_id}").replace("{dataset}", "{dataset_id}"))
         for m, p, *_ in ROUTES
     }
-    listed = {(m, p.replace("{model}", "{model_id}")) for m, p in listed}
+    listed = {(m, p.replace("{model}", "{model_id}").replace("{study}", "{study_id}")) for m, p in listed}
     assert served == listed
 
 

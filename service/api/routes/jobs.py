@@ -11,10 +11,11 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service import keys, lifecycle, placement, repository
+from service import keys, lifecycle, placement, repository, studies
 from service.api.auth import PrincipalDep, TenantQuery, listing_scope
 from service.api.deps import MAX_OFFSET, ProducerDep, ReaderDep, ReadSessionDep, SessionDep, SettingsDep, require_json
 from service.api.errors import Message, ValidationErrorBody, retry_later
+from service.api.routes.studies import study_for_job
 from service.api.status_cache import CachedStatus, StatusCache
 from service.schemas import (
     HistoryPublic,
@@ -189,17 +190,23 @@ def create_job(
     model_rows = repository.models_by_id(session, ids=job.model_ids(), tenant=principal.tenant, lock=True)
     models = {i: repository.model_to_public(m) for i, m in model_rows.items()}
     errors = check_job(job, settings, datasets, models)
-    if errors:
-        raise RequestValidationError(errors)
+    study, study_errors = study_for_job(session, job, principal.tenant)
+    if errors or study_errors:
+        raise RequestValidationError(errors + study_errors)
     _check_active_quota(session, principal.tenant, settings)
+    spec, start, warm = job.model_dump(mode="json"), None, False
+    if study is not None:  # it starts from the study's settings (service/studies.py)
+        spec, start, warm = studies.prepare_spec(study, spec)
     row = repository.create_job(
         session,
-        spec=job.model_dump(mode="json"),
+        spec=spec,
         name=job.name,
-        iterations=job.meta.iterations,
+        iterations=spec["meta"]["iterations"],
         max_seconds=settings.job_seconds(job.meta.max_seconds),
         tenant=principal.tenant,
     )
+    if study is not None and start is not None:
+        studies.join(session, study=study, job=row, tasks=job.tasks, start=start, warm=warm)
     session.commit()
     try:
         producer.enqueue_chunk(row.id, device=job.device)

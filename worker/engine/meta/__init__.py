@@ -40,16 +40,18 @@ depend on it: losses are always those of the full training run.
 Richer hyperparameters (MetaConfig.per_layer, MetaConfig.schedule_segments): the constant pair is
 learned first, as above, for at most iterations * constant_fraction iterations (fewer if it
 converges). Then ("rich_start") the (slots x segments) table of values starts at the best constant
-pair, and every "rich_refine" iteration screens, in one batched forward pass, the sign-hypergradient
-Richer hyperparameters (MetaConfig.per_layer, MetaConfig.schedule_segments): the constant pair is
-learned first, as above, for at most iterations * constant_fraction iterations (fewer if it
-converges). Then ("rich_start") the (slots x segments) table of values starts at the best constant
 pair, and every "rich_refine" iteration runs the same search on the table (search.py: the constant
 pair is its 1 x 1 case), with the table's policy: it screens the sign-hypergradient move of all
 values at once, each value alone moved up and down by the step, and rich_random_directions random
 joint moves (every value +-step, seeded by the iteration); the best, if lower, is verified with a
 hypergradient pass and accepted if its loss really is lower and it passes the stability margin.
-Values are clamped to the same bounds as the constant pair. Those records carry the richer loss as
+Values are clamped to the same bounds as the constant pair. With search="line" the table is
+line-searched along its hypergradient (all values at once), and a line that finds nothing lower is
+retried at half the step (not the stencil, which for 16 values screens 40 candidates); a miss at the
+smallest step ends the table's search. The richer search never sees every rich_holdout-th task (the
+4th, 8th, ... once there are 4); when it ends, check_rich keeps the table only if it beats the best
+constant pair on those held-back tasks (8 fresh draws), else best_settings returns the pair in the
+table's form with "rich_check" saying why. Those records carry the richer loss as
 "meta_loss", the best constant pair as "lr"/"momentum", and "group_lr"/"group_momentum"
 ([slot][segment]) and "meta_loss_groups" (best richer loss so far). best_settings keeps the best
 constant pair at the top level and adds "param_groups", "boundaries", "meta_loss_groups".

@@ -1,0 +1,133 @@
+"""/v1/studies and a job's ``study``: create, list, read; tenant scoping (another tenant's study is
+404, and a job cannot name it); the fit check (422 naming what differs); the pool's positions and
+held-out flags; a warm start from the study's learned settings."""
+
+from __future__ import annotations
+
+import copy
+
+from sqlalchemy import select
+
+from service.db.models import Job, Study, StudyJob, StudyTask
+from tests.helpers.support import keyed_client
+from tests.service.conftest import INLINE_TASK, job_body
+
+
+def _study(client, **body) -> dict:
+    r = client.post("/v1/studies", json={"name": "s", **body})
+    assert r.status_code == 201, r.text
+    assert r.headers["Location"] == f"/v1/studies/{r.json()['id']}"
+    return r.json()
+
+
+def _in_study(study_id: str, *tasks: dict, **top) -> dict:
+    body = job_body(*tasks, **top)
+    del body["hyperparameters"]
+    body["study"] = study_id
+    return body
+
+
+def _fields(r) -> list[str]:
+    assert r.status_code == 422, r.text
+    return [e["field"] for e in r.json()["detail"]]
+
+
+def test_create_list_get_and_settings_before_any_update(client):
+    s = _study(client, hyperparameters={"lr": 0.05, "momentum": 0.5, "per_layer": True}, holdout_every=3)
+    assert s["version"] == 0 and s["jobs"] == 0 and s["pool"] == {"tasks": 0, "training": 0, "held_out": 0}
+    assert s["settings"] == {"lr": 0.05, "momentum": 0.5, "param_groups": None, "boundaries": None}
+    assert s["hyperparameters"]["per_layer"] is True and s["holdout_every"] == 3 and s["kind"] is None
+    assert client.get(f"/v1/studies/{s['id']}").json() == s
+    listed = client.get("/v1/studies").json()
+    assert listed["total"] == 1 and [i["id"] for i in listed["items"]] == [s["id"]]
+    body = client.get(f"/v1/studies/{s['id']}/settings").json()
+    assert body == {"lr": 0.05, "momentum": 0.5, "study_id": s["id"], "version": 0}
+    assert client.get(f"/v1/studies/{s['id']}/history").json() == {"study_id": s["id"], "items": []}
+
+
+def test_bad_study_bodies_name_the_field(client):
+    assert _fields(client.post("/v1/studies", json={"holdout_every": 1})) == ["holdout_every"]
+    assert _fields(client.post("/v1/studies", json={"meta": {"meta_batch": 0}})) == ["meta.meta_batch"]
+    assert _fields(client.post("/v1/studies", json={"surprise": 1})) == ["surprise"]
+
+
+def test_another_tenants_study_is_not_found_and_cannot_be_joined(app, client):
+    s = _study(client)
+    with keyed_client(app, tenant="team-b") as other:
+        for path in ("", "/settings", "/history"):
+            r = other.get(f"/v1/studies/{s['id']}{path}")
+            assert r.status_code == 404 and s["id"] in r.json()["detail"]
+        assert other.get("/v1/studies").json()["total"] == 0
+        r = other.post("/v1/jobs", json=_in_study(s["id"]))
+        assert _fields(r) == ["study"] and "not found" in r.json()["detail"][0]["msg"]
+    with keyed_client(app, tenant="ops", admin=True) as admin:  # an admin key reads every tenant's
+        assert admin.get(f"/v1/studies/{s['id']}").status_code == 200
+        assert admin.get("/v1/studies").json()["total"] == 1
+
+
+def test_jobs_join_the_pool_every_kth_task_held_out(app, client):
+    s = _study(client, holdout_every=2)
+    ids = []
+    for n in (3, 2):
+        r = client.post("/v1/jobs", json=_in_study(s["id"], *[INLINE_TASK] * n))
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    with app.state.sessionmaker() as db:
+        pool = db.execute(
+            select(StudyTask.position, StudyTask.job_id, StudyTask.task_index, StudyTask.held_out)
+            .where(StudyTask.study_id == s["id"])
+            .order_by(StudyTask.position)
+        ).all()
+        spec = db.get(Job, ids[0]).spec
+    assert [tuple(p) for p in pool] == [
+        (0, ids[0], 0, False),
+        (1, ids[0], 1, True),
+        (2, ids[0], 2, False),
+        (3, ids[1], 0, True),
+        (4, ids[1], 1, False),
+    ]
+    assert spec["study"] == s["id"] and spec["hyperparameters"]["lr"] == 0.01
+    got = client.get(f"/v1/studies/{s['id']}").json()
+    assert got["pool"] == {"tasks": 5, "training": 3, "held_out": 2} and got["jobs"] == 2
+    assert got["kind"] == {"model": "mlp", "loss": "cross_entropy"}
+
+
+def test_a_job_that_does_not_fit_gets_a_422_naming_what_differs(app, client, nothing_changed):
+    s = _study(client, hyperparameters={"per_layer": True, "schedule_segments": 2})
+    assert client.post("/v1/jobs", json=_in_study(s["id"])).status_code == 202
+    deeper = copy.deepcopy(INLINE_TASK)
+    deeper["model"]["hidden"] = [4, 4]
+    longer = copy.deepcopy(INLINE_TASK)
+    longer["steps"] = 12
+    mse = copy.deepcopy(INLINE_TASK)
+    mse["loss"] = "mse"
+    with app.state.sessionmaker() as db:
+        before = db.scalar(select(Study.pool_size).where(Study.id == s["id"]))
+    r = client.post("/v1/jobs", json=_in_study(s["id"], INLINE_TASK, deeper, longer, mse))
+    assert _fields(r) == ["tasks[1].model", "tasks[2].steps", "tasks[3].loss"]
+    msgs = [e["msg"] for e in r.json()["detail"]]
+    assert "layers 2; this task's layers is 3" in msgs[0] and "steps 10; this task's steps is 12" in msgs[1]
+    body = _in_study(s["id"])
+    body["hyperparameters"] = {"per_layer": False}
+    r = client.post("/v1/jobs", json=body)
+    assert _fields(r) == ["hyperparameters.per_layer", "hyperparameters.schedule_segments"]
+    with app.state.sessionmaker() as db:  # nothing joined
+        assert db.scalar(select(Study.pool_size).where(Study.id == s["id"])) == before
+
+
+def test_a_job_starts_warm_from_the_studys_learned_settings(app, client):
+    s = _study(client)
+    learned = {"lr": 0.2, "momentum": 0.6}
+    with app.state.sessionmaker() as db:
+        db.get(Study, s["id"]).settings = learned
+        db.commit()
+    r = client.post("/v1/jobs", json=_in_study(s["id"], meta={"iterations": 9, "seed": 0}))
+    assert r.status_code == 202, r.text
+    job = r.json()
+    # it starts from the study's settings, with half its iterations (rounded up)
+    assert (job["progress"]["lr"], job["progress"]["momentum"]) == (0.2, 0.6)
+    assert job["progress"]["iterations"] == 5
+    with app.state.sessionmaker() as db:
+        link = db.get(StudyJob, job["id"])
+        assert link.warm is True and link.start == learned and link.version is None
+        assert db.get(Job, job["id"]).spec["meta"]["iterations"] == 5

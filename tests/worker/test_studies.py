@@ -1,0 +1,133 @@
+"""Studies through the runner in-process (no Celery): jobs of a study train on their tasks that are
+not held out, start warm once the study has learned, and each succeeded job updates the study once;
+no held-out task is ever passed to a training or meta-learning call, across several jobs."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import studies
+from service.db.models import StudyTask
+from service.db.session import session_scope
+from tests.e2e.conftest import small_job
+from tests.worker.test_runner import _drain, env  # noqa: F401 - the fixture
+from worker import engine, runner, study_runner
+from worker.engine import study as engine_study
+
+
+def _job(study_id: str, j: int, tasks: int = 3) -> dict:
+    body = small_job(iterations=2, tasks=tasks, steps=10)
+    for i, task in enumerate(body["tasks"]):
+        task["name"] = f"j{j}t{i}"
+        task["data"]["seed"] = 10 * j + i
+    del body["hyperparameters"]  # the study's
+    body["study"] = study_id
+    return body
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The names of the tasks every training or meta-learning call is given: the jobs' run_meta,
+    the study's run_meta and its checks (which choose settings by those tasks' training loss)."""
+    names: set[str] = set()
+
+    def spy(fn):
+        def wrapped(tasks, *args, **kwargs):
+            names.update(t.name for t in tasks)
+            return fn(tasks, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(engine, "run_meta", spy(engine.run_meta))
+    monkeypatch.setattr(engine_study, "run_meta", spy(engine_study.run_meta))
+    monkeypatch.setattr(engine_study, "_check_loss", spy(engine_study._check_loss))
+    return names
+
+
+def test_no_held_out_task_is_ever_trained_on_and_each_job_updates_the_study_once(env, seen, monkeypatch):  # noqa: F811
+    client, sent = env
+    updates: list[tuple[str, str]] = []
+    monkeypatch.setattr(study_runner, "enqueue_update", lambda s, j: updates.append((s, j)))
+    r = client.post(
+        "/v1/studies",
+        json={"name": "iris", "holdout_every": 4, "meta": {"meta_batch": 4, "rounds": 2, "iterations": 2}},
+    )
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    jobs = []
+    for j in range(3):  # 9 tasks: positions 3 and 7 held out
+        r = client.post("/v1/jobs", json=_job(sid, j))
+        assert r.status_code == 202, r.text
+        jid = r.json()["id"]
+        jobs.append(jid)
+        sent.append((jid, 0))
+        assert _drain(sent)[-1] == "succeeded"
+        assert updates[-1] == (sid, jid)
+        assert study_runner.update_study(sid, jid, runner.build_tasks) == "recorded"
+        assert study_runner.update_study(sid, jid, runner.build_tasks) == "skipped"  # a retried message records nothing
+        if j > 0:  # it started from the study's settings, warm, with half the iterations
+            job = client.get(f"/v1/jobs/{jid}").json()
+            assert job["progress"]["iterations"] == 1
+    with session_scope() as db:
+        rows = db.query(StudyTask).filter_by(study_id=sid).order_by(StudyTask.position).all()
+        held = {f"j{jobs.index(r.job_id)}t{r.task_index}" for r in rows if r.held_out}
+        everything = {f"j{jobs.index(r.job_id)}t{r.task_index}" for r in rows}
+    assert [r.position for r in rows if r.held_out] == [3, 7]
+    assert held == {"j1t0", "j2t1"}
+    # The proof: every training call saw only training tasks, and saw all of them.
+    assert seen and seen.isdisjoint(held), seen & held
+    assert seen == everything - held
+    # Held-out tasks are evaluated, not trained on: the study's settings report them.
+    body = client.get(f"/v1/studies/{sid}/settings").json()
+    assert body["version"] == 3
+    assert {t["name"] for t in body["evaluation"]["tasks"]} == held
+    assert body["evaluation"]["mean_val_loss"] is not None
+    hist = client.get(f"/v1/studies/{sid}/history").json()["items"]
+    assert [h["version"] for h in hist] == [1, 2, 3] and [h["job_id"] for h in hist] == jobs
+    assert [h["pool"]["held_out"] for h in hist] == [0, 1, 2]
+    assert all(p not in (3, 7) for h in hist for r in h["rounds"] for p in r["batch"] + r["check"])
+    # A job's own settings body covers the tasks it trained on.
+    ev = client.get(f"/v1/jobs/{jobs[1]}/settings").json()["evaluation"]
+    assert [t["name"] for t in ev["tasks"]] == ["j1t1", "j1t2"]
+    study = client.get(f"/v1/studies/{sid}").json()
+    assert study["pool"] == {"tasks": 9, "training": 7, "held_out": 2} and study["jobs"] == 3
+
+
+def test_an_update_computed_from_settings_that_changed_meanwhile_is_stale(env, monkeypatch):  # noqa: F811
+    client, sent = env
+    monkeypatch.setattr(study_runner, "enqueue_update", lambda s, j: None)
+    sid = client.post("/v1/studies", json={"meta": {"rounds": 1, "iterations": 1}}).json()["id"]
+    jid = client.post("/v1/jobs", json=_job(sid, 0, tasks=2)).json()["id"]
+    sent.append((jid, 0))
+    _drain(sent)
+    with session_scope() as db:
+        outcome = studies.record_update(
+            db,
+            study_id=sid,
+            job_id=jid,
+            expected_version=7,
+            settings={"lr": 1.0, "momentum": 0.0},
+            evaluation=None,
+            update={},
+            rounds=0,
+        )
+    assert outcome == "stale"
+    assert study_runner.update_study(sid, jid, runner.build_tasks) == "recorded"
+    assert client.get(f"/v1/studies/{sid}").json()["version"] == 1
+
+
+def test_a_job_whose_only_task_is_held_out_trains_on_nothing(env, seen, monkeypatch):  # noqa: F811
+    client, sent = env
+    monkeypatch.setattr(study_runner, "enqueue_update", lambda s, j: None)
+    sid = client.post("/v1/studies", json={"holdout_every": 2}).json()["id"]
+    first = client.post("/v1/jobs", json=_job(sid, 0, tasks=1)).json()["id"]
+    second = client.post("/v1/jobs", json=_job(sid, 1, tasks=1)).json()["id"]  # position 1: held out
+    sent += [(first, 0), (second, 0)]
+    _drain(sent)
+    assert "j1t0" not in seen and "j0t0" in seen
+    body = client.get(f"/v1/jobs/{second}/settings").json()
+    assert client.get(f"/v1/jobs/{second}").json()["status"] == "succeeded"
+    # nothing learned: the study's starting values, evaluated on the held-out task
+    assert (body["lr"], body["momentum"]) == (pytest.approx(0.01), pytest.approx(0.9))
+    assert [t["name"] for t in body["evaluation"]["tasks"]] == ["j1t0"]
+    assert runner.task_seed(0, 0) == body["evaluation"]["tasks"][0]["seed"]
