@@ -13,7 +13,7 @@ from worker.engine.meta import held_back
 from worker.engine.meta.loop import CHECK_DRAWS
 from worker.engine.meta.state import MetaState
 
-RICH = {"per_layer": True, "schedule_segments": 2, "iterations": 8}
+RICH = {"per_layer": True, "schedule_segments": 2, "iterations": 8, "rich_refit": 0}  # checked at the end
 
 
 def _tasks(n: int):
@@ -30,6 +30,8 @@ def test_held_back_is_every_kth_task_from_k_tasks_on():
     assert held_back(9, MetaConfig(iterations=8)) == []  # no richer values: nothing to check
     with pytest.raises(EngineError, match="rich_holdout"):
         init_state(MetaConfig(**RICH, rich_holdout=1), 0.1, 0.5)
+    with pytest.raises(EngineError, match="rich_refit"):
+        init_state(MetaConfig(**{**RICH, "rich_refit": -1}), 0.1, 0.5)
 
 
 def test_the_richer_search_never_sees_a_held_back_task(monkeypatch):
@@ -103,3 +105,46 @@ def test_without_enough_tasks_or_with_the_check_off_the_table_sees_every_task():
     three = MetaConfig(**RICH)
     state = run_meta(tasks[:3], three, init_state(three, 0.05, 0.5), three.iterations)
     assert state["rich_check"] is None
+
+
+def _run(loss: str, hidden: tuple[int, ...], records: list | None = None):
+    tasks = [synthetic_task(loss=loss, hidden=hidden, seed=i, name=f"t{i}") for i in range(4)]
+    cfg = MetaConfig(per_layer=True, schedule_segments=2, iterations=16, rich_refit=3, search="line")
+    on = None if records is None else records.append
+    return tasks, cfg, run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations, on_iteration=on)
+
+
+def test_a_table_that_passes_is_refit_over_every_task():
+    """rich_refit=3: the check is the 3rd-last iteration; after it the table's losses are those of
+    every task (held-back ones too), and the table returned is the refit one."""
+    import torch
+
+    from worker.engine.functional import Objective
+
+    records: list[dict] = []
+    tasks, cfg, state = _run("mse", (8,), records)
+    phases = [r["phase"] for r in records]
+    assert phases[-3] == "rich_check" and "rich_check" not in phases[:-3]
+    check = records[-3]["rich_check"]
+    assert check == state["rich_check"] and check["held_back"] == [3] and check["kept"] == "table"
+    assert check["table_loss"] < check["constant_loss"]
+    best = best_settings(state)
+    every = Objective(tasks, cfg.draws)
+    lr = torch.tensor([[g["lr"] for g in best["param_groups"]]], dtype=torch.float64)
+    mom = torch.tensor([[g["momentum"] for g in best["param_groups"]]], dtype=torch.float64)
+    assert best["meta_loss_groups"] == pytest.approx(every.losses_values(lr, mom)[0], rel=1e-6)
+    # after the check the table's loss is over every task (the refit's starting point), never worse after
+    assert records[-3]["meta_loss"] == pytest.approx(records[-3]["candidate_loss"], rel=1e-9)
+    assert best["meta_loss_groups"] <= records[-3]["meta_loss"]
+
+
+def test_a_deeper_table_that_overfits_falls_back_on_its_own():
+    """Two hidden layers, cross-entropy: the table beats the pair on the tasks it learned from but
+    not on the held-back task; the pair comes back and the table's search ends at the check."""
+    records: list[dict] = []
+    _, _, state = _run("cross_entropy", (16, 8), records)
+    check = state["rich_check"]
+    assert check["kept"] == "constant" and check["table_loss"] > check["constant_loss"]
+    assert [r["phase"] for r in records[-2:]] == ["converged", "converged"]
+    best = best_settings(state)
+    assert all(g["lr"] == [best["lr"]] * 2 for g in best["param_groups"])

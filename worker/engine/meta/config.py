@@ -94,6 +94,10 @@ class MetaConfig:
     # Richer values that fit the training tasks do not always transfer to new tasks of the same
     # kind (issue 13). 0 turns the check off (the richer search then sees every task).
     rich_holdout: int = 4
+    # with the check on, it runs as the rich_refit-th last iteration; when the table passes, the
+    # iterations left search it over every task (held-back ones too), from the checked table. 0: the
+    # check runs when the search ends and the table returned is the one learned without them.
+    rich_refit: int = 3
 
 
 # The cheap search (MetaConfig(**LINE_SEARCH, iterations=3) is the "budget" row of
@@ -141,5 +145,7 @@ def check_config(config: MetaConfig) -> None:
         raise EngineError("The stability margin must be a number of at least 1.")
     if int(config.rich_holdout) < 0 or int(config.rich_holdout) == 1:
         raise EngineError("rich_holdout must be 0 (off) or at least 2.")
+    if int(config.rich_refit) < 0:
+        raise EngineError("rich_refit must be at least 0.")
     if not 0.0 < config.constant_fraction <= 1.0:
         raise EngineError("The constant fraction must lie in (0, 1].")

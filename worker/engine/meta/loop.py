@@ -169,7 +169,8 @@ class _LazyObjective:
 
 class _Phases:
     """The two searches of one run_meta call: the constant pair and, with a layout, the table.
-    With should_stop, each evaluator asks it before every evaluation (evaluate.StopChecked)."""
+    With should_stop, each evaluator asks it before every evaluation (evaluate.StopChecked). The
+    table searches without the held-back tasks until their check passes (refit: over every task)."""
 
     def __init__(
         self,
@@ -178,21 +179,29 @@ class _Phases:
         method: str,
         layout: Layout | None,
         should_stop: Callable[[], bool] | None = None,
+        refit: bool = False,
     ):
         objective = _LazyObjective(tasks, config.draws, config)
 
         def checked(evaluator):
             return evaluator if should_stop is None else StopChecked(evaluator, should_stop)
 
-        self.layout = layout
+        self.tasks, self.config, self.layout = tasks, config, layout
+        self.held = held_back(len(tasks), config)
         self.constant = Search(config, constant_policy(config), checked(PairEvaluator(objective, config, method)))
         self.table = None
         if layout is not None:
-            held = set(held_back(len(tasks), config))
-            if held:  # the richer search never sees the held-back tasks (check_rich judges on them)
-                objective = _LazyObjective([t for i, t in enumerate(tasks) if i not in held], config.draws, config)
-            evaluator = TableEvaluator(objective, config, method, layout.slots, len(layout.boundaries))
-            self.table = Search(config, table_policy(config), checked(evaluator))
+            self._every = checked(TableEvaluator(objective, config, method, layout.slots, len(layout.boundaries)))
+            evaluator = self._every
+            if self.held and not refit:  # the richer search never sees the held-back tasks (check_rich)
+                part = _LazyObjective([t for i, t in enumerate(tasks) if i not in self.held], config.draws, config)
+                evaluator = checked(TableEvaluator(part, config, method, layout.slots, len(layout.boundaries)))
+            self.table = Search(config, table_policy(config), evaluator)
+
+    def refit(self) -> None:
+        """From now on the table is searched over every task."""
+        assert self.table is not None
+        self.table.evaluator = self._every
 
 
 # --------------------------------------------------------------------------- the starts
@@ -297,10 +306,37 @@ def _iterate(phases: _Phases, state: MetaState, constant_budget: int) -> dict:
     if table is not None and started and (state.constant.converged or state.iteration > constant_budget):
         if state.rich is None:
             return start_table(table, state, phases.layout)
+        cfg = phases.config
+        due = state.rich.converged or state.iteration > cfg.iterations - cfg.rich_refit
+        if phases.held and state.rich_check is None and cfg.rich_refit and due:
+            return _check_iteration(phases, state)
         return table.converged_record(state) if state.rich.converged else table.refine(state)
     if not started:
         return start_constant(constant, state)
     return constant.converged_record(state) if state.constant.converged else constant.refine(state)
+
+
+def _check_iteration(phases: _Phases, state: MetaState) -> dict:
+    """The check (check_rich) as an iteration of its own. A table that passes is then searched over
+    every task from where it stands (its loss and hypergradient there recomputed over all of them);
+    one that fails ends the table's search (best_settings returns the constant pair)."""
+    table = phases.table
+    assert table is not None and state.rich is not None and state.rich.best is not None
+    state.rich_check = check_rich(phases.tasks, phases.config, state.to_json())["rich_check"]
+    s = state.rich
+    if state.rich_check is None or state.rich_check["kept"] != "table":
+        s.converged = True
+        return table.record(state, "rich_check", False, None, None, evaluations=1, rich_check=state.rich_check)
+    phases.refit()
+    theta = list(s.best.theta)
+    loss, grad = table.evaluator.value_and_grad(theta)
+    if not finite(loss):  # cannot happen for a table that trained finitely; keep it and stop
+        s.converged = True
+        return table.record(state, "rich_check", True, loss, None, evaluations=2, rich_check=state.rich_check)
+    table.accept(s, theta, loss, grad)
+    s.best, s.converged, s.screen_next = None, False, False
+    table.note_best(state, theta, loss)
+    return table.record(state, "rich_check", True, loss, None, evaluations=2, rich_check=state.rich_check)
 
 
 def run_meta(
@@ -331,7 +367,8 @@ def run_meta(
     if not s.method:
         s.method, s.method_reason = choose_method(tasks, config)
     constant_budget = max(1, int(config.iterations * config.constant_fraction)) if rich else config.iterations
-    phases = _Phases(tasks, config, s.method, s.layout if rich else None, should_stop)
+    refit = s.rich_check is not None and s.rich_check.get("kept") == "table"
+    phases = _Phases(tasks, config, s.method, s.layout if rich else None, should_stop, refit)
     for _ in range(todo):
         if should_stop is not None and should_stop():
             break
