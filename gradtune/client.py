@@ -223,7 +223,7 @@ class Client(StudiesMixin):
         batch_size: int,
         lr: float = 0.01,
         momentum: float = 0.9,
-        iterations: int = 40,
+        iterations: int | None = None,
         seed: int = 0,
         name: str = "tune",
         progress: bool = True,
@@ -232,7 +232,7 @@ class Client(StudiesMixin):
         per_layer: bool = False,
         schedule_segments: int = 1,
         method: str = "auto",
-        search: str = "stencil",
+        search: str = "line",
         device: str = "auto",
         study: str | None = None,
     ) -> TunedSettings:
@@ -247,10 +247,10 @@ class Client(StudiesMixin):
         trains fresh PyTorch-default initializations (drawn layer by layer in call order), so your
         model's current weights are not used; ``init="uploaded"`` always exports the model and
         starts every training run from its current weights. The tensors are uploaded as
-        safetensors. ``per_layer``, ``schedule_segments``, ``method`` and ``search`` (``"line"`` with
-        few ``iterations`` for a quick answer) and ``device`` (``auto``, ``cpu`` or ``cuda``: which workers
-        run it) are the job options of the same names (the settings
-        then carry ``param_groups``: ``settings.sgd(model)`` and
+        safetensors. ``per_layer``, ``schedule_segments``, ``method``, ``search`` (``"line"``, the
+        default, or ``"stencil"``), ``iterations`` (None: the server's default for the search)
+        and ``device`` (``auto``, ``cpu`` or ``cuda``: which workers run it) are the job options of
+        the same names (the settings then carry ``param_groups``: ``settings.sgd(model)`` and
         ``settings.apply_schedule(optimizer, step)`` use them). With ``study`` (an id, see
         ``create_study``) the job joins it: it starts from the study's settings and bounds (``lr``,
         ``momentum``, ``per_layer`` and ``schedule_segments`` are the study's). Blocks until the job ends (with a
@@ -304,7 +304,12 @@ class Client(StudiesMixin):
                 "per_layer": per_layer,
                 "schedule_segments": schedule_segments,
             },
-            "meta": {"iterations": iterations, "seed": seed, "method": method, "search": search},
+            "meta": {
+                "seed": seed,
+                "method": method,
+                "search": search,
+                **({} if iterations is None else {"iterations": iterations}),
+            },
             "device": device,
         }
         if study is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gradtune.spec import JobStatus
+from gradtune.spec.hyper import constant_fraction
 from service import lifecycle, placement
 from service.db.session import session_scope
 from service.logs import job_context
@@ -135,6 +136,7 @@ def meta_config(job: JobCreate) -> engine.MetaConfig:
         momentum_bounds=tuple(hp.momentum_bounds),
         per_layer=hp.per_layer,
         schedule_segments=hp.schedule_segments,
+        constant_fraction=constant_fraction(job.meta.search, job.meta.iterations),
         method=job.meta.method,
         truncation=job.meta.truncation,
         memory_budget_mb=get_settings().max_unroll_bytes / 2**20,

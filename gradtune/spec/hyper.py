@@ -33,3 +33,29 @@ def warm_iterations(iterations: int) -> int:
     iterations asked for (rounded up). The API stores it as the job's iterations; the engine starts
     such a search without its population (worker/engine/study.py warm_config)."""
     return max(1, math.ceil(iterations / 2))
+
+
+# The default search (issue 13; docs/benchmarks.md, "Issue 13's targets: the default search and
+# richer values"): the line search. Its constant pair settles in a few iterations (3, 5 and 8 gave the
+# same answers within the noise), so it gets LINE_PAIR_ITERATIONS, and per-layer or scheduled values
+# LINE_RICH_ITERATIONS more. The stencil search keeps its 40 (half of them for the pair).
+DEFAULT_SEARCH = "line"
+LINE_PAIR_ITERATIONS = 5
+LINE_RICH_ITERATIONS = 8
+STENCIL_ITERATIONS = 40
+
+
+def default_iterations(search: str, rich: bool) -> int:
+    """A job's meta-iterations when it does not say: see DEFAULT_SEARCH."""
+    if search == "line":
+        return LINE_PAIR_ITERATIONS + (LINE_RICH_ITERATIONS if rich else 0)
+    return STENCIL_ITERATIONS
+
+
+def constant_fraction(search: str, iterations: int) -> float:
+    """The share of a job's iterations the constant pair may use before per-layer or scheduled values
+    take over (MetaConfig.constant_fraction): half, and with the line search at most
+    LINE_PAIR_ITERATIONS of them (the half-iteration margin keeps int(iterations * fraction) exact)."""
+    if search == "line":
+        return min(0.5, (LINE_PAIR_ITERATIONS + 0.5) / max(1, iterations))
+    return 0.5

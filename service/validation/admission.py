@@ -29,6 +29,7 @@ from gradtune.spec.costs import (
     estimate,
     unroll_bytes,
 )
+from gradtune.spec.hyper import constant_fraction
 from gradtune.spec.shapes import ModelShapes, mlp_shapes, prod
 from service.schemas import JobCreate, ModelPublic, TaskSpec
 from service.settings import Settings
@@ -47,6 +48,7 @@ def meta_cost(job: JobCreate, settings: Settings, slots: int = 1) -> MetaCost:
         population=START_CANDIDATES[job.meta.search],
         slots=slots if h.per_layer else 1,
         segments=h.schedule_segments,
+        constant_fraction=constant_fraction(job.meta.search, job.meta.iterations),
         memory_budget_bytes=settings.max_unroll_bytes,
         job_memory_bytes=settings.max_job_memory_bytes,
     )
