@@ -168,11 +168,6 @@ def _loss_fn(group: _Group, validation: bool = False):
     return loss
 
 
-def _flat(t: Tensor) -> Tensor:
-    """(R, B, ...) -> (R * B, ...)."""
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
 def _val_losses(group: _Group, params: dict[str, Tensor], k_count: int, program: bool) -> Tensor:
     """(R,) validation loss of every run."""
     s_count = group.n_sources
@@ -190,11 +185,10 @@ def _val_losses(group: _Group, params: dict[str, Tensor], k_count: int, program:
         if k_count > 1:
             x = x.repeat(k_count, *([1] * (x.dim() - 1)))
             y = y.repeat(k_count, *([1] * (y.dim() - 1)))
-        n = x.shape[0]
         if program:
             assert group.program is not None
-            out = batched.run(group.program, sub, _flat(x), n)
-            losses = batched.per_run_losses(group.task.loss, out, _flat(y), n, validation=True)
+            out = batched.run(group.program, sub, x)
+            losses = batched.per_run_losses(group.task.loss, out, y, validation=True)
         else:
             losses = torch.func.vmap(_loss_fn(group, validation=True))(sub, x, y)
         if whole:
@@ -266,9 +260,7 @@ def unroll(
         recording = grad_on and t >= grad_from
         with torch.set_grad_enabled(recording):
             if program is not None:
-                grads, values = batched.grads_and_losses(
-                    program, task.loss, params, _flat(xb), _flat(yb), runs, create_graph=recording
-                )
+                grads, values = batched.grads_and_losses(program, task.loss, params, xb, yb, create_graph=recording)
             else:
                 grads, values = step_fn(params, xb, yb)
             seen.append(values.detach())
