@@ -224,6 +224,28 @@ def grads_and_losses(
     return dict(zip(leaves, grads, strict=True)), losses if create_graph else losses.detach()
 
 
+def _pool_before_relu(program: Program) -> Program:
+    """relu then max_pool2d, as max_pool2d then relu: the same values and the same gradients (relu
+    is monotone, so the window's first maximum is the same element or the window is all <= 0,
+    where both give a zero gradient), with the relu on the pooled, smaller tensor."""
+    ops = list(program.ops)
+    uses: dict[str, int] = {}
+    for _short, _out, args in ops:
+        for _k, (kind, v) in args:
+            if kind == "t":
+                uses[v] = uses.get(v, 0) + 1
+    for i in range(len(ops) - 1):
+        (s1, o1, a1), (s2, o2, a2) = ops[i], ops[i + 1]
+        if s1 != "relu" or s2 != "max_pool2d" or dict(a2).get("self") != ("t", o1):
+            continue
+        if uses.get(o1) != 1 or o1 == program.output:
+            continue
+        pooled = tuple((k, dict(a1)["self"] if k == "self" else ref) for k, ref in a2)
+        ops[i] = (s2, o1, pooled)
+        ops[i + 1] = (s1, o2, (("self", ("t", o1)),))
+    return Program(program.input, program.output, tuple(ops))
+
+
 def program_of(model: nn.Module, example: Tensor) -> Program | None:
     """The model as a Program, or None when it is not a chain of known functions or does not give
     the module's own outputs on two runs of ``example`` (a few input rows; nothing is trained)."""
@@ -235,6 +257,7 @@ def program_of(model: nn.Module, example: Tensor) -> Program | None:
         return None
     if program is None or any(True for _ in model.buffers()):
         return None
+    program = _pool_before_relu(program)
     names = [n for n, _ in model.named_parameters()]
     if any(not p.requires_grad for p in model.parameters()):
         return None
