@@ -3,9 +3,10 @@
 ``evaluate`` and ``evaluate_groups`` train every kind of task (kinds.TaskKind: MLP Tasks,
 ModuleTasks, mixed freely) by its own reference run; the training loop itself (fit) and the MLP
 runs live in training.py, and the optimizer built from learned settings in gradtune.torch_utils.
-All of them stay importable from here. ModuleTasks that module_unroll batches together (cnn and
-exported models of one shape) are trained together, by one torch.optim.SGD over their stacked
-parameters (batched_reference.py: the same update on every run).
+All of them stay importable from here. Tasks whose module views module_unroll batches together
+(mlp, cnn and exported models of one shape) are trained together, by one torch.optim.SGD over
+their stacked parameters (batched_reference.py: the same update on every run); any other model by
+its own reference run.
 """
 
 from __future__ import annotations
@@ -57,22 +58,23 @@ def _mean_over_draws(
     optimizer_for: Callable[[nn.Module], torch.optim.Optimizer],
     schedule: Schedule | None = None,
 ) -> dict:
-    """Mean of run(kind_of(task), draw) over draws, per task and over tasks; ModuleTasks of one
-    batched group by batched_reference.fit_group with ``optimizer_for`` (and ``schedule``)."""
+    """Mean of run(kind_of(task), draw) over draws, per task and over tasks; the sources of a
+    batched group (module_unroll.make_groups of the tasks' module views) by
+    batched_reference.fit_group with ``optimizer_for`` (and ``schedule``) instead."""
     draws = list(draws)
     if not tasks or not draws:
         raise ValueError(f"{what} needs at least one task and one draw.")
-    done: dict[int, list[float]] = {}
     kinds = [kind_of(t) for t in tasks]
-    modules = [k.as_module_task() for k in kinds if k.as_mlp_task() is None]  # cnn, exported: self
-    for group in make_groups(modules, draws) if modules else []:
+    modules = [k.as_module_task() for k in kinds]  # every kind has a module view (an MLP: build_model's)
+    done: dict[int, list[float]] = {}
+    for group in make_groups(modules, draws):
         if group.program is not None:
             losses = fit_group(group, optimizer_for, schedule)
             for i, t in enumerate(group.tasks):
                 done[id(t)] = losses[i * len(draws) : (i + 1) * len(draws)]
     rows: list[dict] = []
-    for task, kind in zip(tasks, kinds, strict=True):
-        losses = done[id(kind)] if id(kind) in done else [run(kind, d) for d in draws]
+    for task, kind, module in zip(tasks, kinds, modules, strict=True):
+        losses = done[id(module)] if id(module) in done else [run(kind, d) for d in draws]
         rows.append({"name": task.name, "val_loss": sum(losses) / len(losses)})
     return {"tasks": rows, "mean_val_loss": sum(r["val_loss"] for r in rows) / len(rows)}
 
