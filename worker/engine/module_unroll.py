@@ -85,14 +85,24 @@ def _prepare(task: ModuleTask, draws: list[int]) -> _Prepared:
     names = [n for n, p in skeleton.named_parameters() if p.requires_grad]
     init = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]) for n in names}
     program = batched.program_of(skeleton, task.x_val[:2])
+    key = _key(task, skeleton, program)
+    return _Prepared(task, skeleton, program, init, ("task", id(task)) if key is None else key)
+
+
+def _key(task: ModuleTask, skeleton: nn.Module, program: batched.Program | None) -> Hashable | None:
     if program is None:
-        key: Hashable = ("task", id(task))
-    else:
-        x, y = task.x_train, task.y_train
-        shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in skeleton.named_parameters())
-        data = (tuple(x.shape[1:]), x.dtype, str(x.device), tuple(y.shape[1:]), y.dtype)
-        key = ("program", program.key, shapes, task.loss, task.steps, task.batch_size, data)
-    return _Prepared(task, skeleton, program, init, key)
+        return None
+    x, y = task.x_train, task.y_train
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in skeleton.named_parameters())
+    data = (tuple(x.shape[1:]), x.dtype, str(x.device), tuple(y.shape[1:]), y.dtype)
+    return ("program", program.key, shapes, task.loss, task.steps, task.batch_size, data)
+
+
+def group_key(task: ModuleTask) -> Hashable | None:
+    """The key make_groups batches the task's sources under (tasks with equal keys share one
+    unroll), or None when its model is not a program (a group of its own). For plan.py."""
+    model = task.model(0)
+    return _key(task, model, batched.program_of(model, task.x_val[:2]))
 
 
 def _val_blocks(tasks: list[ModuleTask], n_draws: int) -> list[_ValBlock]:
