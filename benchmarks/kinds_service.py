@@ -11,7 +11,8 @@ the same network as a torch.export program (POST /v1/models). Every job goes thr
 (FastAPI app, SQLite in a temporary folder) and the real runner (worker.runner.run_chunk, chunk
 after chunk, in this process, one thread); the time is the whole job, including the final
 evaluation by plain torch.optim.SGD on the held-out draws. One untimed 1-iteration job per kind
-first warms the process up (the first torch.optim.SGD alone imports for seconds). The target: the 16-task job takes at most 4x the 1-task job for every kind.
+first warms the process up (the first torch.optim.SGD alone imports for seconds). The target: the
+16-task job takes at most 4x the 1-task job for every kind.
 """
 
 from __future__ import annotations
