@@ -11,15 +11,17 @@ import torch
 from torch.func import functional_call
 
 from worker.engine import Task, batch_indices, build_model
+from worker.engine.kinds import ModuleTask
 from worker.engine.reference import task_loss
 
 
 class Prepared:
-    """Model, its initial weights and the batch order of one (task, draw), built once."""
+    """Model, its initial weights and the batch order of one (task, draw), built once (an MLP Task's
+    build_model, or a ModuleTask's own model: a cnn, an exported program's nn.Module)."""
 
-    def __init__(self, task: Task, draw: int = 0):
+    def __init__(self, task: Task | ModuleTask, draw: int = 0):
         self.task = task
-        self.model = build_model(task, draw)
+        self.model = task.model(draw) if isinstance(task, ModuleTask) else build_model(task, draw)
         self.init = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.idx = batch_indices(task, draw)
 

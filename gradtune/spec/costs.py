@@ -7,10 +7,12 @@ What the engine runs (worker/engine/meta/, functional.py, modules.py), and what 
 * An **evaluation** trains every (task, draw) source for its steps at one or more candidate
   settings and takes the validation loss. Candidates x sources run *batched*, as one unroll: on the
   ``mlp`` path (every task an mlp: functional.Objective) the sources of tasks with equal shapes form
-  one group; on the ``module`` path (any cnn or exported task: modules.ModuleObjective) each task is
-  a group of its draws. A group runs at most ``max_runs`` runs at once (512 on the mlp path, 128 on
-  the module path): ``max(1, max_runs // sources)`` candidates per unroll. Groups run one after
-  the other, so an evaluation's working memory is that of its largest unroll.
+  one group; on the ``module`` path (any cnn or exported task: modules.ModuleObjective) so do the
+  sources of tasks whose models are the same chain of known functions on data of the same shapes
+  (worker/engine/module_unroll.py; TaskCost.group), and any other task is a group of its draws. A
+  group runs at most ``max_runs`` runs at once (512 on the mlp path, 128 on the module path):
+  ``max(1, max_runs // sources)`` candidates per unroll. Groups run one after the other, so an
+  evaluation's working memory is that of its largest unroll.
 * **screen**: a forward evaluation without a graph (the start population, the stencil, the line,
   the richer moves, the stability probes). Per run it holds the parameters, momentum buffers,
   gradients and their replacements, one step's activations for the batch, or the validation
@@ -80,8 +82,8 @@ class TaskCost:
     params: trainable parameters; activations: elements one example leaves in a forward pass (the
     input and every layer's output, shapes.ModelShapes.activations); macs: multiply-adds of one
     example's forward pass; in_elements: one example's input elements; out_features: the model's
-    outputs (one-hot width of cross_entropy targets). group: tasks on the mlp path with equal
-    group keys (equal shapes, steps and batch) share one batched unroll; None: a group of its own.
+    outputs (one-hot width of cross_entropy targets). group: tasks of one kind with equal group
+    keys (equal shapes, steps and batch) share one batched unroll; None: a group of its own.
     kind: "mlp" (the engine's hand-written batched path) or "module" (cnn, exported)."""
 
     params: int
@@ -191,11 +193,9 @@ def path_of(tasks: Sequence[TaskCost]) -> str:
 
 
 def _groups(tasks: Sequence[TaskCost], draws: int) -> list[_Group]:
-    if path_of(tasks) == "module":
-        return [_Group(t, draws) for t in tasks]
     counts: dict[Hashable, list] = {}
     for i, t in enumerate(tasks):
-        key = ("task", i) if t.group is None else ("group", t.group)
+        key = ("task", i) if t.group is None else ("group", t.kind, t.group)
         counts.setdefault(key, [t, 0])[1] += draws
     return [_Group(t, n) for t, n in counts.values()]
 

@@ -2,10 +2,13 @@
 
 An MLP task goes through the hand-written batched unroll in functional.py. Every other model goes
 through this module: the model is built deterministically from (task.seed, draw) by the task's
-``make_model``, its parameters become a dict of tensors, and training runs out of place with
-``torch.func.functional_call``. Runs that share a task (every draw and every candidate setting) are
-stacked along a leading dimension and trained together with ``torch.func.vmap`` of
-``torch.func.grad_and_value``; the SGD update is the one of ``torch.optim.SGD``:
+``make_model``, its parameters become a dict of tensors, and training runs out of place. Runs
+(every candidate setting of every draw of every task in a group) are stacked along a leading
+dimension and trained together (module_unroll.py): tasks whose models are the same chain of known
+functions (cnn, exported, an MLP) on data of the same shapes share one group and one unroll
+(batched.py runs it without vmap); any other model is a group of its own task, batched by
+``torch.func.vmap`` of ``torch.func.grad_and_value`` over ``functional_call``. The SGD update is
+the one of ``torch.optim.SGD``:
 
     buf = g (first step), then buf = momentum * buf + g;  p = p - lr * buf
 
@@ -26,13 +29,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .functional import METHODS, Objective, ObjectiveBase, ScreenCap, screen_chunk
+from .functional import METHODS, Objective, ObjectiveBase, ScreenCap, _as_values, screen_chunk
 from .kinds import (
     ModuleTask,
     TaskKind,
@@ -47,9 +49,9 @@ from .kinds import (
     train_sgd_module_groups,
     validate_module_task,
 )
-from .losses import mean_floor, val_loss
-from .tasks import Task, batch_indices
-from .training import loss_of
+from .losses import mean_floor
+from .module_unroll import _Group, make_groups, unroll
+from .tasks import Task
 
 # Kept importable from here (callers and tests import the module path's names from this module).
 __all__ = [
@@ -69,143 +71,6 @@ __all__ = [
     "unrolled_val_loss_module",
     "validate_module_task",
 ]
-
-
-# --------------------------------------------------------------------------- the unroll
-
-
-def _segment_of_steps(steps: int, segments: int) -> list[int]:
-    """Segment of each step: block j covers floor(j*steps/S) .. floor((j+1)*steps/S) - 1
-    (functional.segment_boundaries)."""
-    if not 1 <= segments <= steps:
-        raise ValueError("The number of schedule segments must be between 1 and the number of steps.")
-    bounds = [(j * steps) // segments for j in range(segments)] + [steps]
-    out: list[int] = []
-    for j in range(segments):
-        out.extend([j] * (bounds[j + 1] - bounds[j]))
-    return out
-
-
-@dataclass
-class _Group:
-    """The sources (draws) of one task, prepared for batched unrolls."""
-
-    task: ModuleTask
-    draws: list[int]
-    skeleton: nn.Module  # the architecture; its own parameter values are never used
-    names: list[str]  # trainable parameters, named_parameters() order
-    slots: list[list[str]]  # layer_groups
-    buffers: dict[str, Tensor]
-    frozen: dict[str, Tensor]  # parameters with requires_grad=False: held constant
-    init: dict[str, Tensor]  # (S, *shape)
-    idx: Tensor  # (S, steps, B) row indices
-
-    @property
-    def n_sources(self) -> int:
-        return len(self.draws)
-
-
-def _make_group(task: ModuleTask, draws: list[int]) -> _Group:
-    models = [task.model(d) for d in draws]
-    skeleton = validate_module_task(task, models[0])
-    names = [n for n, p in skeleton.named_parameters() if p.requires_grad]
-    frozen = {n: p.detach() for n, p in skeleton.named_parameters() if not p.requires_grad}
-    init = {}
-    for n in names:
-        init[n] = torch.stack([dict(m.named_parameters())[n].detach() for m in models])
-    return _Group(
-        task=task,
-        draws=list(draws),
-        skeleton=skeleton,
-        names=names,
-        slots=layer_groups(skeleton),
-        buffers={n: b.detach() for n, b in skeleton.named_buffers()},
-        frozen=frozen,
-        init=init,
-        idx=torch.stack([batch_indices(task, d) for d in draws]),
-    )
-
-
-def _loss_fn(group: _Group, validation: bool = False):
-    """The training loss of one run's parameters on (x, y); with validation, the validation loss
-    (cross-entropy in float64, losses.val_loss)."""
-    skel, loss_kind = group.skeleton, group.task.loss
-    consts = {**group.buffers, **group.frozen}
-
-    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = torch.func.functional_call(skel, {**params, **consts}, (x,))
-        if loss_kind == "mse":  # = F.mse_loss; written out because its forward-mode rule under
-            return (out - y).square().mean()  # vmap warns about resizing an output
-        return val_loss(loss_kind, out, y) if validation else loss_of(loss_kind, out, y)
-
-    return loss
-
-
-def _as_values(x: Tensor) -> Tensor:
-    """(K,) or (K, slots, segments) hyperparameter values as (K, slots, segments)."""
-    return x.reshape(x.shape[0], 1, 1) if x.dim() == 1 else x
-
-
-def _slot_of_names(group: _Group, slots: int) -> dict[str, int]:
-    if slots == 1:
-        return {n: 0 for n in group.names}
-    if slots != len(group.slots):
-        raise ValueError(f"{slots} per-layer values for a model of {len(group.slots)} parametrized layers.")
-    return {n: i for i, names in enumerate(group.slots) for n in names}
-
-
-def _unroll(group: _Group, lr: Tensor, momentum: Tensor, grad_from: int = 0) -> tuple[Tensor, Tensor]:
-    """Train K candidate settings on every source of the group.
-
-    lr, momentum: (K,) or (K, slots, segments), in the task's dtype and device; they may require
-    grad. Run r = k * S + s trains source s with candidate k. Returns (val losses (K, S), diverged
-    (K, S) bool: a training loss was not finite). Steps before grad_from record no graph.
-    """
-    from torch.func import grad_and_value, vmap
-
-    task = group.task
-    lr, momentum = _as_values(lr), _as_values(momentum)
-    k_count, s_count = lr.shape[0], group.n_sources
-    slots, segments = lr.shape[1], lr.shape[2]
-    runs = k_count * s_count
-    slot_of = _slot_of_names(group, slots)
-    seg_of = _segment_of_steps(task.steps, segments)
-
-    def per_run(v: Tensor, like: Tensor) -> Tensor:  # (K,) -> (R, 1, ..., 1)
-        return v.repeat_interleave(s_count).view(runs, *([1] * (like.dim() - 1)))
-
-    tables = {}
-    for i in range(slots):
-        for j in range(segments):
-            tables[i, j] = (lr[:, i, j], momentum[:, i, j])
-    loss = _loss_fn(group)
-    step_fn = vmap(grad_and_value(loss))
-    params = {n: (p.repeat(k_count, *([1] * (p.dim() - 1))) if k_count > 1 else p) for n, p in group.init.items()}
-    bufs: dict[str, Tensor] = {}
-    diverged = torch.zeros(runs, dtype=torch.bool, device=task.x_train.device)
-    grad_on = torch.is_grad_enabled()
-    for t in range(task.steps):
-        if t == grad_from and t > 0:
-            params = {n: p.detach() for n, p in params.items()}
-            bufs = {n: b.detach() for n, b in bufs.items()}
-        rows = group.idx[:, t]  # (S, B)
-        xb, yb = task.x_train[rows], task.y_train[rows]
-        if k_count > 1:
-            xb = xb.repeat(k_count, *([1] * (xb.dim() - 1)))
-            yb = yb.repeat(k_count, *([1] * (yb.dim() - 1)))
-        with torch.set_grad_enabled(grad_on and t >= grad_from):
-            grads, values = step_fn(params, xb, yb)
-            diverged = diverged | ~torch.isfinite(values.detach())
-            new_params, new_bufs = {}, {}
-            for n in params:
-                lr_k, mom_k = tables[slot_of[n], seg_of[t]]
-                g = grads[n]
-                buf = g if t == 0 else torch.addcmul(g, bufs[n], per_run(mom_k, g))
-                new_bufs[n] = buf
-                new_params[n] = torch.addcmul(params[n], buf, per_run(lr_k, buf), value=-1.0)
-            params, bufs = new_params, new_bufs
-    val = vmap(_loss_fn(group, validation=True), in_dims=(0, None, None))(params, task.x_val, task.y_val)
-    return val.view(k_count, s_count), diverged.view(k_count, s_count)
 
 
 # --------------------------------------------------------------------------- the objective
@@ -230,7 +95,7 @@ class ModuleObjective(ObjectiveBase):
         if not tasks or not draws:
             raise ValueError("An objective needs at least one task and one draw.")
         self.tasks = [kind_of(t).as_module_task() for t in tasks]
-        self.groups = [_make_group(t, [int(d) for d in draws]) for t in self.tasks]
+        self.groups = make_groups(self.tasks, draws)
         self.n_sources = sum(g.n_sources for g in self.groups)
         self.max_runs = max_runs
         self.chunks = [screen_chunk(max_runs, g.n_sources, g.task, screen_cap) for g in self.groups]
@@ -251,7 +116,7 @@ class ModuleObjective(ObjectiveBase):
                 for start in range(0, count, chunk):
                     lr_c = lr[start : start + chunk].to(dtype=dt, device=dev)
                     mom_c = momentum[start : start + chunk].to(dtype=dt, device=dev)
-                    val, bad = _unroll(g, lr_c, mom_c)
+                    val, bad = unroll(g, lr_c, mom_c)
                     val = torch.where(bad, torch.full_like(val, math.inf), val)
                     for i, v in enumerate(val.sum(dim=1).double().cpu().tolist()):
                         totals[start + i] += v
@@ -285,7 +150,7 @@ class ModuleObjective(ObjectiveBase):
                 with torch.enable_grad():
                     lr = torch.exp(av).to(dtype=dt, device=dev).unsqueeze(0)
                     mom = (lo + (hi - lo) * torch.sigmoid(zv)).to(dtype=dt, device=dev).unsqueeze(0)
-                    val, div = _unroll(g, lr, mom, grad_from=grad_from)
+                    val, div = unroll(g, lr, mom, grad_from=grad_from)
                     s = val.sum() / self.n_sources
                     da, dz = torch.autograd.grad(s, (av, zv), allow_unused=True)
                 bad = bad or bool(div.any())
@@ -311,7 +176,7 @@ def _forward_group(group: _Group, a: Tensor, z: Tensor, momentum_bounds) -> tupl
     def f(av: Tensor, zv: Tensor):
         lr = torch.exp(av).to(dt).unsqueeze(0)
         mom = (lo + (hi - lo) * torch.sigmoid(zv)).to(dt).unsqueeze(0)
-        val, div = _unroll(group, lr, mom)
+        val, div = unroll(group, lr, mom, use_program=False)  # jvp does not go through autograd.grad
         return val.sum().double(), div.any()
 
     eye = torch.eye(2 * n, dtype=torch.float64, device=dev)
@@ -328,7 +193,7 @@ def unrolled_val_loss_module(task: ModuleTask, lr, momentum, draw: int = 0, crea
     """Validation loss after functional SGD training of task.model(draw); equals
     train_sgd_module(task, lr, momentum, draw). lr and momentum: numbers or 0-d tensors (then, with
     create_graph, the result is differentiable w.r.t. them), or (slots, segments) tables."""
-    group = _make_group(task, [int(draw)])
+    group = make_groups([task], [int(draw)])[0]
     dt, dev = task.x_train.dtype, task.x_train.device
 
     def run_tensor(v) -> Tensor:
@@ -337,7 +202,7 @@ def unrolled_val_loss_module(task: ModuleTask, lr, momentum, draw: int = 0, crea
         return torch.tensor([float(v)], dtype=dt, device=dev)
 
     with torch.set_grad_enabled(create_graph):
-        val, bad = _unroll(group, run_tensor(lr), run_tensor(momentum))
+        val, bad = unroll(group, run_tensor(lr), run_tensor(momentum))
     if bool(bad.any()):
         return torch.full((), math.inf, dtype=dt, device=dev)
     return val.reshape(())

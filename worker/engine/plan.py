@@ -34,6 +34,7 @@ from gradtune.spec.shapes import mlp_shapes
 
 from .functional import group_signature
 from .kinds import kind_of
+from .module_unroll import group_key
 from .reference import EVAL_DRAWS
 
 _MB = 1024.0 * 1024.0
@@ -110,6 +111,7 @@ def task_cost(task: Any) -> tuple[TaskCost, int]:
         macs=terms["macs"],
         out_features=terms["out_features"],
         kind="module",
+        group=group_key(kind_of(task).as_module_task()),  # module_unroll batches equal keys together
         **common,
     )
     return cost, terms["slots"]

@@ -48,10 +48,14 @@ def test_equal_mlps_batch_together_and_others_do_not():
     assert evaluation(same, meta, "reverse").runs == 4 * 2
     apart = [mlp_task(group=i) for i in range(4)]
     assert evaluation(apart, meta, "screen", 9).runs == 9 * 2
-    # one cnn (module path) makes every task a group of its own draws
+    # one cnn puts every task on the module path, which batches equal keys too (module_unroll.py):
+    # the four mlps in one unroll, the cnn without a key in a group of its own draws
     mixed = [*same, mlp_task(kind="module", group=None)]
     assert costs.path_of(mixed) == "module" and costs.path_of(same) == "mlp"
-    assert evaluation(mixed, meta, "screen", 9).runs == 9 * 2
+    assert evaluation(mixed, meta, "screen", 9).runs == 9 * 4 * 2
+    cnns = [mlp_task(kind="module", group="cnn") for _ in range(3)]
+    assert evaluation(cnns, meta, "reverse").runs == 3 * 2
+    assert evaluation([*cnns, mlp_task(kind="module", group=None)], meta, "reverse").runs == 3 * 2
 
 
 def test_screen_bytes_by_hand():
