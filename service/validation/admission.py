@@ -88,12 +88,20 @@ def mlp_cost(task: TaskSpec, io: TaskIO) -> TaskCost:
     return _cost(task, io, _terms(shapes), "mlp", group)
 
 
+def _module_group(task: TaskSpec, io: TaskIO, model: str) -> tuple:
+    """The engine batches cnn and exported tasks of one model, example shape, loss, steps and batch
+    size in one unroll (worker/engine/module_unroll.py group_key); equal keys here, so the job's
+    memory is admitted for that unroll (a model the engine cannot batch is over-counted, never under)."""
+    return (model, str(io.features), task.loss, io.d_out, task.steps, task.batch_size)
+
+
 def cnn_cost(task: TaskSpec, io: TaskIO, shapes: ModelShapes) -> TaskCost:
-    return _cost(task, io, _terms(shapes), "module")
+    model = "cnn:" + task.model.model_dump_json()
+    return _cost(task, io, _terms(shapes), "module", _module_group(task, io, model))
 
 
 def exported_cost(task: TaskSpec, io: TaskIO, program: ModelPublic) -> TaskCost:
-    return _cost(task, io, exported_terms(program), "module")
+    return _cost(task, io, exported_terms(program), "module", _module_group(task, io, "exported:" + program.sha256))
 
 
 # --------------------------------------------------------------------------- per task

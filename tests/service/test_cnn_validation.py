@@ -307,3 +307,25 @@ def test_uploaded_images(client, nothing_changed):
     assert e["field"] == "tasks[0].data.val.x"
     assert "validation images are 1x5x4 but training images are 1x4x4" in e["msg"]
     assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+
+
+def test_cnn_tasks_the_engine_batches_share_one_group_in_the_admitted_memory():
+    """worker/engine/module_unroll.py trains cnn tasks of one model, example shape, loss, steps and
+    batch size as one unroll: the admission's cost model groups them alike, so 16 such tasks are
+    admitted for one unroll over all their runs, not 16 unrolls one after another."""
+    from gradtune.spec.shapes import cnn_shapes
+    from service.validation.admission import cnn_cost, meta_cost
+    from service.validation.common import task_io
+
+    def cost(**change):
+        task = JobCreate.model_validate(job_body({**cnn_task(), **change})).tasks[0]
+        io = task_io(task)
+        return cnn_cost(task, io, cnn_shapes(task.model.layers, io.features, io.d_out))
+
+    a, b, other = cost(), cost(), cost(steps=7)
+    assert a.group is not None and a.group == b.group and other.group != a.group
+    job = JobCreate.model_validate(job_body(cnn_task()))
+    meta = meta_cost(job, Settings())
+    batched = costs.estimate([a] * 16, meta)
+    apart = costs.estimate([costs.TaskCost(**{**a.__dict__, "group": None})] * 16, meta)
+    assert batched.peak_bytes > apart.peak_bytes  # one unroll over 16 tasks' runs holds more at once
