@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -72,7 +73,9 @@ def worker(
     from service.settings import get_settings
 
     if device is not None:
-        _check_device(device)
+        from worker.device import DeviceUnavailable, resolve
+
+        _check_device(device, resolve, DeviceUnavailable)
         os.environ["GRADTUNE_DEVICE"] = device  # the worker process reads it (worker/device.py)
         get_settings.cache_clear()
     settings = get_settings()
@@ -81,18 +84,17 @@ def worker(
     os.execv(argv[0], argv)
 
 
-def _check_device(device: str) -> None:
-    """Refuse an unknown --device, and --device cuda on a machine without CUDA, before starting Celery."""
+def _check_device(device: str, resolve: Any, unavailable: type[Exception]) -> None:
+    """Refuse an unknown --device, and --device cuda on a machine without CUDA (worker.device's
+    resolve raises ``unavailable``), before starting Celery."""
     from gradtune.spec.devices import JOB_DEVICES
 
     if device not in JOB_DEVICES:
         _fail(ValueError(f"--device must be one of {', '.join(JOB_DEVICES)}, not {device!r}"))
     if device == "cuda":
-        from worker.device import DeviceUnavailable, resolve
-
         try:
             resolve(device)
-        except DeviceUnavailable as exc:
+        except unavailable as exc:
             _fail(exc)
 
 

@@ -442,7 +442,7 @@ def test_the_issue_job_is_refused_quickly(client, nothing_changed, settings):
         )
         for i in range(32)
     ]
-    body = job_body(*tasks, meta={"iterations": 1000})
+    body = job_body(*tasks, meta={"iterations": 1000, "search": "stencil"})  # the job as reported (stencil then)
     t0 = time.perf_counter()
     r = client.post("/v1/jobs", json=body)
     elapsed = time.perf_counter() - t0

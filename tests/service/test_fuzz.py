@@ -40,7 +40,7 @@ MIN_REQUESTS = 1000
 
 
 def _seed(app) -> dict[str, str]:
-    """A job, a dataset and a model that exist, so some requests find something."""
+    """A job, a dataset, a model and a study that exist, so some requests find something."""
     from tests.helpers.support import keyed_client
 
     with keyed_client(app) as client:
@@ -48,6 +48,8 @@ def _seed(app) -> dict[str, str]:
         assert job.status_code == 202, job.text
         ds = client.post("/v1/datasets", files={"file": ("d.csv", b"a,b,y\n0,1,0\n1,0,1\n1,1,0\n0,0,1\n")})
         assert ds.status_code == 201, ds.text
+        study = client.post("/v1/studies", json={"name": "fuzz"})
+        assert study.status_code == 201, study.text
     with Session(app.state.engine) as session:
         model = repository.create_model(
             session,
@@ -69,7 +71,12 @@ def _seed(app) -> dict[str, str]:
         )
         session.commit()
         model_id = model.id
-    return {"job_id": job.json()["id"], "dataset_id": ds.json()["id"], "model_id": model_id}
+    return {
+        "job_id": job.json()["id"],
+        "dataset_id": ds.json()["id"],
+        "model_id": model_id,
+        "study_id": study.json()["id"],
+    }
 
 
 def _run(operation, mode: GenerationMode, examples: int, record, headers: dict[str, str], **fixed: Any) -> bool:

@@ -66,14 +66,16 @@ def test_status_read_is_the_public_view_of_the_stored_job(app, client):
     job_id = client.post("/v1/jobs", json=job_body(name="narrow")).json()["id"]
     got = client.get(f"/v1/jobs/{job_id}")
     assert got.status_code == 200
+    from service import placement
+
     with app.state.sessionmaker() as session:
         job = repository.get_job(session, job_id=job_id)
         assert job is not None
-        expected = repository.to_public(job).model_dump(mode="json")
-        assert (
-            repository.to_public(repository.get_job_status(session, job_id=job_id)).model_dump(mode="json") == expected
-        )
-    assert got.json() == expected
+        # the public view, with `waiting` as the route fills it (service/placement.py: no live worker here)
+        expected = placement.public_job(session, job, app.state.settings).model_dump(mode="json")
+        status = repository.get_job_status(session, job_id=job_id)
+        assert placement.public_job(session, status, app.state.settings).model_dump(mode="json") == expected
+    assert expected["waiting"] and got.json() == expected
     missing = client.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
     assert missing.status_code == 404
     assert missing.json() == {"detail": "job 00000000-0000-0000-0000-000000000000 not found"}
