@@ -432,8 +432,9 @@ class LearnedValues(BaseModel):
 
 
 class RichCheck(BaseModel):
-    """The per-layer / scheduled values judged on tasks the search never saw (every 4th task, from 4
-    tasks on): kept only if their meta-loss there is lower than the constant pair's."""
+    """The per-layer / scheduled values judged on tasks the search never saw (every 4th task, in jobs
+    of 16 tasks or more): kept only if their meta-loss there is lower than the constant pair's; a
+    table that passes is then refined over every task."""
 
     held_back: list[int] = Field(description="Indices of the tasks held back from the richer search.")
     table_loss: float | None

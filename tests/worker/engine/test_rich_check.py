@@ -13,7 +13,8 @@ from worker.engine.meta import held_back
 from worker.engine.meta.loop import CHECK_DRAWS
 from worker.engine.meta.state import MetaState
 
-RICH = {"per_layer": True, "schedule_segments": 2, "iterations": 8, "rich_refit": 0}  # checked at the end
+# checked at the end, from 4 tasks on (the default waits for 16)
+RICH = {"per_layer": True, "schedule_segments": 2, "iterations": 8, "rich_refit": 0, "rich_holdout_min_tasks": 4}
 
 
 def _tasks(n: int):
@@ -28,6 +29,8 @@ def test_held_back_is_every_kth_task_from_k_tasks_on():
     assert held_back(9, MetaConfig(**RICH, rich_holdout=3)) == [2, 5, 8]
     assert held_back(9, MetaConfig(**RICH, rich_holdout=0)) == []
     assert held_back(9, MetaConfig(iterations=8)) == []  # no richer values: nothing to check
+    default = MetaConfig(per_layer=True)
+    assert held_back(15, default) == [] and held_back(16, default) == [3, 7, 11, 15]
     with pytest.raises(EngineError, match="rich_holdout"):
         init_state(MetaConfig(**RICH, rich_holdout=1), 0.1, 0.5)
     with pytest.raises(EngineError, match="rich_refit"):
@@ -109,7 +112,9 @@ def test_without_enough_tasks_or_with_the_check_off_the_table_sees_every_task():
 
 def _run(loss: str, hidden: tuple[int, ...], records: list | None = None):
     tasks = [synthetic_task(loss=loss, hidden=hidden, seed=i, name=f"t{i}") for i in range(4)]
-    cfg = MetaConfig(per_layer=True, schedule_segments=2, iterations=16, rich_refit=3, search="line")
+    cfg = MetaConfig(
+        per_layer=True, schedule_segments=2, iterations=16, rich_refit=3, search="line", rich_holdout_min_tasks=4
+    )
     on = None if records is None else records.append
     return tasks, cfg, run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations, on_iteration=on)
 

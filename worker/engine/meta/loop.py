@@ -89,9 +89,10 @@ CHECK_DRAWS = tuple(range(2, 10))
 
 def held_back(n_tasks: int, config: MetaConfig) -> list[int]:
     """Indices of the tasks the richer search never sees (MetaConfig.rich_holdout): every k-th task
-    once there are at least k of them; none when the check is off or the job has fewer tasks."""
+    once there are rich_holdout_min_tasks (and k) of them; none when the check is off or the job
+    has fewer tasks."""
     k = int(config.rich_holdout)
-    if not rich_enabled(config) or k < 2 or n_tasks < k:
+    if not rich_enabled(config) or k < 2 or n_tasks < max(k, int(config.rich_holdout_min_tasks)):
         return []
     return [i for i in range(n_tasks) if i % k == k - 1]
 
