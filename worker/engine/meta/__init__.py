@@ -49,9 +49,10 @@ Values are clamped to the same bounds as the constant pair. With search="line" t
 line-searched along its hypergradient (all values at once), and a line that finds nothing lower is
 retried at half the step (not the stencil, which for 16 values screens 40 candidates); a miss at the
 smallest step ends the table's search. The richer search never sees every rich_holdout-th task (the
-4th, 8th, ... once a job has 16 tasks); when it ends, check_rich keeps the table only if it beats the best
-constant pair on those held-back tasks (8 fresh draws), else best_settings returns the pair in the
-table's form with "rich_check" saying why. Those records carry the richer loss as
+4th, 8th, ... once a job has 16 tasks); at its rich_refit-th last iteration (3), or when it ends,
+check_rich keeps the table only if it beats the best constant pair on those held-back tasks (8
+fresh draws), and the iterations left search it over every task; otherwise best_settings returns
+the pair in the table's form with "rich_check" saying why. Those records carry the richer loss as
 "meta_loss", the best constant pair as "lr"/"momentum", and "group_lr"/"group_momentum"
 ([slot][segment]) and "meta_loss_groups" (best richer loss so far). best_settings keeps the best
 constant pair at the top level and adds "param_groups", "boundaries", "meta_loss_groups".
