@@ -232,7 +232,7 @@ class Client(StudiesMixin):
         per_layer: bool = False,
         schedule_segments: int = 1,
         method: str = "auto",
-        search: str = "line",
+        search: str | None = None,
         device: str = "auto",
         study: str | None = None,
     ) -> TunedSettings:
@@ -247,8 +247,8 @@ class Client(StudiesMixin):
         trains fresh PyTorch-default initializations (drawn layer by layer in call order), so your
         model's current weights are not used; ``init="uploaded"`` always exports the model and
         starts every training run from its current weights. The tensors are uploaded as
-        safetensors. ``per_layer``, ``schedule_segments``, ``method``, ``search`` (``"line"``, the
-        default, or ``"stencil"``), ``iterations`` (None: the server's default for the search)
+        safetensors. ``per_layer``, ``schedule_segments``, ``method``, ``search`` (``"stencil"`` or
+        ``"line"``; None: the server's default), ``iterations`` (None: the server's default for the search)
         and ``device`` (``auto``, ``cpu`` or ``cuda``: which workers run it) are the job options of
         the same names (the settings then carry ``param_groups``: ``settings.sgd(model)`` and
         ``settings.apply_schedule(optimizer, step)`` use them). With ``study`` (an id, see
@@ -307,7 +307,7 @@ class Client(StudiesMixin):
             "meta": {
                 "seed": seed,
                 "method": method,
-                "search": search,
+                **({} if search is None else {"search": search}),
                 **({} if iterations is None else {"iterations": iterations}),
             },
             "device": device,

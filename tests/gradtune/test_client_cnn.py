@@ -96,7 +96,7 @@ def test_tune_uploads_images_and_submits_a_cnn_job():
     assert (settings.lr, settings.momentum) == (0.1, 0.5)
     job = JobCreate.model_validate(seen["job"])
     assert job.tasks[0].model.kind == "cnn" and len(job.tasks[0].model.layers) == 10
-    assert job.meta.search == "line" and job.meta.iterations == 5  # the server's defaults
+    assert job.meta.search == "stencil" and job.meta.iterations == 40  # the server's defaults
     client.tune(
         small_cnn(),
         (x, y),

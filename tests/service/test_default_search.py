@@ -1,6 +1,7 @@
-"""The default search (gradtune.spec.hyper.DEFAULT_SEARCH): meta.iterations, when a job does not give
-it, follows meta.search and whether it learns per-layer or scheduled values; the constant pair's
-share of a line search is at most LINE_PAIR_ITERATIONS; the worker and the cost model agree."""
+"""The default search (gradtune.spec.hyper.default_search): meta.search and meta.iterations, when a
+job does not give them, follow whether it learns per-layer or scheduled values (the stencil for a
+pair, the line search for richer values); the constant pair's share of a line search is at most
+LINE_PAIR_ITERATIONS; the worker and the cost model agree."""
 
 import pytest
 
@@ -23,12 +24,14 @@ def _job(meta: dict | None = None, **hyper) -> JobCreate:
 @pytest.mark.parametrize(
     "meta, hyper, search, iterations",
     [
-        (None, {}, "line", 5),
+        (None, {}, "stencil", 40),
+        ({"seed": 3}, {"schedule_segments": 1}, "stencil", 40),
         ({}, {"per_layer": True}, "line", 13),
         ({"seed": 3}, {"schedule_segments": 4}, "line", 13),
-        ({"search": "stencil"}, {}, "stencil", 40),
+        ({"search": "line"}, {}, "line", 5),
         ({"search": "stencil"}, {"per_layer": True}, "stencil", 40),
         ({"iterations": 7}, {"per_layer": True}, "line", 7),  # given: kept
+        ({"iterations": 7}, {}, "stencil", 7),
     ],
 )
 def test_iterations_follow_the_search_and_the_values(meta, hyper, search, iterations):

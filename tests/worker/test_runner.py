@@ -50,7 +50,7 @@ def test_chunks_chain_to_succeeded_and_duplicates_do_nothing(env):
     job = client.get(f"/v1/jobs/{jid}").json()
     assert job["status"] == "succeeded" and job["progress"]["iteration"] == 5
     body = client.get(f"/v1/jobs/{jid}/settings").json()
-    assert body["search"] == "line"  # the default search
+    assert body["search"] == "stencil"  # the default search for a constant pair
     ev = body["evaluation"]
     # The evaluation is the engine's reference training: recompute one task independently.
     import torch
@@ -231,7 +231,7 @@ def test_a_line_search_job_learns_what_the_engine_learns_with_line_search(env):
     job = JobCreate.model_validate(spec)
     config = runner.meta_config(job)
     assert config.search == "line" and config.population_momenta == ()
-    assert runner.meta_config(JobCreate.model_validate(small_job())).search == "line"  # the default
+    assert runner.meta_config(JobCreate.model_validate(small_job())).search == "stencil"  # the pair's default
     tasks = runner.build_tasks(job, torch.device("cpu"))
     direct = engine.run_meta(tasks, config, engine.init_state(config, 0.01, 0.9), 4)
     best = engine.best_settings(direct)
