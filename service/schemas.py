@@ -295,6 +295,18 @@ class MetaOptions(_Strict):
     )
 
 
+def _truthy(v: Any) -> bool:
+    """per_layer as pydantic reads it (lax mode: "false", "0", "no" are false)."""
+    return v is True or (isinstance(v, str) and v.strip().lower() in ("true", "1", "yes", "on", "t", "y")) or v == 1
+
+
+def _segments(v: Any) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 1  # invalid: the field validation refuses it
+
+
 class JobCreate(_Strict):
     name: Text = Field("job", min_length=1, max_length=200)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -318,9 +330,11 @@ class JobCreate(_Strict):
     def _default_iterations(cls, data: Any) -> Any:
         """meta.search and meta.iterations, when not given, follow the richer values (default_search,
         default_iterations)."""
-        meta, hp = (data.get(k) if isinstance(data, dict) else None for k in ("meta", "hyperparameters"))
-        rich = isinstance(hp, dict) and (bool(hp.get("per_layer")) or hp.get("schedule_segments") not in (None, 1))
-        if isinstance(data, dict) and (meta is None or (isinstance(meta, dict) and "iterations" not in meta)):
+        if not isinstance(data, dict) or data.get("meta", {}) is None:
+            return data  # not an object, or "meta": null: the field validation says what is wrong
+        meta, hp = data.get("meta"), data.get("hyperparameters")
+        rich = isinstance(hp, dict) and (_truthy(hp.get("per_layer")) or _segments(hp.get("schedule_segments")) > 1)
+        if meta is None or (isinstance(meta, dict) and "iterations" not in meta):
             search = meta.get("search", default_search(rich)) if isinstance(meta, dict) else default_search(rich)
             data = {**data, "meta": {**(meta or {}), "iterations": default_iterations(str(search), rich)}}
         meta = data.get("meta") if isinstance(data, dict) else None

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gradtune.spec import JobStatus
-from gradtune.spec.hyper import warm_iterations
+from gradtune.spec.hyper import default_iterations, default_search, warm_iterations
 from service.db.clock import database_now
 from service.db.models import Job, Study, StudyJob, StudyTask
 from service.schemas import Hyperparameters, JobCreate, TaskSpec
@@ -163,6 +163,10 @@ def held_out(position: int, every: int) -> bool:
     return position % every == every - 1
 
 
+def _rich(hp: dict[str, Any]) -> bool:
+    return bool(hp.get("per_layer")) or int(hp.get("schedule_segments") or 1) > 1
+
+
 def prepare_spec(study: Study, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """The job's stored body with the study's hyperparameters, starting at its current settings;
     those settings; and whether they were learned (a warm start: then it runs
@@ -171,6 +175,13 @@ def prepare_spec(study: Study, spec: dict[str, Any]) -> tuple[dict[str, Any], di
     hp = dict(study.spec["hyperparameters"])
     hp["lr"], hp["momentum"] = start["lr"], start["momentum"]
     meta = dict(spec["meta"])
+    # meta.search and meta.iterations were defaulted from the job's own hyperparameters; when they are
+    # those defaults and the study's richness differs, the study's defaults apply
+    job_rich, study_rich = (_rich(h) for h in (spec["hyperparameters"], hp))
+    own = default_search(job_rich)
+    if job_rich != study_rich and (meta["search"], meta["iterations"]) == (own, default_iterations(own, job_rich)):
+        meta["search"] = default_search(study_rich)
+        meta["iterations"] = default_iterations(meta["search"], study_rich)
     if warm:  # it starts near the answer: half the iterations, no population
         meta["iterations"] = warm_iterations(int(meta["iterations"]))
     return {**spec, "hyperparameters": hp, "meta": meta}, start, warm

@@ -69,6 +69,7 @@ def study_config(hp: Hyperparameters) -> engine.MetaConfig:
         momentum_bounds=tuple(hp.momentum_bounds),
         per_layer=hp.per_layer,
         schedule_segments=hp.schedule_segments,
+        rich_holdout=0,  # relearn keeps a round's answer only if it holds on other pool tasks already
         memory_budget_mb=settings.max_unroll_bytes / 2**20,
         job_memory_mb=settings.max_job_memory_bytes / 2**20,
     )

@@ -51,3 +51,13 @@ def test_the_pair_gets_at_most_its_iterations_of_a_line_search_and_the_worker_ag
     assert config.iterations == default_iterations("line", True) == 13
     assert int(config.iterations * config.constant_fraction) == LINE_PAIR_ITERATIONS
     assert meta_cost(job, get_settings()).constant_fraction == config.constant_fraction
+
+
+def test_loose_values_are_read_as_pydantic_reads_them_and_null_meta_is_refused():
+    assert _job(None, per_layer="false").meta.search == "stencil"
+    assert _job(None, schedule_segments="1").meta.search == "stencil"
+    assert _job(None, schedule_segments="3").meta.search == "line"
+    spec = small_job()
+    spec["meta"] = None
+    with pytest.raises(ValueError, match="meta"):
+        JobCreate.model_validate(spec)

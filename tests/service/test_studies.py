@@ -131,3 +131,23 @@ def test_a_job_starts_warm_from_the_studys_learned_settings(app, client):
         link = db.get(StudyJob, job["id"])
         assert link.warm is True and link.start == learned and link.version is None
         assert db.get(Job, job["id"]).spec["meta"]["iterations"] == 5
+
+
+def test_a_job_in_a_per_layer_study_gets_the_richer_defaults_and_is_admitted_as_such(app, client):
+    """The job gives no hyperparameters: meta.search and meta.iterations were defaulted for a constant
+    pair, but it runs the study's per-layer values, so it takes their defaults (line search, 13)."""
+    s = _study(client, hyperparameters={"per_layer": True})
+    body = _in_study(s["id"], INLINE_TASK)
+    del body["meta"]
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    with app.state.sessionmaker() as db:
+        spec = db.get(Job, r.json()["id"]).spec
+    assert spec["hyperparameters"]["per_layer"] is True
+    assert (spec["meta"]["search"], spec["meta"]["iterations"]) == ("line", 13)
+    given = _in_study(s["id"], INLINE_TASK)
+    given["meta"] = {"iterations": 6, "search": "stencil"}  # given: kept
+    r = client.post("/v1/jobs", json=given)
+    with app.state.sessionmaker() as db:
+        spec = db.get(Job, r.json()["id"]).spec
+    assert (spec["meta"]["search"], spec["meta"]["iterations"]) == ("stencil", 6)

@@ -197,6 +197,10 @@ def create_job(
     spec, start, warm = job.model_dump(mode="json"), None, False
     if study is not None:  # it starts from the study's settings (service/studies.py)
         spec, start, warm = studies.prepare_spec(study, spec)
+        # admitted as it will run: with the study's hyperparameters (per-layer, segments) and search
+        errors = check_job(JobCreate.model_validate(spec), settings, datasets, models)
+        if errors:
+            raise RequestValidationError(errors)
     row = repository.create_job(
         session,
         spec=spec,

@@ -153,3 +153,18 @@ def test_a_deeper_table_that_overfits_falls_back_on_its_own():
     assert [r["phase"] for r in records[-2:]] == ["converged", "converged"]
     best = best_settings(state)
     assert all(g["lr"] == [best["lr"]] * 2 for g in best["param_groups"])
+
+
+def test_a_table_that_has_not_moved_is_not_checked():
+    """Due right after the table starts (few iterations): the check waits until the table has left
+    the constant pair, so it never compares the pair with itself and ends the table's search."""
+    tasks = [synthetic_task(loss="mse", seed=i, name=f"t{i}") for i in range(4)]
+    cfg = MetaConfig(
+        per_layer=True, schedule_segments=2, iterations=6, rich_refit=3, search="line", rich_holdout_min_tasks=4
+    )
+    records: list[dict] = []
+    state = run_meta(tasks, cfg, init_state(cfg, 0.05, 0.5), cfg.iterations, on_iteration=records.append)
+    start = [r["phase"] for r in records].index("rich_start")
+    assert records[start + 1]["phase"] != "rich_check"  # the table had not moved yet
+    check = state["rich_check"]
+    assert check is None or check["table_loss"] != check["constant_loss"]

@@ -104,8 +104,9 @@ def check_rich(tasks: Sequence[Task], config: MetaConfig, state: dict) -> dict:
     run_meta calls it when the search ends; a job stopped early (a deadline) calls it itself."""
     s = MetaState.from_json(state)
     held = held_back(len(tasks), config)
-    if not held or s.rich_check is not None or s.rich is None or s.rich.best is None or s.constant.best is None:
+    if not held or s.rich_check is not None or not _moved(s):  # nothing to judge: the table is the pair
         return s.to_json()
+    assert s.rich is not None and s.rich.best is not None and s.constant.best is not None
     from ..modules import make_objective
 
     slots, segs = s.rich.slots, s.rich.segments
@@ -309,12 +310,23 @@ def _iterate(phases: _Phases, state: MetaState, constant_budget: int) -> dict:
             return start_table(table, state, phases.layout)
         cfg = phases.config
         due = state.rich.converged or state.iteration > cfg.iterations - cfg.rich_refit
-        if phases.held and state.rich_check is None and cfg.rich_refit and due:
+        # a table that has not left the constant pair yet has nothing to check: it keeps searching
+        # (the check then runs when it moves, or when the search ends)
+        if phases.held and state.rich_check is None and cfg.rich_refit and due and _moved(state):
             return _check_iteration(phases, state)
         return table.converged_record(state) if state.rich.converged else table.refine(state)
     if not started:
         return start_constant(constant, state)
     return constant.converged_record(state) if state.constant.converged else constant.refine(state)
+
+
+def _moved(state: MetaState) -> bool:
+    """The table's best point differs from the constant pair it started at."""
+    rich, const = state.rich, state.constant.best
+    if rich is None or rich.best is None or const is None:
+        return False
+    n = rich.slots * rich.segments
+    return list(rich.best.theta) != [const.theta[0]] * n + [const.theta[1]] * n
 
 
 def _check_iteration(phases: _Phases, state: MetaState) -> dict:
