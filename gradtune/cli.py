@@ -368,10 +368,15 @@ def settings(
     key: str | None = KEY,
 ) -> None:
     """The learned settings of a succeeded job."""
+    _print_settings(format, url, key, lambda client: client.settings(job_id))
+
+
+def _print_settings(format: str, url: str | None, key: str | None, fetch: Any) -> None:
+    """Print the settings ``fetch(client)`` returns (TunedSettings) as JSON or as the torch code."""
     if format not in ("json", "python"):
         _fail(ValueError(f"--format must be json or python, not {format!r}"))
     with _api(url, key) as client:
-        s = client.settings(job_id)
+        s = fetch(client)
     typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
 
 
@@ -477,11 +482,7 @@ def studies_settings(
     key: str | None = KEY,
 ) -> None:
     """The study's current settings, with their evaluation on its held-out tasks."""
-    if format not in ("json", "python"):
-        _fail(ValueError(f"--format must be json or python, not {format!r}"))
-    with _api(url, key) as client:
-        s = client.study_settings(study_id)
-    typer.echo(json.dumps(s.raw, indent=2) if format == "json" else s.python().rstrip())
+    _print_settings(format, url, key, lambda client: client.study_settings(study_id))
 
 
 models_cli = typer.Typer(no_args_is_help=True, help="Upload and list exported models (.pt2).")
