@@ -7,7 +7,8 @@
   table emptied. Override the server with GRADTUNE_TEST_PG_ADMIN_URL (an admin URL to an
   existing database).
 * ``empty_pg_url``: a fresh, *unmigrated* PostgreSQL database for this test only (migration tests).
-* ``redis_url``: ``redis://127.0.0.1:6379/13`` (GRADTUNE_TEST_REDIS_URL, GRADTUNE_TEST_REDIS_DB),
+* ``redis_url``: ``redis://127.0.0.1:6379/13`` (GRADTUNE_TEST_REDIS_URL, GRADTUNE_TEST_REDIS_DB; one up per
+  pytest-xdist worker: gw1 gets 14),
   flushed before each test and at the end of the session.
 * ``db_url``: parametrized over ``sqlite`` and ``postgresql`` (the two fixtures above).
 * ``make_settings``: ``make_settings(tmp_path, **overrides) -> Settings`` (see tests/helpers/support.py).

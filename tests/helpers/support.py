@@ -21,7 +21,10 @@ PG_ADMIN_URLS = (
     ]
 )
 REDIS_SERVER_URL = os.environ.get("GRADTUNE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-REDIS_TEST_DB = int(os.environ.get("GRADTUNE_TEST_REDIS_DB", "13"))
+# Under pytest-xdist each worker (gw0, gw1, ...) owns the next database up, so parallel workers never
+# flush each other's queues.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+REDIS_TEST_DB = int(os.environ.get("GRADTUNE_TEST_REDIS_DB", "13")) + int(_XDIST_WORKER.removeprefix("gw") or 0)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
