@@ -20,7 +20,7 @@ function el(tag, attrs = {}, ...children) {
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else if (v !== undefined && v !== null) node.setAttribute(k, v);
   }
-  for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  for (const c of children.flat(Infinity)) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
   return node;
 }
 
@@ -84,7 +84,7 @@ function progressBar(p) {
 }
 
 // A line chart of (x, y) points as SVG; one circle per point (data-points counts them).
-function chart(title, points, { log = false } = {}) {
+function chart(title, points, { log = false, xLabel = "iteration" } = {}) {
   const W = 360, H = 170, L = 46, R = 8, T = 10, B = 22;
   const box = svg("svg", { viewBox: `0 0 ${W} ${H}`, "data-points": String(points.length), role: "img", "aria-label": title });
   const ys = points.map((p) => (log ? Math.log10(Math.max(p.y, 1e-12)) : p.y)).filter(Number.isFinite);
@@ -97,7 +97,7 @@ function chart(title, points, { log = false } = {}) {
     const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
     const label = (v) => fmt(log ? 10 ** v : v, 3);
     for (const v of [y0, y1]) box.append(Object.assign(svg("text", { x: 2, y: sy(v) + 3, class: "axis" }), { textContent: label(v) }));
-    box.append(Object.assign(svg("text", { x: L, y: H - 6, class: "axis" }), { textContent: `iteration ${x0}` }));
+    box.append(Object.assign(svg("text", { x: L, y: H - 6, class: "axis" }), { textContent: `${xLabel} ${x0}` }));
     box.append(Object.assign(svg("text", { x: W - R - 40, y: H - 6, class: "axis" }), { textContent: String(x1) }));
     const drawn = points.filter((p) => Number.isFinite(log ? Math.log10(p.y) : p.y));
     const y = (p) => sy(log ? Math.log10(p.y) : p.y);
@@ -116,6 +116,14 @@ function sparkline(values) {
     box.append(svg("polyline", { points: pts.join(" "), fill: "none", stroke: "#2f6fde", "stroke-width": 1.4 }));
   }
   return box;
+}
+
+// "‹ newer", the rows shown, "older ›": a page of a newest-first listing; go({ offset }) moves.
+function pager(page, offset, go) {
+  return [
+    el("button", { disabled: offset <= 0 ? "" : null, onclick: () => go({ offset: Math.max(0, offset - PAGE) }) }, "‹ newer"),
+    el("span", { class: "muted" }, `${page.total ? offset + 1 : 0}–${offset + page.items.length}`),
+    el("button", { disabled: offset + PAGE >= page.total ? "" : null, onclick: () => go({ offset: offset + PAGE }) }, "older ›")];
 }
 
 // ------------------------------------------------------------------ views
@@ -146,10 +154,7 @@ async function jobsView(params) {
   });
   main.replaceChildren(
     el("h1", {}, "Jobs"),
-    el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, `${page.total} job(s)`),
-      el("button", { disabled: offset <= 0 ? "" : null, onclick: () => go({ offset: Math.max(0, offset - PAGE) }) }, "‹ newer"),
-      el("span", { class: "muted" }, `${page.total ? offset + 1 : 0}–${offset + page.items.length}`),
-      el("button", { disabled: offset + PAGE >= page.total ? "" : null, onclick: () => go({ offset: offset + PAGE }) }, "older ›")),
+    el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, `${page.total} job(s)`), pager(page, offset, go)),
     el("table", { id: "jobs" },
       el("thead", {}, el("tr", {}, ...["name", "status", "progress", "meta-loss", "", "tenant", "created"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)));
@@ -195,34 +200,42 @@ function heatmap(title, groups, field, log) {
         ...g[field].map((v) => el("td", { style: color(v) }, fmt(v, 3))))))));
 }
 
+const facts = (pairs) => el("dl", { class: "facts" }, pairs.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+
+// Settings as a job's or a study's settings give them: their lr and momentum (and `extra` facts), the
+// per-layer x segment heatmaps, `between` (e.g. an evaluation) and the torch.optim.SGD snippet.
+function settingsParts(title, s, extra = [], between = []) {
+  const code = pythonSnippet(s);
+  const copy = el("button", { id: "copy", onclick: async () => { await navigator.clipboard.writeText(code).catch(() => {}); copy.textContent = "copied"; } }, "copy");
+  return [
+    el("h2", {}, title),
+    facts([["lr", fmt(s.lr, 6)], ["momentum", fmt(s.momentum, 6)], ...extra]),
+    s.param_groups ? [heatmap("Learning rate per layer × segment", s.param_groups, "lr", true),
+      heatmap("Momentum per layer × segment", s.param_groups, "momentum", false)] : [],
+    between,
+    el("h2", {}, "In your training script ", copy), el("pre", { id: "snippet" }, code)];
+}
+
+// Validation losses: a row per task ([label, ...losses]), then the mean row.
+function lossTable(id, heads, rows, mean) {
+  const cells = (values) => values.map((v) => el("td", { class: "num" }, fmt(v)));
+  return el("table", { id },
+    el("thead", {}, el("tr", {}, heads.map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows.map(([label, ...values]) => el("tr", {}, el("td", {}, label), cells(values))),
+      el("tr", { class: "mean" }, el("th", {}, "mean"), cells(mean))));
+}
+
 async function settingsPanel(job) {
   const s = await api(`/v1/jobs/${job.id}/settings`);
   const ev = s.evaluation || {};
-  const parts = [
-    el("h2", {}, "Learned settings"),
-    el("dl", { class: "facts" }, el("dt", {}, "lr"), el("dd", {}, fmt(s.lr, 6)), el("dt", {}, "momentum"), el("dd", {}, fmt(s.momentum, 6)),
-      el("dt", {}, "method"), el("dd", {}, s.method || "–"), el("dt", {}, "fallback"), el("dd", {}, s.fallback || "none")),
-  ];
-  if (s.param_groups) {
-    parts.push(heatmap("Learning rate per layer × segment", s.param_groups, "lr", true));
-    parts.push(heatmap("Momentum per layer × segment", s.param_groups, "momentum", false));
-  }
-  if (ev.tasks) {
-    const groups = ev.mean_learned_groups_val_loss !== undefined && ev.mean_learned_groups_val_loss !== null;
-    const cells = (...values) => values.map((v) => el("td", { class: "num" }, fmt(v)));
-    parts.push(el("h2", {}, "Evaluation: validation loss after torch.optim.SGD training"),
-      el("table", { id: "evaluation" },
-        el("thead", {}, el("tr", {}, el("th", {}, "task"), el("th", {}, "with the start"), el("th", {}, "with the learned lr, momentum"),
-          groups ? el("th", {}, "with the learned per-layer / schedule values") : "")),
-        el("tbody", {}, ev.tasks.map((t) => el("tr", {}, el("td", {}, t.name),
-          cells(t.initial_val_loss, t.learned_val_loss, ...(groups ? [t.learned_groups_val_loss] : [])))),
-          el("tr", { class: "mean" }, el("th", {}, "mean"),
-            cells(ev.mean_initial_val_loss, ev.mean_learned_val_loss, ...(groups ? [ev.mean_learned_groups_val_loss] : []))))));
-  }
-  const code = pythonSnippet(s);
-  const copy = el("button", { id: "copy", onclick: async () => { await navigator.clipboard.writeText(code).catch(() => {}); copy.textContent = "copied"; } }, "copy");
-  parts.push(el("h2", {}, "In your training script ", copy), el("pre", { id: "snippet" }, code));
-  return el("div", { class: "card", id: "settings" }, parts);
+  const groups = ev.mean_learned_groups_val_loss !== undefined && ev.mean_learned_groups_val_loss !== null;
+  const losses = (o, start, pair, rich) => [o[start], o[pair], ...(groups ? [o[rich]] : [])];
+  const evaluation = !ev.tasks ? [] : [el("h2", {}, "Evaluation: validation loss after torch.optim.SGD training"),
+    lossTable("evaluation", ["task", "with the start", "with the learned lr, momentum", ...(groups ? ["with the learned per-layer / schedule values"] : [])],
+      ev.tasks.map((t) => [t.name, ...losses(t, "initial_val_loss", "learned_val_loss", "learned_groups_val_loss")]),
+      losses(ev, "mean_initial_val_loss", "mean_learned_val_loss", "mean_learned_groups_val_loss"))];
+  const method = [["method", s.method || "–"], ["fallback", s.fallback || "none"]];
+  return el("div", { class: "card", id: "settings" }, settingsParts("Learned settings", s, method, evaluation));
 }
 
 async function jobView(id) {
