@@ -1,5 +1,5 @@
 // The gradtune dashboard: plain JavaScript, no build step, nothing fetched but this API.
-// Views by the URL's hash: #/jobs, #/job/<id>, #/workers, #/datasets, #/models.
+// Views by the URL's hash: #/jobs, #/job/<id>, #/studies, #/study/<id>, #/workers, #/datasets, #/models.
 "use strict";
 
 const KEY = "gradtune.key";
@@ -298,6 +298,117 @@ async function jobView(id) {
   }
 }
 
+// ------------------------------------------------------------------ studies
+
+const jobLink = (id) => el("a", { href: `#/job/${id}`, class: "job-link" }, id.slice(0, 8));
+const shape = (hp) => (hp.per_layer ? "per layer" : "lr, momentum") + (hp.schedule_segments > 1 ? ` × ${hp.schedule_segments} segments` : "");
+const brief = (st) => `lr ${fmt(st.lr)}, momentum ${fmt(st.momentum)}${st.param_groups ? ` (+ ${st.param_groups.length} per-layer groups)` : ""}`;
+
+async function studiesView(params) {
+  const offset = Number(params.get("offset") || 0);
+  const gen = generation;
+  const page = await api(`/v1/studies?${new URLSearchParams({ limit: PAGE, offset })}`);
+  if (stale(gen)) return;
+  const go = (p) => { location.hash = `#/studies?${new URLSearchParams({ offset: p.offset })}`; };
+  const rows = page.items.map((study) => {
+    const heldOut = el("td", { class: "num held-out" }, "–"), spark = el("td", { class: "spark" });
+    if (study.version) {
+      api(`/v1/studies/${study.id}/history`).then((h) => {
+        const losses = h.items.map((u) => u.held_out_mean_val_loss ?? NaN);
+        heldOut.replaceChildren(fmt(h.items.length ? h.items[h.items.length - 1].held_out_mean_val_loss : null));
+        spark.append(sparkline(losses));
+      }).catch(() => {});
+    }
+    return el("tr", { "data-study": study.id },
+      el("td", {}, el("a", { href: `#/study/${study.id}` }, study.name)),
+      el("td", { class: "muted" }, study.id.slice(0, 8)),
+      el("td", {}, shape(study.hyperparameters)),
+      el("td", { class: "num" }, String(study.jobs)),
+      el("td", { class: "num" }, String(study.version)),
+      el("td", { class: "num" }, `${study.pool.tasks} (${study.pool.held_out} held out)`),
+      el("td", { class: "num" }, fmt(study.settings.lr)),
+      el("td", { class: "num" }, fmt(study.settings.momentum)),
+      heldOut, spark,
+      el("td", { class: "muted" }, study.tenant),
+      el("td", { class: "muted" }, new Date(study.created_at).toLocaleString()));
+  });
+  main.replaceChildren(
+    el("h1", {}, "Studies"),
+    el("div", { class: "toolbar" }, el("span", { class: "muted" }, `${page.total} stud${page.total === 1 ? "y" : "ies"}`), pager(page, offset, go)),
+    el("table", { id: "studies" },
+      el("thead", {}, el("tr", {}, ...["name", "id", "learns", "jobs", "updates", "pool tasks", "lr", "momentum", "held-out val loss", "", "tenant", "created"]
+        .map((h) => el("th", {}, h)))),
+      el("tbody", {}, rows)));
+}
+
+function studyHead(study, history) {
+  const hp = study.hyperparameters, m = study.meta, pool = study.pool;
+  return el("div", { class: "card", id: "study-head" },
+    el("h1", {}, study.name, " ", el("span", { class: "muted" }, "study")),
+    facts([["id", study.id], ["tenant", study.tenant],
+      ["jobs", [`${study.jobs} named it`, ...(history.items.length ? ["; updated after "] : []),
+        ...history.items.flatMap((u, i) => [i ? ", " : "", jobLink(u.job_id)])]],
+      ["updates", String(study.version)],
+      ["pool", `${pool.tasks} task(s): ${pool.training} training, ${pool.held_out} held out (1 in every ${study.holdout_every} tasks)`],
+      ["task kind", study.kind ? Object.entries(study.kind).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ") : "– (set by the first job)"],
+      ["created", new Date(study.created_at).toLocaleString()], ["updated", new Date(study.updated_at).toLocaleString()]]),
+    el("h2", {}, "Spec"),
+    facts([["starting lr / momentum", `${fmt(hp.lr, 6)} / ${fmt(hp.momentum, 6)}`],
+      ["lr bounds", `${fmt(hp.lr_bounds[0])} – ${fmt(hp.lr_bounds[1])}`],
+      ["momentum bounds", `${fmt(hp.momentum_bounds[0])} – ${fmt(hp.momentum_bounds[1])}`],
+      ["per layer", hp.per_layer ? "yes" : "no"], ["schedule segments", String(hp.schedule_segments)],
+      ["each update", `${m.rounds} round(s) of ${m.meta_batch} task(s) × ${m.iterations} iteration(s), checked on ${m.check_tasks} other task(s); seed ${m.seed}`]]));
+}
+
+function studySettings(s) {
+  const ev = s.evaluation;
+  const evaluation = !ev ? [el("p", { class: "muted" }, s.version ? "No held-out task evaluated yet." : "No job has updated the study yet: these are its starting values.")]
+    : [el("h2", {}, "Held-out tasks: validation loss after torch.optim.SGD training"),
+      lossTable("study-evaluation", ["held-out task", "with the starting lr, momentum", "with the study's settings"],
+        ev.tasks.map((t) => [[t.name, " (job ", jobLink(t.job_id), ")"], t.start_val_loss, t.val_loss]), [ev.mean_start_val_loss, ev.mean_val_loss])];
+  return el("div", { class: "card", id: "study-settings" }, settingsParts(`Current settings (update ${s.version})`, s, [], evaluation));
+}
+
+function studyHistory(history) {
+  const items = history.items;
+  const over = (f) => items.map((u) => ({ x: u.version, y: f(u) }));
+  return el("div", { class: "card" },
+    el("h2", {}, "Updates: the study learned again after each succeeded job"),
+    el("div", { class: "charts", id: "study-history" },
+      chart("held-out mean val loss", over((u) => u.held_out_mean_val_loss), { xLabel: "update" }),
+      chart("learning rate", over((u) => u.after.lr), { log: true, xLabel: "update" }),
+      chart("momentum", over((u) => u.after.momentum), { xLabel: "update" })),
+    el("table", { id: "study-updates" },
+      el("thead", {}, el("tr", {}, ["update", "after job", "before", "after", "rounds kept", "held-out val loss", "seconds"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, items.map((u) => el("tr", { "data-version": u.version },
+        el("td", { class: "num" }, String(u.version)), el("td", {}, jobLink(u.job_id)), el("td", {}, brief(u.before)), el("td", {}, "→ ", brief(u.after)),
+        el("td", {}, `${u.rounds.filter((r) => r.kept).length} / ${u.rounds.length}`, u.note ? el("div", { class: "muted" }, u.note) : ""),
+        el("td", { class: "num" }, fmt(u.held_out_mean_val_loss)), el("td", { class: "num" }, fmt(u.seconds, 3)))))));
+}
+
+async function studyView(id) {
+  const gen = generation;
+  const load = () => Promise.all(["", "/settings", "/history"].map((p) => api(`/v1/studies/${id}${p}`)));
+  let [study, s, history] = await load();
+  if (stale(gen)) return;
+  const draw = () => main.replaceChildren(studyHead(study, history), studySettings(s), studyHistory(history));
+  draw();
+  // Live like a job's page: drawn again when a job joins or an update is recorded (polled).
+  let timer;
+  const poll = async () => {
+    try {
+      const now = await api(`/v1/studies/${id}`);
+      if (!stale(gen) && (now.version !== study.version || now.jobs !== study.jobs)) {
+        const fresh = await load();
+        if (!stale(gen)) { [study, s, history] = fresh; draw(); }
+      }
+    } catch (e) { /* kept as drawn; the next poll tries again */ }
+    if (!stale(gen)) timer = setTimeout(poll, 5000);
+  };
+  timer = setTimeout(poll, 5000);
+  stopView = () => clearTimeout(timer);
+}
+
 function tableView(title, path, columns) {
   return async () => {
     const gen = generation;
@@ -347,10 +458,14 @@ async function route() {
   stopView = () => {};
   const [path, query] = (location.hash.slice(1) || "/jobs").split("?");
   const params = new URLSearchParams(query || "");
-  for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", path.startsWith(a.getAttribute("href").slice(1)));
+  for (const a of document.querySelectorAll("header nav a")) {  // data-also: "/job/" for "Jobs"
+    a.classList.toggle("active", [a.getAttribute("href").slice(1), a.dataset.also].some((p) => p && path.startsWith(p)));
+  }
   showWho();
   try {
     if (path.startsWith("/job/")) await jobView(decodeURIComponent(path.slice(5)));
+    else if (path.startsWith("/study/")) await studyView(decodeURIComponent(path.slice(7)));
+    else if (path === "/studies") await studiesView(params);
     else if (path === "/workers") await workersView();
     else if (path === "/datasets") await datasetsView();
     else if (path === "/models") await modelsView();
