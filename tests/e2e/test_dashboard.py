@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's chromium, driven by playwright's Python API; no
 browser is downloaded), against a live `gradtune serve` with one worker, on SQLite and PostgreSQL:
 enter the key, see the jobs, open a running job and watch its chart's points grow to the last
-iteration, read its settings, cancel another job from its page.
+iteration, read its settings, cancel another job from its page; on SQLite also the studies' list and
+a study's page after its first update.
 
 Screenshots go to the test's tmp_path; with GRADTUNE_SCREENSHOT_DIR set they are also written there
 (docs/ holds the ones the README shows)."""
@@ -45,6 +46,32 @@ def _per_layer_job() -> dict:
     job["name"] = "iris-per-layer"
     job["hyperparameters"].update(per_layer=True, schedule_segments=2)
     return job
+
+
+def _study_pages(page, base: str, auth: dict, tmp_path: Path) -> None:
+    """A study with one tiny job (two tasks: one trained on, one held out) and its one update: its
+    row in #/studies, then #/study/<id> with the update's point, the held-out row and the snippet."""
+    tiny = {"meta_batch": 1, "rounds": 1, "iterations": 1, "check_tasks": 1}
+    body = {"name": "iris-study", "holdout_every": 2, "meta": tiny}
+    study = httpx.post(f"{base}/v1/studies", json=body, headers=auth)
+    assert study.status_code == 201, study.text
+    sid = study.json()["id"]
+    job = small_job(iterations=2, tasks=2, steps=20)
+    del job["hyperparameters"]  # the study's
+    job["study"] = sid
+    jid = httpx.post(f"{base}/v1/jobs", json=job, headers=auth).json()["id"]
+    history = lambda: httpx.get(f"{base}/v1/studies/{sid}/history", headers=auth).json()["items"]  # noqa: E731
+    wait_for(lambda: len(history()) == 1, 120, "the study's update after its job")
+    page.goto(f"{base}/#/studies")
+    held_out = page.locator(f"tr[data-study='{sid}'] td.held-out")
+    wait_for(lambda: held_out.inner_text() not in ("", "–"), 30, "the study's held-out val loss in the list")
+    page.click(f"tr[data-study='{sid}'] a")
+    page.wait_for_selector("#study-history svg[data-points='1']")
+    assert page.locator("#study-history .chart").first.locator("circle").count() == 1
+    assert "torch.optim.SGD(" in page.inner_text("#snippet")
+    assert page.locator("#study-evaluation tbody tr").count() == 2  # the held-out task and the mean
+    assert page.locator(f"#study-updates a[href='#/job/{jid}']").count() == 1
+    _shot(page, tmp_path, "dashboard-study.png")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -120,6 +147,7 @@ def test_the_dashboard_follows_a_job_and_cancels_another(tmp_path, backend, requ
                 for view, selector in (("workers", "#workers"), ("datasets", "#datasets"), ("models", "#models")):
                     page.goto(f"{base}/#/{view}")
                     page.wait_for_selector(selector)
+                _study_pages(page, base, auth, tmp_path)
             assert errors == [], errors
             browser.close()
     finally:

@@ -1,5 +1,5 @@
 // The gradtune dashboard: plain JavaScript, no build step, nothing fetched but this API.
-// Views by the URL's hash: #/jobs, #/job/<id>, #/workers, #/datasets, #/models.
+// Views by the URL's hash: #/jobs, #/job/<id>, #/studies, #/study/<id>, #/workers, #/datasets, #/models.
 "use strict";
 
 const KEY = "gradtune.key";
@@ -20,7 +20,7 @@ function el(tag, attrs = {}, ...children) {
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else if (v !== undefined && v !== null) node.setAttribute(k, v);
   }
-  for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  for (const c of children.flat(Infinity)) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
   return node;
 }
 
@@ -84,7 +84,7 @@ function progressBar(p) {
 }
 
 // A line chart of (x, y) points as SVG; one circle per point (data-points counts them).
-function chart(title, points, { log = false } = {}) {
+function chart(title, points, { log = false, xLabel = "iteration" } = {}) {
   const W = 360, H = 170, L = 46, R = 8, T = 10, B = 22;
   const box = svg("svg", { viewBox: `0 0 ${W} ${H}`, "data-points": String(points.length), role: "img", "aria-label": title });
   const ys = points.map((p) => (log ? Math.log10(Math.max(p.y, 1e-12)) : p.y)).filter(Number.isFinite);
@@ -97,7 +97,7 @@ function chart(title, points, { log = false } = {}) {
     const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
     const label = (v) => fmt(log ? 10 ** v : v, 3);
     for (const v of [y0, y1]) box.append(Object.assign(svg("text", { x: 2, y: sy(v) + 3, class: "axis" }), { textContent: label(v) }));
-    box.append(Object.assign(svg("text", { x: L, y: H - 6, class: "axis" }), { textContent: `iteration ${x0}` }));
+    box.append(Object.assign(svg("text", { x: L, y: H - 6, class: "axis" }), { textContent: `${xLabel} ${x0}` }));
     box.append(Object.assign(svg("text", { x: W - R - 40, y: H - 6, class: "axis" }), { textContent: String(x1) }));
     const drawn = points.filter((p) => Number.isFinite(log ? Math.log10(p.y) : p.y));
     const y = (p) => sy(log ? Math.log10(p.y) : p.y);
@@ -116,6 +116,14 @@ function sparkline(values) {
     box.append(svg("polyline", { points: pts.join(" "), fill: "none", stroke: "#2f6fde", "stroke-width": 1.4 }));
   }
   return box;
+}
+
+// "‹ newer", the rows shown, "older ›": a page of a newest-first listing; go({ offset }) moves.
+function pager(page, offset, go) {
+  return [
+    el("button", { disabled: offset <= 0 ? "" : null, onclick: () => go({ offset: Math.max(0, offset - PAGE) }) }, "‹ newer"),
+    el("span", { class: "muted" }, `${page.total ? offset + 1 : 0}–${offset + page.items.length}`),
+    el("button", { disabled: offset + PAGE >= page.total ? "" : null, onclick: () => go({ offset: offset + PAGE }) }, "older ›")];
 }
 
 // ------------------------------------------------------------------ views
@@ -146,10 +154,7 @@ async function jobsView(params) {
   });
   main.replaceChildren(
     el("h1", {}, "Jobs"),
-    el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, `${page.total} job(s)`),
-      el("button", { disabled: offset <= 0 ? "" : null, onclick: () => go({ offset: Math.max(0, offset - PAGE) }) }, "‹ newer"),
-      el("span", { class: "muted" }, `${page.total ? offset + 1 : 0}–${offset + page.items.length}`),
-      el("button", { disabled: offset + PAGE >= page.total ? "" : null, onclick: () => go({ offset: offset + PAGE }) }, "older ›")),
+    el("div", { class: "toolbar" }, filter, el("span", { class: "muted" }, `${page.total} job(s)`), pager(page, offset, go)),
     el("table", { id: "jobs" },
       el("thead", {}, el("tr", {}, ...["name", "status", "progress", "meta-loss", "", "tenant", "created"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)));
@@ -195,34 +200,42 @@ function heatmap(title, groups, field, log) {
         ...g[field].map((v) => el("td", { style: color(v) }, fmt(v, 3))))))));
 }
 
+const facts = (pairs) => el("dl", { class: "facts" }, pairs.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+
+// Settings as a job's or a study's settings give them: their lr and momentum (and `extra` facts), the
+// per-layer x segment heatmaps, `between` (e.g. an evaluation) and the torch.optim.SGD snippet.
+function settingsParts(title, s, extra = [], between = []) {
+  const code = pythonSnippet(s);
+  const copy = el("button", { id: "copy", onclick: async () => { await navigator.clipboard.writeText(code).catch(() => {}); copy.textContent = "copied"; } }, "copy");
+  return [
+    el("h2", {}, title),
+    facts([["lr", fmt(s.lr, 6)], ["momentum", fmt(s.momentum, 6)], ...extra]),
+    s.param_groups ? [heatmap("Learning rate per layer × segment", s.param_groups, "lr", true),
+      heatmap("Momentum per layer × segment", s.param_groups, "momentum", false)] : [],
+    between,
+    el("h2", {}, "In your training script ", copy), el("pre", { id: "snippet" }, code)];
+}
+
+// Validation losses: a row per task ([label, ...losses]), then the mean row.
+function lossTable(id, heads, rows, mean) {
+  const cells = (values) => values.map((v) => el("td", { class: "num" }, fmt(v)));
+  return el("table", { id },
+    el("thead", {}, el("tr", {}, heads.map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows.map(([label, ...values]) => el("tr", {}, el("td", {}, label), cells(values))),
+      el("tr", { class: "mean" }, el("th", {}, "mean"), cells(mean))));
+}
+
 async function settingsPanel(job) {
   const s = await api(`/v1/jobs/${job.id}/settings`);
   const ev = s.evaluation || {};
-  const parts = [
-    el("h2", {}, "Learned settings"),
-    el("dl", { class: "facts" }, el("dt", {}, "lr"), el("dd", {}, fmt(s.lr, 6)), el("dt", {}, "momentum"), el("dd", {}, fmt(s.momentum, 6)),
-      el("dt", {}, "method"), el("dd", {}, s.method || "–"), el("dt", {}, "fallback"), el("dd", {}, s.fallback || "none")),
-  ];
-  if (s.param_groups) {
-    parts.push(heatmap("Learning rate per layer × segment", s.param_groups, "lr", true));
-    parts.push(heatmap("Momentum per layer × segment", s.param_groups, "momentum", false));
-  }
-  if (ev.tasks) {
-    const groups = ev.mean_learned_groups_val_loss !== undefined && ev.mean_learned_groups_val_loss !== null;
-    const cells = (...values) => values.map((v) => el("td", { class: "num" }, fmt(v)));
-    parts.push(el("h2", {}, "Evaluation: validation loss after torch.optim.SGD training"),
-      el("table", { id: "evaluation" },
-        el("thead", {}, el("tr", {}, el("th", {}, "task"), el("th", {}, "with the start"), el("th", {}, "with the learned lr, momentum"),
-          groups ? el("th", {}, "with the learned per-layer / schedule values") : "")),
-        el("tbody", {}, ev.tasks.map((t) => el("tr", {}, el("td", {}, t.name),
-          cells(t.initial_val_loss, t.learned_val_loss, ...(groups ? [t.learned_groups_val_loss] : [])))),
-          el("tr", { class: "mean" }, el("th", {}, "mean"),
-            cells(ev.mean_initial_val_loss, ev.mean_learned_val_loss, ...(groups ? [ev.mean_learned_groups_val_loss] : []))))));
-  }
-  const code = pythonSnippet(s);
-  const copy = el("button", { id: "copy", onclick: async () => { await navigator.clipboard.writeText(code).catch(() => {}); copy.textContent = "copied"; } }, "copy");
-  parts.push(el("h2", {}, "In your training script ", copy), el("pre", { id: "snippet" }, code));
-  return el("div", { class: "card", id: "settings" }, parts);
+  const groups = ev.mean_learned_groups_val_loss !== undefined && ev.mean_learned_groups_val_loss !== null;
+  const losses = (o, start, pair, rich) => [o[start], o[pair], ...(groups ? [o[rich]] : [])];
+  const evaluation = !ev.tasks ? [] : [el("h2", {}, "Evaluation: validation loss after torch.optim.SGD training"),
+    lossTable("evaluation", ["task", "with the start", "with the learned lr, momentum", ...(groups ? ["with the learned per-layer / schedule values"] : [])],
+      ev.tasks.map((t) => [t.name, ...losses(t, "initial_val_loss", "learned_val_loss", "learned_groups_val_loss")]),
+      losses(ev, "mean_initial_val_loss", "mean_learned_val_loss", "mean_learned_groups_val_loss"))];
+  const method = [["method", s.method || "–"], ["fallback", s.fallback || "none"]];
+  return el("div", { class: "card", id: "settings" }, settingsParts("Learned settings", s, method, evaluation));
 }
 
 async function jobView(id) {
@@ -285,6 +298,117 @@ async function jobView(id) {
   }
 }
 
+// ------------------------------------------------------------------ studies
+
+const jobLink = (id) => el("a", { href: `#/job/${id}`, class: "job-link" }, id.slice(0, 8));
+const shape = (hp) => (hp.per_layer ? "per layer" : "lr, momentum") + (hp.schedule_segments > 1 ? ` × ${hp.schedule_segments} segments` : "");
+const brief = (st) => `lr ${fmt(st.lr)}, momentum ${fmt(st.momentum)}${st.param_groups ? ` (+ ${st.param_groups.length} per-layer groups)` : ""}`;
+
+async function studiesView(params) {
+  const offset = Number(params.get("offset") || 0);
+  const gen = generation;
+  const page = await api(`/v1/studies?${new URLSearchParams({ limit: PAGE, offset })}`);
+  if (stale(gen)) return;
+  const go = (p) => { location.hash = `#/studies?${new URLSearchParams({ offset: p.offset })}`; };
+  const rows = page.items.map((study) => {
+    const heldOut = el("td", { class: "num held-out" }, "–"), spark = el("td", { class: "spark" });
+    if (study.version) {
+      api(`/v1/studies/${study.id}/history`).then((h) => {
+        const losses = h.items.map((u) => u.held_out_mean_val_loss ?? NaN);
+        heldOut.replaceChildren(fmt(h.items.length ? h.items[h.items.length - 1].held_out_mean_val_loss : null));
+        spark.append(sparkline(losses));
+      }).catch(() => {});
+    }
+    return el("tr", { "data-study": study.id },
+      el("td", {}, el("a", { href: `#/study/${study.id}` }, study.name)),
+      el("td", { class: "muted" }, study.id.slice(0, 8)),
+      el("td", {}, shape(study.hyperparameters)),
+      el("td", { class: "num" }, String(study.jobs)),
+      el("td", { class: "num" }, String(study.version)),
+      el("td", { class: "num" }, `${study.pool.tasks} (${study.pool.held_out} held out)`),
+      el("td", { class: "num" }, fmt(study.settings.lr)),
+      el("td", { class: "num" }, fmt(study.settings.momentum)),
+      heldOut, spark,
+      el("td", { class: "muted" }, study.tenant),
+      el("td", { class: "muted" }, new Date(study.created_at).toLocaleString()));
+  });
+  main.replaceChildren(
+    el("h1", {}, "Studies"),
+    el("div", { class: "toolbar" }, el("span", { class: "muted" }, `${page.total} stud${page.total === 1 ? "y" : "ies"}`), pager(page, offset, go)),
+    el("table", { id: "studies" },
+      el("thead", {}, el("tr", {}, ...["name", "id", "learns", "jobs", "updates", "pool tasks", "lr", "momentum", "held-out val loss", "", "tenant", "created"]
+        .map((h) => el("th", {}, h)))),
+      el("tbody", {}, rows)));
+}
+
+function studyHead(study, history) {
+  const hp = study.hyperparameters, m = study.meta, pool = study.pool;
+  return el("div", { class: "card", id: "study-head" },
+    el("h1", {}, study.name, " ", el("span", { class: "muted" }, "study")),
+    facts([["id", study.id], ["tenant", study.tenant],
+      ["jobs", [`${study.jobs} named it`, ...(history.items.length ? ["; updated after "] : []),
+        ...history.items.flatMap((u, i) => [i ? ", " : "", jobLink(u.job_id)])]],
+      ["updates", String(study.version)],
+      ["pool", `${pool.tasks} task(s): ${pool.training} training, ${pool.held_out} held out (1 in every ${study.holdout_every} tasks)`],
+      ["task kind", study.kind ? Object.entries(study.kind).map(([k, v]) => `${k} ${JSON.stringify(v)}`).join(", ") : "– (set by the first job)"],
+      ["created", new Date(study.created_at).toLocaleString()], ["updated", new Date(study.updated_at).toLocaleString()]]),
+    el("h2", {}, "Spec"),
+    facts([["starting lr / momentum", `${fmt(hp.lr, 6)} / ${fmt(hp.momentum, 6)}`],
+      ["lr bounds", `${fmt(hp.lr_bounds[0])} – ${fmt(hp.lr_bounds[1])}`],
+      ["momentum bounds", `${fmt(hp.momentum_bounds[0])} – ${fmt(hp.momentum_bounds[1])}`],
+      ["per layer", hp.per_layer ? "yes" : "no"], ["schedule segments", String(hp.schedule_segments)],
+      ["each update", `${m.rounds} round(s) of ${m.meta_batch} task(s) × ${m.iterations} iteration(s), checked on ${m.check_tasks} other task(s); seed ${m.seed}`]]));
+}
+
+function studySettings(s) {
+  const ev = s.evaluation;
+  const evaluation = !ev ? [el("p", { class: "muted" }, s.version ? "No held-out task evaluated yet." : "No job has updated the study yet: these are its starting values.")]
+    : [el("h2", {}, "Held-out tasks: validation loss after torch.optim.SGD training"),
+      lossTable("study-evaluation", ["held-out task", "with the starting lr, momentum", "with the study's settings"],
+        ev.tasks.map((t) => [[t.name, " (job ", jobLink(t.job_id), ")"], t.start_val_loss, t.val_loss]), [ev.mean_start_val_loss, ev.mean_val_loss])];
+  return el("div", { class: "card", id: "study-settings" }, settingsParts(`Current settings (update ${s.version})`, s, [], evaluation));
+}
+
+function studyHistory(history) {
+  const items = history.items;
+  const over = (f) => items.map((u) => ({ x: u.version, y: f(u) }));
+  return el("div", { class: "card" },
+    el("h2", {}, "Updates: the study learned again after each succeeded job"),
+    el("div", { class: "charts", id: "study-history" },
+      chart("held-out mean val loss", over((u) => u.held_out_mean_val_loss), { xLabel: "update" }),
+      chart("learning rate", over((u) => u.after.lr), { log: true, xLabel: "update" }),
+      chart("momentum", over((u) => u.after.momentum), { xLabel: "update" })),
+    el("table", { id: "study-updates" },
+      el("thead", {}, el("tr", {}, ["update", "after job", "before", "after", "rounds kept", "held-out val loss", "seconds"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, items.map((u) => el("tr", { "data-version": u.version },
+        el("td", { class: "num" }, String(u.version)), el("td", {}, jobLink(u.job_id)), el("td", {}, brief(u.before)), el("td", {}, "→ ", brief(u.after)),
+        el("td", {}, `${u.rounds.filter((r) => r.kept).length} / ${u.rounds.length}`, u.note ? el("div", { class: "muted" }, u.note) : ""),
+        el("td", { class: "num" }, fmt(u.held_out_mean_val_loss)), el("td", { class: "num" }, fmt(u.seconds, 3)))))));
+}
+
+async function studyView(id) {
+  const gen = generation;
+  const load = () => Promise.all(["", "/settings", "/history"].map((p) => api(`/v1/studies/${id}${p}`)));
+  let [study, s, history] = await load();
+  if (stale(gen)) return;
+  const draw = () => main.replaceChildren(studyHead(study, history), studySettings(s), studyHistory(history));
+  draw();
+  // Live like a job's page: drawn again when a job joins or an update is recorded (polled).
+  let timer;
+  const poll = async () => {
+    try {
+      const now = await api(`/v1/studies/${id}`);
+      if (!stale(gen) && (now.version !== study.version || now.jobs !== study.jobs)) {
+        const fresh = await load();
+        if (!stale(gen)) { [study, s, history] = fresh; draw(); }
+      }
+    } catch (e) { /* kept as drawn; the next poll tries again */ }
+    if (!stale(gen)) timer = setTimeout(poll, 5000);
+  };
+  timer = setTimeout(poll, 5000);
+  stopView = () => clearTimeout(timer);
+}
+
 function tableView(title, path, columns) {
   return async () => {
     const gen = generation;
@@ -334,10 +458,14 @@ async function route() {
   stopView = () => {};
   const [path, query] = (location.hash.slice(1) || "/jobs").split("?");
   const params = new URLSearchParams(query || "");
-  for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", path.startsWith(a.getAttribute("href").slice(1)));
+  for (const a of document.querySelectorAll("header nav a")) {  // data-also: "/job/" for "Jobs"
+    a.classList.toggle("active", [a.getAttribute("href").slice(1), a.dataset.also].some((p) => p && path.startsWith(p)));
+  }
   showWho();
   try {
     if (path.startsWith("/job/")) await jobView(decodeURIComponent(path.slice(5)));
+    else if (path.startsWith("/study/")) await studyView(decodeURIComponent(path.slice(7)));
+    else if (path === "/studies") await studiesView(params);
     else if (path === "/workers") await workersView();
     else if (path === "/datasets") await datasetsView();
     else if (path === "/models") await modelsView();
