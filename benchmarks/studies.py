@@ -1,21 +1,25 @@
 """Studies (issue 14): settings learned across jobs that arrive a few tasks at a time, against one
 job given every task at once.
 
-    .venv/bin/python benchmarks/studies.py                    # three families, line search (~6 min on 2 cores)
-    .venv/bin/python benchmarks/studies.py --search stencil   # the jobs use the default stencil search
-    .venv/bin/python benchmarks/studies.py --quick            # smoke run (digits-classes, 2 jobs of 4)
+    .venv/bin/python benchmarks/studies.py                 # three families, cold jobs as the service's default (~9 min)
+    .venv/bin/python benchmarks/studies.py --search line   # cold jobs: the line search, 3 iterations
+    .venv/bin/python benchmarks/studies.py --warm half     # warm jobs: the cold search with half its iterations
+    .venv/bin/python benchmarks/studies.py --relearn stencil --relearn-iterations 10   # the study's rounds
+    .venv/bin/python benchmarks/studies.py --quick         # smoke run (digits-classes, 2 jobs of 4)
 
 Per family of benchmarks/quality.py, tasks [0, 32) arrive as 4 jobs of 8 and tasks [32, 64) judge
 (the 32 + 32 split 0 of quality_splits.py): held-out loss with plain torch.optim.SGD on JUDGE_DRAWS,
 regret against that set's own 25 x 6 grid, exactly as quality.py scores.
 
-- **one 32-task job**: a cold job on tasks [0, 32) (MetaConfig from `--search`, started at the
-  default (0.01, 0.9)).
+- **one 32-task job**: a cold job on tasks [0, 32) (`--search`: the stencil, 40 iterations, the
+  service's default for the pair; or the line search, 3 iterations), started at the default
+  (0.01, 0.9).
 - **study**: the study's pool takes every task of every job; every 4th task to join (positions 3,
   7, ...) is held out and never trained on, so after 4 jobs it trains on 24 tasks and holds 8.
-  Job 1 is cold; jobs 2-4 start warm from the study's settings as the service runs them (half the
-  iterations, gradtune.spec.hyper.warm_iterations; worker/engine/study.py warm_config: no
-  population, first step 0.25) and train on their 6 non-held-out tasks. After each job the
+  Job 1 is cold; jobs 2-4 start warm from the study's settings as the service runs a job that left
+  its search to the defaults (gradtune.spec.hyper.warm_meta: 3 line-search iterations; `--warm
+  half`: the cold search, half its iterations; worker/engine/study.py warm_config: no population,
+  first step 0.25) and train on their 6 non-held-out tasks. After each job the
   study relearns (worker/engine/study.py relearn: rounds of a meta-batch of 16 pool tasks drawn by
   the study's seed, 3 warm line-search iterations each, kept only if not worse on up to 16 other
   pool tasks), starting from the better of its settings and the job's on the first meta-batch.
@@ -42,7 +46,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from quality import DEFAULT, FAMILIES, JUDGE_DRAWS, LR_BOUNDS, MOM_BOUNDS, MOMENTA, grid_argmin, grid_lrs
 
-from gradtune.spec.hyper import warm_iterations
+from gradtune.spec.hyper import warm_iterations, warm_meta
 from worker.engine import EVAL_DRAWS, LINE_SEARCH, MetaConfig, best_settings, evaluate, init_state, run_meta
 from worker.engine.functional import Objective
 from worker.engine.study import PoolConfig, relearn, warm_config
@@ -68,15 +72,24 @@ def run_job(tasks, config: MetaConfig, start: tuple[float, float]) -> tuple[dict
     return {"lr": best["lr"], "momentum": best["momentum"]}, search_s, time.perf_counter() - t0
 
 
-def warm_job_config(config: MetaConfig) -> MetaConfig:
-    """What a job of a study that has learned settings runs: half the iterations, started warm."""
-    return warm_config(dataclasses.replace(config, iterations=warm_iterations(config.iterations)))
+def warm_job_config(config: MetaConfig, rule: str) -> MetaConfig:
+    """What a job of a study that has learned settings runs, started warm (no population, a smaller
+    first step): "service": as the service runs a job that left its search to the defaults
+    (gradtune.spec.hyper.warm_meta); "half": the job's own search, half its iterations."""
+    if rule == "half":
+        return warm_config(dataclasses.replace(config, iterations=warm_iterations(config.iterations)))
+    search, iterations = warm_meta(config.search, config.iterations, rich=False, defaulted=True)
+    kw = LINE_SEARCH if search == "line" else {"search": search}
+    return warm_config(dataclasses.replace(config, **kw, iterations=iterations))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--search", choices=["line", "stencil"], default="line")
+    ap.add_argument("--search", choices=["line", "stencil"], default="stencil", help="the cold jobs' search")
+    ap.add_argument("--warm", choices=["service", "half"], default="service", help="the warm jobs' search")
+    ap.add_argument("--relearn", choices=["line", "stencil"], default=PoolConfig.search)
+    ap.add_argument("--relearn-iterations", type=int, default=PoolConfig.iterations)
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -84,7 +97,7 @@ def main() -> None:
     families = args.families[:1] if args.quick else args.families
     n_lr = 9 if args.quick else 25
     pairs = [(lr, m) for m in MOMENTA for lr in grid_lrs(n_lr)]
-    pool_config = PoolConfig()
+    pool_config = PoolConfig(search=args.relearn, iterations=args.relearn_iterations)
     config = job_config(args.search)
     summary, timing = [], []
     for fam in families:
@@ -116,7 +129,7 @@ def main() -> None:
                 mine, s_search, s_eval = run_job(job_tasks, config, DEFAULT)
                 cold_search, cold_eval = s_search, s_eval
             else:
-                warm = warm_job_config(config)
+                warm = warm_job_config(config, args.warm)
                 mine, s_search, s_eval = run_job(job_tasks, warm, (settings["lr"], settings["momentum"]))
                 _, cold_search, cold_eval = run_job(job_tasks, config, DEFAULT)
             trained_on.update(train_idx)

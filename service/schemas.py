@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from gradtune.spec import (  # noqa: F401 - re-exported: service.schemas.ACTIVATIONS, STATUSES, ...
@@ -307,6 +307,22 @@ def _segments(v: Any) -> int:
         return 1  # invalid: the field validation refuses it
 
 
+def _with_default_search(data: Any) -> Any:
+    """A job body with meta.search and meta.iterations, when not given, following its richer values
+    (default_search, default_iterations)."""
+    if not isinstance(data, dict) or data.get("meta", {}) is None:
+        return data  # not an object, or "meta": null: the field validation says what is wrong
+    meta, hp = data.get("meta"), data.get("hyperparameters")
+    rich = isinstance(hp, dict) and (_truthy(hp.get("per_layer")) or _segments(hp.get("schedule_segments")) > 1)
+    if meta is None or (isinstance(meta, dict) and "iterations" not in meta):
+        search = meta.get("search", default_search(rich)) if isinstance(meta, dict) else default_search(rich)
+        data = {**data, "meta": {**(meta or {}), "iterations": default_iterations(str(search), rich)}}
+    meta = data.get("meta") if isinstance(data, dict) else None
+    if isinstance(meta, dict) and "search" not in meta:
+        data = {**data, "meta": {**meta, "search": default_search(rich)}}
+    return data
+
+
 class JobCreate(_Strict):
     name: Text = Field("job", min_length=1, max_length=200)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -325,22 +341,24 @@ class JobCreate(_Strict):
         "tasks join the study's pool.",
     )
 
-    @model_validator(mode="before")
+    # whether the body gave neither meta.search nor meta.iterations (both defaulted): a study's job then
+    # takes the study's defaults (service/studies.py prepare_spec). Not part of the body.
+    _search_defaulted: bool = PrivateAttr(default=False)
+
+    @property
+    def search_defaulted(self) -> bool:
+        return self._search_defaulted
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _default_iterations(cls, data: Any) -> Any:
-        """meta.search and meta.iterations, when not given, follow the richer values (default_search,
-        default_iterations)."""
-        if not isinstance(data, dict) or data.get("meta", {}) is None:
-            return data  # not an object, or "meta": null: the field validation says what is wrong
-        meta, hp = data.get("meta"), data.get("hyperparameters")
-        rich = isinstance(hp, dict) and (_truthy(hp.get("per_layer")) or _segments(hp.get("schedule_segments")) > 1)
-        if meta is None or (isinstance(meta, dict) and "iterations" not in meta):
-            search = meta.get("search", default_search(rich)) if isinstance(meta, dict) else default_search(rich)
-            data = {**data, "meta": {**(meta or {}), "iterations": default_iterations(str(search), rich)}}
+    def _default_iterations(cls, data: Any, handler: Any) -> Any:
+        """meta.search and meta.iterations, when not given, follow the richer values
+        (_with_default_search); search_defaulted says whether both were left out."""
         meta = data.get("meta") if isinstance(data, dict) else None
-        if isinstance(meta, dict) and "search" not in meta:
-            data = {**data, "meta": {**meta, "search": default_search(rich)}}
-        return data
+        given = isinstance(data, dict) and isinstance(meta, dict) and bool({"search", "iterations"} & set(meta))
+        job = handler(_with_default_search(data))
+        job._search_defaulted = isinstance(data, dict) and not given
+        return job
 
     def model_ids(self) -> list[str]:
         """The ids of the uploaded models the job's tasks name, each once, in order."""

@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gradtune.spec import JobStatus
-from gradtune.spec.hyper import default_iterations, default_search, warm_iterations
+from gradtune.spec.hyper import default_iterations, default_search, warm_meta
 from service.db.clock import database_now
 from service.db.models import Job, Study, StudyJob, StudyTask
 from service.schemas import Hyperparameters, JobCreate, TaskSpec
@@ -167,23 +167,25 @@ def _rich(hp: dict[str, Any]) -> bool:
     return bool(hp.get("per_layer")) or int(hp.get("schedule_segments") or 1) > 1
 
 
-def prepare_spec(study: Study, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], bool]:
+def prepare_spec(study: Study, spec: dict[str, Any], *, defaulted: bool) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """The job's stored body with the study's hyperparameters, starting at its current settings;
     those settings; and whether they were learned (a warm start: then it runs
-    gradtune.spec.hyper.warm_iterations of its meta.iterations)."""
+    gradtune.spec.hyper.warm_meta's search). ``defaulted``: the body gave neither meta.search nor
+    meta.iterations (JobCreate.search_defaulted), so the study's defaults apply."""
     start, warm = current_settings(study), bool(study.settings)
     hp = dict(study.spec["hyperparameters"])
     hp["lr"], hp["momentum"] = start["lr"], start["momentum"]
     meta = dict(spec["meta"])
-    # meta.search and meta.iterations were defaulted from the job's own hyperparameters; when they are
-    # those defaults and the study's richness differs, the study's defaults apply
+    # meta.search and meta.iterations defaulted from the job's own hyperparameters: when the study's
+    # richness differs, the study's defaults apply
     job_rich, study_rich = (_rich(h) for h in (spec["hyperparameters"], hp))
-    own = default_search(job_rich)
-    if job_rich != study_rich and (meta["search"], meta["iterations"]) == (own, default_iterations(own, job_rich)):
+    if job_rich != study_rich and defaulted:
         meta["search"] = default_search(study_rich)
         meta["iterations"] = default_iterations(meta["search"], study_rich)
-    if warm:  # it starts near the answer: half the iterations, no population
-        meta["iterations"] = warm_iterations(int(meta["iterations"]))
+    if warm:  # it starts near the answer: a short line search (or half its own), no population
+        meta["search"], meta["iterations"] = warm_meta(
+            meta["search"], int(meta["iterations"]), rich=study_rich, defaulted=defaulted
+        )
     return {**spec, "hyperparameters": hp, "meta": meta}, start, warm
 
 

@@ -35,6 +35,25 @@ def warm_iterations(iterations: int) -> int:
     return max(1, math.ceil(iterations / 2))
 
 
+# A warm job of a study that left its search to the defaults: the line search, this many iterations
+# (docs/benchmarks.md, "Studies (issue 14)"): it starts at settings already learned on the study's
+# pool, so it needs no population and no stencil to find the region.
+WARM_LINE_ITERATIONS = 3
+
+
+def warm_meta(search: str, iterations: int, *, rich: bool, defaulted: bool) -> tuple[str, int]:
+    """(search, iterations) of a job that starts warm from a study's learned settings. A job that
+    left its search to the defaults (``defaulted``) runs the line search: WARM_LINE_ITERATIONS for
+    the pair, half the rich default with per-layer or scheduled values; one that chose its search
+    keeps it with half its iterations (warm_iterations). Either way the engine starts it without its
+    population (worker/engine/study.py warm_config)."""
+    if not defaulted:
+        return search, warm_iterations(iterations)
+    if rich:
+        return "line", warm_iterations(default_iterations("line", True))
+    return "line", WARM_LINE_ITERATIONS
+
+
 # The default search (issue 13; docs/benchmarks.md, "Issue 13's targets: the default search and
 # richer values"): for the constant pair the stencil search, 40 iterations (within 0.03 of the
 # train-grid reference on 11 of 12 splits of 8 + 8 tasks in at most 0.44x the wall time of Optuna

@@ -8,6 +8,7 @@ import copy
 
 from sqlalchemy import select
 
+from gradtune.spec.hyper import STENCIL_ITERATIONS, WARM_LINE_ITERATIONS
 from service.db.models import Job, Study, StudyJob, StudyTask
 from tests.helpers.support import keyed_client
 from tests.service.conftest import INLINE_TASK, job_body
@@ -131,6 +132,26 @@ def test_a_job_starts_warm_from_the_studys_learned_settings(app, client):
         link = db.get(StudyJob, job["id"])
         assert link.warm is True and link.start == learned and link.version is None
         assert db.get(Job, job["id"]).spec["meta"]["iterations"] == 5
+
+
+def test_a_warm_job_that_left_its_search_to_the_defaults_runs_the_short_line_search(app, client):
+    """A cold job of the pair defaults to the stencil (40 iterations); warm, it starts at settings the
+    study learned on its pool and runs WARM_LINE_ITERATIONS of the line search instead; a job that
+    chose its search keeps it with half its iterations (the test above)."""
+    s = _study(client)
+    cold = client.post("/v1/jobs", json=_in_study(s["id"], meta={"seed": 0})).json()
+    assert cold["progress"]["iterations"] == STENCIL_ITERATIONS
+    with app.state.sessionmaker() as db:
+        assert db.get(Job, cold["id"]).spec["meta"]["search"] == "stencil"
+        db.get(Study, s["id"]).settings = {"lr": 0.2, "momentum": 0.6}
+        db.commit()
+    warm = client.post("/v1/jobs", json=_in_study(s["id"], meta={"seed": 0})).json()
+    assert warm["progress"]["iterations"] == WARM_LINE_ITERATIONS
+    chose = client.post("/v1/jobs", json=_in_study(s["id"], meta={"seed": 0, "search": "stencil"})).json()
+    with app.state.sessionmaker() as db:
+        assert db.get(Job, warm["id"]).spec["meta"]["search"] == "line"
+        assert db.get(Job, chose["id"]).spec["meta"]["search"] == "stencil"
+    assert chose["progress"]["iterations"] == STENCIL_ITERATIONS // 2
 
 
 def test_a_job_in_a_per_layer_study_gets_the_richer_defaults_and_is_admitted_as_such(app, client):

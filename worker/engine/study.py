@@ -43,6 +43,8 @@ class PoolConfig:
     check_tasks: int = 16
     # the first step of a warm search, in theta units (MetaConfig.step_size is 0.5 from cold)
     warm_step: float = 0.25
+    # each round's search: "line" (LINE_SEARCH) or "stencil" (MetaConfig's), both started warm
+    search: str = "line"
 
 
 def warm_config(config: MetaConfig, warm_step: float = PoolConfig.warm_step) -> MetaConfig:
@@ -115,7 +117,8 @@ def relearn(
     pool = pool or PoolConfig()
     if not tasks:
         raise EngineError("A study needs at least one training task to learn from.")
-    round_config = warm_config(dataclasses.replace(config, **LINE_SEARCH, iterations=pool.iterations), pool.warm_step)
+    search = LINE_SEARCH if pool.search == "line" else {"search": "stencil"}
+    round_config = warm_config(dataclasses.replace(config, **search, iterations=pool.iterations), pool.warm_step)
     current, chosen = dict(settings), 0
     if alternatives:
         first = [tasks[i] for i in draw_batch(len(tasks), pool.meta_batch, seed, first_round)]
