@@ -349,13 +349,14 @@ def status(job_id: str, url: str | None = URL, key: str | None = KEY) -> None:
 @cli.command()
 def jobs(
     status: str | None = typer.Option(None, help="Only jobs with this status."),
+    study: str | None = typer.Option(None, help="Only the jobs of this study (its id)."),
     limit: int = typer.Option(20, help="How many (1..100)."),
     url: str | None = URL,
     key: str | None = KEY,
 ) -> None:
     """Jobs, newest first."""
     with _api(url, key) as client:
-        page = client.jobs(status=status, limit=limit)
+        page = client.jobs(status=status, limit=limit, study=study)
     for job in page["items"]:
         typer.echo(_job_line(job))
 

@@ -164,10 +164,16 @@ class Client(StudiesMixin):
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
-    def jobs(self, status: str | None = None, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+    def jobs(
+        self, status: str | None = None, limit: int = 20, offset: int = 0, study: str | None = None
+    ) -> dict[str, Any]:
+        """A page of jobs, newest first: ``{"items", "total", "limit", "offset"}``; ``status`` and
+        ``study`` (a study id) keep only the jobs with that status, of that study."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
+        if study:
+            params["study"] = study
         return self._call("GET", "/v1/jobs", params=params)
 
     def history(self, job_id: str) -> list[dict[str, Any]]:

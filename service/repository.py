@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, func, literal, select, text
-from sqlalchemy.orm import InstrumentedAttribute, Session, defer
+from sqlalchemy.orm import InstrumentedAttribute, Session, contains_eager, defer
 
 from gradtune.spec import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus
 from service.db.clock import database_now
@@ -29,6 +29,7 @@ from service.db.models import (
     JobDataset,
     JobIteration,
     JobModel,
+    StudyJob,
     Tenant,
 )
 from service.schemas import DatasetItem, DatasetPublic, JobPublic, ModelPublic, Progress
@@ -197,11 +198,12 @@ _PUBLIC_COLUMNS = (
     Job.elapsed_seconds,
     Job.requested_device,
     Job.lease_owner,  # not shown: a job under a lease is being run (service/placement.py)
+    StudyJob.study_id.label("study"),  # the study it joined: an outer join to study_jobs, still one query
 )
 
 
 # Built once: polls are hot. Any tenant's job (an admin key), or one tenant's.
-_STATUS_QUERY = select(*_PUBLIC_COLUMNS).where(Job.id == bindparam("job_id"))
+_STATUS_QUERY = select(*_PUBLIC_COLUMNS).outerjoin(Job.study_link).where(Job.id == bindparam("job_id"))
 _OWN_STATUS_QUERY = _STATUS_QUERY.where(Job.tenant == bindparam("tenant"))
 
 
@@ -214,17 +216,25 @@ def get_job_status(session: Session | Connection, *, job_id: str, tenant: str | 
 
 
 def list_jobs(
-    session: Session, *, tenant: str | None, status: str | None = None, limit: int = 20, offset: int = 0
+    session: Session,
+    *,
+    tenant: str | None,
+    status: str | None = None,
+    study: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
 ) -> tuple[list[Job], int]:
-    """A page of ``tenant``'s jobs (every tenant's for None), newest first, and the total count
-    matching the filter."""
+    """A page of ``tenant``'s jobs (every tenant's for None), of ``study`` only unless None, newest
+    first, and the total count matching the filters. Each job's study comes in the same select."""
     where = [Job.status == status] if status else []
     where += _owned(Job, tenant)
-    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    where += [StudyJob.study_id == study] if study is not None else []
+    total = session.scalar(select(func.count()).select_from(Job).outerjoin(Job.study_link).where(*where)) or 0
     items = session.scalars(
         select(Job)
+        .outerjoin(Job.study_link)
         .where(*where)
-        .options(*_HEAVY)
+        .options(*_HEAVY, contains_eager(Job.study_link))
         .order_by(Job.created_at.desc(), Job.id.desc())
         .limit(limit)
         .offset(offset)
@@ -323,6 +333,7 @@ def to_public(job: Job | Row[Any]) -> JobPublic:
         max_seconds=job.max_seconds,
         elapsed_seconds=float(job.elapsed_seconds or 0.0),
         device=job.requested_device or "auto",
+        study=job.study,
     )
 
 

@@ -412,6 +412,7 @@ class JobPublic(BaseModel):
     max_seconds: float | None = Field(None, description="The job's deadline in seconds of worker time.")
     elapsed_seconds: float = Field(0.0, description="Worker time spent so far (committed chunks).")
     device: Device = Field("auto", description="The device the job asked for (its `device`).")
+    study: str | None = Field(None, description="The study the job joined (its `study`), or null.")
     waiting: str | None = Field(
         None,
         description="Set while the job has not ended and no live worker takes its device's queue, e.g. "

@@ -100,6 +100,14 @@ class Job(Base):
     history: Mapped[list[JobIteration]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="JobIteration.iteration"
     )
+    # The job's row in study_jobs when it joined a study (service/studies.py): read-only here; a
+    # listing loads it in its own select (an outer join), else it loads when first read.
+    study_link: Mapped[StudyJob | None] = relationship(viewonly=True, uselist=False)
+
+    @property
+    def study(self) -> str | None:
+        """The id of the study the job joined, or None (the ``study`` of its public view)."""
+        return self.study_link.study_id if self.study_link is not None else None
 
     __table_args__ = (
         Index("ix_jobs_status_created_at", "status", "created_at"),

@@ -2,7 +2,7 @@
 browser is downloaded), against a live `gradtune serve` with one worker, on SQLite and PostgreSQL:
 enter the key, see the jobs, open a running job and watch its chart's points grow to the last
 iteration, read its settings, cancel another job from its page; on SQLite also the studies' list and
-a study's page after its first update.
+a study's page after its first update, its jobs linked both ways.
 
 Screenshots go to the test's tmp_path; with GRADTUNE_SCREENSHOT_DIR set they are also written there
 (docs/ holds the ones the README shows)."""
@@ -50,7 +50,8 @@ def _per_layer_job() -> dict:
 
 def _study_pages(page, base: str, auth: dict, tmp_path: Path) -> None:
     """A study with one tiny job (two tasks: one trained on, one held out) and its one update: its
-    row in #/studies, then #/study/<id> with the update's point, the held-out row and the snippet."""
+    row in #/studies, then #/study/<id> with the update's point, the held-out row, the snippet and
+    the job in its jobs' table, whose page links back to the study."""
     tiny = {"meta_batch": 1, "rounds": 1, "iterations": 1, "check_tasks": 1}
     body = {"name": "iris-study", "holdout_every": 2, "meta": tiny}
     study = httpx.post(f"{base}/v1/studies", json=body, headers=auth)
@@ -71,7 +72,10 @@ def _study_pages(page, base: str, auth: dict, tmp_path: Path) -> None:
     assert "torch.optim.SGD(" in page.inner_text("#snippet")
     assert page.locator("#study-evaluation tbody tr").count() == 2  # the held-out task and the mean
     assert page.locator(f"#study-updates a[href='#/job/{jid}']").count() == 1
+    assert page.locator(f"#study-jobs tr[data-job='{jid}'] .status.succeeded").count() == 1
     _shot(page, tmp_path, "dashboard-study.png")
+    page.click(f"#study-jobs tr[data-job='{jid}'] a[href='#/job/{jid}'] >> nth=0")
+    page.wait_for_selector(f"#job-head a#job-study[href='#/study/{sid}']")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -1,6 +1,6 @@
 """The client's and the CLI's studies against an in-process app: create, read, list, settings and
 history; a job naming a study (its body carries the study, not hyperparameters); a refused job
-names the field."""
+names the field; the jobs of a study (Client.jobs(study=...), gradtune jobs --study)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,21 @@ def test_cli_studies_commands(api, client, monkeypatch):
     assert r.exit_code == 0 and json.loads(r.output)["lr"] == 0.03
     r = runner.invoke(cli.cli, ["studies", "show", "missing"])
     assert r.exit_code == 1 and "study missing not found" in r.output
+
+
+def test_the_jobs_of_a_study_from_the_client_and_the_cli(api, client, monkeypatch):
+    s = api.create_study("listed")
+    body = job_body(INLINE_TASK)
+    plain = api.submit(body)["id"]
+    del body["hyperparameters"]
+    joined = api.submit({**body, "study": s["id"]})["id"]
+    page = api.jobs(study=s["id"])
+    assert [j["id"] for j in page["items"]] == [joined] and page["items"][0]["study"] == s["id"]
+    assert {j["id"] for j in api.jobs()["items"]} == {plain, joined}
+    assert api.jobs(study=s["id"], status="running")["total"] == 0
+    monkeypatch.setattr(
+        gradtune.client, "Client", lambda url, **kw: REAL_CLIENT(url, transport=client._transport, api_key=client.key)
+    )
+    r = CliRunner().invoke(cli.cli, ["jobs", "--study", s["id"]])
+    assert r.exit_code == 0, r.output
+    assert joined in r.output and plain not in r.output

@@ -1,14 +1,18 @@
 """/v1/studies and a job's ``study``: create, list, read; tenant scoping (another tenant's study is
 404, and a job cannot name it); the fit check (422 naming what differs); the pool's positions and
-held-out flags; a warm start from the study's learned settings."""
+held-out flags; a warm start from the study's learned settings; a job's ``study`` in its views
+(post, get in one query, list, cancel, events) and GET /v1/jobs?study=, tenants kept apart."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from sqlalchemy import select
+from sqlalchemy import Engine, event, select
 
 from gradtune.spec.hyper import STENCIL_ITERATIONS, WARM_LINE_ITERATIONS
+from gradtune.sse import parse_sse
 from service.db.models import Job, Study, StudyJob, StudyTask
 from tests.helpers.support import keyed_client
 from tests.service.conftest import INLINE_TASK, job_body
@@ -172,3 +176,72 @@ def test_a_job_in_a_per_layer_study_gets_the_richer_defaults_and_is_admitted_as_
     with app.state.sessionmaker() as db:
         spec = db.get(Job, r.json()["id"]).spec
     assert (spec["meta"]["search"], spec["meta"]["iterations"]) == ("stencil", 6)
+
+
+@contextmanager
+def job_statements() -> Iterator[list[str]]:
+    """The SQL statements any engine runs meanwhile that read the jobs or study_jobs tables."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        if "jobs" in statement:
+            seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def _ids(page: dict) -> list[str]:
+    return [j["id"] for j in page["items"]]
+
+
+def test_a_jobs_study_shows_in_its_views_and_filters_the_listing(client):
+    s, other = _study(client), _study(client)
+    plain = client.post("/v1/jobs", json=job_body()).json()
+    assert plain["study"] is None
+    first, second = (client.post("/v1/jobs", json=_in_study(s["id"])) for _ in range(2))
+    assert first.status_code == second.status_code == 202 and first.json()["study"] == s["id"]
+    a, b = first.json()["id"], second.json()["id"]
+    assert client.get(f"/v1/jobs/{a}").json()["study"] == s["id"]
+    assert client.get(f"/v1/jobs/{plain['id']}").json()["study"] is None
+    listed = {j["id"]: j["study"] for j in client.get("/v1/jobs").json()["items"]}
+    assert listed == {a: s["id"], b: s["id"], plain["id"]: None}
+    page = client.get("/v1/jobs", params={"study": s["id"]}).json()
+    assert _ids(page) == [b, a] and page["total"] == 2
+    page = client.get("/v1/jobs", params={"study": s["id"], "limit": 1, "offset": 1}).json()
+    assert _ids(page) == [a] and page["total"] == 2 and page["items"][0]["study"] == s["id"]
+    assert client.get("/v1/jobs", params={"study": other["id"]}).json()["items"] == []
+    assert client.get("/v1/jobs", params={"study": "no-such-study"}).json()["total"] == 0
+    assert client.get("/v1/jobs", params={"study": "x" * 65}).status_code == 422
+    cancelled = client.post(f"/v1/jobs/{a}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["study"] == s["id"]
+    assert _ids(client.get("/v1/jobs", params={"study": s["id"], "status": "queued"}).json()) == [b]
+    assert _ids(client.get("/v1/jobs", params={"study": s["id"], "status": "cancelled"}).json()) == [a]
+    with client.stream("GET", f"/v1/jobs/{a}/events") as r:  # a finished job: its status, then the end
+        (event,) = parse_sse(r.iter_lines())
+    assert event.event == "status" and event.data["study"] == s["id"]
+    with job_statements() as seen:  # the status poll reads the job and its study in one query
+        assert client.get(f"/v1/jobs/{a}").json() == event.data
+    assert len(seen) == 1 and "study_jobs" in seen[0]
+
+
+def test_the_study_filter_keeps_to_the_tenants_the_key_lists(app, client):
+    s = _study(client)
+    joined = client.post("/v1/jobs", json=_in_study(s["id"])).json()["id"]
+    with keyed_client(app, tenant="team-b") as other:
+        other.post("/v1/jobs", json=job_body())
+        assert other.get("/v1/jobs", params={"study": s["id"]}).json() == {
+            "items": [],
+            "total": 0,
+            "limit": 20,
+            "offset": 0,
+        }
+        assert other.get("/v1/jobs", params={"study": s["id"], "tenant": "default"}).status_code == 403
+    with keyed_client(app, tenant="ops", admin=True) as admin:  # an admin key lists every tenant's
+        assert _ids(admin.get("/v1/jobs", params={"study": s["id"]}).json()) == [joined]
+        assert _ids(admin.get("/v1/jobs", params={"study": s["id"], "tenant": "default"}).json()) == [joined]
+        assert admin.get("/v1/jobs", params={"study": s["id"], "tenant": "team-b"}).json()["total"] == 0
+        assert admin.get(f"/v1/jobs/{joined}").json()["study"] == s["id"]

@@ -233,11 +233,17 @@ def list_jobs(
     principal: PrincipalDep,
     tenant: TenantQuery = None,
     status: Annotated[Status | None, Query(description="Only jobs with this status.")] = None,
+    study: Annotated[Text | None, Query(max_length=64, description="Only the jobs of this study (its id).")] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Jobs to skip.")] = 0,
 ) -> JobsPublic:
+    """The key's tenant's jobs (an admin key's: every tenant's, or those of `?tenant=`), newest first.
+
+    `?status=` keeps the jobs with that status; `?study=<id>` the jobs that joined that study (each
+    job's `study` says which it joined). Filters combine; an unknown study id, or a study of a tenant
+    the key does not list, gives an empty page."""
     scope = listing_scope(principal, tenant)
-    items, total = repository.list_jobs(session, tenant=scope, status=status, limit=limit, offset=offset)
+    items, total = repository.list_jobs(session, tenant=scope, status=status, study=study, limit=limit, offset=offset)
     return JobsPublic(items=placement.public_jobs(session, items, settings), total=total, limit=limit, offset=offset)
 
 

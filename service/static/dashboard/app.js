@@ -254,6 +254,7 @@ async function jobView(id) {
         el("dt", {}, "progress"), el("dd", {}, progressBar(job.progress)),
         el("dt", {}, "meta-loss"), el("dd", {}, fmt(job.progress.meta_loss)),
         el("dt", {}, "lr / momentum"), el("dd", {}, `${fmt(job.progress.lr)} / ${fmt(job.progress.momentum)}`),
+        ...(job.study ? [el("dt", {}, "study"), el("dd", {}, el("a", { href: `#/study/${job.study}`, id: "job-study" }, job.study))] : []),
         ...(job.device && job.device !== "auto" ? [el("dt", {}, "device"), el("dd", {}, job.device)] : []),
         ...(job.waiting ? [el("dt", {}, "waiting"), el("dd", { class: "waiting" }, job.waiting)] : []),
         ...(job.error ? [el("dt", {}, "error"), el("dd", { class: "error" }, job.error)] : []),
@@ -386,21 +387,39 @@ function studyHistory(history) {
         el("td", { class: "num" }, fmt(u.held_out_mean_val_loss)), el("td", { class: "num" }, fmt(u.seconds, 3)))))));
 }
 
+// The study's jobs (GET /v1/jobs?study=<id>: the newest 100), each linked to its page.
+function studyJobs(box, page) {
+  box.replaceChildren(
+    el("h2", {}, "Jobs ", el("span", { class: "muted" }, page.total > page.items.length ? `(the newest ${page.items.length} of ${page.total})` : `(${page.total})`)),
+    el("table", { id: "study-jobs" },
+      el("thead", {}, el("tr", {}, ["name", "job", "status", "progress", "meta-loss", "created"].map((h) => el("th", {}, h)))),
+      el("tbody", {}, page.items.map((job) => el("tr", { "data-job": job.id },
+        el("td", {}, el("a", { href: `#/job/${job.id}` }, job.name)), el("td", {}, jobLink(job.id)), el("td", {}, statusBadge(job.status)),
+        el("td", {}, progressBar(job.progress)), el("td", { class: "num" }, fmt(job.progress.meta_loss)),
+        el("td", { class: "muted" }, new Date(job.created_at).toLocaleString()))))));
+}
+
 async function studyView(id) {
   const gen = generation;
-  const load = () => Promise.all(["", "/settings", "/history"].map((p) => api(`/v1/studies/${id}${p}`)));
-  let [study, s, history] = await load();
+  const jobsPath = `/v1/jobs?${new URLSearchParams({ study: id, limit: 100 })}`;
+  const load = () => Promise.all(["", "/settings", "/history"].map((p) => api(`/v1/studies/${id}${p}`)).concat(api(jobsPath)));
+  let [study, s, history, jobs] = await load();
   if (stale(gen)) return;
-  const draw = () => main.replaceChildren(studyHead(study, history), studySettings(s), studyHistory(history));
+  const jobsBox = el("div", { class: "card" });
+  const draw = () => { studyJobs(jobsBox, jobs); main.replaceChildren(studyHead(study, history), jobsBox, studySettings(s), studyHistory(history)); };
   draw();
-  // Live like a job's page: drawn again when a job joins or an update is recorded (polled).
+  // Live like a job's page: drawn again when a job joins or an update is recorded, the jobs' table
+  // alone when only their progress moved (polled).
   let timer;
   const poll = async () => {
     try {
-      const now = await api(`/v1/studies/${id}`);
+      const [now, nowJobs] = await Promise.all([api(`/v1/studies/${id}`), api(jobsPath)]);
       if (!stale(gen) && (now.version !== study.version || now.jobs !== study.jobs)) {
         const fresh = await load();
-        if (!stale(gen)) { [study, s, history] = fresh; draw(); }
+        if (!stale(gen)) { [study, s, history, jobs] = fresh; draw(); }
+      } else if (!stale(gen) && JSON.stringify(nowJobs) !== JSON.stringify(jobs)) {
+        jobs = nowJobs;
+        studyJobs(jobsBox, jobs);
       }
     } catch (e) { /* kept as drawn; the next poll tries again */ }
     if (!stale(gen)) timer = setTimeout(poll, 5000);
