@@ -219,6 +219,8 @@ class Membership:
     study_id: str
     warm: bool
     held_out: list[int]
+    # the study's settings when the job joined (with "param_groups" and "boundaries" for richer ones)
+    start: dict[str, Any]
 
 
 def membership(session: Session, *, job_id: str) -> Membership | None:
@@ -230,7 +232,7 @@ def membership(session: Session, *, job_id: str) -> Membership | None:
         .where(StudyTask.job_id == job_id, StudyTask.held_out.is_(True))
         .order_by(StudyTask.task_index)
     ).all()
-    return Membership(study_id=row.study_id, warm=bool(row.warm), held_out=list(held))
+    return Membership(study_id=row.study_id, warm=bool(row.warm), held_out=list(held), start=dict(row.start or {}))
 
 
 @dataclass

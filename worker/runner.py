@@ -394,11 +394,13 @@ def _run_chunk(job_id: str, iteration: int | None, owner: str | None) -> str:
             job = JobCreate.model_validate(claim.spec)
             tasks = build_tasks(job, tenant=claim.tenant)
             config = meta_config(job)
+            table = None
             if job.study is not None:  # its held-out tasks left out, warm from the study's settings
                 from worker import study_runner
 
-                tasks, config = study_runner.job_view(job_id, tasks, config)
-            state = claim.checkpoint or engine.init_state(config, job.hyperparameters.lr, job.hyperparameters.momentum)
+                tasks, config, table = study_runner.job_view(job_id, tasks, config)
+            hp = job.hyperparameters
+            state = claim.checkpoint or engine.init_state(config, hp.lr, hp.momentum, table=table)
             if claim.iteration >= claim.iterations or claim.stopped or not tasks:
                 return _finish(claim, job, tasks or build_tasks(job, tenant=claim.tenant), state, stop)
             records: list[dict] = []

@@ -39,16 +39,21 @@ STALE_RETRIES = 3
 BuildTasks = Callable[..., list[Any]]
 
 
-def job_view(job_id: str, tasks: list[Any], config: engine.MetaConfig) -> tuple[list[Any], engine.MetaConfig]:
-    """The tasks a study's job trains on (its held-out ones left out) and its search's config (warm
-    when the study had learned settings when the job joined). A job of no study: as given."""
+def job_view(
+    job_id: str, tasks: list[Any], config: engine.MetaConfig
+) -> tuple[list[Any], engine.MetaConfig, dict | None]:
+    """The tasks a study's job trains on (its held-out ones left out), its search's config (warm
+    when the study had learned settings when the job joined) and the table its richer values start
+    from (the study's learned per-layer or scheduled values; None otherwise: engine.init_state's
+    ``table``). A job of no study: as given, no table."""
     with session_scope() as db:
         member = studies.membership(db, job_id=job_id)
     if member is None:
-        return tasks, config
+        return tasks, config, None
     held = set(member.held_out)
     train = [t for i, t in enumerate(tasks) if i not in held]
-    return train, warm_config(config) if member.warm else config
+    table = member.start if member.warm and "param_groups" in member.start else None
+    return train, warm_config(config) if member.warm else config, table
 
 
 def enqueue_update(study_id: str, job_id: str) -> None:

@@ -131,3 +131,40 @@ def test_a_job_whose_only_task_is_held_out_trains_on_nothing(env, seen, monkeypa
     assert (body["lr"], body["momentum"]) == (pytest.approx(0.01), pytest.approx(0.9))
     assert [t["name"] for t in body["evaluation"]["tasks"]] == ["j1t0"]
     assert runner.task_seed(0, 0) == body["evaluation"]["tasks"][0]["seed"]
+
+
+def test_a_warm_job_of_a_per_layer_study_starts_its_table_from_the_studys(env, monkeypatch):  # noqa: F811
+    """The study's learned per-layer values reach the job's search: its richer phase's first record
+    compares them with the job's constant pair (engine init_state's ``table``)."""
+    from service.db.models import Job, JobIteration, Study
+    from service.schemas import JobCreate
+
+    client, sent = env
+    monkeypatch.setattr(study_runner, "enqueue_update", lambda s, j: None)
+    sid = client.post("/v1/studies", json={"hyperparameters": {"per_layer": True}}).json()["id"]
+    groups = [
+        {"params": ["0.weight", "0.bias"], "lr": [0.3], "momentum": [0.8]},
+        {"params": ["2.weight", "2.bias"], "lr": [0.05], "momentum": [0.6]},
+    ]
+    with session_scope() as db:
+        db.get(Study, sid).settings = {"lr": 0.1, "momentum": 0.7, "param_groups": groups, "boundaries": [0]}
+    body = _job(sid, 0, tasks=2)
+    body["meta"] = {"iterations": 4, "seed": 0}  # warm: 2, the table starts at the 2nd
+    jid = client.post("/v1/jobs", json=body).json()["id"]
+    sent.append((jid, 0))
+    assert _drain(sent)[-1] == "succeeded"
+    with session_scope() as db:
+        rows = db.query(JobIteration).filter_by(job_id=jid).order_by(JobIteration.iteration).all()
+        starts = [(r.extra, r.lr, r.momentum) for r in rows if (r.extra or {}).get("phase") == "rich_start"]
+    assert len(starts) == 1
+    start, lr, momentum = starts[0]
+    # which was lower, by plain torch.optim.SGD on the job's tasks and training draws
+    with session_scope() as db:
+        spec = db.get(Job, jid).spec
+    tasks = runner.build_tasks(JobCreate.model_validate(spec))
+    pair = [{**g, "lr": [lr], "momentum": [momentum]} for g in groups]  # the best constant pair, every group
+    draws = list(engine.MetaConfig().draws)
+    ref_pair, ref_table = (engine.evaluate_groups(tasks, g, [0], draws)["mean_val_loss"] for g in (pair, groups))
+    lower = ref_table < ref_pair
+    assert start["start_table"] == ("started from it" if lower else "the constant pair was lower")
+    assert start["group_lr"] == [pytest.approx(g["lr"]) for g in (groups if lower else pair)]

@@ -9,7 +9,8 @@ Each round draws a meta-batch of ``PoolConfig.meta_batch`` tasks from the pool (
 pool is that small), deterministically from the study's seed and the round number (as MAML draws a
 meta-batch of tasks per meta-iteration), runs ``PoolConfig.iterations`` meta-iterations on it,
 starting at the current settings (no population: the start is already good; a smaller first
-step), and keeps the round's answer only if it does not get worse on a check: the mean training
+step; per-layer or scheduled values start from the current table, not from the pair), and keeps
+the round's answer only if it does not get worse on a check: the mean training
 loss, on the training draws, of up to ``PoolConfig.check_tasks`` other tasks of the pool (the batch
 itself when the pool has no others), against the current settings on the same tasks. So a round
 can only keep or improve the settings on tasks it did not train on.
@@ -131,7 +132,8 @@ def relearn(
         if should_stop is not None and should_stop():
             break
         batch = draw_batch(len(tasks), pool.meta_batch, seed, r)
-        state = init_state(round_config, current["lr"], current["momentum"])
+        table = current if "param_groups" in current else None  # richer values start from the current ones
+        state = init_state(round_config, current["lr"], current["momentum"], table=table)
         state = run_meta([tasks[i] for i in batch], round_config, state, pool.iterations, should_stop=should_stop)
         if should_stop is not None and should_stop():
             break

@@ -18,13 +18,20 @@ from .search import Search, clamp_theta, constant_policy, finite, json_float, lo
 from .state import Layout, MetaState, SearchState
 
 
-def init_state(config: MetaConfig, lr: float, momentum: float) -> dict:
-    """A fresh, JSON-serializable meta-state starting from (lr, momentum), clamped to the bounds."""
+def init_state(config: MetaConfig, lr: float, momentum: float, table: dict | None = None) -> dict:
+    """A fresh, JSON-serializable meta-state starting from (lr, momentum), clamped to the bounds.
+
+    ``table`` (best_settings' "param_groups" and "boundaries", e.g. a study's learned values): with
+    per_layer or schedule_segments the richer phase starts from it rather than from the best
+    constant pair, when its meta-loss there is lower (start_table); one of another shape than the
+    job's layout is left out, and the richer phase's first record says so. Ignored without richer
+    values."""
     check_config(config)
     if not (math.isfinite(lr) and lr > 0.0):
         raise EngineError("The starting learning rate must be a positive number.")
     if not math.isfinite(momentum):
         raise EngineError("The starting momentum must be a number.")
+    start_table = _start_table(table) if table is not None and rich_enabled(config) else None
     theta = clamp_theta(config, [math.log(lr), momentum_to_param(momentum, config.momentum_bounds)])
     lrs, moms = values(config, theta, 1, 1)
     state = MetaState(
@@ -34,8 +41,36 @@ def init_state(config: MetaConfig, lr: float, momentum: float) -> dict:
         per_layer=bool(config.per_layer),
         segments=int(config.schedule_segments),
         constant=SearchState(slots=1, segments=1, theta=theta, loss=None, grad=None, step=float(config.step_size)),
+        start_table=start_table,
     )
     return state.to_json()
+
+
+def _start_table(table: dict) -> dict:
+    """init_state's ``table`` as [slot][segment] values (EngineError when it is not one)."""
+    try:
+        groups, boundaries = table["param_groups"], [int(b) for b in table["boundaries"]]
+        lrs = [[float(x) for x in g["lr"]] for g in groups]
+        moms = [[float(x) for x in g["momentum"]] for g in groups]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineError(f"The starting table is malformed ({type(exc).__name__}: {exc}).") from exc
+    segs = len(boundaries)
+    if not lrs or any(len(r) != segs for r in lrs + moms):
+        raise EngineError("The starting table needs one lr and one momentum per group and segment.")
+    if not all(math.isfinite(x) and x > 0.0 for r in lrs for x in r):
+        raise EngineError("The starting table's learning rates must be positive numbers.")
+    if not all(math.isfinite(x) for r in moms for x in r):
+        raise EngineError("The starting table's momenta must be numbers.")
+    return {"lrs": lrs, "momenta": moms, "boundaries": boundaries}
+
+
+def _table_theta(config: MetaConfig, table: dict | None, layout: Layout) -> list[float] | None:
+    """theta of the starting table on ``layout`` (None: no table, or one of another shape)."""
+    if table is None or len(table["lrs"]) != layout.slots or list(table["boundaries"]) != list(layout.boundaries):
+        return None
+    logs = [math.log(x) for row in table["lrs"] for x in row]
+    zs = [momentum_to_param(m, config.momentum_bounds) for row in table["momenta"] for m in row]
+    return clamp_theta(config, logs + zs)
 
 
 def state_iteration(state: dict) -> int:
@@ -284,6 +319,16 @@ def start_table(search: Search, state: MetaState, layout: Layout) -> dict:
     best = state.constant.best
     assert best is not None
     theta = [best.theta[0]] * (slots * segs) + [best.theta[1]] * (slots * segs)
+    warm = _table_theta(search.config, state.start_table, layout)
+    evaluations, extra = 1, {}
+    if state.start_table is not None and warm is None:
+        extra["start_table"] = "left out: its groups or segments differ from this job's"
+    elif warm is not None and warm != theta:  # the start table against the constant pair, on the table's tasks
+        screened = search.evaluator.forward([theta, warm])
+        evaluations += 1
+        use = finite(screened[1]) and (not finite(screened[0]) or screened[1] < screened[0])
+        extra["start_table"] = "started from it" if use else "the constant pair was lower"
+        theta = warm if use else theta
     loss, grad = search.evaluator.value_and_grad(theta)
     state.rich = SearchState(
         slots=slots,
@@ -294,7 +339,7 @@ def start_table(search: Search, state: MetaState, layout: Layout) -> dict:
         step=float(search.config.step_size),
     )
     search.note_best(state, theta, state.rich.loss)
-    return search.record(state, "rich_start", True, loss, None, evaluations=1)
+    return search.record(state, "rich_start", True, loss, None, evaluations=evaluations, **extra)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -84,6 +84,9 @@ class MetaState:
     method_reason: str | None = None
     # the richer values' check on held-back tasks (loop.check_rich), once done: plain JSON
     rich_check: dict | None = None
+    # a table to start the richer phase from (init_state's ``table``: a study's learned values),
+    # {"lrs": [slot][segment], "momenta": [slot][segment], "boundaries": [...]}: plain JSON
+    start_table: dict | None = None
 
     @property
     def rich_enabled(self) -> bool:
@@ -118,6 +121,7 @@ class MetaState:
             },
             "rich": None if self.rich is None else _table_json(self.rich),
             "rich_check": None if self.rich_check is None else dict(self.rich_check),
+            "start_table": None if self.start_table is None else dict(self.start_table),
         }
 
     @classmethod
@@ -241,4 +245,5 @@ def _read(state: dict, strict: bool) -> MetaState:
         method=_get(state, "method", strict),
         method_reason=_get(state, "method_reason", strict),
         rich_check=state.get("rich_check"),  # absent from states written before the check existed
+        start_table=state.get("start_table"),  # absent from states written before warm tables
     )
