@@ -34,7 +34,7 @@ def _populate_0009(url: str) -> None:
         STUDY,
         "INSERT INTO study_jobs (job_id, study_id, warm, start, created_at) "
         f"VALUES ('j-succeeded', 's1', false, '{{}}', {TS})",
-        "INSERT INTO study_jobs (job_id, study_id, warm, start, version, \"update\", created_at, updated_at) "
+        'INSERT INTO study_jobs (job_id, study_id, warm, start, version, "update", created_at, updated_at) '
         f"VALUES ('j-done', 's1', false, '{{}}', 1, '{{}}', {TS}, {TS})",
     )
 
