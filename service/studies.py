@@ -14,21 +14,27 @@ used by the API (service/api/routes/studies.py, the job route) and the worker (w
 - After each succeeded job the worker learns the settings again over the pool's training tasks
   and records the update once (``record_update``: the job's row holds its version; a retried
   update finds it recorded; an update computed from settings that changed meanwhile is "stale").
+- Its message is re-sent until the update is recorded: ``update_sent_at`` says when one was last
+  sent (``mark_update_sent``, just before sending; ``withdraw_update`` when the send failed), and
+  the workers' sweep (``sweep_updates``) sends another when none is outstanding or the last is
+  older than the visibility timeout (presumed lost), ``max_attempts`` times in all.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, or_, select
+from sqlalchemy import update as update_rows
 from sqlalchemy.orm import Session
 
 from gradtune.spec import JobStatus
 from gradtune.spec.hyper import default_iterations, default_search, warm_meta
-from service.db.clock import database_now
+from service.db.clock import database_now, db_now
 from service.db.models import Job, Study, StudyJob, StudyTask
 from service.schemas import Hyperparameters, JobCreate, TaskSpec
 from service.study_schemas import (
@@ -41,6 +47,8 @@ from service.study_schemas import (
     StudySettingsPublic,
     StudyUpdatePublic,
 )
+
+log = logging.getLogger("gradtune.studies")
 
 # The hyperparameters a job of a study shares with it (a job that gives other values gets a 422).
 SHARED = ("lr_bounds", "momentum_bounds", "per_layer", "schedule_segments")
@@ -330,6 +338,103 @@ def record_update(
     link.updated_at = now
     session.flush()
     return "recorded"
+
+
+# ---------------------------------------------------------------- update messages
+
+
+def _rowcount(result: Any) -> int:
+    return int(cast("CursorResult[Any]", result).rowcount or 0)
+
+
+def mark_update_sent(session: Session, *, job_id: str) -> bool:
+    """The update message after ``job_id`` is about to be sent: note when (the database's clock)
+    and count it. Marked before sending, so a worker that dies before the send leaves a mark the
+    sweep presumes lost after the visibility timeout. False: nothing to send (no such job of a
+    study, or its update is recorded already)."""
+    res = session.execute(
+        update_rows(StudyJob)
+        .where(StudyJob.job_id == job_id, StudyJob.version.is_(None))
+        .values(update_sent_at=db_now(), update_attempts=StudyJob.update_attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(res) == 1
+
+
+def withdraw_update(session: Session, *, job_id: str) -> None:
+    """The update message just marked could not be sent: it does not count, and none is
+    outstanding, so the sweep sends one (once the job finished ``stale_after_s`` ago) rather than
+    wait for the visibility timeout."""
+    session.execute(
+        update_rows(StudyJob)
+        .where(
+            StudyJob.job_id == job_id,
+            StudyJob.version.is_(None),
+            StudyJob.update_sent_at.is_not(None),
+            StudyJob.update_attempts > 0,
+        )
+        .values(update_sent_at=None, update_attempts=StudyJob.update_attempts - 1)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def sweep_updates(
+    session: Session,
+    *,
+    stale_after_s: float,
+    visibility_timeout_s: float = 3600.0,
+    max_attempts: int = 3,
+    now: datetime | None = None,
+) -> list[tuple[str, str]]:
+    """Updates to send again: (study_id, job_id) of each job of a study that succeeded more than
+    ``stale_after_s`` ago and whose update is not recorded, with no update message outstanding (none
+    sent, or the last one older than ``visibility_timeout_s``: presumed lost). Each is marked as
+    sent now and counted, so no other sweep sends it too; send them once this transaction commits.
+
+    After ``max_attempts`` messages none is sent again: the row's ``update`` says why (its
+    ``version`` stays NULL, so the history shows no update for it) and the mark is cleared. ``now``
+    defaults to the database's clock (tests simulate the passing of time with it); the cutoffs are
+    computed from it and compared in SQL, as service.lifecycle.sweep does.
+    """
+    now = now or database_now(session)
+    cutoff = now - timedelta(seconds=stale_after_s)
+    presumed_lost = now - timedelta(seconds=visibility_timeout_s)
+    stmt = (
+        select(StudyJob)
+        .join(Job, Job.id == StudyJob.job_id)
+        .where(
+            StudyJob.version.is_(None),
+            Job.status == JobStatus.SUCCEEDED.value,
+            Job.finished_at < cutoff,
+            or_(
+                StudyJob.update_sent_at.is_(None) & (StudyJob.update_attempts < max_attempts),
+                StudyJob.update_sent_at < presumed_lost,
+            ),
+        )
+        .order_by(Job.finished_at)
+        .limit(100)
+        .with_for_update(skip_locked=True, of=StudyJob)
+    )
+    out = []
+    for row in session.execute(stmt).scalars():
+        if row.update_attempts >= max_attempts:
+            row.update = {
+                "not_updated": f"{row.update_attempts} update messages were sent after this job and none recorded "
+                "an update (lost, or the update failed each time); no more are sent"
+            }
+            row.update_sent_at = None
+            log.warning(
+                "study %s: update after job %s given up after %d messages",
+                row.study_id,
+                row.job_id,
+                row.update_attempts,
+            )
+            continue
+        row.update_sent_at = now
+        row.update_attempts += 1
+        out.append((row.study_id, row.job_id))
+    session.flush()
+    return out
 
 
 # ---------------------------------------------------------------- public views

@@ -19,7 +19,7 @@ import torch
 
 from gradtune.spec import JobStatus
 from gradtune.spec.hyper import constant_fraction
-from service import lifecycle, placement
+from service import lifecycle, placement, studies
 from service.db.session import session_scope
 from service.logs import job_context
 from service.queue import send_chunk
@@ -472,22 +472,40 @@ def _commit(claim: lifecycle.Claim, records: list[dict], state: dict, stop: _Sto
     return "committed"
 
 
+def _sweep_limits() -> dict[str, Any]:
+    """The settings both sweeps judge by: stale after, presumed lost after, at most so many tries."""
+    settings = get_settings()
+    return {
+        "stale_after_s": settings.stale_after_seconds,
+        "visibility_timeout_s": settings.visibility_timeout_seconds(),
+        "max_attempts": settings.max_attempts,
+    }
+
+
 def sweep_once(now: datetime | None = None) -> list[tuple[str, int]]:
     """Send a chunk message for each job whose worker died or which waits with no message
-    outstanding (service.lifecycle.sweep; ``now`` simulates the database's clock in tests)."""
-    settings = get_settings()
+    outstanding (service.lifecycle.sweep; ``now`` simulates the database's clock in tests), and a
+    study's lost update messages again (sweep_study_updates). Returns the jobs' (job_id, iteration)."""
     with session_scope() as db:
-        pairs = lifecycle.sweep(
-            db,
-            stale_after_s=settings.stale_after_seconds,
-            visibility_timeout_s=settings.visibility_timeout_seconds(),
-            max_attempts=settings.max_attempts,
-            now=now,
-        )
+        pairs = lifecycle.sweep(db, **_sweep_limits(), now=now)
         devices = placement.requested_devices(db, [job_id for job_id, _ in pairs])
     for job_id, iteration in pairs:
         log.warning("job %s: re-enqueued at iteration %d (worker lost or no message outstanding)", job_id, iteration)
         _send(job_id, iteration, devices.get(job_id))
+    sweep_study_updates(now)
+    return pairs
+
+
+def sweep_study_updates(now: datetime | None = None) -> list[tuple[str, str]]:
+    """Send again the update message of each succeeded job of a study whose update is not recorded
+    and has no message outstanding (service.studies.sweep_updates); returns (study_id, job_id)."""
+    from worker import study_runner
+
+    with session_scope() as db:
+        pairs = studies.sweep_updates(db, **_sweep_limits(), now=now)
+    for study_id, job_id in pairs:
+        log.warning("study %s: update after job %s re-sent (none sent, or the last presumed lost)", study_id, job_id)
+        study_runner.send_marked_update(study_id, job_id)
     return pairs
 
 

@@ -2,7 +2,8 @@
 
 - ``job_view``: a study's job trains on its tasks that are not held out, warm (no population, a
   smaller first step: worker/engine/study.py warm_config) once the study has learned settings.
-- ``update_study`` (the Celery task ``gradtune.study_update``, sent when a study's job succeeds):
+- ``update_study`` (the Celery task ``gradtune.study_update``, sent when a study's job succeeds,
+  ``enqueue_update``, and again by the workers' sweep while no update is recorded after it):
   learn the study's settings again over the pool's training tasks (worker/engine/study.py relearn),
   evaluate them on its held-out tasks, and record the update once (service/studies.py
   record_update: a retried message finds it recorded; when another job's update came first, learn
@@ -56,15 +57,42 @@ def job_view(
     return train, warm_config(config) if member.warm else config, table
 
 
-def enqueue_update(study_id: str, job_id: str) -> None:
-    """Ask a worker to update the study after ``job_id``; a lost message leaves that job's update
-    out of the history, and the next job's update learns from its tasks anyway."""
+def send_update(study_id: str, job_id: str) -> None:
+    """Send the Celery message that asks a worker to update the study after ``job_id``."""
     from worker.celery_app import app
 
+    app.send_task(STUDY_UPDATE, args=[study_id, job_id], queue=get_settings().queue_name)
+
+
+def send_marked_update(study_id: str, job_id: str) -> bool:
+    """Send the update message the database already marks as sent (studies.mark_update_sent or
+    studies.sweep_updates); when that fails, withdraw the mark so that the sweep sends one soon."""
     try:
-        app.send_task(STUDY_UPDATE, args=[study_id, job_id], queue=get_settings().queue_name)
+        send_update(study_id, job_id)
+        return True
     except Exception as exc:
-        log.warning("study %s: update after job %s not sent (%s)", study_id, job_id, exc)
+        log.warning("study %s: update after job %s not sent (%s); the sweep will", study_id, job_id, exc)
+        try:
+            with session_scope() as db:
+                studies.withdraw_update(db, job_id=job_id)
+        except Exception:
+            log.exception("study %s: could not withdraw the update message after job %s", study_id, job_id)
+        return False
+
+
+def enqueue_update(study_id: str, job_id: str) -> None:
+    """Ask a worker to update the study after ``job_id``. The message is marked as sent first (one
+    small transaction), then sent: a failed send withdraws the mark, and a lost message (or a worker
+    that died between the two) is re-sent by the workers' sweep (worker.runner.sweep_once) once the
+    mark is older than the visibility timeout, until the update is recorded or ``max_attempts``
+    messages were sent. A duplicate finds the update recorded and does nothing."""
+    try:
+        with session_scope() as db:
+            if not studies.mark_update_sent(db, job_id=job_id):
+                return  # recorded already (or no such job of a study): nothing to ask for
+    except Exception as exc:  # sent anyway: unmarked, the sweep may send a duplicate, which is harmless
+        log.warning("study %s: update after job %s not marked as sent (%s)", study_id, job_id, exc)
+    send_marked_update(study_id, job_id)
 
 
 def study_config(hp: Hyperparameters) -> engine.MetaConfig:

@@ -299,7 +299,9 @@ class StudyJob(Base):
     """A job of a study: where it started (``start``: the study's settings then; ``warm`` when the
     study had learned some) and, once the study was updated after it, that update (``version``,
     ``update``: settings before and after, rounds, pool counts). ``job_id`` is the primary key, so a
-    job joins once and its update is recorded once."""
+    job joins once and its update is recorded once. Until then ``update_sent_at`` says when the
+    update message was last sent (NULL: none outstanding) and ``update_attempts`` how many were
+    sent: the workers' sweep re-sends a lost one (service/studies.py sweep_updates)."""
 
     __tablename__ = "study_jobs"
 
@@ -311,6 +313,8 @@ class StudyJob(Base):
     update: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    update_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    update_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_study_jobs_study_id", "study_id"),

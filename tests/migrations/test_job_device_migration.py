@@ -25,7 +25,7 @@ def test_upgrade_from_0007_makes_every_job_auto_and_keeps_every_row(empty_url):
     upgrade(empty_url, "0008")
     assert version(empty_url) == "0008" and tables(empty_url) == TABLES_0007
     assert _snapshot(empty_url) == before
-    upgrade(empty_url)  # to head (0009 adds the studies), where the models are compared
+    upgrade(empty_url)  # to head (0009: studies, 0010: two of their columns), where the models are compared
     assert version(empty_url) == HEAD and tables(empty_url) == TABLES and diff(empty_url) == []
     assert _snapshot(empty_url) == before
     assert _query(empty_url, "SELECT DISTINCT requested_device FROM jobs") == [("auto",)]
