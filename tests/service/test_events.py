@@ -105,3 +105,36 @@ def test_another_tenants_job_is_404_and_no_key_is_401(tmp_path, db_url, make_set
 
     with TestClient(app) as anonymous:
         assert anonymous.get(f"/v1/jobs/{job_id}/events").status_code == 401
+
+
+def test_revoking_the_key_ends_its_open_stream_and_a_resume_is_401(tmp_path, db_url, make_settings):
+    from service.keys import check_key, revoke_key
+
+    # key_cache_seconds=0: a new request sees the revocation at once (the stream does either way)
+    app = create_app(make_settings(tmp_path, database_url=db_url, events_poll_seconds=0.05, key_cache_seconds=0))
+    with keyed_client(app, "alpha") as a:
+        job_id = a.post("/v1/jobs", json=job_body()).json()["id"]  # queued: no worker runs it
+        seen: list[ServerEvent] = []
+        first, done = threading.Event(), threading.Event()
+
+        def listen():
+            try:
+                with a.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                    for event in parse_sse(r.iter_lines()):
+                        seen.append(event)
+                        first.set()
+            finally:
+                done.set()
+
+        threading.Thread(target=listen, daemon=True).start()
+        assert first.wait(30), "no first event"
+        assert not done.wait(0.5), "the stream of a queued job ended by itself"
+        with app.state.sessionmaker() as db:
+            key_id = check_key(db, a.key)[1].id
+            revoke_key(db, key_id=key_id)
+            db.commit()
+        assert done.wait(30), "the stream outlived its key"
+        assert [(e.event, e.id) for e in seen][0] == ("status", "0:queued")
+        assert seen[-1].event == "error" and "revoked" in seen[-1].data["detail"] and key_id in seen[-1].data["detail"]
+        r = a.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "0:queued"})
+        assert r.status_code == 401 and "revoked" in r.json()["detail"]

@@ -4,7 +4,8 @@ One ``iteration`` event per committed meta-iteration (id ``N``, data: iteration,
 momentum, accepted, step_size) and one ``status`` event per change of the job's status (id
 ``N:status`` with N the job's iteration then, data: the job's body as GET /v1/jobs/{id} gives it).
 A new stream starts with every iteration so far and the current status; the stream ends after the
-status event of a finished job. Resumable: with ``Last-Event-ID`` the stream sends only iterations
+status event of a finished job, or with an ``error`` event once the stream's key is revoked (checked
+at every poll). Resumable: with ``Last-Event-ID`` the stream sends only iterations
 after the one named, and the current status unless the last event seen was that status.
 
 Each stream reads the job through the read engine (no write lock on SQLite) every
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Request
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -29,6 +30,8 @@ from service import placement, repository
 from service.api.auth import PrincipalDep
 from service.api.deps import ReaderDep
 from service.api.errors import Message
+from service.db.models import ApiKey
+from service.keys import Principal
 from service.schemas import Text
 from service.settings import Settings
 
@@ -66,6 +69,18 @@ def _read(reader: Engine, job_id: str, tenant: str | None, after: int) -> tuple[
     return job, rows
 
 
+def _key_refused(reader: Engine, key_id: str) -> str | None:
+    """Why the stream's key can no longer be used (revoked, or gone), or None: checked at every poll,
+    so revoking a key ends its open streams within GRADTUNE_EVENTS_POLL_SECONDS."""
+    with reader.connect() as conn:
+        row = conn.execute(select(ApiKey.revoked_at).where(ApiKey.id == key_id)).first()
+    if row is None:
+        return f"the API key {key_id} no longer exists"
+    if row.revoked_at is not None:
+        return f"the API key {key_id} was revoked; ask an admin for a new one"
+    return None
+
+
 def _body(reader: Engine, settings: Settings, job: Any) -> str:
     """The job's body as GET /v1/jobs/{id} gives it (``waiting``: the worker registry read now)."""
     with reader.connect() as conn:
@@ -73,9 +88,10 @@ def _body(reader: Engine, settings: Settings, job: Any) -> str:
 
 
 async def _events(
-    request: Request, reader: Engine, job_id: str, tenant: str | None, after: int, seen: str | None, first: Any
+    request: Request, reader: Engine, principal: Principal, job_id: str, after: int, seen: str | None, first: Any
 ) -> AsyncIterator[ServerSentEvent]:
     poll = request.app.state.settings.events_poll_seconds
+    tenant = principal.scope()
     job, rows = first
     while True:
         for row in rows:
@@ -88,6 +104,10 @@ async def _events(
         if job.status in TERMINAL_STATUSES or await request.is_disconnected():
             return
         await asyncio.sleep(poll)
+        refused = await run_in_threadpool(_key_refused, reader, principal.key_id)
+        if refused is not None:  # the stream ends; a resumed one gets the 401
+            yield ServerSentEvent(json.dumps({"detail": refused}), event="error")
+            return
         job, rows = await run_in_threadpool(_read, reader, job_id, tenant, after)
         if job is None:  # deleted meanwhile
             return
@@ -101,8 +121,8 @@ async def _events(
         200: {
             "content": {"text/event-stream": {}},
             "description": "`event: iteration` per committed meta-iteration (`id: N`), `event: status` per "
-            "status change (`id: N:status`, data: the job's body); ends after a finished job's status. "
-            "Send `Last-Event-ID` to resume.",
+            "status change (`id: N:status`, data: the job's body); ends after a finished job's status, or "
+            "with `event: error` (data: `detail`) once the key is revoked. Send `Last-Event-ID` to resume.",
         },
         404: {"model": Message, "description": "No job with that id."},
     },
@@ -118,5 +138,5 @@ async def job_events(
     first = await run_in_threadpool(_read, reader, job_id, principal.scope(), after)
     if first[0] is None:
         raise HTTPException(status_code=404, detail=f"job {job_id} not found")
-    stream = _events(request, reader, job_id, principal.scope(), after, seen, first)
+    stream = _events(request, reader, principal, job_id, after, seen, first)
     return EventSourceResponse(stream, ping=PING_SECONDS, headers={"Cache-Control": "no-store"})
