@@ -26,6 +26,24 @@ def stream(client, job_id: str, **headers) -> list[dict]:
         return parse(r.iter_lines())
 
 
+def listen(client, job_id: str) -> tuple[list[ServerEvent], threading.Event, threading.Event]:
+    """Follow the job's stream in a thread: (the events so far, set at the first, set at the end)."""
+    seen: list[ServerEvent] = []
+    first, done = threading.Event(), threading.Event()
+
+    def run():
+        try:
+            with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                for event in parse_sse(r.iter_lines()):
+                    seen.append(event)
+                    first.set()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return seen, first, done
+
+
 @pytest.fixture
 def env(runner_env):
     app, client = runner_env.start(chunk_iterations=2, events_poll_seconds=0.05)
@@ -68,20 +86,7 @@ def test_a_finished_job_streams_every_iteration_then_its_status_and_ends(env):
 def test_events_arrive_while_the_job_runs(env):
     app, client, sent = env
     job_id = client.post("/v1/jobs", json=job_body(meta={"iterations": 6, "seed": 0})).json()["id"]
-    seen: list[ServerEvent] = []
-    first, done = threading.Event(), threading.Event()
-
-    def listen():
-        try:
-            with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
-                for event in parse_sse(r.iter_lines()):
-                    seen.append(event)
-                    first.set()
-        finally:
-            done.set()
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
+    seen, first, done = listen(client, job_id)
     assert first.wait(30), "no first event"  # connected before the job starts
     run_all(sent, job_id)
     assert done.wait(30), "the stream did not end after the job finished"
@@ -114,19 +119,7 @@ def test_revoking_the_key_ends_its_open_stream_and_a_resume_is_401(tmp_path, db_
     app = create_app(make_settings(tmp_path, database_url=db_url, events_poll_seconds=0.05, key_cache_seconds=0))
     with keyed_client(app, "alpha") as a:
         job_id = a.post("/v1/jobs", json=job_body()).json()["id"]  # queued: no worker runs it
-        seen: list[ServerEvent] = []
-        first, done = threading.Event(), threading.Event()
-
-        def listen():
-            try:
-                with a.stream("GET", f"/v1/jobs/{job_id}/events") as r:
-                    for event in parse_sse(r.iter_lines()):
-                        seen.append(event)
-                        first.set()
-            finally:
-                done.set()
-
-        threading.Thread(target=listen, daemon=True).start()
+        seen, first, done = listen(a, job_id)
         assert first.wait(30), "no first event"
         assert not done.wait(0.5), "the stream of a queued job ended by itself"
         with app.state.sessionmaker() as db:
