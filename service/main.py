@@ -102,9 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         passthrough=(("POST", UPLOAD_PATH), ("POST", MODEL_UPLOAD_PATH)),
     )
-    app.add_middleware(HttpMetricsMiddleware)  # GET /metrics: latency by route template and status (service/metrics.py)
     # A /v1 request without a valid key gets 401 before its body is read (service/api/auth.py).
     app.add_middleware(KeyMiddleware)
+    # GET /metrics: latency by route template and status (service/metrics.py), the key check's 401s
+    # included (a flood of bad keys shows there)
+    app.add_middleware(HttpMetricsMiddleware)
     # Outside the key check: a browser's preflight carries no key. No CORS unless configured.
     if settings.cors_origins:  # no CORS unless configured: a web page cannot read the API's answers
         app.add_middleware(

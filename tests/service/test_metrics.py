@@ -147,9 +147,10 @@ def test_no_key_needed_and_two_apps_keep_their_own_counts(app, tmp_path, make_se
         assert plain.get("/healthz").status_code == 200
         a, b = scrape(plain), scrape(plain_other)
     count = "gradtune_http_request_seconds_count"
-    # a 401 is answered by the key check, outside the timing middleware: not in the histogram
-    assert [labels for name, labels in a if name == count] == [
-        (("method", "GET"), ("route", "/healthz"), ("status", "200"))
+    # the key check's 401 is timed too, under the route it refused
+    assert sorted(labels for name, labels in a if name == count) == [
+        (("method", "GET"), ("route", "/healthz"), ("status", "200")),
+        (("method", "GET"), ("route", "/v1/jobs"), ("status", "401")),
     ]
     assert not [labels for name, labels in b if name == count], "one app's requests in another app's metrics"
     assert a[("gradtune_jobs", (("status", "queued"),))] == 0
