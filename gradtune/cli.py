@@ -127,15 +127,18 @@ def serve(
         create_app(settings), host=bind, port=port or settings.port, timeout_graceful_shutdown=5, log_config=None
     )
     server = uvicorn.Server(config)
+    json_logs = settings.log_format == "json"
     supervisor = Supervisor(
-        worker_argv(settings.queue_name, settings.log_level, quiet=settings.log_format == "json"),
+        worker_argv(settings.queue_name, settings.log_level, quiet=json_logs),
         workers,
         on_fatal=lambda _reason: setattr(server, "should_exit", True),
+        **({"log": _serve_log().warning} if json_logs else {}),
     )
     stopped_by = _stop_on_signals(server, supervisor)
-    typer.echo(
+    _say(
+        settings,
         f"gradtune: database {_redact(settings.resolved_database_url())}, "
-        f"broker {_redact(settings.resolved_broker_url())}, {workers} embedded worker(s)"
+        f"broker {_redact(settings.resolved_broker_url())}, {workers} embedded worker(s)",
     )
     if workers:
         supervisor.start()
@@ -161,8 +164,29 @@ def _first_admin_key(settings) -> None:
         made = first_admin_key(session, settings.data_dir)
     if made is not None:
         path, key = made
+        if settings.log_format == "json":  # log lines get shipped and kept: the key stays in its file
+            _say(
+                settings,
+                f"gradtune: created tenant default and its admin key, written to {path} (mode 0600; not logged)",
+            )
+            return
         typer.echo(f"gradtune: created tenant default and its admin key, written to {path} (mode 0600):")
         typer.echo(key)
+
+
+def _serve_log():
+    import logging
+
+    return logging.getLogger("gradtune.serve")
+
+
+def _say(settings, message: str) -> None:
+    """serve's words to whoever started it: plain on stdout, or a log line (JSON, on standard error,
+    with every other line) under GRADTUNE_LOG_FORMAT=json."""
+    if settings.log_format == "json":
+        _serve_log().info(message)
+    else:
+        typer.echo(message)
 
 
 def _stop_on_signals(server, supervisor) -> list[int]:

@@ -1,5 +1,6 @@
-"""`gradtune serve` with GRADTUNE_LOG_FORMAT=json: uvicorn's own lines (startup, access, shutdown) come
-out as JSON objects, the access line with the request's X-Request-ID."""
+"""`gradtune serve` with GRADTUNE_LOG_FORMAT=json: uvicorn's own lines (startup, access, shutdown) and
+serve's own come out as JSON objects, the access line with the request's X-Request-ID; the admin key
+created on first start stays in its file."""
 
 from __future__ import annotations
 
@@ -58,5 +59,10 @@ def test_serve_prints_uvicorns_lines_as_json(tmp_path: Path):
     assert ("uvicorn.error", "Shutting down") in by
     access = [line for line in lines if line["logger"] == "uvicorn.access" and "e2e-trace-1" == line.get("request_id")]
     assert len(access) == 1 and '"GET /healthz HTTP/1.1" 200' in access[0]["message"]
-    # serve's own words to the person who started it stay plain, on stdout
-    assert "gradtune: database sqlite:" in (tmp_path / "out.log").read_text()
+    # serve's own words are log lines too, and the admin key it created is in its file, not the log
+    assert (tmp_path / "out.log").read_text() == ""
+    said = [line["message"] for line in lines if line["logger"] == "gradtune.serve"]
+    assert any(m.startswith("gradtune: database sqlite:") for m in said), said
+    assert any("admin key, written to" in m and "not logged" in m for m in said), said
+    key = (tmp_path / "data" / "admin.key").read_text().strip()
+    assert key and key not in text
