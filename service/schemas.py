@@ -474,7 +474,10 @@ class RichCheck(BaseModel):
     of 16 tasks or more): kept only if their meta-loss there is lower than the constant pair's; a
     table that passes is then refined over every task."""
 
-    held_back: list[int] = Field(description="Indices of the tasks held back from the richer search.")
+    held_back: list[int] = Field(
+        description="Indices into evaluation.tasks of the tasks held back from the richer search (in a "
+        "study's job, evaluation.tasks lists the tasks it trained on: the study's held-out ones are not there)."
+    )
     table_loss: float | None
     constant_loss: float | None
     kept: Literal["table", "constant"]
