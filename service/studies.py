@@ -473,8 +473,11 @@ def to_public(session: Session, study: Study) -> StudyPublic:
 
 
 def settings_public(study: Study) -> StudySettingsPublic:
+    evaluation = study.evaluation
+    if evaluation is not None and "evaluated" not in evaluation:  # recorded before the counts: every held-out task
+        evaluation = {"held_out": len(evaluation["tasks"]), "evaluated": len(evaluation["tasks"]), **evaluation}
     return StudySettingsPublic.model_validate(
-        {**current_settings(study), "study_id": study.id, "version": study.version, "evaluation": study.evaluation}
+        {**current_settings(study), "study_id": study.id, "version": study.version, "evaluation": evaluation}
     )
 
 

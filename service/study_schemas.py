@@ -23,6 +23,13 @@ class StudyMeta(_Strict):
     iterations: int = Field(3, ge=1, le=40, description="Meta-iterations per meta-batch.")
     check_tasks: int = Field(16, ge=1, le=256, description="Other pool tasks each round's answer is checked on.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds the meta-batches drawn.")
+    eval_tasks: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Held-out tasks each update evaluates the settings on: the first ones by pool position "
+        "(the same ones every update, so that the history's held-out losses compare).",
+    )
 
 
 class StudyCreate(_Strict):
@@ -88,6 +95,11 @@ class HeldOutEvaluation(BaseModel):
     mean_val_loss: float | None
     mean_start_val_loss: float | None
     draws: list[int]
+    held_out: int = Field(description="Held-out tasks of the study's succeeded jobs when it was evaluated.")
+    evaluated: int = Field(
+        description="Held-out tasks evaluated: the first meta.eval_tasks of them by pool position, "
+        "less those whose data could not be loaded."
+    )
 
 
 class StudySettingsPublic(StudySettings):
@@ -109,6 +121,12 @@ class StudyUpdatePublic(BaseModel):
         description="Per meta-batch: its tasks (positions), check loss before and after, kept."
     )
     held_out_mean_val_loss: float | None = None
+    held_out_evaluated: int | None = Field(
+        None, description="Held-out tasks that mean is over (meta.eval_tasks at most); None in older updates."
+    )
+    unavailable: list[str] = Field(
+        [], description="Jobs whose data the update could not load: their tasks were not learned from or evaluated."
+    )
     seconds: float | None = None
     note: str | None = Field(None, description="Why the settings were kept without learning, when they were.")
     created_at: datetime | None = None

@@ -5,13 +5,20 @@
 - ``update_study`` (the Celery task ``gradtune.study_update``, sent when a study's job succeeds,
   ``enqueue_update``, and again by the workers' sweep while no update is recorded after it):
   learn the study's settings again over the pool's training tasks (worker/engine/study.py relearn),
-  evaluate them on its held-out tasks, and record the update once (service/studies.py
+  evaluate them on its first ``meta.eval_tasks`` held-out tasks, and record the update once (service/studies.py
   record_update: a retried message finds it recorded; when another job's update came first, learn
   again from the new settings). Bounded by ``GRADTUNE_CHUNK_SECONDS``: the search stops between two
   evaluations at that point and the rounds finished count.
 
 Held-out tasks are built for the evaluation only: ``_learn`` passes ``inputs.training`` to relearn
 and nothing else (tests/worker/test_studies.py checks it across jobs).
+
+An update's cost does not grow with the pool: relearn gets the training tasks as ``PoolTasks``, a
+sequence that builds a job's tasks (loads its data) only when a round's meta-batch or check, or the
+first meta-batch with alternatives, needs one of them; the evaluation covers the first
+``meta.eval_tasks`` held-out tasks by pool position (the same ones every update); each job is built
+at most once per update. A job whose data cannot be loaded is found when first needed: its tasks
+are left out (relearn runs again over the others) and the update names it (``unavailable``).
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, overload
 
 from service import studies
 from service.db.session import session_scope
@@ -108,26 +115,60 @@ def study_config(hp: Hyperparameters) -> engine.MetaConfig:
     )
 
 
-def _tasks(
-    inputs: studies.UpdateInputs, entries: list[studies.PoolEntry], build_tasks: BuildTasks
-) -> tuple[list[Any], list[Any]]:
-    """Engine tasks of the pool ``entries`` (the entries whose data could not be loaded left out),
-    and those entries."""
-    built: dict[str, list[Any] | None] = {}
-    tasks, kept = [], []
-    for entry in entries:
-        if entry.job_id not in built:
+class TaskUnavailable(Exception):
+    """A pool task whose job's data could not be loaded (DatasetUnavailable), met by relearn."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class PoolTasks(Sequence[Any]):
+    """The engine tasks of pool ``entries``, built only when relearn or the evaluation asks for one:
+    ``self[i]`` builds entry i's job's tasks (``build_tasks``) on first use and caches them per job
+    id in ``built`` (shared between an update's training and held-out tasks, so that a job is built
+    once per update). A job whose data cannot be loaded is cached as None and its entries raise
+    TaskUnavailable (``_relearn`` leaves them out and learns again)."""
+
+    def __init__(
+        self,
+        inputs: studies.UpdateInputs,
+        entries: list[studies.PoolEntry],
+        build_tasks: BuildTasks,
+        built: dict[str, list[Any] | None],
+    ) -> None:
+        self.inputs, self.entries, self.build_tasks, self.built = inputs, entries, build_tasks, built
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        entry = self.entries[i]
+        tasks = self.job_tasks(entry.job_id)
+        if tasks is None:
+            raise TaskUnavailable(entry.job_id)
+        return tasks[entry.task_index]
+
+    def job_tasks(self, job_id: str) -> list[Any] | None:
+        """``job_id``'s engine tasks (None: its data could not be loaded), built once."""
+        if job_id not in self.built:
             try:
-                job = JobCreate.model_validate(inputs.specs[entry.job_id])
-                built[entry.job_id] = build_tasks(job, tenant=inputs.tenant)
+                job = JobCreate.model_validate(self.inputs.specs[job_id])
+                self.built[job_id] = self.build_tasks(job, tenant=self.inputs.tenant)
             except DatasetUnavailable as exc:
-                log.warning("study %s: job %s's tasks left out (%s)", inputs.study_id, entry.job_id, exc)
-                built[entry.job_id] = None
-        job_tasks = built[entry.job_id]
-        if job_tasks is not None:
-            tasks.append(job_tasks[entry.task_index])
-            kept.append(entry)
-    return tasks, kept
+                log.warning("study %s: job %s's tasks left out (%s)", self.inputs.study_id, job_id, exc)
+                self.built[job_id] = None
+        return self.built[job_id]
+
+    def unavailable(self) -> list[str]:
+        """The jobs found so far whose data could not be loaded, sorted."""
+        return sorted(job_id for job_id, tasks in self.built.items() if tasks is None)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -144,8 +185,11 @@ def _val_losses(tasks: list[Any], settings: dict) -> list[float]:
     return [float(t["val_loss"]) for t in out["tasks"]]
 
 
-def held_out_evaluation(tasks: list[Any], entries: list[studies.PoolEntry], settings: dict, start: dict) -> dict | None:
-    """The settings and the study's starting values on its held-out tasks (None: none yet)."""
+def held_out_evaluation(
+    tasks: list[Any], entries: list[studies.PoolEntry], settings: dict, start: dict, *, held_out: int
+) -> dict | None:
+    """The settings and the study's starting values on the held-out ``tasks`` evaluated (None: none
+    yet); ``held_out``: how many the pool holds (the evaluation covers the first ``eval_tasks``)."""
     if not tasks:
         return None
     learned, initial = _val_losses(tasks, settings), _val_losses(tasks, start)
@@ -164,52 +208,90 @@ def held_out_evaluation(tasks: list[Any], entries: list[studies.PoolEntry], sett
         "mean_val_loss": _mean(learned),
         "mean_start_val_loss": _mean(initial),
         "draws": list(engine.EVAL_DRAWS),
+        "held_out": held_out,
+        "evaluated": len(rows),
     }
 
 
-def _learn(inputs: studies.UpdateInputs, build_tasks: BuildTasks) -> tuple[dict, dict | None, dict, int]:
-    """(settings, held-out evaluation, the update's record, rounds run) for one update."""
-    spec = StudyCreate.model_validate(inputs.spec)
-    started = time.monotonic()
-    deadline = started + float(get_settings().chunk_seconds)
-    train, train_entries = _tasks(inputs, inputs.training, build_tasks)
-    settings, rounds, note = dict(inputs.settings), [], None
-    if train:
-        pool = PoolConfig(
-            meta_batch=spec.meta.meta_batch,
-            rounds=spec.meta.rounds,
-            iterations=spec.meta.iterations,
-            check_tasks=spec.meta.check_tasks,
-        )
+def _relearn(
+    inputs: studies.UpdateInputs,
+    spec: StudyCreate,
+    tasks: Callable[[list[studies.PoolEntry]], PoolTasks],
+    should_stop: Callable[[], bool],
+) -> tuple[dict, list[dict], str | None]:
+    """(settings, rounds with pool positions, note) of relearn over the pool's training tasks, each
+    job built only when a round's batch or check (or the first batch, with alternatives) needs one
+    of its tasks. A job whose data cannot be loaded is found there: its tasks are left out and
+    relearn runs again over the others (what it would have done had they never joined: the
+    batches are drawn over the tasks it learns from), until the time is up."""
+    settings, entries = dict(inputs.settings), list(inputs.training)
+    pool = PoolConfig(
+        meta_batch=spec.meta.meta_batch,
+        rounds=spec.meta.rounds,
+        iterations=spec.meta.iterations,
+        check_tasks=spec.meta.check_tasks,
+    )
+    while entries:
         try:
             out = relearn(
-                train,
+                tasks(entries),
                 study_config(spec.hyperparameters),
                 settings,
                 seed=spec.meta.seed,
                 first_round=inputs.rounds,
                 pool=pool,
                 alternatives=[inputs.job_settings] if inputs.job_settings else (),
-                should_stop=lambda: time.monotonic() >= deadline,
+                should_stop=should_stop,
             )
-            settings, rounds = out["settings"], out["rounds"]
+        except TaskUnavailable as exc:
+            entries = [e for e in entries if e.job_id != exc.job_id]
+            if entries and should_stop():
+                return settings, [], "the settings were kept: the time ran out leaving out unavailable tasks"
+            continue
         except engine.EngineError as exc:
-            note = f"the settings were kept: {exc}"
-    else:
-        note = "no training task yet: the settings were kept"
-    positions = [e.position for e in train_entries]
-    for r in rounds:  # indices into the training tasks -> pool positions
-        r["batch"] = [positions[i] for i in r["batch"]]
-        r["check"] = [positions[i] for i in r["check"]]
-    held, held_entries = _tasks(inputs, inputs.held_out, build_tasks)
+            return settings, [], f"the settings were kept: {exc}"
+        positions = [e.position for e in entries]
+        for r in out["rounds"]:  # indices into the training tasks -> pool positions
+            r["batch"] = [positions[i] for i in r["batch"]]
+            r["check"] = [positions[i] for i in r["check"]]
+        return out["settings"], out["rounds"], None
+    if inputs.training:
+        return settings, [], "no training task's data could be loaded: the settings were kept"
+    return settings, [], "no training task yet: the settings were kept"
+
+
+def _learn(inputs: studies.UpdateInputs, build_tasks: BuildTasks) -> tuple[dict, dict | None, dict, int]:
+    """(settings, held-out evaluation, the update's record, rounds run) for one update. It builds
+    the training tasks relearn touches and the first ``meta.eval_tasks`` held-out tasks only
+    (each job once), so its cost does not grow with the pool."""
+    spec = StudyCreate.model_validate(inputs.spec)
+    started = time.monotonic()
+    deadline = started + float(get_settings().chunk_seconds)
+    built: dict[str, list[Any] | None] = {}
+
+    def tasks(entries: list[studies.PoolEntry]) -> PoolTasks:
+        return PoolTasks(inputs, entries, build_tasks, built)
+
+    settings, rounds, note = _relearn(inputs, spec, tasks, lambda: time.monotonic() >= deadline)
+    first = tasks(inputs.held_out[: spec.meta.eval_tasks])  # the same ones every update, by position
+    held_entries = [e for e in first.entries if first.job_tasks(e.job_id) is not None]
     hp = spec.hyperparameters
-    evaluation = held_out_evaluation(held, held_entries, settings, {"lr": hp.lr, "momentum": hp.momentum})
+    evaluation = held_out_evaluation(
+        list(tasks(held_entries)),
+        held_entries,
+        settings,
+        {"lr": hp.lr, "momentum": hp.momentum},
+        held_out=len(inputs.held_out),
+    )
+    training, held = len(inputs.training), len(inputs.held_out)
     update = {
         "before": inputs.settings,
         "after": settings,
-        "pool": {"tasks": len(train) + len(held), "training": len(train), "held_out": len(held)},
+        "pool": {"tasks": training + held, "training": training, "held_out": held},
         "rounds": rounds,
         "held_out_mean_val_loss": evaluation["mean_val_loss"] if evaluation else None,
+        "held_out_evaluated": len(held_entries),
+        "unavailable": first.unavailable(),
         "seconds": time.monotonic() - started,
         "note": note,
     }

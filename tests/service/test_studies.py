@@ -54,6 +54,22 @@ def test_bad_study_bodies_name_the_field(client):
     assert _fields(client.post("/v1/studies", json={"holdout_every": 1})) == ["holdout_every"]
     assert _fields(client.post("/v1/studies", json={"meta": {"meta_batch": 0}})) == ["meta.meta_batch"]
     assert _fields(client.post("/v1/studies", json={"surprise": 1})) == ["surprise"]
+    for bad in (0, 1025):
+        assert _fields(client.post("/v1/studies", json={"meta": {"eval_tasks": bad}})) == ["meta.eval_tasks"]
+    assert _study(client)["meta"]["eval_tasks"] == 64
+    assert _study(client, meta={"eval_tasks": 1024})["meta"]["eval_tasks"] == 1024
+
+
+def test_an_evaluation_recorded_before_its_counts_says_it_covered_every_task_it_lists(app, client):
+    """Older updates evaluated every held-out task (whose data loaded): the settings say so."""
+    s = _study(client)
+    row = {"job_id": "j", "task_index": 0, "name": "t", "val_loss": 1.0, "start_val_loss": 2.0}
+    old = {"tasks": [row, {**row, "task_index": 1}], "mean_val_loss": 1.0, "mean_start_val_loss": 2.0, "draws": [0]}
+    with app.state.sessionmaker() as db:
+        db.get(Study, s["id"]).evaluation = old
+        db.commit()
+    ev = client.get(f"/v1/studies/{s['id']}/settings").json()["evaluation"]
+    assert (ev["held_out"], ev["evaluated"]) == (2, 2) and ev["tasks"][1]["task_index"] == 1
 
 
 def test_another_tenants_study_is_not_found_and_cannot_be_joined(app, client):

@@ -168,3 +168,82 @@ def test_a_warm_job_of_a_per_layer_study_starts_its_table_from_the_studys(env, m
     lower = ref_table < ref_pair
     assert start["start_table"] == ("started from it" if lower else "the constant pair was lower")
     assert start["group_lr"] == [pytest.approx(g["lr"]) for g in (groups if lower else pair)]
+
+
+def _pool(client, sid: str, jobs: int) -> list[str]:
+    """``jobs`` jobs of 2 tasks joined to the study and marked succeeded (not run: an update needs
+    only their specs), in order."""
+    from service.db.models import Job
+
+    ids = [client.post("/v1/jobs", json=_job(sid, j, tasks=2)).json()["id"] for j in range(jobs)]
+    with session_scope() as db:
+        for jid in ids:
+            db.get(Job, jid).status = "succeeded"
+    return ids
+
+
+def _spy_build(fail: str | None = None):
+    """runner.build_tasks, recording the job of each call; ``fail``'s data cannot be loaded."""
+    from worker.dataset_loader import DatasetUnavailable
+
+    calls: list[str] = []
+
+    def build(job, *args, **kwargs):
+        name = job.tasks[0].name  # "j{j}t0"
+        calls.append(name.split("t")[0])
+        if name.split("t")[0] == fail:
+            raise DatasetUnavailable("gone")
+        return runner.build_tasks(job, *args, **kwargs)
+
+    return build, calls
+
+
+TINY = {"meta_batch": 1, "rounds": 1, "iterations": 1, "check_tasks": 1, "eval_tasks": 2}
+
+
+def test_an_update_builds_only_the_jobs_its_batches_checks_and_first_held_out_tasks_use(env, monkeypatch):  # noqa: F811
+    client, _ = env
+    monkeypatch.setattr(study_runner, "enqueue_update", lambda s, j: None)
+    sid = client.post("/v1/studies", json={"holdout_every": 3, "meta": TINY}).json()["id"]
+    ids = _pool(client, sid, 6)  # 12 tasks: positions 2, 5, 8, 11 held out (j1t0, j2t1, j4t0, j5t1)
+    build, calls = _spy_build()
+    assert study_runner.update_study(sid, ids[-1], build) == "recorded"
+    training = [p for p in range(12) if p % 3 != 2]
+    batch = engine_study.draw_batch(len(training), 1, 0, 0)
+    check = engine_study._check_indices(len(training), batch, 1, 0, 0)
+    (r,) = client.get(f"/v1/studies/{sid}/history").json()["items"][0]["rounds"]
+    assert (r["batch"], r["check"]) == ([training[i] for i in batch], [training[i] for i in check])
+    touched = {f"j{p // 2}" for p in r["batch"] + r["check"]} | {"j1", "j2"}  # + the first 2 held-out tasks' jobs
+    assert sorted(calls) == sorted(touched)  # each once (a job's training and held-out tasks share one build)
+    assert len(touched) < 6 and "j4" not in calls and "j5" not in calls
+    update = client.get(f"/v1/studies/{sid}/history").json()["items"][0]
+    assert update["pool"] == {"tasks": 12, "training": 8, "held_out": 4}
+    assert update["held_out_evaluated"] == 2 and update["unavailable"] == []
+    ev = client.get(f"/v1/studies/{sid}/settings").json()["evaluation"]
+    assert [t["name"] for t in ev["tasks"]] == ["j1t0", "j2t1"]  # the first 2 by position, every update
+    assert (ev["held_out"], ev["evaluated"]) == (4, 2)
+    assert update["held_out_mean_val_loss"] == ev["mean_val_loss"]
+
+
+def test_a_job_whose_data_cannot_be_loaded_is_left_out_of_the_update_it_is_found_in(env, monkeypatch):  # noqa: F811
+    """Found when relearn first needs one of its tasks: the update learns again over the others
+    (batches drawn over them, positions kept), does not evaluate its held-out tasks and names it."""
+    client, _ = env
+    monkeypatch.setattr(study_runner, "enqueue_update", lambda s, j: None)
+    sid = client.post("/v1/studies", json={"holdout_every": 3, "meta": {**TINY, "seed": 1}}).json()["id"]
+    ids = _pool(client, sid, 6)
+    training = [p for p in range(12) if p % 3 != 2]
+    assert training[engine_study.draw_batch(8, 1, 1, 0)[0]] == 3  # seed 1's first batch: j1t1, j1's training task
+    build, calls = _spy_build(fail="j1")
+    assert study_runner.update_study(sid, ids[-1], build) == "recorded"
+    assert calls.count("j1") == 1
+    kept = [p for p in training if p != 3]
+    batch = engine_study.draw_batch(len(kept), 1, 1, 0)
+    check = engine_study._check_indices(len(kept), batch, 1, 1, 0)
+    update = client.get(f"/v1/studies/{sid}/history").json()["items"][0]
+    (r,) = update["rounds"]
+    assert (r["batch"], r["check"]) == ([kept[i] for i in batch], [kept[i] for i in check])
+    assert update["unavailable"] == [ids[1]] and update["note"] is None
+    ev = client.get(f"/v1/studies/{sid}/settings").json()["evaluation"]
+    assert [t["name"] for t in ev["tasks"]] == ["j2t1"]  # the first 2 held-out tasks, j1t0 not replaced
+    assert (ev["held_out"], ev["evaluated"]) == (4, 1) and update["held_out_evaluated"] == 1

@@ -358,13 +358,13 @@ function studyHead(study, history) {
       ["lr bounds", `${fmt(hp.lr_bounds[0])} – ${fmt(hp.lr_bounds[1])}`],
       ["momentum bounds", `${fmt(hp.momentum_bounds[0])} – ${fmt(hp.momentum_bounds[1])}`],
       ["per layer", hp.per_layer ? "yes" : "no"], ["schedule segments", String(hp.schedule_segments)],
-      ["each update", `${m.rounds} round(s) of ${m.meta_batch} task(s) × ${m.iterations} iteration(s), checked on ${m.check_tasks} other task(s); seed ${m.seed}`]]));
+      ["each update", `${m.rounds} round(s) of ${m.meta_batch} task(s) × ${m.iterations} iteration(s), checked on ${m.check_tasks} other task(s); seed ${m.seed}; evaluated on the first ${m.eval_tasks} held-out task(s)`]]));
 }
 
 function studySettings(s) {
   const ev = s.evaluation;
   const evaluation = !ev ? [el("p", { class: "muted" }, s.version ? "No held-out task evaluated yet." : "No job has updated the study yet: these are its starting values.")]
-    : [el("h2", {}, "Held-out tasks: validation loss after torch.optim.SGD training"),
+    : [el("h2", {}, `Held-out tasks (${ev.evaluated} evaluated of ${ev.held_out}): validation loss after torch.optim.SGD training`),
       lossTable("study-evaluation", ["held-out task", "with the starting lr, momentum", "with the study's settings"],
         ev.tasks.map((t) => [[t.name, " (job ", jobLink(t.job_id), ")"], t.start_val_loss, t.val_loss]), [ev.mean_start_val_loss, ev.mean_val_loss])];
   return el("div", { class: "card", id: "study-settings" }, settingsParts(`Current settings (update ${s.version})`, s, [], evaluation));
