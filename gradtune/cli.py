@@ -165,9 +165,8 @@ def _first_admin_key(settings) -> None:
     if made is not None:
         path, key = made
         if settings.log_format == "json":  # log lines get shipped and kept: the key stays in its file
-            _say(
-                settings,
-                f"gradtune: created tenant default and its admin key, written to {path} (mode 0600; not logged)",
+            _serve_log().warning(  # at WARNING: shown at every log level
+                "gradtune: created tenant default and its admin key, written to %s (mode 0600; not logged)", path
             )
             return
         typer.echo(f"gradtune: created tenant default and its admin key, written to {path} (mode 0600):")

@@ -341,23 +341,24 @@ class JobCreate(_Strict):
         "tasks join the study's pool.",
     )
 
-    # whether the body gave neither meta.search nor meta.iterations (both defaulted): a study's job then
-    # takes the study's defaults (service/studies.py prepare_spec). Not part of the body.
-    _search_defaulted: bool = PrivateAttr(default=False)
+    # which of meta.search and meta.iterations the body gave (the others were defaulted from its own
+    # hyperparameters): a study's job recomputes the missing ones from the study's (service/studies.py
+    # prepare_spec). Not part of the body; set when validating a body (a dict), not a JobCreate.
+    _meta_given: frozenset[str] = PrivateAttr(default=frozenset({"search", "iterations"}))
 
     @property
-    def search_defaulted(self) -> bool:
-        return self._search_defaulted
+    def meta_given(self) -> frozenset[str]:
+        return self._meta_given
 
     @model_validator(mode="wrap")
     @classmethod
     def _default_iterations(cls, data: Any, handler: Any) -> Any:
         """meta.search and meta.iterations, when not given, follow the richer values
-        (_with_default_search); search_defaulted says whether both were left out."""
-        meta = data.get("meta") if isinstance(data, dict) else None
-        given = isinstance(data, dict) and isinstance(meta, dict) and bool({"search", "iterations"} & set(meta))
+        (_with_default_search); meta_given says which the body gave."""
         job = handler(_with_default_search(data))
-        job._search_defaulted = isinstance(data, dict) and not given
+        if isinstance(data, dict):
+            meta = data.get("meta")
+            job._meta_given = frozenset({"search", "iterations"} & set(meta if isinstance(meta, dict) else ()))
         return job
 
     def model_ids(self) -> list[str]:

@@ -175,24 +175,25 @@ def _rich(hp: dict[str, Any]) -> bool:
     return bool(hp.get("per_layer")) or int(hp.get("schedule_segments") or 1) > 1
 
 
-def prepare_spec(study: Study, spec: dict[str, Any], *, defaulted: bool) -> tuple[dict[str, Any], dict[str, Any], bool]:
+def prepare_spec(
+    study: Study, spec: dict[str, Any], *, given: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """The job's stored body with the study's hyperparameters, starting at its current settings;
     those settings; and whether they were learned (a warm start: then it runs
-    gradtune.spec.hyper.warm_meta's search). ``defaulted``: the body gave neither meta.search nor
-    meta.iterations (JobCreate.search_defaulted), so the study's defaults apply."""
+    gradtune.spec.hyper.warm_meta's search). ``given``: which of meta.search and meta.iterations the
+    body gave (JobCreate.meta_given); the others follow the study's values, not the job's own."""
     start, warm = current_settings(study), bool(study.settings)
     hp = dict(study.spec["hyperparameters"])
     hp["lr"], hp["momentum"] = start["lr"], start["momentum"]
     meta = dict(spec["meta"])
-    # meta.search and meta.iterations defaulted from the job's own hyperparameters: when the study's
-    # richness differs, the study's defaults apply
-    job_rich, study_rich = (_rich(h) for h in (spec["hyperparameters"], hp))
-    if job_rich != study_rich and defaulted:
+    study_rich = _rich(hp)
+    if "search" not in given:
         meta["search"] = default_search(study_rich)
+    if "iterations" not in given:
         meta["iterations"] = default_iterations(meta["search"], study_rich)
     if warm:  # it starts near the answer: a short line search (or half its own), no population
         meta["search"], meta["iterations"] = warm_meta(
-            meta["search"], int(meta["iterations"]), rich=study_rich, defaulted=defaulted
+            meta["search"], int(meta["iterations"]), rich=study_rich, defaulted=not given
         )
     return {**spec, "hyperparameters": hp, "meta": meta}, start, warm
 

@@ -25,6 +25,11 @@ REDIS_SERVER_URL = os.environ.get("GRADTUNE_TEST_REDIS_URL", "redis://127.0.0.1:
 # flush each other's queues.
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
 REDIS_TEST_DB = int(os.environ.get("GRADTUNE_TEST_REDIS_DB", "13")) + int(_XDIST_WORKER.removeprefix("gw") or 0)
+if not 0 <= REDIS_TEST_DB <= 15:  # Redis has databases 0-15; never wrap round onto someone's 0
+    raise RuntimeError(
+        f"pytest-xdist worker {_XDIST_WORKER} would use Redis database {REDIS_TEST_DB}: lower -n or "
+        "GRADTUNE_TEST_REDIS_DB (the workers take it and the numbers above it)"
+    )
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

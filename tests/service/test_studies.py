@@ -186,12 +186,19 @@ def test_a_job_in_a_per_layer_study_gets_the_richer_defaults_and_is_admitted_as_
         spec = db.get(Job, r.json()["id"]).spec
     assert spec["hyperparameters"]["per_layer"] is True
     assert (spec["meta"]["search"], spec["meta"]["iterations"]) == ("line", 13)
-    given = _in_study(s["id"], INLINE_TASK)
-    given["meta"] = {"iterations": 6, "search": "stencil"}  # given: kept
-    r = client.post("/v1/jobs", json=given)
-    with app.state.sessionmaker() as db:
-        spec = db.get(Job, r.json()["id"]).spec
-    assert (spec["meta"]["search"], spec["meta"]["iterations"]) == ("stencil", 6)
+    # what the body gives is kept; what it leaves out follows the study's per-layer values
+    for meta, want in (
+        ({"iterations": 6, "search": "stencil"}, ("stencil", 6)),
+        ({"search": "line"}, ("line", 13)),
+        ({"iterations": 10}, ("line", 10)),
+        ({"search": "stencil"}, ("stencil", STENCIL_ITERATIONS)),
+    ):
+        given = _in_study(s["id"], INLINE_TASK, meta=meta)
+        r = client.post("/v1/jobs", json=given)
+        assert r.status_code == 202, r.text
+        with app.state.sessionmaker() as db:
+            spec = db.get(Job, r.json()["id"]).spec
+        assert (spec["meta"]["search"], spec["meta"]["iterations"]) == want, meta
 
 
 @contextmanager

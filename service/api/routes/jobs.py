@@ -196,7 +196,7 @@ def create_job(
     _check_active_quota(session, principal.tenant, settings)
     spec, start, warm = job.model_dump(mode="json"), None, False
     if study is not None:  # it starts from the study's settings (service/studies.py)
-        spec, start, warm = studies.prepare_spec(study, spec, defaulted=job.search_defaulted)
+        spec, start, warm = studies.prepare_spec(study, spec, given=job.meta_given)
         # admitted as it will run: with the study's hyperparameters (per-layer, segments) and search
         errors = check_job(JobCreate.model_validate(spec), settings, datasets, models)
         if errors:
