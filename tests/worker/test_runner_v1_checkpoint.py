@@ -26,8 +26,14 @@ def _old_engine(monkeypatch):
         return legacy.MetaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in known})
 
     monkeypatch.setattr(runner, "meta_config", meta_config)
-    for name in ("init_state", "run_meta", "best_settings"):
+    for name in ("run_meta", "best_settings"):
         monkeypatch.setattr(engine, name, getattr(legacy, name))
+
+    def init_state(config, lr, momentum, table=None):  # no study's table then (the runner passes None)
+        assert table is None
+        return legacy.init_state(config, lr, momentum)
+
+    monkeypatch.setattr(engine, "init_state", init_state)
     monkeypatch.setattr(engine, "check_rich", lambda tasks, config, state: state)  # no check then
 
 
