@@ -89,16 +89,19 @@ def test_the_dashboard_follows_a_job_and_cancels_another(tmp_path, backend, requ
         auth = _admin(tmp_path)
         key = auth["Authorization"].split()[1]
         post = lambda body: httpx.post(f"{base}/v1/jobs", json=body, headers=auth).json()["id"]  # noqa: E731
-        watched = post(small_job(iterations=10, tasks=4, steps=400))  # a few seconds: long enough to watch
-        waiting = post(small_job(iterations=200, tasks=2, steps=60))  # queued behind it: one worker
         with _browser() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{base}/#/job/{watched}")
+            page.goto(f"{base}/#/jobs")
             page.fill("#key-input", key)  # asked once, kept in the tab's session storage
             page.click("#key button")
+            page.wait_for_selector("#jobs")
+            # the jobs start once the browser is up (starting it can take longer than the job runs)
+            watched = post(small_job(iterations=10, tasks=4, steps=400))  # a few seconds: long enough to watch
+            waiting = post(small_job(iterations=200, tasks=2, steps=60))  # queued behind it: one worker
+            page.goto(f"{base}/#/job/{watched}")
             page.wait_for_selector("#charts svg")
 
             seen: list[int] = []
