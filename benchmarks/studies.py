@@ -46,8 +46,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from quality import DEFAULT, FAMILIES, JUDGE_DRAWS, LR_BOUNDS, MOM_BOUNDS, MOMENTA, grid_argmin, grid_lrs
 
-from gradtune.spec.hyper import warm_iterations, warm_meta
-from worker.engine import EVAL_DRAWS, LINE_SEARCH, MetaConfig, best_settings, evaluate, init_state, run_meta
+from gradtune.spec.hyper import constant_fraction, default_iterations, warm_iterations, warm_meta
+from worker.engine import (
+    EVAL_DRAWS,
+    LINE_SEARCH,
+    MetaConfig,
+    best_settings,
+    evaluate,
+    evaluate_groups,
+    init_state,
+    run_meta,
+)
 from worker.engine.functional import Objective
 from worker.engine.study import PoolConfig, relearn, warm_config
 
@@ -55,21 +64,50 @@ HOLDOUT_EVERY = 4
 STUDY_SEED = 0
 
 
-def job_config(search: str) -> MetaConfig:
+# --rich: per-layer values over this many schedule segments (issue 13's rich space), the line search
+RICH_SEGMENTS = 4
+
+
+def job_config(search: str, rich: bool = False) -> MetaConfig:
+    if rich:  # the service's defaults for richer values: the line search, 5 + 8 iterations
+        iterations = default_iterations("line", True)
+        return MetaConfig(
+            lr_bounds=LR_BOUNDS,
+            momentum_bounds=MOM_BOUNDS,
+            **LINE_SEARCH,
+            iterations=iterations,
+            per_layer=True,
+            schedule_segments=RICH_SEGMENTS,
+            constant_fraction=constant_fraction("line", iterations),
+        )
     kw = {**LINE_SEARCH, "iterations": 3} if search == "line" else {}
     return MetaConfig(lr_bounds=LR_BOUNDS, momentum_bounds=MOM_BOUNDS, **kw)
 
 
-def run_job(tasks, config: MetaConfig, start: tuple[float, float]) -> tuple[dict, float, float]:
-    """(settings, search seconds, evaluation seconds) of one job, as the runner runs it."""
+def loss_of(tasks, s: dict, draws) -> float:
+    """Mean held-out loss of settings ``s`` (a pair, or with "param_groups" a table) by plain SGD."""
+    if "param_groups" in s:
+        return evaluate_groups(tasks, s["param_groups"], s["boundaries"], draws)["mean_val_loss"]
+    return evaluate(tasks, s["lr"], s["momentum"], draws)["mean_val_loss"]
+
+
+def _settings(best: dict) -> dict:
+    keys = ("lr", "momentum", "param_groups", "boundaries")
+    return {k: best[k] for k in keys if k in best}
+
+
+def run_job(tasks, config: MetaConfig, start: dict) -> tuple[dict, float, float]:
+    """(settings, search seconds, evaluation seconds) of one job, as the runner runs it (a study's
+    table, in ``start``, is where its richer values start)."""
     t0 = time.perf_counter()
-    state = run_meta(tasks, config, init_state(config, *start), config.iterations)
+    table = start if "param_groups" in start else None
+    state = run_meta(tasks, config, init_state(config, start["lr"], start["momentum"], table=table), config.iterations)
     search_s = time.perf_counter() - t0
-    best = best_settings(state)
+    best = _settings(best_settings(state))
     t0 = time.perf_counter()
-    evaluate(tasks, *start, EVAL_DRAWS)
-    evaluate(tasks, best["lr"], best["momentum"], EVAL_DRAWS)
-    return {"lr": best["lr"], "momentum": best["momentum"]}, search_s, time.perf_counter() - t0
+    loss_of(tasks, {"lr": start["lr"], "momentum": start["momentum"]}, EVAL_DRAWS)
+    loss_of(tasks, best, EVAL_DRAWS)
+    return best, search_s, time.perf_counter() - t0
 
 
 def warm_job_config(config: MetaConfig, rule: str) -> MetaConfig:
@@ -78,7 +116,8 @@ def warm_job_config(config: MetaConfig, rule: str) -> MetaConfig:
     (gradtune.spec.hyper.warm_meta); "half": the job's own search, half its iterations."""
     if rule == "half":
         return warm_config(dataclasses.replace(config, iterations=warm_iterations(config.iterations)))
-    search, iterations = warm_meta(config.search, config.iterations, rich=False, defaulted=True)
+    rich = bool(config.per_layer) or config.schedule_segments > 1
+    search, iterations = warm_meta(config.search, config.iterations, rich=rich, defaulted=True)
     kw = LINE_SEARCH if search == "line" else {"search": search}
     return warm_config(dataclasses.replace(config, **kw, iterations=iterations))
 
@@ -90,6 +129,7 @@ def main() -> None:
     ap.add_argument("--warm", choices=["service", "half"], default="service", help="the warm jobs' search")
     ap.add_argument("--relearn", choices=["line", "stencil"], default=PoolConfig.search)
     ap.add_argument("--relearn-iterations", type=int, default=PoolConfig.iterations)
+    ap.add_argument("--rich", action="store_true", help=f"per-layer x {RICH_SEGMENTS} segments studies and jobs")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -98,7 +138,8 @@ def main() -> None:
     n_lr = 9 if args.quick else 25
     pairs = [(lr, m) for m in MOMENTA for lr in grid_lrs(n_lr)]
     pool_config = PoolConfig(search=args.relearn, iterations=args.relearn_iterations)
-    config = job_config(args.search)
+    config = job_config(args.search, args.rich)
+    study_config = dataclasses.replace(config, rich_holdout=0)  # as the service's relearn (study_runner)
     summary, timing = [], []
     for fam in families:
         n = per_job * jobs
@@ -106,7 +147,7 @@ def main() -> None:
         stream, judge = tasks[:n], tasks[n:]
 
         def score(s, judge=judge):
-            return evaluate(judge, s["lr"], s["momentum"], JUDGE_DRAWS)["mean_val_loss"]
+            return loss_of(judge, s, JUDGE_DRAWS)
 
         grid_pair = grid_argmin(Objective(judge, JUDGE_DRAWS), pairs)
         grid = score({"lr": grid_pair[0], "momentum": grid_pair[1]})
@@ -115,7 +156,8 @@ def main() -> None:
         def regret(s, grid=grid, default=default, score=score):
             return (score(s) - grid) / (default - grid)
 
-        whole, whole_s, whole_e = run_job(stream, config, DEFAULT)
+        start = {"lr": DEFAULT[0], "momentum": DEFAULT[1]}
+        whole, whole_s, whole_e = run_job(stream, config, start)
         settings = {"lr": DEFAULT[0], "momentum": DEFAULT[1]}
         pool_train, pool_held, trained_on = [], [], set()
         rounds = 0
@@ -126,19 +168,25 @@ def main() -> None:
             train_idx = [p for p in arriving if p not in held]
             job_tasks = [stream[p] for p in train_idx]
             if j == 0:
-                mine, s_search, s_eval = run_job(job_tasks, config, DEFAULT)
+                mine, s_search, s_eval = run_job(job_tasks, config, start)
                 cold_search, cold_eval = s_search, s_eval
             else:
                 warm = warm_job_config(config, args.warm)
-                mine, s_search, s_eval = run_job(job_tasks, warm, (settings["lr"], settings["momentum"]))
-                _, cold_search, cold_eval = run_job(job_tasks, config, DEFAULT)
+                mine, s_search, s_eval = run_job(job_tasks, warm, settings)
+                _, cold_search, cold_eval = run_job(job_tasks, config, start)
             trained_on.update(train_idx)
             pool_train += train_idx
             pool_held += held
             pool_tasks = [stream[p] for p in pool_train]
             t0 = time.perf_counter()
             out = relearn(
-                pool_tasks, config, settings, seed=STUDY_SEED, first_round=rounds, pool=pool_config, alternatives=[mine]
+                pool_tasks,
+                study_config,
+                settings,
+                seed=STUDY_SEED,
+                first_round=rounds,
+                pool=pool_config,
+                alternatives=[mine],
             )
             relearn_s = time.perf_counter() - t0
             trained_on.update(pool_train[i] for r in out["rounds"] for i in r["batch"])
@@ -148,11 +196,12 @@ def main() -> None:
             timing.append((fam, j + 1, j > 0, s_search, s_eval, cold_search, cold_eval, relearn_s))
         assert not trained_on & set(pool_held), "a held-out task was trained on"
         held_tasks = [stream[p] for p in pool_held]
-        study_held = evaluate(held_tasks, settings["lr"], settings["momentum"], EVAL_DRAWS)["mean_val_loss"]
+        study_held = loss_of(held_tasks, settings, EVAL_DRAWS)
         summary.append((fam, regret(whole), whole_s + whole_e, regret(settings), history, settings, study_held))
         print(f"{fam}: job32 {regret(whole):+.3f}, study {regret(settings):+.3f}", file=sys.stderr, flush=True)
 
-    print(f"\n### Held out, after {jobs} jobs of {per_job} tasks ({args.search} search)\n")
+    space = f"per-layer x {RICH_SEGMENTS} segments, line search" if args.rich else f"{args.search} search"
+    print(f"\n### Held out, after {jobs} jobs of {per_job} tasks ({space})\n")
     print(
         f"| family | one {per_job * jobs}-task job: regret | study: regret | difference | study after each job "
         "| each job's own settings | study's held-out loss (its held-out tasks) | study settings |"
@@ -161,11 +210,12 @@ def main() -> None:
     for fam, r_whole, _secs, r_study, history, st, held_loss in summary:
         steps = ", ".join(f"{h[1]:+.3f}" for h in history)
         own = ", ".join(f"{h[2]:+.3f}" for h in history)
+        table = " + table" if "param_groups" in st else ""
         print(
             f"| {fam} | {r_whole:+.3f} | {r_study:+.3f} | {r_study - r_whole:+.3f} | {steps} | {own} "
-            f"| {held_loss:.4f} | lr {st['lr']:.4g}, mom {st['momentum']:.3f} |"
+            f"| {held_loss:.4f} | lr {st['lr']:.4g}, mom {st['momentum']:.3f}{table} |"
         )
-    print(f"\n### Wall time per job ({args.search} search, {per_job - per_job // HOLDOUT_EVERY} training tasks)\n")
+    print(f"\n### Wall time per job ({space}, {per_job - per_job // HOLDOUT_EVERY} training tasks)\n")
     print(
         "| family | job | warm? | search s | evaluation s | cold twin: search s | evaluation s "
         "| warm / cold (search) | warm / cold (job) | study relearn s |"
