@@ -223,3 +223,15 @@ def test_taking_a_slot_waits_for_another_transaction_counting_the_same_tenant(db
         assert taken.slot is None and (taken.limit, taken.in_progress) == (1, 1)
     finally:
         engine.dispose()
+
+
+def test_the_setting_and_the_quota_across_processes_are_documented():
+    from pathlib import Path
+
+    from service.settings import Settings
+
+    assert Settings().upload_slot_seconds == 3600
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    assert "| `GRADTUNE_UPLOAD_SLOT_SECONDS` | 3600 |" in readme
+    assert "its quota holds across all the API processes that share the database" in readme
+    assert "(per API process)" not in readme and "uploads in progress per API process" not in readme
