@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from service import keys, upload_quota
+from service import keys, repository, upload_quota
 from service.db.models import UploadSlot
 from service.db.session import make_engine
 from service.main import create_app
@@ -205,7 +205,7 @@ def test_taking_a_slot_waits_for_another_transaction_counting_the_same_tenant(db
         result: dict = {}
         with factory() as first:
             first.execute(select(func.count()).select_from(UploadSlot))  # SQLite: BEGIN IMMEDIATE
-            upload_quota.repository.lock_tenant(first, tenant="alpha")
+            repository.lock_tenant(first, tenant="alpha")
             now = datetime.now(UTC)
             first.add(UploadSlot(id="first", tenant="alpha", started_at=now, expires_at=now + timedelta(hours=1)))
             first.flush()
