@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = Field(default=100, ge=0)  # queued + running; one more: 429
     tenant_max_stored_bytes: int = Field(default=20 * 1024**3, ge=0)  # datasets + models; past it: 413
     tenant_max_concurrent_uploads: int = Field(default=2, ge=0)  # uploads in progress; one more: 429
+    # The concurrent-upload quota counts rows in the database (service/upload_quota.py), so it holds
+    # across API processes; a row stops counting this long after its upload began (a process that
+    # died mid-upload cannot hold the tenant's quota longer).
+    upload_slot_seconds: float = Field(default=3600.0, gt=0)
 
     @field_validator("log_format", mode="before")
     @classmethod

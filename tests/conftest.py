@@ -145,6 +145,7 @@ def pg_url(_pg_session_url) -> str:
             conn.execute(text("DELETE FROM jobs"))
             conn.execute(text("DELETE FROM datasets"))
             conn.execute(text("DELETE FROM workers"))
+            conn.execute(text("DELETE FROM upload_slots"))
             conn.execute(text("DELETE FROM api_keys"))
             conn.execute(text("DELETE FROM tenants WHERE name <> 'default'"))
             conn.execute(

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import anyio
 from fastapi import HTTPException, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from service import keys, repository
+from service import keys, repository, upload_quota
 from service.api.errors import Message, ValidationErrorBody, retry_later
 from service.keys import Principal
 from service.settings import Settings
@@ -372,60 +373,55 @@ def _slots(app: Any) -> threading.BoundedSemaphore:
     return slots
 
 
-def _tenant_uploads(app: Any) -> dict[str, int]:
-    """Uploads in progress per tenant in this API process (only the event loop's thread uses it)."""
-    counts = getattr(app.state, "tenant_uploads", None)
-    if counts is None:
-        counts = app.state.tenant_uploads = {}
-    return counts
-
-
 async def upload(request: Request, response: Response, kind: UploadKind, principal: Principal) -> Any:
     """The body of an upload route: receive, check, store, record; 201 with ``Location`` for new
     bytes, 200 with the existing row for bytes uploaded before. Refusals answer their status
-    (413 with ``Connection: close``), an unavailable artifact store 503. At most
-    ``GRADTUNE_MAX_CONCURRENT_UPLOADS`` uploads are received and checked at once (each may hold a
-    temporary file and a reader's bounded memory); one more is answered at once, before its body
-    is read, with 503 and ``Retry-After``."""
-    settings = request.app.state.settings
+    (413 with ``Connection: close``), an unavailable artifact store 503. The tenant's uploads in
+    progress are counted in the database (service/upload_quota.py), across API processes: one past
+    its quota is answered 429 with ``Retry-After`` before its body is read. At most
+    ``GRADTUNE_MAX_CONCURRENT_UPLOADS`` uploads are received and checked at once by this process
+    (each may hold a temporary file and a reader's bounded memory); one more is answered at once,
+    before its body is read, with 503 and ``Retry-After``."""
+    app = request.app
+    settings = app.state.settings
     tenant = principal.tenant
-    limit = await run_in_threadpool(_upload_quota, request.app, tenant)
-    in_progress = _tenant_uploads(request.app)
-    if limit == 0:  # waiting would not help
+    taken = await run_in_threadpool(_take_slot, app, tenant)
+    if taken.limit == 0:  # waiting would not help
         raise HTTPException(
             status_code=403,
             detail=f"tenant {tenant!r} may not upload: its quota of uploads in progress is 0 (gradtune keys quota)",
             headers={"Connection": "close"},
         )
-    if in_progress.get(tenant, 0) >= limit:
+    slot = taken.slot
+    if slot is None:
         raise retry_later(
-            f"tenant {tenant!r} has {in_progress.get(tenant, 0)} uploads in progress, its limit is {limit} "
+            f"tenant {tenant!r} has {taken.in_progress} uploads in progress, its limit is {taken.limit} "
             f"(gradtune keys quota); try again in {UPLOAD_RETRY_AFTER} seconds",
             UPLOAD_RETRY_AFTER,
             headers={"Connection": "close"},
             status_code=429,
         )
-    slots = _slots(request.app)
-    if not slots.acquire(blocking=False):
-        raise retry_later(
-            f"{settings.max_concurrent_uploads} uploads are already being received and checked "
-            f"(GRADTUNE_MAX_CONCURRENT_UPLOADS); try again in {UPLOAD_RETRY_AFTER} seconds",
-            UPLOAD_RETRY_AFTER,
-            headers={"Connection": "close"},
-        )
-    in_progress[tenant] = in_progress.get(tenant, 0) + 1
     try:
-        return await _upload(request, response, kind, settings, tenant)
+        slots = _slots(app)
+        if not slots.acquire(blocking=False):
+            raise retry_later(
+                f"{settings.max_concurrent_uploads} uploads are already being received and checked "
+                f"(GRADTUNE_MAX_CONCURRENT_UPLOADS); try again in {UPLOAD_RETRY_AFTER} seconds",
+                UPLOAD_RETRY_AFTER,
+                headers={"Connection": "close"},
+            )
+        try:
+            return await _upload(request, response, kind, settings, tenant)
+        finally:
+            slots.release()
     finally:
-        slots.release()
-        in_progress[tenant] -= 1
-        if in_progress[tenant] <= 0:
-            del in_progress[tenant]
+        with anyio.CancelScope(shield=True):  # also when the request is cancelled
+            await run_in_threadpool(upload_quota.release, app.state.sessionmaker, slot)
 
 
-def _upload_quota(app: Any, tenant: str) -> int:
+def _take_slot(app: Any, tenant: str) -> upload_quota.Taken:
     with app.state.sessionmaker() as session:
-        return keys.quotas_of(session, tenant=tenant, settings=app.state.settings)["max_concurrent_uploads"]
+        return upload_quota.take(session, tenant=tenant, settings=app.state.settings)
 
 
 async def _upload(request: Request, response: Response, kind: UploadKind, settings: Settings, tenant: str) -> Any:

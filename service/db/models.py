@@ -250,6 +250,21 @@ class Tenant(Base):
     max_concurrent_uploads: Mapped[int | None] = mapped_column(Integer)
 
 
+class UploadSlot(Base):
+    """An upload in progress (service/upload_quota.py): a tenant's quota of concurrent uploads counts
+    its rows, so the quota holds across the API processes that share the database. The upload deletes
+    its row when it ends; a row past ``expires_at`` (its process died) no longer counts."""
+
+    __tablename__ = "upload_slots"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_upload_slots_tenant", "tenant"),)
+
+
 class ApiKey(Base):
     """An API key (service/keys.py): ``id`` is the public part of the key, ``key_hash`` the SHA-256 of
     the whole key (the key itself is shown once and never stored). A revoked key stays, for the record."""

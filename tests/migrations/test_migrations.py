@@ -18,14 +18,15 @@ from service.db.migrate import MIGRATIONS_DIR, current_heads, downgrade, upgrade
 from service.db.models import Base
 
 ROOT = Path(__file__).resolve().parents[2]
-HEAD = "0010"
+HEAD = "0011"
 # The tables up to 0005 (0005 added columns only), at 0006 (it added workers), at 0007 (tenants and
-# api_keys; 0008 added a column only, jobs.device) and at head (0009 added the studies; 0010 two
-# columns of study_jobs).
+# api_keys; 0008 added a column only, jobs.device), at 0009 (the studies; 0010 added two columns of
+# study_jobs) and at head (0011 added upload_slots).
 TABLES_0004 = {"jobs", "job_iterations", "datasets", "job_datasets", "models", "job_models", "alembic_version"}
 TABLES_0006 = TABLES_0004 | {"workers"}
 TABLES_0007 = TABLES_0006 | {"tenants", "api_keys"}
-TABLES = TABLES_0007 | {"studies", "study_jobs", "study_tasks"}
+TABLES_0009 = TABLES_0007 | {"studies", "study_jobs", "study_tasks"}
+TABLES = TABLES_0009 | {"upload_slots"}
 
 
 def diff(url: str) -> list:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.db.migrate import downgrade, upgrade
 from tests.migrations.test_job_status_check import TS, _populate_0003, _snapshot
-from tests.migrations.test_migrations import HEAD, TABLES, TABLES_0007, diff, tables, version
+from tests.migrations.test_migrations import HEAD, TABLES, TABLES_0007, TABLES_0009, diff, tables, version
 
 
 def _run(url: str, *statements: str) -> None:
@@ -54,7 +54,7 @@ def test_upgrade_from_0008_adds_the_study_tables_and_keeps_every_row(empty_url):
     before = _snapshot(empty_url)
 
     upgrade(empty_url, "0009")
-    assert tables(empty_url) == TABLES and _snapshot(empty_url) == before
+    assert tables(empty_url) == TABLES_0009 and _snapshot(empty_url) == before
     upgrade(empty_url)
     assert version(empty_url) == HEAD
     assert tables(empty_url) == TABLES and diff(empty_url) == []

@@ -107,21 +107,34 @@ def test_stored_bytes_quota_answers_413(tmp_path, db_url, make_settings):
 
 
 def test_concurrent_uploads_quota_answers_429(app):
-    """One upload of alpha's held open (in this process's count, as while its body streams): the next
-    gets 429; another tenant's does not; a quota of 0 is 403 (waiting would not help)."""
+    """One upload of alpha's in progress (its slot in the database, as while its body streams): the
+    next gets 429; another tenant's does not; a quota of 0 is 403 (waiting would not help).
+    tests/service/test_tenant_upload_quota.py: the quota across API processes."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import delete, func, select
+
+    from service.db.models import UploadSlot
+
     with app.state.sessionmaker() as s:
         keys.set_quotas(s, tenant="alpha", max_concurrent_uploads=1)
         keys.set_quotas(s, tenant="gamma", max_concurrent_uploads=0)
+        now = datetime.now(UTC)
+        s.add(UploadSlot(id="held", tenant="alpha", started_at=now, expires_at=now + timedelta(hours=1)))
         s.commit()
     with keyed_client(app, "alpha") as a, keyed_client(app, "beta") as b, keyed_client(app, "gamma") as g:
-        app.state.tenant_uploads = {"alpha": 1}
         r = a.post("/v1/datasets", files={"file": ("d.csv", CSV)})
-        assert r.status_code == 429 and r.headers["retry-after"] == "5"
-        assert "tenant 'alpha' has 1 uploads in progress, its limit is 1" in r.json()["detail"]
+        assert r.status_code == 429 and r.headers["retry-after"] == "5" and r.headers["connection"] == "close"
+        assert r.json()["detail"] == (
+            "tenant 'alpha' has 1 uploads in progress, its limit is 1 (gradtune keys quota); try again in 5 seconds"
+        )
         assert b.post("/v1/datasets", files={"file": ("d.csv", CSV)}).status_code == 201
-        app.state.tenant_uploads = {}
+        with app.state.sessionmaker() as s:
+            s.execute(delete(UploadSlot).where(UploadSlot.id == "held"))
+            s.commit()
         assert a.post("/v1/datasets", files={"file": ("d.csv", CSV)}).status_code == 201
-        assert app.state.tenant_uploads == {}  # released after each upload
+        with app.state.sessionmaker() as s:  # released after each upload
+            assert s.scalar(select(func.count()).select_from(UploadSlot)) == 0
         zero = g.post("/v1/datasets", files={"file": ("d.csv", CSV)})
         assert zero.status_code == 403 and "quota of uploads in progress is 0" in zero.json()["detail"]
 
