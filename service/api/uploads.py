@@ -367,9 +367,9 @@ def _store(request: Request, upload: Receiver, kind: UploadKind, tenant: str) ->
 def _slots(app: Any) -> threading.BoundedSemaphore:
     """The app's upload slots (``GRADTUNE_MAX_CONCURRENT_UPLOADS``), made on first use; only the
     event loop's thread calls this, so the first use cannot race."""
-    slots = getattr(app.state, "upload_slots", None)
+    slots = getattr(app.state, "upload_semaphore", None)
     if slots is None:
-        slots = app.state.upload_slots = threading.BoundedSemaphore(app.state.settings.max_concurrent_uploads)
+        slots = app.state.upload_semaphore = threading.BoundedSemaphore(app.state.settings.max_concurrent_uploads)
     return slots
 
 
