@@ -110,7 +110,7 @@ def run_job(tasks, config: MetaConfig, start: dict) -> tuple[dict, float, float]
     return best, search_s, time.perf_counter() - t0
 
 
-def warm_job_config(config: MetaConfig, rule: str) -> MetaConfig:
+def warm_job_config(config: MetaConfig, rule: str, rich_iterations: int | None = None) -> MetaConfig:
     """What a job of a study that has learned settings runs, started warm (no population, a smaller
     first step): "service": as the service runs a job that left its search to the defaults
     (gradtune.spec.hyper.warm_meta); "half": the job's own search, half its iterations."""
@@ -118,8 +118,11 @@ def warm_job_config(config: MetaConfig, rule: str) -> MetaConfig:
         return warm_config(dataclasses.replace(config, iterations=warm_iterations(config.iterations)))
     rich = bool(config.per_layer) or config.schedule_segments > 1
     search, iterations = warm_meta(config.search, config.iterations, rich=rich, defaulted=True)
+    if rich and rich_iterations:  # --warm-rich-iterations: tried against the service's rule
+        iterations = rich_iterations
     kw = LINE_SEARCH if search == "line" else {"search": search}
-    return warm_config(dataclasses.replace(config, **kw, iterations=iterations))
+    fraction = constant_fraction(search, iterations)  # as the runner's meta_config computes it for the job
+    return warm_config(dataclasses.replace(config, **kw, iterations=iterations, constant_fraction=fraction))
 
 
 def main() -> None:
@@ -130,6 +133,7 @@ def main() -> None:
     ap.add_argument("--relearn", choices=["line", "stencil"], default=PoolConfig.search)
     ap.add_argument("--relearn-iterations", type=int, default=PoolConfig.iterations)
     ap.add_argument("--rich", action="store_true", help=f"per-layer x {RICH_SEGMENTS} segments studies and jobs")
+    ap.add_argument("--warm-rich-iterations", type=int, help="a warm rich job's iterations (default: warm_meta's)")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -171,7 +175,7 @@ def main() -> None:
                 mine, s_search, s_eval = run_job(job_tasks, config, start)
                 cold_search, cold_eval = s_search, s_eval
             else:
-                warm = warm_job_config(config, args.warm)
+                warm = warm_job_config(config, args.warm, args.warm_rich_iterations)
                 mine, s_search, s_eval = run_job(job_tasks, warm, settings)
                 _, cold_search, cold_eval = run_job(job_tasks, config, start)
             trained_on.update(train_idx)

@@ -39,19 +39,22 @@ def warm_iterations(iterations: int) -> int:
 # (docs/benchmarks.md, "Studies (issue 14)"): it starts at settings already learned on the study's
 # pool, so it needs no population and no stencil to find the region.
 WARM_LINE_ITERATIONS = 3
+# ... and with per-layer or scheduled values (the study's table is where its table starts): 5, of
+# which constant_fraction gives the pair 2. Measured against half the rich default (7):
+# benchmarks/studies.py --rich, held out closer to one 32-task job on all three families in
+# 0.30-0.63x a cold job's time against 0.41-0.69x (docs/benchmarks.md, "Per-layer studies").
+WARM_RICH_ITERATIONS = 5
 
 
 def warm_meta(search: str, iterations: int, *, rich: bool, defaulted: bool) -> tuple[str, int]:
     """(search, iterations) of a job that starts warm from a study's learned settings. A job that
     left its search to the defaults (``defaulted``) runs the line search: WARM_LINE_ITERATIONS for
-    the pair, half the rich default with per-layer or scheduled values; one that chose its search
+    the pair, WARM_RICH_ITERATIONS with per-layer or scheduled values; one that chose its search
     keeps it with half its iterations (warm_iterations). Either way the engine starts it without its
     population (worker/engine/study.py warm_config)."""
     if not defaulted:
         return search, warm_iterations(iterations)
-    if rich:
-        return "line", warm_iterations(default_iterations("line", True))
-    return "line", WARM_LINE_ITERATIONS
+    return "line", WARM_RICH_ITERATIONS if rich else WARM_LINE_ITERATIONS
 
 
 # The default search (issue 13; docs/benchmarks.md, "Issue 13's targets: the default search and

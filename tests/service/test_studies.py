@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import Engine, event, select
 
-from gradtune.spec.hyper import STENCIL_ITERATIONS, WARM_LINE_ITERATIONS
+from gradtune.spec.hyper import STENCIL_ITERATIONS, WARM_LINE_ITERATIONS, WARM_RICH_ITERATIONS
 from gradtune.sse import parse_sse
 from service.db.models import Job, Study, StudyJob, StudyTask
 from tests.helpers.support import keyed_client
@@ -195,6 +195,16 @@ def test_a_job_in_a_per_layer_study_gets_the_richer_defaults_and_is_admitted_as_
     ):
         given = _in_study(s["id"], INLINE_TASK, meta=meta)
         r = client.post("/v1/jobs", json=given)
+        assert r.status_code == 202, r.text
+        with app.state.sessionmaker() as db:
+            spec = db.get(Job, r.json()["id"]).spec
+        assert (spec["meta"]["search"], spec["meta"]["iterations"]) == want, meta
+    # warm (the study has learned): the short rich line search, or half of what the body gave
+    with app.state.sessionmaker() as db:
+        db.get(Study, s["id"]).settings = {"lr": 0.2, "momentum": 0.6}
+        db.commit()
+    for meta, want in (({}, ("line", WARM_RICH_ITERATIONS)), ({"iterations": 10}, ("line", 5))):
+        r = client.post("/v1/jobs", json=_in_study(s["id"], INLINE_TASK, meta={"seed": 0, **meta}))
         assert r.status_code == 202, r.text
         with app.state.sessionmaker() as db:
             spec = db.get(Job, r.json()["id"]).spec
