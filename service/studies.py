@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, or_, select
+from sqlalchemy import CursorResult, case, func, or_, select
 from sqlalchemy import update as update_rows
 from sqlalchemy.orm import Session
 
@@ -377,6 +377,24 @@ def withdraw_update(session: Session, *, job_id: str) -> None:
         .values(update_sent_at=None, update_attempts=StudyJob.update_attempts - 1)
         .execution_options(synchronize_session=False)
     )
+
+
+def forget_update_messages(session: Session) -> int:
+    """The broker connection was lost and is back (worker/celery_app.py BrokerReconnected): forget the
+    outstanding update messages of updates not yet recorded, as service.lifecycle.forget_messages
+    does for the jobs' chunk messages, so the next sweep sends them instead of waiting for the
+    visibility timeout. The forgotten message does not count as an attempt (a broker restarting is
+    not an update failing). Returns how many were forgotten."""
+    res = session.execute(
+        update_rows(StudyJob)
+        .where(StudyJob.version.is_(None), StudyJob.update_sent_at.is_not(None))
+        .values(
+            update_sent_at=None,
+            update_attempts=case((StudyJob.update_attempts > 0, StudyJob.update_attempts - 1), else_=0),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(cast("CursorResult[Any]", res).rowcount or 0)
 
 
 def sweep_updates(

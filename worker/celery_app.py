@@ -53,7 +53,8 @@ class BrokerReconnected(bootsteps.StartStopStep):
     """A consumer step Celery starts again each time the broker connection comes back: after the
     first start, the broker may have restarted and lost the chunk messages it held (Redis without
     persistence), so the jobs' outstanding messages are forgotten and the sweep resends them
-    (service.lifecycle.forget_messages) instead of waiting for the visibility timeout."""
+    (service.lifecycle.forget_messages; the studies' update messages too:
+    service.studies.forget_update_messages) instead of waiting for the visibility timeout."""
 
     requires = {"celery.worker.consumer.connection:Connection"}
 
@@ -67,14 +68,20 @@ class BrokerReconnected(bootsteps.StartStopStep):
             return
         import logging
 
-        from service import lifecycle
+        from service import lifecycle, studies
         from service.db.session import session_scope
 
         log = logging.getLogger("gradtune.worker")
         try:
             with session_scope() as db:
                 n = lifecycle.forget_messages(db)
-            log.warning("broker connection back: %d outstanding chunk message(s) will be resent by the sweep", n)
+                u = studies.forget_update_messages(db)
+            log.warning(
+                "broker connection back: %d outstanding chunk message(s) and %d study update message(s) "
+                "will be resent by the sweep",
+                n,
+                u,
+            )
         except Exception:  # the database may be down too; the visibility timeout still applies
             log.exception("broker connection back, but the outstanding messages could not be forgotten")
 

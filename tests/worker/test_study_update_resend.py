@@ -112,6 +112,26 @@ def test_a_fresh_mark_is_sent_once_and_a_lost_message_again_after_the_visibility
             b.rollback()
 
 
+def test_after_a_broker_reconnection_the_outstanding_update_is_resent_without_counting(env, monkeypatch, updates):  # noqa: F811
+    """worker/celery_app.py BrokerReconnected: the broker may have lost the message sent at the
+    finish; forgetting it lets the next sweep send it at once, not after the visibility timeout, and
+    the lost one does not count towards max_attempts. A recorded update is left alone."""
+    sid, jid, finished = _succeeded(env, monkeypatch, send=lambda s, j: updates.append((s, j)))
+    assert updates == [(sid, jid)] and _link(jid).update_attempts == 1
+    soon = finished + timedelta(seconds=get_settings().stale_after_seconds + 1)
+    runner.sweep_once(now=soon)
+    assert updates == [(sid, jid)]  # outstanding: nothing re-sent before the visibility timeout
+    with db_session.session_scope() as db:
+        assert studies.forget_update_messages(db) == 1
+    assert (_link(jid).update_sent_at, _link(jid).update_attempts) == (None, 0)
+    runner.sweep_once(now=soon)
+    assert updates == [(sid, jid)] * 2 and _link(jid).update_attempts == 1
+    assert study_runner.update_study(sid, jid, runner.build_tasks) == "recorded"
+    with db_session.session_scope() as db:
+        assert studies.forget_update_messages(db) == 0  # recorded: nothing outstanding to forget
+    assert _link(jid).version == 1
+
+
 def test_a_recorded_update_is_never_resent(env, monkeypatch, updates):  # noqa: F811
     sid, jid, finished = _succeeded(env, monkeypatch, send=lambda s, j: updates.append((s, j)))
     assert study_runner.update_study(sid, jid, runner.build_tasks) == "recorded"
