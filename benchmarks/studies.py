@@ -47,18 +47,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from quality import DEFAULT, FAMILIES, JUDGE_DRAWS, LR_BOUNDS, MOM_BOUNDS, MOMENTA, grid_argmin, grid_lrs
 
 from gradtune.spec.hyper import constant_fraction, default_iterations, warm_iterations, warm_meta
-from worker.engine import (
-    EVAL_DRAWS,
-    LINE_SEARCH,
-    MetaConfig,
-    best_settings,
-    evaluate,
-    evaluate_groups,
-    init_state,
-    run_meta,
-)
+from worker.engine import EVAL_DRAWS, LINE_SEARCH, MetaConfig, best_settings, evaluate_learned, init_state, run_meta
 from worker.engine.functional import Objective
-from worker.engine.study import PoolConfig, relearn, warm_config
+from worker.engine.meta.config import rich_enabled
+from worker.engine.study import PoolConfig, relearn, settings_of, warm_config
 
 HOLDOUT_EVERY = 4
 STUDY_SEED = 0
@@ -86,14 +78,7 @@ def job_config(search: str, rich: bool = False) -> MetaConfig:
 
 def loss_of(tasks, s: dict, draws) -> float:
     """Mean held-out loss of settings ``s`` (a pair, or with "param_groups" a table) by plain SGD."""
-    if "param_groups" in s:
-        return evaluate_groups(tasks, s["param_groups"], s["boundaries"], draws)["mean_val_loss"]
-    return evaluate(tasks, s["lr"], s["momentum"], draws)["mean_val_loss"]
-
-
-def _settings(best: dict) -> dict:
-    keys = ("lr", "momentum", "param_groups", "boundaries")
-    return {k: best[k] for k in keys if k in best}
+    return evaluate_learned(tasks, s, draws)["mean_val_loss"]
 
 
 def run_job(tasks, config: MetaConfig, start: dict) -> tuple[dict, float, float]:
@@ -103,7 +88,7 @@ def run_job(tasks, config: MetaConfig, start: dict) -> tuple[dict, float, float]
     table = start if "param_groups" in start else None
     state = run_meta(tasks, config, init_state(config, start["lr"], start["momentum"], table=table), config.iterations)
     search_s = time.perf_counter() - t0
-    best = _settings(best_settings(state))
+    best = settings_of(best_settings(state))
     t0 = time.perf_counter()
     loss_of(tasks, {"lr": start["lr"], "momentum": start["momentum"]}, EVAL_DRAWS)
     loss_of(tasks, best, EVAL_DRAWS)
@@ -116,7 +101,7 @@ def warm_job_config(config: MetaConfig, rule: str, rich_iterations: int | None =
     (gradtune.spec.hyper.warm_meta); "half": the job's own search, half its iterations."""
     if rule == "half":
         return warm_config(dataclasses.replace(config, iterations=warm_iterations(config.iterations)))
-    rich = bool(config.per_layer) or config.schedule_segments > 1
+    rich = rich_enabled(config)
     search, iterations = warm_meta(config.search, config.iterations, rich=rich, defaulted=True)
     if rich and rich_iterations:  # --warm-rich-iterations: tried against the service's rule
         iterations = rich_iterations

@@ -317,7 +317,7 @@ def _with_default_search(data: Any) -> Any:
     if meta is None or (isinstance(meta, dict) and "iterations" not in meta):
         search = meta.get("search", default_search(rich)) if isinstance(meta, dict) else default_search(rich)
         data = {**data, "meta": {**(meta or {}), "iterations": default_iterations(str(search), rich)}}
-    meta = data.get("meta") if isinstance(data, dict) else None
+    meta = data.get("meta")
     if isinstance(meta, dict) and "search" not in meta:
         data = {**data, "meta": {**meta, "search": default_search(rich)}}
     return data

@@ -394,7 +394,7 @@ def forget_update_messages(session: Session) -> int:
         )
         .execution_options(synchronize_session=False)
     )
-    return int(cast("CursorResult[Any]", res).rowcount or 0)
+    return _rowcount(res)
 
 
 def sweep_updates(

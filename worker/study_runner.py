@@ -177,11 +177,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _val_losses(tasks: list[Any], settings: dict) -> list[float]:
-    draws = list(engine.EVAL_DRAWS)
-    if "param_groups" in settings:
-        out = engine.evaluate_groups(tasks, settings["param_groups"], settings["boundaries"], draws)
-    else:
-        out = engine.evaluate(tasks, settings["lr"], settings["momentum"], draws)
+    out = engine.evaluate_learned(tasks, settings, list(engine.EVAL_DRAWS))
     return [float(t["val_loss"]) for t in out["tasks"]]
 
 

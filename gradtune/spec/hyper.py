@@ -74,7 +74,7 @@ def default_search(rich: bool) -> str:
 
 
 def default_iterations(search: str, rich: bool) -> int:
-    """A job's meta-iterations when it does not say: see DEFAULT_SEARCH."""
+    """A job's meta-iterations when it does not say: see above."""
     if search == "line":
         return LINE_PAIR_ITERATIONS + (LINE_RICH_ITERATIONS if rich else 0)
     return STENCIL_ITERATIONS

@@ -36,6 +36,7 @@ __all__ = [
     "apply_schedule",
     "evaluate",
     "evaluate_groups",
+    "evaluate_learned",
     "fit",
     "loss_of",
     "make_optimizer",
@@ -103,3 +104,11 @@ def evaluate_groups(
         lambda model: make_optimizer(model, param_groups, boundaries),
         (param_groups, boundaries),
     )
+
+
+def evaluate_learned(tasks: Sequence[Task | TaskKind], settings: dict, draws: Sequence[int]) -> dict:
+    """evaluate_groups for settings with "param_groups" (and "boundaries"), as best_settings gives
+    richer values, else evaluate for their "lr" and "momentum"."""
+    if "param_groups" in settings:
+        return evaluate_groups(tasks, settings["param_groups"], settings["boundaries"], draws)
+    return evaluate(tasks, settings["lr"], settings["momentum"], draws)

@@ -84,7 +84,9 @@ def _check_loss(tasks: Sequence, settings: dict, draws: Sequence[int], config: M
     return float(loss) if math.isfinite(loss) else math.inf
 
 
-def _settings_of(best: dict) -> dict:
+def settings_of(best: dict) -> dict:
+    """best_settings' answer as settings: "lr", "momentum" and, for richer values, "param_groups" and
+    "boundaries" (no meta-losses)."""
     out = {"lr": float(best["lr"]), "momentum": float(best["momentum"])}
     if "param_groups" in best:
         out["param_groups"] = best["param_groups"]
@@ -123,7 +125,7 @@ def relearn(
     current, chosen = dict(settings), 0
     if alternatives:
         first = [tasks[i] for i in draw_batch(len(tasks), pool.meta_batch, seed, first_round)]
-        options = [current, *(_settings_of(a) for a in alternatives)]
+        options = [current, *(settings_of(a) for a in alternatives)]
         losses = [_check_loss(first, option, config.draws, config) for option in options]
         chosen = min(range(len(options)), key=lambda i: (losses[i], i))
         current = options[chosen]
@@ -137,7 +139,7 @@ def relearn(
         state = run_meta([tasks[i] for i in batch], round_config, state, pool.iterations, should_stop=should_stop)
         if should_stop is not None and should_stop():
             break
-        candidate = _settings_of(best_settings(state))
+        candidate = settings_of(best_settings(state))
         check = _check_indices(len(tasks), batch, pool.check_tasks, seed, r)
         check_tasks = [tasks[i] for i in check]
         before = _check_loss(check_tasks, current, config.draws, config)

@@ -318,7 +318,7 @@ def start_table(search: Search, state: MetaState, layout: Layout) -> dict:
     slots, segs = layout.slots, len(layout.boundaries)
     best = state.constant.best
     assert best is not None
-    theta = [best.theta[0]] * (slots * segs) + [best.theta[1]] * (slots * segs)
+    theta = _pair_table(best.theta, slots * segs)
     warm = _table_theta(search.config, state.start_table, layout)
     evaluations, extra = 1, {}
     if state.start_table is not None and warm is None:
@@ -370,8 +370,12 @@ def _moved(state: MetaState) -> bool:
     rich, const = state.rich, state.constant.best
     if rich is None or rich.best is None or const is None:
         return False
-    n = rich.slots * rich.segments
-    return list(rich.best.theta) != [const.theta[0]] * n + [const.theta[1]] * n
+    return list(rich.best.theta) != _pair_table(const.theta, rich.slots * rich.segments)
+
+
+def _pair_table(pair: Sequence[float], n: int) -> list[float]:
+    """The table's theta with the constant pair's (log lr, momentum logit) in every one of its n values."""
+    return [pair[0]] * n + [pair[1]] * n
 
 
 def _check_iteration(phases: _Phases, state: MetaState) -> dict:
